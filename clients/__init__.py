@@ -1,0 +1,1 @@
+"""fedmm's Flower ClientApp (component ``clients.app:app``)."""

@@ -1,0 +1,57 @@
+"""Flower ClientApp: one data site. Loads its own data, enforces its budget, trains, replies.
+
+Thin on purpose: the round itself is :func:`fedmm.site.train_round`.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmm import protocol
+from fedmm.config import RunConfig
+from fedmm.data.avmnist import load_site, resolve_root
+from fedmm.site import SiteState, site_name, train_round
+from fedmm.privacy.accounting import SiteAccountant
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this site's data and reply with the update, its size, loss and privacy report."""
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_run_config(context.run_config)
+    site = site_name(context.node_config, cfg)
+    arrays = load_site(resolve_root(cfg.data), site)
+    saved = context.state.config_records.get(protocol.STATE_KEY)
+    state = SiteState.from_json(str(saved["json"])) if saved else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
+    update = train_round(
+        cfg=cfg, site=site, arrays=arrays, global_weights=msg.content.array_records[protocol.ARRAYS].to_torch_state_dict(),
+        server_round=int(msg.content.config_records[protocol.CONFIG][protocol.SERVER_ROUND]), state=state,
+    )
+    # The spend is stored before the update leaves the site.
+    context.state.config_records[protocol.STATE_KEY] = ConfigRecord({"json": state.to_json()})
+    report = update.privacy
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord(update.state_dict),
+            protocol.METRICS: MetricRecord(
+                {
+                    protocol.NUM_EXAMPLES: update.num_examples,
+                    protocol.TRAIN_LOSS: update.train_loss,
+                    protocol.EPSILON: report.epsilon if report else 0.0,
+                }
+            ),
+        }
+    )
+    if report is not None:
+        content[protocol.PRIVACY] = ConfigRecord(
+            {
+                protocol.SITE: site, protocol.EPSILON: report.epsilon, protocol.DELTA: report.delta,
+                protocol.ACCOUNTANT: report.accountant, protocol.NOISE_MULTIPLIER: report.noise_multiplier,
+                protocol.SAMPLE_RATE: report.sample_rate, protocol.STEPS: report.steps,
+            }
+        )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,89 @@
+"""A run's artifacts on disk: ``runs/<run-id>/``.
+
+- ``config.toml``: the resolved run configuration;
+- ``metrics.jsonl``: one JSON object a round;
+- ``model.pt``: the final global model (a torch state_dict);
+- ``summary.json``: the outcome in one object;
+- ``privacy.json``: each site's (epsilon, delta), accountant, noise, sample rate, steps.
+
+Files are written whole to a temporary name, then renamed, so a crash never
+leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+
+from fedmm.config import RunConfig
+
+__all__ = ["RunArtifacts", "new_run_id"]
+
+
+def new_run_id(flower_run_id: int | str | None = None) -> str:
+    """A sortable run id: UTC time, plus Flower's run id when there is one."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{flower_run_id}" if flower_run_id is not None else stamp
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunArtifacts:
+    """Writes one run's folder."""
+
+    def __init__(self, cfg: RunConfig, run_id: str) -> None:
+        self.cfg = cfg
+        self.run_id = run_id
+        self.dir = Path(cfg.runs_dir).expanduser().resolve() / run_id
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self.started = time.monotonic()
+        _write_atomic(self.dir / "config.toml", tomli_w.dumps(cfg.to_run_config()).encode())
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round's metrics to ``metrics.jsonl`` (flushed to disk)."""
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(record)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Save the final global model as a torch state_dict."""
+        tmp = self.dir / "model.pt.tmp"
+        torch.save(dict(state_dict), tmp)
+        os.replace(tmp, self.dir / "model.pt")
+
+    def finish(self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any]) -> dict[str, Any]:
+        """Write ``privacy.json`` and ``summary.json``; return the summary."""
+        site_reports = [dataclasses.asdict(p) for p in privacy]
+        _write_atomic(self.dir / "privacy.json", json.dumps({"sites": site_reports}, indent=2).encode())
+        summary = {
+            "run_id": self.run_id,
+            "rounds": rounds,
+            "sites": sites,
+            "dp": self.cfg.dp,
+            "secure_aggregation": False,
+            "final_accuracy": final_accuracy,
+            "final_loss": final_loss,
+            "max_epsilon": max((p["epsilon"] for p in site_reports), default=None) if self.cfg.dp else None,
+            "delta": self.cfg.target_delta if self.cfg.dp else None,
+            "accountant": str(self.cfg.accountant) if self.cfg.dp else None,
+            "wall_seconds": round(time.monotonic() - self.started, 2),
+        }
+        _write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        return summary

@@ -1,0 +1,187 @@
+"""Run configuration: parsed and validated once, at the edge.
+
+Flower hands the ServerApp and every ClientApp a flat ``run_config`` mapping
+(from ``[tool.flwr.app.config]`` in ``pyproject.toml`` plus any overrides).
+:meth:`RunConfig.from_run_config` turns it into a frozen, typed
+:class:`RunConfig`; nothing below this module reads ``run_config[...]``.
+
+>>> cfg = RunConfig.from_run_config({"rounds": 3, "dp": False})
+>>> cfg.rounds, cfg.dp, cfg.target_epsilon
+(3, False, 8.0)
+>>> RunConfig.from_run_config({"target-epsilon": 0})
+Traceback (most recent call last):
+...
+fedmm.errors.ConfigError: config key 'target-epsilon': must be > 0 (got 0). Fix: set a positive privacy budget, e.g. target-epsilon=8.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from fedmm.errors import ConfigError
+
+__all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO"]
+
+AUTO = "auto"
+
+
+class AccountantKind(StrEnum):
+    """Opacus privacy accountants fedmm can use (names as Opacus registers them)."""
+
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class GradSampleMode(StrEnum):
+    """How Opacus computes per-sample gradient norms."""
+
+    GHOST = "ghost"
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one federated run needs, typed and range-checked.
+
+    Field names are the run-config keys with ``-`` replaced by ``_``.
+    """
+
+    rounds: int = 5
+    sites: int = 6
+    data: str = "avmnist"
+    model: str = "avmnist-concat"
+    local_epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 0.5
+    momentum: float = 0.0
+    dp: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrated from target_epsilon
+    max_grad_norm: float = 1.0
+    accountant: AccountantKind = AccountantKind.PRV
+    grad_sample_mode: GradSampleMode = GradSampleMode.GHOST
+    seed: int = 0
+    runs_dir: str = "runs"
+    run_name: str = ""  # empty: a new id from the time and Flower's run id
+
+    def __post_init__(self) -> None:
+        _at_least("rounds", self.rounds, 1, "run at least one round")
+        _at_least("sites", self.sites, 1, "use at least one site")
+        _at_least("local-epochs", self.local_epochs, 1, "train at least one epoch a round")
+        _at_least("batch-size", self.batch_size, 1, "use a batch size of at least 1, e.g. 32")
+        _positive("learning-rate", self.learning_rate, "e.g. learning-rate=0.5")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", "must be in [0, 1)", value=self.momentum, fix="e.g. momentum=0.9")
+        _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
+        if not 0.0 < self.target_delta < 1.0:
+            raise ConfigError(
+                "target-delta", "must be in the open interval (0, 1)", value=self.target_delta,
+                fix="use a delta well below 1/number-of-records, e.g. target-delta=1e-5",
+            )
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0.0
+        ):
+            raise ConfigError(
+                "noise-multiplier", "must be a finite number >= 0 or 'auto'", value=self.noise_multiplier,
+                fix="use noise-multiplier='auto' to calibrate it from target-epsilon, or e.g. 1.1",
+            )
+        _positive("max-grad-norm", self.max_grad_norm, "e.g. max-grad-norm=1.0")
+        if not self.data:
+            raise ConfigError("data", "must not be empty", value=self.data, fix="use data='avmnist'")
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Return every accepted run-config key (kebab-case)."""
+        return tuple(f.name.replace("_", "-") for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build a config from Flower's ``run_config`` (or any flat mapping).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key (with the closest known key), a value of the wrong
+            type, or a value out of range.
+        """
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            field = known.get(key)
+            if field is None:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "remove it"
+                raise ConfigError(
+                    key, "unknown key", value=raw,
+                    fix=f"{hint} Known keys: {', '.join(sorted(known))}",
+                )
+            values[field.name] = _coerce(key, field, raw)
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Return the flat, kebab-case mapping (TOML- and Flower-compatible)."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                value = AUTO
+            elif isinstance(value, StrEnum):
+                value = str(value)
+            out[f.name.replace("_", "-")] = value
+        return out
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
+    """Check and convert one raw value to the field's declared type."""
+    kind = field.type
+    if field.name == "noise_multiplier":
+        if isinstance(raw, str) and raw.strip().lower() == AUTO:
+            return None
+        kind = "float"
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ConfigError(key, "must be true or false", value=raw, fix=f"e.g. {key}=true")
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(key, "must be an integer", value=raw, fix=f"e.g. {key}={field.default}")
+        return raw
+    if kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(key, "must be a number", value=raw, fix=f"e.g. {key}={field.default}")
+        return float(raw)
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise ConfigError(key, "must be a string", value=raw, fix=f"e.g. {key}='{field.default}'")
+        return raw
+    enum_type = {"AccountantKind": AccountantKind, "GradSampleMode": GradSampleMode}[str(kind)]
+    try:
+        return enum_type(str(raw).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_type)
+        raise ConfigError(key, f"must be one of: {allowed}", value=raw, fix=f"e.g. {key}='{field.default}'") from None
+
+
+def _at_least(key: str, value: int, minimum: int, fix: str) -> None:
+    if value < minimum:
+        raise ConfigError(key, f"must be >= {minimum}", value=value, fix=fix)
+
+
+def _positive(key: str, value: float, fix: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(key, "must be > 0", value=value, fix=fix)

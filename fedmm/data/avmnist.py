@@ -1,0 +1,188 @@
+"""AV-MNIST: an MNIST image paired with a spoken recording of the same digit (FSDD).
+
+The six FSDD speakers are six data sites, a natural non-IID split: each site
+holds its own voice. FSDD's official test split (recordings 0-4 of every
+speaker and digit) is held out for central evaluation; no site trains on it.
+
+Pairing is deterministic and needs no global view: the recording
+``{digit}_{speaker}_{index}`` gets the ``k``-th MNIST test-set image of that
+digit (in file order) with ``k = 50 * rank(speaker) + index``. Distinct
+recordings therefore get distinct images, so no image is shared by two sites
+or by a site and the test set.
+
+A data root is laid out like ``shared/data``::
+
+    ROOT/fsdd/recordings/{digit}_{speaker}_{index}.wav   (8 kHz mono; .flac also read)
+    ROOT/mnist/t10k-images-idx3-ubyte.gz
+    ROOT/mnist/t10k-labels-idx1-ubyte.gz
+
+The package ships such a root (a real subset, see ``fedmm/data/builtin/avmnist/SOURCE.md``),
+used when the run config says ``data = "avmnist"``; ``data = "avmnist:PATH"``
+reads another root.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from fedmm.data.audio import log_mel, read_clip
+from fedmm.data.idx import read_idx
+from fedmm.errors import ConfigError, DataError
+
+__all__ = [
+    "SPEAKERS",
+    "RECORDINGS_PER_DIGIT",
+    "TEST_INDICES",
+    "MultimodalArrays",
+    "Recording",
+    "builtin_root",
+    "resolve_root",
+    "list_recordings",
+    "load_site",
+    "load_test",
+]
+
+SPEAKERS: tuple[str, ...] = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+RECORDINGS_PER_DIGIT = 50  # FSDD: indices 0..49 for each speaker and digit
+TEST_INDICES = range(0, 5)  # FSDD's official test split
+IMAGE_MEAN, IMAGE_STD = 0.1307, 0.3081  # MNIST training-set statistics (public constants)
+_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)$")
+_AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One FSDD recording, identified by its file name."""
+
+    digit: int
+    speaker: str
+    index: int
+    path: Path
+
+    @property
+    def image_rank(self) -> int:
+        """Rank of the paired image among the MNIST images of the same digit."""
+        return RECORDINGS_PER_DIGIT * SPEAKERS.index(self.speaker) + self.index
+
+
+@dataclass(frozen=True)
+class MultimodalArrays:
+    """Aligned per-sample arrays of one split (a site's training data or the test set)."""
+
+    image: np.ndarray  # float32 [N, 1, 28, 28], standardised
+    audio: np.ndarray  # float32 [N, 1, N_MELS, frames], log-mel, standardised per clip
+    label: np.ndarray  # int64 [N]
+    image_id: np.ndarray  # int64 [N]: row of the image in the MNIST file
+    recording: tuple[str, ...]  # file stem of each recording
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+def builtin_root() -> Path:
+    """Return the folder of the AV-MNIST subset that ships inside the package."""
+    return Path(str(resources.files("fedmm.data").joinpath("builtin", "avmnist")))
+
+
+def resolve_root(spec: str) -> Path:
+    """Turn the run config's ``data`` value into a data root.
+
+    >>> resolve_root("avmnist") == builtin_root()
+    True
+    """
+    name, _, location = spec.partition(":")
+    if name != "avmnist":
+        raise ConfigError("data", "unknown data source", value=spec, fix="use 'avmnist' or 'avmnist:/path/to/root'")
+    root = Path(location).expanduser().resolve() if location else builtin_root()
+    if not root.is_dir():
+        raise ConfigError("data", f"data root {root} is not a folder", value=spec, fix="point it at a folder laid out like shared/data")
+    return root
+
+
+def list_recordings(root: Path, speaker: str) -> list[Recording]:
+    """List one speaker's recordings under ``root``, sorted by digit then index.
+
+    Raises
+    ------
+    DataError
+        If the folder is missing, a file name does not follow FSDD's pattern, or the
+        speaker has no recording.
+    """
+    if speaker not in SPEAKERS:
+        raise DataError(root, f"unknown FSDD speaker {speaker!r}", fix=f"use one of {', '.join(SPEAKERS)}")
+    folder = root / "fsdd" / "recordings"
+    if not folder.is_dir():
+        raise DataError(folder, "recordings folder not found", fix="lay the data root out like shared/data (fsdd/recordings/*.wav)")
+    found = []
+    for path in folder.glob(f"*_{speaker}_*"):
+        if path.suffix not in _AUDIO_SUFFIXES:
+            continue
+        match = _NAME.match(path.stem)
+        if match is None or not 0 <= int(match.group(3)) < RECORDINGS_PER_DIGIT:
+            raise DataError(path, "file name does not follow FSDD's {digit}_{speaker}_{index} with index 0-49", fix="rename or remove the file")
+        found.append(Recording(int(match.group(1)), match.group(2), int(match.group(3)), path))
+    if not found:
+        raise DataError(folder, f"no recording of speaker {speaker!r}", fix="check the data root, or lower 'sites'")
+    return sorted(found, key=lambda r: (r.digit, r.index))
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist(root: Path) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Load MNIST images and, per digit, their row numbers in file order."""
+    images = read_idx(root / "mnist" / "t10k-images-idx3-ubyte.gz")
+    labels_path = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(
+            labels_path.parent, f"images {images.shape} and labels {labels.shape} do not match MNIST's [N, 28, 28] and [N]",
+            fix="use the original t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz",
+        )
+    by_digit = {d: np.flatnonzero(labels == d) for d in range(10)}
+    return images, by_digit
+
+
+@functools.lru_cache(maxsize=16)
+def _load(root: Path, speakers: tuple[str, ...], test: bool) -> MultimodalArrays:
+    images, by_digit = _mnist(root)
+    recordings = [
+        r for s in speakers for r in list_recordings(root, s) if (r.index in TEST_INDICES) == test
+    ]
+    if not recordings:
+        raise DataError(root, f"no {'test' if test else 'training'} recordings for {', '.join(speakers)}", fix="check the data root")
+    image_id = np.empty(len(recordings), dtype=np.int64)
+    for i, rec in enumerate(recordings):
+        rows = by_digit[rec.digit]
+        if rec.image_rank >= len(rows):
+            raise DataError(
+                root / "mnist", f"only {len(rows)} images of digit {rec.digit}; recording {rec.path.name} needs image #{rec.image_rank}",
+                fix="use the full MNIST test split",
+            )
+        image_id[i] = rows[rec.image_rank]
+    clips = np.stack([read_clip(r.path) for r in recordings])
+    pixels = images[image_id].astype(np.float32)[:, None] / 255.0
+    arrays = MultimodalArrays(
+        image=(pixels - IMAGE_MEAN) / IMAGE_STD,
+        audio=log_mel(clips),
+        label=np.array([r.digit for r in recordings], dtype=np.int64),
+        image_id=image_id,
+        recording=tuple(r.path.stem for r in recordings),
+    )
+    for array in (arrays.image, arrays.audio, arrays.label, arrays.image_id):
+        array.flags.writeable = False
+    return arrays
+
+
+def load_site(root: Path, speaker: str) -> MultimodalArrays:
+    """Load one site's training data: the speaker's recordings 5-49 and their images."""
+    return _load(Path(root), (speaker,), False)
+
+
+def load_test(root: Path, speakers: tuple[str, ...] = SPEAKERS) -> MultimodalArrays:
+    """Load the held-out test set: recordings 0-4 of each speaker and their images."""
+    return _load(Path(root), tuple(speakers), True)

@@ -1,0 +1,130 @@
+"""The server's side of a federation, testable without a running Flower server.
+
+:class:`FedMMAvg` is Flower's FedAvg (weighted by ``num-examples``) with three
+changes: a site that fails stops the run with its reason (nothing is averaged
+silently over fewer sites), the privacy loss is aggregated as a maximum, never
+an average, and each site's privacy report is kept for the run's artifacts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedmm import protocol
+from fedmm.config import RunConfig
+from fedmm.data.avmnist import MultimodalArrays
+from fedmm.errors import FederationError
+from fedmm.models import build_model
+from fedmm.training import evaluate
+
+__all__ = ["SitePrivacy", "FedMMAvg", "aggregate_train_metrics", "make_central_evaluation"]
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """One site's cumulative privacy loss as it reported it after a round."""
+
+    site: str
+    epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> SitePrivacy:
+        """Read the privacy ConfigRecord of a reply."""
+        rec = content.config_records[protocol.PRIVACY]
+        return cls(
+            site=str(rec[protocol.SITE]), epsilon=float(rec[protocol.EPSILON]), delta=float(rec[protocol.DELTA]),
+            accountant=str(rec[protocol.ACCOUNTANT]), noise_multiplier=float(rec[protocol.NOISE_MULTIPLIER]),
+            sample_rate=float(rec[protocol.SAMPLE_RATE]), steps=int(rec[protocol.STEPS]),
+        )
+
+
+def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """Average the training loss weighted by examples; take the maximum epsilon.
+
+    >>> from flwr.app import MetricRecord, RecordDict
+    >>> a = RecordDict({"metrics": MetricRecord({"num-examples": 1, "train-loss": 1.0, "epsilon": 2.0})})
+    >>> b = RecordDict({"metrics": MetricRecord({"num-examples": 3, "train-loss": 3.0, "epsilon": 5.0})})
+    >>> dict(aggregate_train_metrics([a, b], "num-examples"))
+    {'num-examples': 4, 'train-loss': 2.5, 'epsilon': 5.0}
+    """
+    metrics = [rec.metric_records[protocol.METRICS] for rec in records]
+    weights = [float(m[weighting_metric_name]) for m in metrics]
+    total = sum(weights)
+    return MetricRecord(
+        {
+            protocol.NUM_EXAMPLES: int(total),
+            protocol.TRAIN_LOSS: sum(w * float(m[protocol.TRAIN_LOSS]) for w, m in zip(weights, metrics)) / total,
+            protocol.EPSILON: max(float(m[protocol.EPSILON]) for m in metrics),
+        }
+    )
+
+
+class FedMMAvg(FedAvg):
+    """FedAvg that fails closed on site errors and keeps per-site privacy reports."""
+
+    def __init__(self, *, dp: bool, sites: int) -> None:
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
+            weighted_by_key=protocol.NUM_EXAMPLES,
+            arrayrecord_key=protocol.ARRAYS, configrecord_key=protocol.CONFIG,
+            train_metrics_aggr_fn=aggregate_train_metrics,
+        )
+        self.dp = dp
+        self.site_privacy: dict[str, SitePrivacy] = {}
+        self.last_train_metrics: dict[str, float] = {}
+        self.sites_last_round: int = 0
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate, or raise :class:`FederationError` if any site failed or none replied."""
+        replies = list(replies)
+        failed = [m for m in replies if m.has_error()]
+        if failed:
+            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+            raise FederationError(f"round {server_round}: {len(failed)} of {len(replies)} sites failed ({reasons})")
+        if not replies:
+            raise FederationError(f"round {server_round}: no site replied; check that the sites are connected")
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or metrics is None:
+            raise FederationError(f"round {server_round}: the replies could not be aggregated (see the log above)")
+        for reply in replies:
+            if self.dp:
+                report = SitePrivacy.from_record(reply.content)
+                self.site_privacy[report.site] = report
+        self.sites_last_round = len(replies)
+        self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+        return arrays, metrics
+
+    @property
+    def max_epsilon(self) -> float | None:
+        """The federation's privacy loss: the largest epsilon of any site (None without DP)."""
+        return max((p.epsilon for p in self.site_privacy.values()), default=None) if self.dp else None
+
+
+def make_central_evaluation(
+    cfg: RunConfig, test: MultimodalArrays, on_round: Callable[[int, float, float], None]
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Build the ``evaluate_fn`` for ``Strategy.start``: accuracy and loss on the held-out set."""
+    model = build_model(cfg.model, seed=cfg.seed)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test)
+        on_round(server_round, loss, accuracy)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    return evaluate_fn
+
+
+def state_dict_of(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Return a torch state_dict from an ArrayRecord."""
+    return dict(arrays.to_torch_state_dict())

@@ -1,0 +1,147 @@
+"""One privacy accountant per data site, whose history outlives rounds and processes.
+
+The accounting itself is Opacus' (RDP or PRV); fedmm only keeps the history of
+``(noise_multiplier, sample_rate, steps)`` events, restores it before every
+round, and answers "what would epsilon be after this round?" before training.
+
+>>> acc = SiteAccountant(AccountantKind.RDP)
+>>> acc.epsilon(1e-5)
+0.0
+>>> acc.record(noise_multiplier=1.0, sample_rate=0.156, steps=70)
+>>> round(acc.epsilon(1e-5), 1)
+10.4
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedmm.config import AccountantKind
+from fedmm.errors import PrivacyError
+
+__all__ = ["PrivacyEvent", "PrivacyReport", "SiteAccountant", "calibrate_noise_multiplier"]
+
+
+@dataclass(frozen=True)
+class PrivacyEvent:
+    """``steps`` DP-SGD steps with one noise multiplier and Poisson sample rate."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise PrivacyError(f"noise_multiplier must be > 0 for a DP guarantee, got {self.noise_multiplier!r}")
+        if not 0 < self.sample_rate <= 1:
+            raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        if self.steps < 1:
+            raise PrivacyError(f"steps must be >= 1, got {self.steps!r}")
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """A site's cumulative guarantee: always epsilon with its delta, accountant and steps."""
+
+    epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+class SiteAccountant:
+    """A site's accountant: Opacus' accounting over a history that persists."""
+
+    def __init__(self, kind: AccountantKind, history: Iterable[PrivacyEvent] = ()) -> None:
+        self.kind = AccountantKind(kind)
+        self._opacus = create_accountant(mechanism=self.kind.value)
+        for event in history:
+            self.record(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps)
+
+    @property
+    def opacus(self) -> IAccountant:
+        """The Opacus accountant object; DP-SGD steps taken through it extend this history."""
+        return self._opacus
+
+    @property
+    def history(self) -> tuple[PrivacyEvent, ...]:
+        """Every event so far, oldest first."""
+        return tuple(PrivacyEvent(float(s), float(q), int(n)) for s, q, n in self._opacus.history)
+
+    @property
+    def steps(self) -> int:
+        """Total DP-SGD steps accounted for."""
+        return sum(event.steps for event in self.history)
+
+    def record(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Account for ``steps`` more steps (validated) without training."""
+        event = PrivacyEvent(noise_multiplier, sample_rate, steps)
+        history = self._opacus.history
+        if history and history[-1][:2] == (event.noise_multiplier, event.sample_rate):
+            history[-1] = (event.noise_multiplier, event.sample_rate, history[-1][2] + event.steps)
+        else:
+            history.append((event.noise_multiplier, event.sample_rate, event.steps))
+
+    def epsilon(self, delta: float) -> float:
+        """Cumulative epsilon at ``delta`` (0.0 before any step)."""
+        if not 0 < delta < 1:
+            raise PrivacyError(f"delta must be in (0, 1), got {delta!r}")
+        if not self._opacus.history:
+            return 0.0
+        return float(self._opacus.get_epsilon(delta=delta))
+
+    def projected_epsilon(self, delta: float, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon this site would have after ``steps`` more steps; changes nothing."""
+        trial = SiteAccountant(self.kind, self.history)
+        trial.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return trial.epsilon(delta)
+
+    def report(self, delta: float) -> PrivacyReport:
+        """Summarise the guarantee; noise and sample rate are those of the latest event."""
+        last = self.history[-1] if self.history else PrivacyEvent(float("inf"), 1.0, 1)
+        return PrivacyReport(
+            epsilon=self.epsilon(delta), delta=delta, accountant=self.kind.value,
+            noise_multiplier=last.noise_multiplier, sample_rate=last.sample_rate, steps=self.steps,
+        )
+
+    def to_json(self) -> str:
+        """Serialise kind and history (restore with :meth:`from_json`)."""
+        return json.dumps({"accountant": self.kind.value, "history": [list(map(float, e[:2])) + [e[2]] for e in self._opacus.history]})
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteAccountant:
+        """Restore an accountant saved by :meth:`to_json`."""
+        data = json.loads(text)
+        return cls(AccountantKind(data["accountant"]), [PrivacyEvent(float(s), float(q), int(n)) for s, q, n in data["history"]])
+
+
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: AccountantKind
+) -> float:
+    """Smallest noise multiplier (to Opacus' tolerance) whose epsilon after ``steps`` is <= target.
+
+    Raises
+    ------
+    PrivacyError
+        When no noise multiplier Opacus can search reaches the target.
+    """
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+                steps=steps, accountant=AccountantKind(accountant).value,
+            )
+        )
+    except ValueError as err:
+        raise PrivacyError(
+            f"cannot reach target-epsilon={target_epsilon} at delta={target_delta} with sample rate "
+            f"{sample_rate:.4g} over {steps} steps ({err}). Fix: raise target-epsilon, or lower rounds or local-epochs"
+        ) from err

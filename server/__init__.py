@@ -1,0 +1,1 @@
+"""fedmm's Flower ServerApp (component ``server.app:app``)."""
