@@ -161,7 +161,9 @@ def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None]) -> Simulat
     run_dir = Path(cfg.runs_dir).resolve() / cfg.run_name
     work = Path(tempfile.mkdtemp(prefix="fedmm-sim-"))
     port = _free_port()
+    bin_dir = Path(sys.executable).parent
     env = dict(os.environ)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the SuperLink starts flower-superexec by name
     env.update(
         FLWR_HOME=str(work / "flwr-home"), RAY_TMPDIR=str(work / "ray"),
         FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
@@ -175,7 +177,6 @@ def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None]) -> Simulat
     overrides = work / "run-config.toml"
     overrides.write_text(tomli_w.dumps(cfg.replace(runs_dir=str(Path(cfg.runs_dir).resolve())).to_run_config()))
     superlink_log = work / "superlink.log"
-    bin_dir = Path(sys.executable).parent
     with open(superlink_log, "wb") as sl_out:
         superlink = subprocess.Popen(
             [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up fedmm in ./.venv: Python 3.11+, the CPU build of torch, fedmm and its test tools.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "fedmm needs Python >= 3.11; $PYTHON is $("$PYTHON" --version 2>&1). Set PYTHON=python3.11." >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned: the CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
+.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==${FEDMM_TORCH_VERSION:-2.13.0}"
+.venv/bin/pip install -q -e ".[test]"
+echo "fedmm is set up in .venv ($(.venv/bin/python -c 'import fedmm, torch, flwr, opacus; print(f"fedmm {fedmm.__version__}, torch {torch.__version__}, flwr {flwr.__version__}, opacus {opacus.__version__}")'))"

@@ -1,0 +1,21 @@
+"""Shared fixtures: the real data folders and small, fast settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The full real datasets (../shared/data); CI has them, a user's fresh clone may not."""
+    if not (SHARED_DATA / "fsdd" / "recordings").is_dir():
+        pytest.skip(f"full datasets not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,65 @@
+"""RunConfig: parsing, range checks and clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedmm.config import AccountantKind, RunConfig
+from fedmm.errors import ConfigError
+
+
+def test_pyproject_defaults_are_the_runconfig_defaults() -> None:
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["flwr"]["app"]["config"]
+
+    assert RunConfig.from_run_config(declared) == RunConfig()
+    assert set(declared) == set(RunConfig.keys())
+
+
+def test_round_trip_through_run_config() -> None:
+    cfg = RunConfig(rounds=3, dp=False, noise_multiplier=1.5, accountant=AccountantKind.RDP)
+
+    assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_unknown_key_names_the_key_and_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({"target-epsilom": 3.0})
+
+    assert "'target-epsilom'" in str(err.value)
+    assert "did you mean 'target-epsilon'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("target-epsilon", 0.0, "must be > 0"),
+        ("target-epsilon", -1.0, "must be > 0"),
+        ("target-delta", 0.0, "open interval (0, 1)"),
+        ("target-delta", 1.0, "open interval (0, 1)"),
+        ("target-delta", 1.5, "open interval (0, 1)"),
+        ("noise-multiplier", -0.5, "must be a finite number >= 0"),
+        ("max-grad-norm", 0.0, "must be > 0"),
+        ("rounds", 0, "must be >= 1"),
+        ("accountant", "moments", "must be one of: rdp, prv"),
+        ("dp", "maybe", "must be true or false"),
+        ("rounds", 2.5, "must be an integer"),
+    ],
+)
+def test_bad_values_are_refused_with_key_value_and_fix(key: str, value: object, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({key: value})
+
+    message = str(err.value)
+    assert f"'{key}'" in message
+    assert expected in message
+    assert repr(value) in message
+    assert "Fix:" in message
+
+
+def test_noise_multiplier_auto_means_calibrated() -> None:
+    assert RunConfig.from_run_config({"noise-multiplier": "auto"}).noise_multiplier is None
+    assert RunConfig.from_run_config({"noise-multiplier": 1}).noise_multiplier == 1.0

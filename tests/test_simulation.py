@@ -1,0 +1,86 @@
+"""Smoke federations through Flower's simulation engine, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmm.config import RunConfig
+from fedmm.models import build_model
+
+FEDMM = str(Path(sys.executable).parent / "fedmm")
+FLOWER_PROCESS_MARKS = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
+
+
+def _flower_processes() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(mark in cmdline for mark in FLOWER_PROCESS_MARKS):
+                found.add(int(entry.name))
+    return found
+
+
+def _simulate(tmp_path: Path, *settings: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
+    return subprocess.run(
+        [FEDMM, "simulate", "--set", f"runs-dir={json.dumps(str(tmp_path))}", *[a for s in settings for a in ("--set", s)]],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+
+
+def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
+    before = _flower_processes()
+
+    done = _simulate(tmp_path, "rounds=2", "sites=3", "local-epochs=1", 'run-name="smoke"', "accountant=\"rdp\"")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round 2/2: accuracy" in done.stdout and "final accuracy" in done.stdout
+    run_dir = tmp_path / "smoke"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run_id"] == "smoke" and summary["rounds"] == 2 and summary["sites"] == 3
+    assert summary["dp"] is True and summary["secure_aggregation"] is False
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    assert summary["delta"] == 1e-5 and summary["accountant"] == "rdp" and summary["wall_seconds"] > 0
+    sites = json.loads((run_dir / "privacy.json").read_text())["sites"]
+    assert sorted(s["site"] for s in sites) == ["george", "jackson", "lucas"]
+    assert summary["max_epsilon"] == max(s["epsilon"] for s in sites)  # a maximum, never an average
+    assert all(0 < s["epsilon"] <= 8.0 and s["steps"] == 2 * 8 and s["noise_multiplier"] > 0 for s in sites)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[-1]["accuracy"] == summary["final_accuracy"]
+    assert rounds[0]["max_epsilon"] < rounds[1]["max_epsilon"]
+    resolved = RunConfig.from_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
+    assert resolved.rounds == 2 and resolved.sites == 3
+    build_model(resolved.model).load_state_dict(torch.load(run_dir / "model.pt"))
+    assert _flower_processes() <= before  # nothing left running
+
+
+def test_a_failing_site_fails_the_run_with_its_reason(tmp_path: Path) -> None:
+    before = _flower_processes()
+
+    done = _simulate(tmp_path, "rounds=1", "sites=2", "noise-multiplier=0.3", "target-epsilon=0.5", 'run-name="refused"')
+
+    assert done.returncode == 1
+    assert "refuses round 1" in done.stdout
+    assert not (tmp_path / "refused" / "summary.json").exists()
+    assert _flower_processes() <= before
+
+
+@pytest.mark.parametrize("setting", ["roundz=2", "target-delta=2.0"])
+def test_bad_settings_exit_2_without_starting_flower(tmp_path: Path, setting: str) -> None:
+    done = _simulate(tmp_path, setting)
+
+    assert done.returncode == 2
+    assert setting.split("=")[0] in done.stdout
