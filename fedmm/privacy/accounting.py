@@ -126,18 +126,23 @@ class SiteAccountant:
 def calibrate_noise_multiplier(
     *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: AccountantKind
 ) -> float:
-    """Smallest noise multiplier (to Opacus' tolerance) whose epsilon after ``steps`` is <= target.
+    """Smallest noise multiplier (to a 0.01 epsilon tolerance) whose epsilon after ``steps`` is <= target.
+
+    RDP uses Opacus' ``get_noise_multiplier`` directly. PRV is slow to evaluate, so
+    its search starts from the RDP answer (RDP bounds PRV from above, so that
+    noise already meets the target) and bisects downwards with the PRV accountant.
 
     Raises
     ------
     PrivacyError
         When no noise multiplier Opacus can search reaches the target.
     """
+    kind = AccountantKind(accountant)
     try:
-        return float(
+        rdp_sigma = float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-                steps=steps, accountant=AccountantKind(accountant).value,
+                steps=steps, accountant=AccountantKind.RDP.value,
             )
         )
     except ValueError as err:
@@ -145,3 +150,36 @@ def calibrate_noise_multiplier(
             f"cannot reach target-epsilon={target_epsilon} at delta={target_delta} with sample rate "
             f"{sample_rate:.4g} over {steps} steps ({err}). Fix: raise target-epsilon, or lower rounds or local-epochs"
         ) from err
+    if kind is AccountantKind.RDP:
+        return rdp_sigma
+
+    def epsilon(sigma: float) -> float:
+        trial = SiteAccountant(kind)
+        trial.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return trial.epsilon(target_delta)
+
+    high, eps_high = rdp_sigma, epsilon(rdp_sigma)
+    if eps_high > target_epsilon:  # not expected; fall back to Opacus' own search
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=kind.value
+        ))
+    low = 0.85 * high  # PRV's answer is typically 5-10 % below RDP's
+    eps_low = epsilon(low)
+    for _ in range(8):  # widen downwards until the bracket holds the answer
+        if eps_low > target_epsilon:
+            break
+        high, eps_high, low = low, eps_low, low * 0.85
+        eps_low = epsilon(low)
+    tolerance = max(0.01, 0.002 * target_epsilon)
+    for _ in range(30):  # bounded: a safeguarded secant step shrinks the bracket each time
+        if target_epsilon - eps_high <= tolerance or high - low < 1e-4:
+            break
+        width = high - low
+        guess = high - width * (target_epsilon - eps_high) / (eps_low - eps_high)
+        middle = min(max(guess, low + 0.1 * width), high - 0.1 * width)
+        eps_middle = epsilon(middle)
+        if eps_middle <= target_epsilon:
+            high, eps_high = middle, eps_middle
+        else:
+            low, eps_low = middle, eps_middle
+    return high
