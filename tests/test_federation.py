@@ -1,0 +1,66 @@
+"""The server's strategy: weighted averaging by hand, epsilon as a maximum, failing closed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from fedmm import protocol
+from fedmm.errors import FederationError
+from fedmm.federation import FedMMAvg
+
+
+def _reply(node: int, *, content: RecordDict | None = None, error: str | None = None) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"q{node}",
+        group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
+    )
+    if error is not None:
+        return Message(error=Error(code=1, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)
+
+
+def _site_reply(node: int, site: str, weight: np.ndarray, n: int, loss: float, epsilon: float) -> Message:
+    return _reply(node, content=RecordDict({
+        protocol.ARRAYS: ArrayRecord({"w": torch.from_numpy(weight)}),
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: n, protocol.TRAIN_LOSS: loss, protocol.EPSILON: epsilon}),
+        protocol.PRIVACY: ConfigRecord({
+            protocol.SITE: site, protocol.EPSILON: epsilon, protocol.DELTA: 1e-5, protocol.ACCOUNTANT: "rdp",
+            protocol.NOISE_MULTIPLIER: 1.0, protocol.SAMPLE_RATE: 0.1, protocol.STEPS: 10,
+        }),
+    }))
+
+
+def test_weighted_average_and_maximum_epsilon() -> None:
+    strategy = FedMMAvg(dp=True, sites=3)
+    replies = [
+        _site_reply(1, "a", np.array([1.0, 0.0]), 100, 1.0, 2.0),
+        _site_reply(2, "b", np.array([3.0, 1.0]), 300, 2.0, 7.5),
+        _site_reply(3, "c", np.array([0.0, 4.0]), 100, 3.0, 3.0),
+    ]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    expected = (100 * np.array([1.0, 0.0]) + 300 * np.array([3.0, 1.0]) + 100 * np.array([0.0, 4.0])) / 500
+    assert np.allclose(arrays["w"].numpy(), expected)
+    assert metrics[protocol.TRAIN_LOSS] == pytest.approx((100 * 1.0 + 300 * 2.0 + 100 * 3.0) / 500)
+    assert metrics[protocol.EPSILON] == 7.5
+    assert strategy.max_epsilon == 7.5
+    assert sorted(strategy.site_privacy) == ["a", "b", "c"]
+
+
+def test_a_failed_site_stops_the_round_with_its_reason() -> None:
+    strategy = FedMMAvg(dp=True, sites=2)
+    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 1.0), _reply(2, error="site b refuses round 1: budget")]
+
+    with pytest.raises(FederationError, match="1 of 2 sites failed.*site b refuses round 1"):
+        strategy.aggregate_train(1, replies)
+
+
+def test_no_reply_is_an_error() -> None:
+    with pytest.raises(FederationError, match="no site replied"):
+        FedMMAvg(dp=False, sites=1).aggregate_train(1, [])
