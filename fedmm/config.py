@@ -53,19 +53,19 @@ class RunConfig:
     Field names are the run-config keys with ``-`` replaced by ``_``.
     """
 
-    rounds: int = 5
+    rounds: int = 20
     sites: int = 6
     data: str = "avmnist"
     model: str = "avmnist-concat"
-    local_epochs: int = 2
-    batch_size: int = 32
+    local_epochs: int = 1
+    batch_size: int = 64
     learning_rate: float = 0.5
     momentum: float = 0.0
     dp: bool = True
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     noise_multiplier: float | None = None  # None: calibrated from target_epsilon
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 2.0
     accountant: AccountantKind = AccountantKind.PRV
     grad_sample_mode: GradSampleMode = GradSampleMode.GHOST
     seed: int = 0

@@ -19,7 +19,7 @@ from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import MultimodalArrays
 from fedmm.errors import FederationError
-from fedmm.models import build_model
+from fedmm.models import build_model, prepare_inputs
 from fedmm.training import evaluate
 
 __all__ = ["SitePrivacy", "FedMMAvg", "aggregate_train_metrics", "make_central_evaluation"]
@@ -115,6 +115,7 @@ def make_central_evaluation(
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Build the ``evaluate_fn`` for ``Strategy.start``: accuracy and loss on the held-out set."""
     model = build_model(cfg.model, seed=cfg.seed)
+    test = prepare_inputs(cfg.model, test)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

@@ -16,8 +16,8 @@ import torch
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import SPEAKERS, MultimodalArrays
-from fedmm.errors import BudgetExceededError, ConfigError
-from fedmm.models import build_model
+from fedmm.errors import BudgetExceededError, ConfigError, PrivacyError
+from fedmm.models import build_model, prepare_inputs
 from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
 from fedmm.training import DPSettings, steps_per_epoch, train
 
@@ -105,6 +105,7 @@ def train_round(
     """
     model = build_model(cfg.model, seed=cfg.seed)
     model.load_state_dict(dict(global_weights))
+    arrays = prepare_inputs(cfg.model, arrays)
     dp = None
     if cfg.dp:
         if state.plan is None or state.plan.num_examples != len(arrays):
@@ -126,11 +127,18 @@ def train_round(
             noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
             grad_sample_mode=cfg.grad_sample_mode, accountant=state.accountant,
         )
+    steps_before = state.accountant.steps
     loss = train(
         model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         momentum=cfg.momentum, seed=zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode()), dp=dp,
     )
-    report = state.accountant.report(cfg.target_delta) if cfg.dp else None
+    report = None
+    if dp is not None and state.plan is not None:
+        taken = state.accountant.steps - steps_before
+        if taken != state.plan.steps_per_round:
+            raise PrivacyError(f"site {site}: DP-SGD took {taken} steps, the plan said {state.plan.steps_per_round}; refusing to release the update")
+        # The history now is exactly the one the budget check evaluated: reuse its epsilon.
+        report = state.accountant.report(cfg.target_delta, epsilon=projected)
     return SiteUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, len(arrays), loss, report)
 
 

@@ -12,14 +12,14 @@ from torch import nn
 
 from fedmm.config import AccountantKind, GradSampleMode
 from fedmm.data.avmnist import MultimodalArrays, builtin_root, load_site
-from fedmm.models import build_model, model_names
+from fedmm.models import build_model, model_names, prepare_inputs
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.training import DPSettings, train
 
 
 @pytest.fixture(scope="module")
 def site() -> MultimodalArrays:
-    return load_site(builtin_root(), "nicolas")
+    return prepare_inputs("avmnist-concat", load_site(builtin_root(), "nicolas"))
 
 
 def _subset(arrays: MultimodalArrays, n: int) -> MultimodalArrays:

@@ -3,15 +3,17 @@
 Every model here passes Opacus' ``ModuleValidator`` as it is.
 """
 
-from fedmm.models.encoders import ImageEncoder, SpectrogramEncoder
+from fedmm.models.encoders import PooledSpectrogramEncoder, ScatteringImageEncoder
 from fedmm.models.fusion import ConcatFusionNet
-from fedmm.models.registry import build_model, model_names, register_model
+from fedmm.models.registry import ModelSpec, build_model, model_names, prepare_inputs, register_model
 
 __all__ = [
-    "ImageEncoder",
-    "SpectrogramEncoder",
+    "ScatteringImageEncoder",
+    "PooledSpectrogramEncoder",
     "ConcatFusionNet",
+    "ModelSpec",
     "build_model",
     "model_names",
+    "prepare_inputs",
     "register_model",
 ]

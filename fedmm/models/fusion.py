@@ -1,27 +1,25 @@
-"""Fusion models: encoders per modality, a fusion step, a classifier head."""
+"""Fusion models: one encoder per modality, a fusion step, a classifier head."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from fedmm.models.encoders import ImageEncoder, SpectrogramEncoder
-
 __all__ = ["ConcatFusionNet"]
 
 
 class ConcatFusionNet(nn.Module):
-    """Early fusion by concatenation of an image and an audio embedding.
+    """Early fusion by concatenation of an image and an audio embedding, then a linear head.
 
     ``forward(image, audio)`` returns class logits.
     """
 
-    def __init__(self, *, num_classes: int = 10, embed: int = 64, hidden: int = 64) -> None:
+    def __init__(self, *, image_encoder: nn.Module, audio_encoder: nn.Module, num_classes: int) -> None:
         super().__init__()
-        self.image_encoder = ImageEncoder(out_features=embed)
-        self.audio_encoder = SpectrogramEncoder(out_features=embed)
-        width = self.image_encoder.out_features + self.audio_encoder.out_features
-        self.head = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.image_encoder = image_encoder
+        self.audio_encoder = audio_encoder
+        width = int(image_encoder.out_features) + int(audio_encoder.out_features)  # type: ignore[arg-type]
+        self.head = nn.Linear(width, num_classes)
 
     def forward(self, image: Tensor, audio: Tensor) -> Tensor:
         fused = torch.cat([self.image_encoder(image), self.audio_encoder(audio)], dim=1)

@@ -19,7 +19,11 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from opacus.accountants import IAccountant, create_accountant
+import functools
+
+import numpy as np
+from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedmm.config import AccountantKind
@@ -96,6 +100,12 @@ class SiteAccountant:
             raise PrivacyError(f"delta must be in (0, 1), got {delta!r}")
         if not self._opacus.history:
             return 0.0
+        if self.kind is AccountantKind.RDP:
+            # Exactly Opacus' RDPAccountant.get_epsilon, with the per-step RDP of each
+            # (noise, rate) pair memoised: RDP composes linearly in the number of steps.
+            total = sum(steps * _rdp_per_step(float(sigma), float(q)) for sigma, q, steps in self._opacus.history)
+            eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+            return float(eps)
         return float(self._opacus.get_epsilon(delta=delta))
 
     def projected_epsilon(self, delta: float, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -104,11 +114,14 @@ class SiteAccountant:
         trial.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         return trial.epsilon(delta)
 
-    def report(self, delta: float) -> PrivacyReport:
-        """Summarise the guarantee; noise and sample rate are those of the latest event."""
+    def report(self, delta: float, *, epsilon: float | None = None) -> PrivacyReport:
+        """Summarise the guarantee; noise and sample rate are those of the latest event.
+
+        ``epsilon`` may pass a value already computed for exactly this history.
+        """
         last = self.history[-1] if self.history else PrivacyEvent(float("inf"), 1.0, 1)
         return PrivacyReport(
-            epsilon=self.epsilon(delta), delta=delta, accountant=self.kind.value,
+            epsilon=self.epsilon(delta) if epsilon is None else epsilon, delta=delta, accountant=self.kind.value,
             noise_multiplier=last.noise_multiplier, sample_rate=last.sample_rate, steps=self.steps,
         )
 
@@ -123,6 +136,15 @@ class SiteAccountant:
         return cls(AccountantKind(data["accountant"]), [PrivacyEvent(float(s), float(q), int(n)) for s, q, n in data["history"]])
 
 
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Opacus' RDP of one Poisson-subsampled Gaussian step at its default orders."""
+    rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    rdp.flags.writeable = False
+    return rdp
+
+
+@functools.lru_cache(maxsize=64)  # a pure function; sites of equal size share the answer
 def calibrate_noise_multiplier(
     *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: AccountantKind
 ) -> float:
