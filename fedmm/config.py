@@ -11,7 +11,7 @@ Flower hands the ServerApp and every ClientApp a flat ``run_config`` mapping
 >>> RunConfig.from_run_config({"target-epsilon": 0})
 Traceback (most recent call last):
 ...
-fedmm.errors.ConfigError: config key 'target-epsilon': must be > 0 (got 0). Fix: set a positive privacy budget, e.g. target-epsilon=8.0
+fedmm.errors.ConfigError: config key 'target-epsilon': must be > 0 (got 0.0). Fix: set a positive privacy budget, e.g. target-epsilon=8.0
 """
 
 from __future__ import annotations
