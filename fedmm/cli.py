@@ -18,6 +18,7 @@ from rich.table import Table
 
 from fedmm.artifacts import new_run_id
 from fedmm.config import RunConfig
+from fedmm.data.avmnist import SPEAKERS, resolve_root
 from fedmm.errors import ConfigError, FedMMError
 
 __all__ = ["app", "main", "parse_overrides"]
@@ -97,6 +98,9 @@ def simulate(
         values = {**_load_preset(preset), **parse_overrides(set_ or [])}
         cfg = RunConfig.from_run_config(values)
         cfg = cfg.replace(run_name=cfg.run_name or new_run_id())
+        resolve_root(cfg.data)  # a bad data location fails here, before Flower starts
+        if cfg.sites > len(SPEAKERS):
+            raise ConfigError("sites", f"AV-MNIST has {len(SPEAKERS)} sites (FSDD speakers)", value=cfg.sites, fix=f"use sites between 1 and {len(SPEAKERS)}")
     except FedMMError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err

@@ -25,3 +25,11 @@ def test_bad_epsilon_exits_2() -> None:
 
     assert result.exit_code == 2
     assert "target-epsilon" in result.output
+
+
+def test_too_many_sites_and_a_missing_data_folder_exit_2() -> None:
+    too_many = CliRunner().invoke(app, ["simulate", "--set", "sites=7"])
+    missing = CliRunner().invoke(app, ["simulate", "--set", "data=avmnist:/no/such/folder"])
+
+    assert too_many.exit_code == 2 and "'sites'" in too_many.output and "7" in too_many.output
+    assert missing.exit_code == 2 and "/no/such/folder" in missing.output
