@@ -66,7 +66,7 @@ class RunConfig:
     target_delta: float = 1e-5
     noise_multiplier: float | None = None  # None: calibrated from target_epsilon
     max_grad_norm: float = 2.0
-    accountant: AccountantKind = AccountantKind.PRV
+    accountant: AccountantKind = AccountantKind.RDP
     grad_sample_mode: GradSampleMode = GradSampleMode.GHOST
     seed: int = 0
     runs_dir: str = "runs"

@@ -14,4 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: the CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==${FEDMM_TORCH_VERSION:-2.13.0}"
 .venv/bin/pip install -q -e ".[test]"
+# librosa compiles its numba kernels on first use (about 30 s) and caches them: do it once
+# here rather than in every simulation worker at once.
+.venv/bin/python -c 'import numpy as np; from fedmm.data.audio import CLIP_SAMPLES, log_mel; log_mel(np.zeros((1, CLIP_SAMPLES), np.float32))'
 echo "fedmm is set up in .venv ($(.venv/bin/python -c 'import fedmm, torch, flwr, opacus; print(f"fedmm {fedmm.__version__}, torch {torch.__version__}, flwr {flwr.__version__}, opacus {opacus.__version__}")'))"

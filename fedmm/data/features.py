@@ -36,7 +36,7 @@ def scattering_2d(images: np.ndarray, *, J: int = 2, batch_size: int = 512) -> n
     out = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            batch = torch.from_numpy(np.array(images[start : start + batch_size]))  # a writable copy
             coeffs = transform(batch)  # [B, C, K, H', W']
             out.append(coeffs.reshape(coeffs.shape[0], channels * coeffs.shape[2], *coeffs.shape[3:]).numpy())
     return np.concatenate(out).astype(np.float32)
