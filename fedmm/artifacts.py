@@ -70,7 +70,7 @@ class RunArtifacts:
 
     def finish(self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any]) -> dict[str, Any]:
         """Write ``privacy.json`` and ``summary.json``; return the summary."""
-        site_reports = [dataclasses.asdict(p) for p in privacy]
+        site_reports = [{"site": p.site, **{k: v for k, v in dataclasses.asdict(p).items() if k != "site"}} for p in privacy]
         _write_atomic(self.dir / "privacy.json", json.dumps({"sites": site_reports}, indent=2).encode())
         summary = {
             "run_id": self.run_id,

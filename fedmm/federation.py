@@ -19,23 +19,18 @@ from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import MultimodalArrays
 from fedmm.errors import FederationError
+from fedmm.privacy.accounting import PrivacyReport
 from fedmm.models import build_model, prepare_inputs
 from fedmm.training import evaluate
 
 __all__ = ["SitePrivacy", "FedMMAvg", "aggregate_train_metrics", "make_central_evaluation"]
 
 
-@dataclass(frozen=True)
-class SitePrivacy:
+@dataclass(frozen=True, kw_only=True)
+class SitePrivacy(PrivacyReport):
     """One site's cumulative privacy loss as it reported it after a round."""
 
     site: str
-    epsilon: float
-    delta: float
-    accountant: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
 
     @classmethod
     def from_record(cls, content: RecordDict) -> SitePrivacy:
