@@ -113,13 +113,13 @@ def train_round(
         plan = state.plan
         if plan.noise_multiplier <= 0:
             raise BudgetExceededError(f"site {site}: noise-multiplier 0 gives no differential privacy; set dp=false to train without it")
-        spent = state.accountant.epsilon(cfg.target_delta)
         projected = state.accountant.projected_epsilon(
             cfg.target_delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round
         )
         if projected > cfg.target_epsilon:
             raise BudgetExceededError(
-                f"site {site} refuses round {server_round}: it would take epsilon from {spent:.3f} to "
+                f"site {site} refuses round {server_round}: it would take epsilon from "
+                f"{state.accountant.epsilon(cfg.target_delta):.3f} to "
                 f"{projected:.3f} (delta={cfg.target_delta}, {cfg.accountant}), over the budget "
                 f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds"
             )
