@@ -8,10 +8,10 @@ an average, and each site's privacy report is kept for the run's artifacts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -33,13 +33,28 @@ class SitePrivacy(PrivacyReport):
     site: str
 
     @classmethod
-    def from_record(cls, content: RecordDict) -> SitePrivacy:
-        """Read the privacy ConfigRecord of a reply."""
-        rec = content.config_records[protocol.PRIVACY]
+    def from_record(cls, content: RecordDict, *, node: int) -> SitePrivacy:
+        """Read and check the privacy ConfigRecord of node ``node``'s reply.
+
+        Raises
+        ------
+        FederationError
+            When the record is missing, or a value is missing, of the wrong type or not finite.
+        """
+        rec = content.config_records.get(protocol.PRIVACY)
+        if rec is None:
+            raise FederationError(f"node {node} sent no '{protocol.PRIVACY}' record although dp=true; is it running fedmm's ClientApp?")
+
+        def number(key: str) -> float:
+            value = rec.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise FederationError(f"node {node}: privacy value '{key}' is {value!r}, expected a finite number")
+            return float(value)
+
         return cls(
-            site=str(rec[protocol.SITE]), epsilon=float(rec[protocol.EPSILON]), delta=float(rec[protocol.DELTA]),
-            accountant=str(rec[protocol.ACCOUNTANT]), noise_multiplier=float(rec[protocol.NOISE_MULTIPLIER]),
-            sample_rate=float(rec[protocol.SAMPLE_RATE]), steps=int(rec[protocol.STEPS]),
+            site=str(rec.get(protocol.SITE, f"node-{node}")), epsilon=number(protocol.EPSILON), delta=number(protocol.DELTA),
+            accountant=str(rec.get(protocol.ACCOUNTANT, "unknown")), noise_multiplier=number(protocol.NOISE_MULTIPLIER),
+            sample_rate=number(protocol.SAMPLE_RATE), steps=int(number(protocol.STEPS)),
         )
 
 
@@ -53,13 +68,20 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
     {'num-examples': 4, 'train-loss': 2.5, 'epsilon': 5.0}
     """
     metrics = [rec.metric_records[protocol.METRICS] for rec in records]
-    weights = [float(m[weighting_metric_name]) for m in metrics]
+
+    def number(record: MetricRecord, key: str) -> float:
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FederationError(f"a site reported metric '{key}' = {value!r}; expected a finite number")
+        return float(value)
+
+    weights = [number(m, weighting_metric_name) for m in metrics]
     total = sum(weights)
     return MetricRecord(
         {
             protocol.NUM_EXAMPLES: int(total),
-            protocol.TRAIN_LOSS: sum(w * float(m[protocol.TRAIN_LOSS]) for w, m in zip(weights, metrics)) / total,
-            protocol.EPSILON: max(float(m[protocol.EPSILON]) for m in metrics),
+            protocol.TRAIN_LOSS: sum(w * number(m, protocol.TRAIN_LOSS) for w, m in zip(weights, metrics)) / total,
+            protocol.EPSILON: max(number(m, protocol.EPSILON) for m in metrics),
         }
     )
 
@@ -93,7 +115,7 @@ class FedMMAvg(FedAvg):
             raise FederationError(f"round {server_round}: the replies could not be aggregated (see the log above)")
         for reply in replies:
             if self.dp:
-                report = SitePrivacy.from_record(reply.content)
+                report = SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id)
                 self.site_privacy[report.site] = report
         self.sites_last_round = len(replies)
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
@@ -120,7 +142,3 @@ def make_central_evaluation(
 
     return evaluate_fn
 
-
-def state_dict_of(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Return a torch state_dict from an ArrayRecord."""
-    return dict(arrays.to_torch_state_dict())

@@ -64,3 +64,12 @@ def test_a_failed_site_stops_the_round_with_its_reason() -> None:
 def test_no_reply_is_an_error() -> None:
     with pytest.raises(FederationError, match="no site replied"):
         FedMMAvg(dp=False, sites=1).aggregate_train(1, [])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_epsilon_is_refused(bad: float) -> None:
+    strategy = FedMMAvg(dp=True, sites=2)
+    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 1.0), _site_reply(2, "b", np.ones(2), 10, 1.0, bad)]
+
+    with pytest.raises(FederationError, match="'epsilon'"):
+        strategy.aggregate_train(1, replies)
