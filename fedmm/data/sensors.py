@@ -1,0 +1,115 @@
+"""Multichannel sensor time series: the sktime/UEA ``.ts`` text format and BasicMotions.
+
+BasicMotions (UEA & UCR archive, Bagnall et al.): a smartwatch's 3-axis
+accelerometer and 3-axis gyroscope, 100 steps at 10 Hz, four activities
+(Standing, Running, Walking, Badminton), 40 training and 40 test series. fedmm
+reads it as two sensor modalities: ``accelerometer`` (channels 0-2) and
+``gyroscope`` (channels 3-5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmm.errors import DataError
+
+__all__ = ["SensorSeries", "read_ts", "load_basicmotions", "BASICMOTIONS_MODALITIES"]
+
+BASICMOTIONS_MODALITIES: dict[str, slice] = {"accelerometer": slice(0, 3), "gyroscope": slice(3, 6)}
+
+
+@dataclass(frozen=True)
+class SensorSeries:
+    """Equal-length multichannel series with string class labels."""
+
+    values: np.ndarray  # float32 [N, channels, length]
+    labels: tuple[str, ...]
+    class_names: tuple[str, ...]  # as declared by @classLabel, in that order
+
+    @property
+    def label_ids(self) -> np.ndarray:
+        """Labels as indices into ``class_names``."""
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return np.array([index[label] for label in self.labels], dtype=np.int64)
+
+
+def read_ts(path: str | Path) -> SensorSeries:
+    """Read an equal-length, labelled ``.ts`` file.
+
+    Raises
+    ------
+    DataError
+        Naming the file and line: a missing header or ``@data``, a line whose
+        dimension count or length differs from the header, a value that is not a
+        finite number, or a label not declared in ``@classLabel``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found", fix="point the data root at a folder laid out like shared/data/basicmotions")
+    header: dict[str, str] = {}
+    rows: list[np.ndarray] = []
+    labels: list[str] = []
+    in_data = False
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{path}:{number}"
+            if not in_data:
+                if line.lower() == "@data":
+                    in_data = True
+                    dims, length, names = _check_header(path, header)
+                elif line.startswith("@"):
+                    key, _, value = line[1:].partition(" ")
+                    header[key.lower()] = value.strip()
+                else:
+                    raise DataError(where, "data before the @data line", fix="put the header (@dimensions, @seriesLength, @classLabel) and @data first")
+                continue
+            *channels, label = line.split(":")
+            if len(channels) != dims:
+                raise DataError(where, f"has {len(channels)} dimensions, the header declares {dims}", fix="fix or remove the line")
+            if label not in names:
+                raise DataError(where, f"label {label!r} is not declared in @classLabel {names}", fix="declare it in @classLabel or fix the line")
+            series = np.empty((dims, length), dtype=np.float32)
+            for channel, text in enumerate(channels):
+                parts = text.split(",")
+                if len(parts) != length:
+                    raise DataError(where, f"dimension {channel} has {len(parts)} values, the header declares {length}", fix="fix or remove the line")
+                try:
+                    series[channel] = [float(part) for part in parts]
+                except ValueError as err:
+                    raise DataError(where, f"dimension {channel} holds a value that is not a number ({err})", fix="fix the value") from err
+                if not all(math.isfinite(v) for v in series[channel]):
+                    raise DataError(where, f"dimension {channel} holds NaN or infinite values", fix="impute or remove the series")
+            rows.append(series)
+            labels.append(label)
+    if not in_data:
+        raise DataError(path, "no @data line", fix="is this a .ts file? It needs a header and an @data section")
+    if not rows:
+        raise DataError(path, "no series after @data", fix="add data or remove the file")
+    return SensorSeries(np.stack(rows), tuple(labels), names)
+
+
+def _check_header(path: Path, header: dict[str, str]) -> tuple[int, int, tuple[str, ...]]:
+    if header.get("equallength", "true").lower() != "true":
+        raise DataError(path, "series of unequal length are not supported", fix="resample or pad the series to one length")
+    try:
+        dims = int(header.get("dimensions", "1"))
+        length = int(header["serieslength"])
+    except (KeyError, ValueError) as err:
+        raise DataError(path, f"header needs integer @dimensions and @seriesLength ({err!r})", fix="add them to the header") from err
+    label_spec = header.get("classlabel", "").split()
+    if not label_spec or label_spec[0].lower() != "true" or len(label_spec) < 2:
+        raise DataError(path, "header must declare '@classLabel true <names...>'", fix="list the class names in the header")
+    return dims, length, tuple(label_spec[1:])
+
+
+def load_basicmotions(root: str | Path) -> tuple[SensorSeries, SensorSeries]:
+    """Read BasicMotions' train and test splits from ``ROOT/basicmotions/``."""
+    folder = Path(root) / "basicmotions"
+    return read_ts(folder / "BasicMotions_TRAIN.ts"), read_ts(folder / "BasicMotions_TEST.ts")
