@@ -12,8 +12,7 @@ from flwr.clientapp import ClientApp
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
-from fedmm.data.avmnist import load_site, resolve_root
-from fedmm.site import SiteState, site_name, train_round
+from fedmm.site import SiteState, site_data, train_round
 from fedmm.privacy.accounting import SiteAccountant
 
 app = ClientApp()
@@ -24,16 +23,16 @@ def train(msg: Message, context: Context) -> Message:
     """Train on this site's data and reply with the update, its size, loss and privacy report."""
     torch.set_num_threads(1)
     cfg = RunConfig.from_run_config(context.run_config)
-    site = site_name(context.node_config, cfg)
-    arrays = load_site(resolve_root(cfg.data), site)
+    site, data = site_data(context.node_config, cfg)
     saved = context.state.config_records.get(protocol.STATE_KEY)
     state = SiteState.from_json(str(saved["json"])) if saved else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
     server_round = msg.content.config_records[protocol.CONFIG].get(protocol.SERVER_ROUND)
     if isinstance(server_round, bool) or not isinstance(server_round, int):
         raise ConfigError(protocol.SERVER_ROUND, "the server sent no integer round number", value=server_round, fix="use fedmm's ServerApp")
+    schema = msg.content.config_records[protocol.CONFIG].get(protocol.SCHEMA)
     update = train_round(
-        cfg=cfg, site=site, arrays=arrays, global_weights=msg.content.array_records[protocol.ARRAYS].to_torch_state_dict(),
-        server_round=server_round, state=state,
+        cfg=cfg, site=site, data=data, global_weights=msg.content.array_records[protocol.ARRAYS].to_torch_state_dict(),
+        server_round=server_round, state=state, expected_schema=str(schema) if schema is not None else None,
     )
     # The spend is stored before the update leaves the site.
     context.state.config_records[protocol.STATE_KEY] = ConfigRecord({"json": state.to_json()})

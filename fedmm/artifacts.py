@@ -4,7 +4,9 @@
 - ``metrics.jsonl``: one JSON object a round;
 - ``model.pt``: the final global model (a torch state_dict);
 - ``summary.json``: the outcome in one object;
-- ``privacy.json``: each site's (epsilon, delta), accountant, noise, sample rate, steps.
+- ``privacy.json``: each site's (epsilon, delta), accountant, noise, sample rate, steps;
+- ``federation.json``: how the data was split (partitioner, seed) and, per site, the
+  samples per class and per modality, lost modalities, hidden or flipped labels, skips.
 
 Files are written whole to a temporary name, then renamed, so a crash never
 leaves a half-written artifact.
@@ -61,6 +63,10 @@ class RunArtifacts:
             handle.write(json.dumps(dict(record)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+    def save_federation(self, summary: Mapping[str, Any]) -> None:
+        """Write ``federation.json`` (per-site counts per class and modality)."""
+        _write_atomic(self.dir / "federation.json", json.dumps(summary, indent=2).encode())
 
     def save_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Save the final global model as a torch state_dict."""

@@ -1,7 +1,13 @@
 """The ``fedmm`` command.
 
-``fedmm simulate [PRESET] [--set key=value ...]`` runs a federation offline and
-writes ``runs/<run-id>/``; it exits 0 only when the run completed.
+- ``fedmm simulate [PRESET] [--set key=value ...]`` runs a federation offline and
+  writes ``runs/<run-id>/``; it exits 0 only when the run completed;
+- ``fedmm data check MANIFEST [--lenient]`` validates a manifest and prints counts per
+  modality, class and site (exit 1 on a strict failure);
+- ``fedmm data split [PRESET] [--set ...]`` shows how a simulated federation splits
+  the data (per-site counts per class and modality).
+
+Exit codes: 0 success, 1 failed run or bad data, 2 bad configuration.
 """
 
 from __future__ import annotations
@@ -12,18 +18,20 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedmm.artifacts import new_run_id
 from fedmm.config import RunConfig
-from fedmm.data.avmnist import SPEAKERS, resolve_root
-from fedmm.errors import ConfigError, FedMMError
+from fedmm.errors import ConfigError, DataError, FedMMError
 
 __all__ = ["app", "main", "parse_overrides"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedmm: private multimodal federated learning.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check data and inspect simulated federations.")
+app.add_typer(data_app, name="data")
 console = Console()
 _MARK = "[fedmm] "
 
@@ -98,12 +106,19 @@ def simulate(
         values = {**_load_preset(preset), **parse_overrides(set_ or [])}
         cfg = RunConfig.from_run_config(values)
         cfg = cfg.replace(run_name=cfg.run_name or new_run_id())
-        resolve_root(cfg.data)  # a bad data location fails here, before Flower starts
-        if cfg.sites > len(SPEAKERS):
-            raise ConfigError("sites", f"AV-MNIST has {len(SPEAKERS)} sites (FSDD speakers)", value=cfg.sites, fix=f"use sites between 1 and {len(SPEAKERS)}")
-    except FedMMError as err:
+        federation = _federation(cfg)  # bad data or a bad split fails here, before Flower starts
+    except ConfigError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
+    except FedMMError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+    if len(federation.names) != cfg.sites:
+        console.print(f"[red]error:[/red] the federation has {len(federation.names)} sites, sites={cfg.sites}. Fix: set sites={len(federation.names)}")
+        raise typer.Exit(2)
+    skipped = sum(sum(ds.skipped.values()) for ds in federation.sites[:1])
+    if skipped:
+        console.print(f"lenient: {dict(federation.sites[0].skipped)} rows skipped (see `fedmm data check`)")
     console.print(f"fedmm: simulating {cfg.sites} sites x {cfg.rounds} rounds, dp={cfg.dp}, data={cfg.data} (run {cfg.run_name})")
 
     shown: set[str] = set()
@@ -129,6 +144,103 @@ def simulate(
         console.print(f"full log: {outcome.log_file}")
         raise typer.Exit(1)
     _print_summary(outcome.run_dir)
+
+
+def _federation(cfg: RunConfig) -> Any:
+    from fedmm.data.partition import FederationPlan, build_federation
+    from fedmm.data.preprocess import Preprocessing
+    from fedmm.data.sources import load_source
+
+    source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    return build_federation(source, FederationPlan.from_config(cfg))
+
+
+def _counts_table(title: str, rows: dict[str, dict[str, Any]], classes: tuple[str, ...], modalities: tuple[str, ...]) -> Table:
+    """One column per site (or group), one row per count: narrow enough for a terminal."""
+    table = Table(title=title)
+    table.add_column("")
+    for name in rows:
+        table.add_column(name, justify="right")
+    counts = list(rows.values())
+    table.add_row("samples", *(str(c["samples"]) for c in counts), style="bold")
+    for m in modalities:
+        table.add_row(f"with {m}", *(str(c["per_modality"][m]) for c in counts))
+    for k in classes:
+        table.add_row(f"class {k}", *(str(c["per_class"][k]) for c in counts), style="cyan")
+    if any(c["unlabelled"] for c in counts):
+        table.add_row("unlabelled", *(str(c["unlabelled"]) for c in counts))
+    return table
+
+
+@data_app.command("check")
+def data_check(
+    manifest: Annotated[Path, typer.Argument(help="a .csv or .parquet manifest")],
+    lenient: Annotated[bool, typer.Option("--lenient", help="skip bad rows (counted per reason) instead of stopping at the first")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="a preprocessing key: --set image-size=64")] = None,
+) -> None:
+    """Validate a manifest: load every row as training would; print counts per modality, class and site."""
+    from fedmm.data.manifest import load_manifest
+    from fedmm.data.preprocess import Preprocessing
+
+    try:
+        cfg = RunConfig.from_run_config(parse_overrides(set_ or []))
+        ds = load_manifest(manifest, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=lenient)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except DataError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+    schema = ds.schema
+    mods = Table(title=f"{manifest}: {len(ds)} samples")
+    for column in ("modality", "kind", "shape", "present", "missing"):
+        mods.add_column(column)
+    counts = ds.counts()
+    for m in schema.modalities:
+        present = counts["per_modality"][m.name]
+        mods.add_row(m.name, str(m.kind), "x".join(map(str, m.shape)), str(present), str(len(ds) - present))
+    console.print(mods)
+    groups = {"all": counts}
+    for column in ("site", "split"):
+        if column in ds.groups:
+            for value in sorted(set(ds.groups[column].tolist())):
+                groups[f"{column}={value or '(empty)'}"] = ds.subset(np.flatnonzero(ds.groups[column] == value)).counts()
+    console.print(_counts_table("samples per class", groups, schema.classes, schema.names))
+    if ds.skipped:
+        skips = Table(title=f"skipped rows: {sum(ds.skipped.values())}")
+        skips.add_column("reason")
+        skips.add_column("rows", justify="right")
+        for reason, n in sorted(ds.skipped.items()):
+            skips.add_row(reason, str(n))
+        console.print(skips)
+    console.print(f"[green]ok[/green]: {len(ds)} samples usable" + (f", {sum(ds.skipped.values())} skipped" if ds.skipped else ""))
+
+
+@data_app.command("split")
+def data_split(
+    preset: Annotated[Path | None, typer.Argument(help="TOML file of run-config keys (see simulations/)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a run-config key: --set partitioner=dirichlet")] = None,
+) -> None:
+    """Show how the configured simulated federation splits the data across sites."""
+    try:
+        cfg = RunConfig.from_run_config({**_load_preset(preset), **parse_overrides(set_ or [])})
+        federation = _federation(cfg)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except FedMMError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+    summary = federation.summary()
+    schema = federation.sites[0].schema
+    title = f"{cfg.data}: {federation.partitioner} partition into {len(federation.names)} sites (seed {cfg.seed})"
+    if summary["synthetic"]:
+        title += " - SYNTHETIC data"
+    console.print(_counts_table(title, summary["sites"], schema.classes, schema.names))
+    for name, note in zip(federation.names, federation.notes):
+        extra = {k: v for k, v in note.items() if k != "transition_matrix"}
+        if extra:
+            console.print(f"{name}: {extra}")
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ class RunConfig:
     rounds: int = 20
     sites: int = 6
     data: str = "avmnist"
-    model: str = "avmnist-concat"
+    model: str = "auto"  # auto: avmnist-concat on AV-MNIST, concat on anything else
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 0.5
@@ -71,6 +71,34 @@ class RunConfig:
     seed: int = 0
     runs_dir: str = "runs"
     run_name: str = ""  # empty: a new id from the time and Flower's run id
+    # --- data loading (fedmm.data.sources, fedmm.data.manifest)
+    lenient: bool = False  # skip bad samples (counted per reason) instead of stopping
+    classes: str = ""  # comma-separated class names; empty: the labels found in the data
+    test_fraction: float = 0.2  # manifests without a split column: rows held out for the server
+    # --- preprocessing (fedmm.data.preprocess)
+    image_size: int = 28
+    image_mode: str = "L"
+    audio_rate: int = 8000
+    audio_seconds: float = 1.0
+    audio_resample: bool = False
+    audio_features: str = "log-mel"
+    text_length: int = 32
+    text_buckets: int = 4096
+    sensor_length: int = 100
+    # --- augmentation at training time (fedmm.data.augment), e.g. "image:shift+rotate,audio:specaugment"
+    augment: str = ""
+    # --- simulated federations (fedmm.data.partition)
+    partitioner: str = "auto"
+    partition_by: str = ""
+    dirichlet_alpha: float = 0.5
+    classes_per_site: int = 2
+    missing_modality_site_p: float = 0.0
+    missing_modality_sample_p: float = 0.0
+    missing_label_p: float = 0.0
+    label_noise: float = 0.0
+    # --- imbalance (fedmm.training)
+    class_weights: str = "none"  # none | balanced (dp=false only) | w1,w2,... (fixed in advance)
+    balanced_sampler: bool = False  # dp=false only: DP-SGD's accounting needs Poisson sampling
 
     def __post_init__(self) -> None:
         _at_least("rounds", self.rounds, 1, "run at least one round")
@@ -96,6 +124,47 @@ class RunConfig:
         _positive("max-grad-norm", self.max_grad_norm, "e.g. max-grad-norm=1.0")
         if not self.data:
             raise ConfigError("data", "must not be empty", value=self.data, fix="use data='avmnist'")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError("test-fraction", "must be in [0, 1)", value=self.test_fraction, fix="e.g. test-fraction=0.2")
+        # The sub-configurations validate their own keys.
+        from fedmm.data.augment import parse_augment
+        from fedmm.data.partition import FederationPlan
+        from fedmm.data.preprocess import Preprocessing
+
+        Preprocessing.from_config(self)
+        FederationPlan.from_config(self)
+        parse_augment(self.augment)
+        self.fixed_class_weights()
+        if self.dp and self.class_weights.strip() == "balanced":
+            raise ConfigError(
+                "class-weights", "'balanced' weights are computed from the site's labels, so with dp=true they would "
+                "leak the label counts outside DP-SGD's guarantee", value=self.class_weights,
+                fix="give fixed weights decided without the data (class-weights='1,2,...'), or set dp=false",
+            )
+        if self.dp and self.balanced_sampler:
+            raise ConfigError(
+                "balanced-sampler", "DP-SGD's accounting assumes Poisson sampling of every record with the same rate; "
+                "a class-balanced sampler breaks the privacy claim", value=True,
+                fix="use fixed class-weights instead, or set dp=false",
+            )
+
+    @property
+    def class_list(self) -> tuple[str, ...]:
+        """The ``classes`` key as a tuple (empty: take the labels found in the data)."""
+        return tuple(c.strip() for c in self.classes.split(",") if c.strip())
+
+    def fixed_class_weights(self) -> tuple[float, ...] | None:
+        """``class-weights`` given as numbers, or None for ``none``/``balanced``."""
+        text = self.class_weights.strip()
+        if text in ("none", "balanced", ""):
+            return None
+        try:
+            weights = tuple(float(w) for w in text.split(","))
+        except ValueError:
+            raise ConfigError("class-weights", "must be none, balanced, or comma-separated numbers", value=text, fix="e.g. class-weights='1,1,2'") from None
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ConfigError("class-weights", "every weight must be a positive number", value=text, fix="e.g. class-weights='1,1,2'")
+        return weights
 
     # ------------------------------------------------------------------ parsing
     @classmethod

@@ -17,10 +17,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.data.avmnist import MultimodalArrays
+from fedmm.data.schema import MultimodalDataset
 from fedmm.errors import FederationError
 from fedmm.privacy.accounting import PrivacyReport
-from fedmm.models import build_model, prepare_inputs
+from fedmm.models import build_model, prepare_inputs, resolve_model
 from fedmm.training import evaluate
 
 __all__ = ["SitePrivacy", "FedMMAvg", "aggregate_train_metrics", "make_central_evaluation"]
@@ -128,11 +128,12 @@ class FedMMAvg(FedAvg):
 
 
 def make_central_evaluation(
-    cfg: RunConfig, test: MultimodalArrays, on_round: Callable[[int, float, float], None]
+    cfg: RunConfig, test: MultimodalDataset, on_round: Callable[[int, float, float], None]
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Build the ``evaluate_fn`` for ``Strategy.start``: accuracy and loss on the held-out set."""
-    model = build_model(cfg.model, seed=cfg.seed)
-    test = prepare_inputs(cfg.model, test)
+    name = resolve_model(cfg.model, cfg.data)
+    test = prepare_inputs(name, test)
+    model = build_model(name, test.schema, seed=cfg.seed)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

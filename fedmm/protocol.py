@@ -39,3 +39,7 @@ SERVER_ROUND = "server-round"
 STATE_KEY = "fedmm-site"
 NODE_SITE = "site"  # deployment: the site's name in --node-config
 NODE_PARTITION_ID = "partition-id"  # simulation: set by Flower
+NODE_DATA = "data"  # deployment: the site's own data source, e.g. "manifest:/srv/site/manifest.csv"
+
+# Train ConfigRecord: the model input the server built its model for (Schema.to_json)
+SCHEMA = "schema"

@@ -15,13 +15,14 @@ import torch
 
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.data.avmnist import SPEAKERS, MultimodalArrays
-from fedmm.errors import BudgetExceededError, ConfigError, PrivacyError
-from fedmm.models import build_model, prepare_inputs
+from fedmm.data.augment import Augmenter, parse_augment
+from fedmm.data.schema import MultimodalDataset, Schema
+from fedmm.errors import BudgetExceededError, ConfigError, FederationError, PrivacyError
+from fedmm.models import build_model, prepare_inputs, resolve_model
 from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
-from fedmm.training import DPSettings, steps_per_epoch, train
+from fedmm.training import DPSettings, balanced_class_weights, steps_per_epoch, train
 
-__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_name", "train_round"]
+__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_data", "train_round"]
 
 
 @dataclass(frozen=True)
@@ -90,22 +91,37 @@ def train_round(
     *,
     cfg: RunConfig,
     site: str,
-    arrays: MultimodalArrays,
+    data: MultimodalDataset,
     global_weights: Mapping[str, torch.Tensor],
     server_round: int,
     state: SiteState,
+    expected_schema: str | None = None,
 ) -> SiteUpdate:
     """Run one round at one site; ``state`` is updated in place (plan, accountant).
 
+    Only labelled samples train (and count for DP). ``expected_schema`` is the
+    server's model input (:meth:`Schema.to_json`); a site whose data differs fails
+    with both schemas named rather than loading mismatched weights.
+
     Raises
     ------
+    FederationError
+        When the site's data does not match the server's model input.
     BudgetExceededError
         Before any training, when this round would take the site's epsilon over
         ``target-epsilon`` (the site's budget).
     """
-    model = build_model(cfg.model, seed=cfg.seed)
+    model_name = resolve_model(cfg.model, cfg.data)
+    arrays = prepare_inputs(model_name, data).labelled()
+    if expected_schema is not None and expected_schema != arrays.schema.to_json():
+        raise FederationError(
+            f"site {site}: its data gives the model input {arrays.schema.to_json()}, the server's model expects "
+            f"{expected_schema}. Fix: use the same modality columns, preprocessing keys and 'classes' at every site"
+        )
+    if len(arrays) == 0:
+        raise FederationError(f"site {site}: no labelled sample to train on ({data.counts()}). Fix: label some samples, or remove the site")
+    model = build_model(model_name, arrays.schema, seed=cfg.seed)
     model.load_state_dict(dict(global_weights))
-    arrays = prepare_inputs(cfg.model, arrays)
     dp = None
     if cfg.dp:
         if state.plan is None or state.plan.num_examples != len(arrays):
@@ -128,9 +144,19 @@ def train_round(
             grad_sample_mode=cfg.grad_sample_mode, accountant=state.accountant,
         )
     steps_before = state.accountant.steps
+    round_seed = zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode())
+    plan_aug = parse_augment(cfg.augment)
+    augmenter = Augmenter(arrays.schema, plan_aug, seed=round_seed) if plan_aug else None
+    fixed = cfg.fixed_class_weights()
+    if fixed is not None and len(fixed) != arrays.schema.num_classes:
+        raise ConfigError("class-weights", f"has {len(fixed)} weights for {arrays.schema.num_classes} classes {list(arrays.schema.classes)}", value=cfg.class_weights, fix="give one weight per class, in class order")
+    weights = torch.tensor(fixed, dtype=torch.float32) if fixed is not None else None
+    if cfg.class_weights.strip() == "balanced":  # RunConfig refuses this with dp=true
+        weights = balanced_class_weights(arrays.label, arrays.schema.num_classes)
     loss = train(
         model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        momentum=cfg.momentum, seed=zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode()), dp=dp,
+        momentum=cfg.momentum, seed=round_seed, dp=dp, augmenter=augmenter, class_weights=weights,
+        balanced_sampler=cfg.balanced_sampler,
     )
     report = None
     if dp is not None and state.plan is not None:
@@ -142,24 +168,42 @@ def train_round(
     return SiteUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, len(arrays), loss, report)
 
 
-def site_name(node_config: Mapping[str, object], cfg: RunConfig) -> str:
-    """Which site this node is: ``site`` in deployment, ``partition-id`` in simulation.
+def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, MultimodalDataset]:
+    """Which site this node is, and its training data.
 
-    >>> site_name({"partition-id": 1, "num-partitions": 6}, RunConfig())
+    - ``data`` in the node config (deployment): the site's own source, e.g.
+      ``data='manifest:/srv/site/manifest.csv'``, trained on whole; its name is the
+      node config's ``site`` (or the source's);
+    - ``site`` alone: that site of the federation simulated from the run config;
+    - ``partition-id`` (simulation): the site with that index.
+
+    >>> site_data({"partition-id": 1, "num-partitions": 6}, RunConfig())[0]
     'jackson'
     """
+    from fedmm.data.partition import FederationPlan, build_federation
+    from fedmm.data.preprocess import Preprocessing, standardise_site
+    from fedmm.data.sources import load_source
+
+    prep = Preprocessing.from_config(cfg)
+    if protocol.NODE_DATA in node_config:
+        spec = str(node_config[protocol.NODE_DATA])
+        source = load_source(spec, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=0.0)
+        name = str(node_config.get(protocol.NODE_SITE, spec))
+        return name, standardise_site(source.pool)
+    source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    federation = build_federation(source, FederationPlan.from_config(cfg))
     if protocol.NODE_SITE in node_config:
         name = str(node_config[protocol.NODE_SITE])
-        if name not in SPEAKERS:
-            raise ConfigError("node-config site", f"not a site of {cfg.data}", value=name, fix=f"use one of {', '.join(SPEAKERS)}")
-        return name
+        if name not in federation.names:
+            raise ConfigError("node-config site", f"not a site of {cfg.data}", value=name, fix=f"use one of {', '.join(federation.names)}")
+        return name, federation.site(name)
     if protocol.NODE_PARTITION_ID not in node_config:
-        raise ConfigError("node-config", "has neither 'site' nor 'partition-id'", value=dict(node_config), fix="start the SuperNode with --node-config \"site='george'\"")
+        raise ConfigError("node-config", "has neither 'site', 'data' nor 'partition-id'", value=dict(node_config), fix="start the SuperNode with --node-config \"site='george'\"")
     partition = int(node_config[protocol.NODE_PARTITION_ID])  # type: ignore[call-overload]
-    available = min(cfg.sites, len(SPEAKERS))
+    available = len(federation.names)
     if not 0 <= partition < available:
         raise ConfigError(
             "sites", f"simulation node with partition-id {partition}, but only {available} sites are configured",
             value=cfg.sites, fix=f"run with as many supernodes as sites, e.g. --federation-config \"num-supernodes={available}\"",
         )
-    return SPEAKERS[partition]
+    return federation.names[partition], federation.sites[partition]

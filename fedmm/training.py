@@ -1,7 +1,17 @@
 """Local training and evaluation loops, plain and with Opacus DP-SGD.
 
-Models take one tensor per modality (``model(image, audio)``); the label is the
-last tensor of every batch.
+A batch is ``(*modalities, present, label)``: one tensor per modality in schema
+order, the presence mask (float, 1.0 = present), then the label. Models take
+``model(*modalities, present)``.
+
+What keeps the DP claim true here (and what is refused): DP-SGD's accounting
+assumes every record is sampled independently with the same rate (Poisson
+sampling) and that the loss of one record does not depend on the others.
+So under DP: sampling is always Poisson (no class-balanced sampler); class weights
+may only be fixed in advance (``class-weights='1,2,...'``), never computed from
+the site's labels; augmentation is applied per sample after sampling, which
+changes no sensitivity. Samples without a label are not used for supervised
+training and are not part of the DP dataset (they are counted and reported).
 """
 
 from __future__ import annotations
@@ -14,13 +24,14 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from fedmm.config import GradSampleMode
-from fedmm.data.avmnist import MultimodalArrays
+from fedmm.data.augment import Augmenter
+from fedmm.data.schema import MultimodalDataset
 from fedmm.privacy.accounting import SiteAccountant
 
-__all__ = ["DPSettings", "steps_per_epoch", "make_dataset", "train", "evaluate"]
+__all__ = ["DPSettings", "WeightedCrossEntropy", "balanced_class_weights", "steps_per_epoch", "make_dataset", "train", "evaluate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,18 +49,51 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_examples / batch_size))
 
 
-def make_dataset(arrays: MultimodalArrays) -> TensorDataset:
-    """Wrap aligned arrays as ``(image, audio, label)`` tensors."""
-    return TensorDataset(
-        torch.from_numpy(np.array(arrays.image)),
-        torch.from_numpy(np.array(arrays.audio)),
-        torch.from_numpy(np.array(arrays.label)),
-    )
+def make_dataset(ds: MultimodalDataset) -> TensorDataset:
+    """Wrap aligned arrays as ``(*modalities, present, label)`` tensors."""
+    tensors = [torch.from_numpy(np.array(ds.features[name])) for name in ds.schema.names]
+    return TensorDataset(*tensors, torch.from_numpy(ds.present.astype(np.float32)), torch.from_numpy(np.array(ds.label)))
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with fixed per-class weights whose mean is over the batch size.
+
+    Unlike ``nn.CrossEntropyLoss(weight=...)``, the mean does not divide by the batch's
+    sum of weights, so one record's loss never depends on the other records in its
+    batch (which would break DP-SGD's per-record sensitivity). Honours ``reduction``
+    (Opacus' ghost clipping sets it to ``"none"``).
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.weight: torch.Tensor | None
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(logits, label, reduction="none")
+        if self.weight is not None:
+            loss = loss * self.weight[label]
+        if self.reduction == "none":
+            return loss
+        return loss.sum() if self.reduction == "sum" else loss.mean()
+
+
+def balanced_class_weights(label: np.ndarray, num_classes: int) -> torch.Tensor:
+    """``n / (K * count_k)`` from a site's own labels (dp=false only; classes it lacks get 0).
+
+    >>> balanced_class_weights(np.array([0, 0, 0, 1]), 2).tolist()
+    [0.6666666865348816, 2.0]
+    """
+    counts = np.bincount(label[label >= 0], minlength=num_classes).astype(np.float64)
+    n = counts.sum()
+    weights = np.where(counts > 0, n / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def train(
     model: nn.Module,
-    arrays: MultimodalArrays,
+    ds: MultimodalDataset,
     *,
     epochs: int,
     batch_size: int,
@@ -57,19 +101,32 @@ def train(
     momentum: float,
     seed: int,
     dp: DPSettings | None,
+    augmenter: Augmenter | None = None,
+    class_weights: torch.Tensor | None = None,
+    balanced_sampler: bool = False,
 ) -> float:
-    """Train ``model`` in place for ``epochs`` and return the mean training loss.
+    """Train ``model`` in place for ``epochs`` on the labelled samples of ``ds``; return the mean loss.
 
     With ``dp`` set, training is DP-SGD (Opacus, Poisson sampling, per-sample
     clipping to ``max_grad_norm``, Gaussian noise), and every step is recorded in
     ``dp.accountant``. The weights of ``model`` itself are updated, so its
     ``state_dict`` keeps the plain layout (no ``_module.`` prefix).
+    ``augmenter`` transforms each batch's modalities (training only).
     """
+    if dp is not None and balanced_sampler:
+        raise ValueError("a class-balanced sampler breaks DP-SGD's Poisson sampling; refused under DP")
+    ds = ds.labelled()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(make_dataset(arrays), batch_size=batch_size, shuffle=True, generator=generator)
+    dataset = make_dataset(ds)
+    if balanced_sampler:
+        per_sample = balanced_class_weights(ds.label, ds.schema.num_classes)[torch.from_numpy(ds.label)]
+        sampler = WeightedRandomSampler(per_sample.double().tolist(), num_samples=len(ds), replacement=True, generator=generator)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    criterion: nn.Module = WeightedCrossEntropy(class_weights)
     trained: nn.Module = model
     if dp is not None:
         # A PrivacyEngine is a per-round wrapper here: the accountant it charges is the
@@ -92,9 +149,11 @@ def train(
     trained.train()
     total, batches = 0.0, 0
     for _ in range(epochs):
-        for image, audio, label in loader:
+        for *inputs, label in loader:
+            if augmenter is not None:
+                inputs = augmenter(inputs)
             optimizer.zero_grad()
-            loss = criterion(trained(image, audio), label)
+            loss = criterion(trained(*inputs), label)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
@@ -113,14 +172,15 @@ def _unwrap(wrapped: nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, arrays: MultimodalArrays, *, batch_size: int = 512) -> tuple[float, float]:
-    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on ``arrays``."""
+def evaluate(model: nn.Module, ds: MultimodalDataset, *, batch_size: int = 512) -> tuple[float, float]:
+    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on the labelled samples of ``ds``."""
     model.eval()
-    loader = DataLoader(make_dataset(arrays), batch_size=batch_size)
+    ds = ds.labelled()
+    loader = DataLoader(make_dataset(ds), batch_size=batch_size)
     loss_sum, correct = 0.0, 0
-    for image, audio, label in loader:
-        logits = model(image, audio)
+    for *inputs, label in loader:
+        logits = model(*inputs)
         loss_sum += float(nn.functional.cross_entropy(logits, label, reduction="sum"))
         correct += int((logits.argmax(dim=1) == label).sum())
-    n = len(arrays)
+    n = max(1, len(ds))
     return loss_sum / n, correct / n

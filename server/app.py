@@ -13,9 +13,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmm.artifacts import RunArtifacts, new_run_id
 from fedmm.config import RunConfig
-from fedmm.data.avmnist import load_test, resolve_root
+from fedmm import protocol
+from fedmm.data.partition import FederationPlan, build_federation
+from fedmm.data.preprocess import Preprocessing
+from fedmm.data.sources import load_source
 from fedmm.federation import FedMMAvg, make_central_evaluation
-from fedmm.models import build_model
+from fedmm.models import build_model, prepare_inputs, resolve_model
 
 app = ServerApp()
 
@@ -26,7 +29,19 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id))
     log(INFO, "[fedmm] run %s: %d sites, %d rounds, dp=%s -> %s", artifacts.run_id, cfg.sites, cfg.rounds, cfg.dp, artifacts.dir)
-    test = load_test(resolve_root(cfg.data))
+    source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    if source.pool.synthetic:
+        log(INFO, "[fedmm] data: SYNTHETIC (%s), not real data", cfg.data)
+    # In simulation the server can rebuild the federation the sites see (same seed) and
+    # record its per-site counts; this reads only what the simulation itself made up.
+    federation = build_federation(source, FederationPlan.from_config(cfg))
+    artifacts.save_federation(federation.summary())
+    for name, ds in zip(federation.names, federation.sites):
+        counts = ds.counts()
+        log(INFO, "[fedmm] site %s: %d samples, per modality %s%s", name, counts["samples"], counts["per_modality"],
+            f", skipped {counts['skipped']}" if counts["skipped"] else "")
+    model_name = resolve_model(cfg.model, cfg.data)
+    schema = prepare_inputs(model_name, source.test).schema
     strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites)
     final: dict[str, float] = {}
 
@@ -49,10 +64,10 @@ def main(grid: Grid, context: Context) -> None:
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict()),
+        initial_arrays=ArrayRecord(build_model(model_name, schema, seed=cfg.seed).state_dict()),
         num_rounds=cfg.rounds,
-        train_config=ConfigRecord({}),
-        evaluate_fn=make_central_evaluation(cfg, test, on_round),
+        train_config=ConfigRecord({protocol.SCHEMA: schema.to_json()}),
+        evaluate_fn=make_central_evaluation(cfg, source.test, on_round),
     )
     artifacts.save_model(result.arrays.to_torch_state_dict())
     summary = artifacts.finish(

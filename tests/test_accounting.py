@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import dp_accounting as dpa
 import pytest
+import torch
 from dp_accounting import pld, rdp
 from opacus.accountants.rdp import RDPAccountant
 
 from fedmm.config import AccountantKind, RunConfig
-from fedmm.data.avmnist import MultimodalArrays, builtin_root, load_site
+from fedmm.data.avmnist import builtin_root, load_site
+from fedmm.data.schema import MultimodalDataset
 from fedmm.errors import BudgetExceededError, PrivacyError
-from fedmm.models import build_model
+from fedmm.models import build_model, prepare_inputs, resolve_model
 from fedmm.privacy.accounting import PrivacyEvent, SiteAccountant, calibrate_noise_multiplier
 from fedmm.site import SiteState, plan_site, train_round
 
@@ -80,21 +80,24 @@ def test_calibrated_noise_reaches_but_does_not_exceed_the_target(kind: Accountan
 
 
 # -------------------------------------------------------------- a site's rounds
+def _model(name: str) -> torch.nn.Module:
+    name = resolve_model(name, "avmnist")
+    return build_model(name, prepare_inputs(name, load_site(builtin_root(), "theo")).schema)
+
+
 @pytest.fixture(scope="module")
-def small_site() -> MultimodalArrays:
-    arrays = load_site(builtin_root(), "theo")
-    n = 48
-    return dataclasses.replace(arrays, image=arrays.image[:n], audio=arrays.audio[:n], label=arrays.label[:n], image_id=arrays.image_id[:n], recording=arrays.recording[:n])
+def small_site() -> MultimodalDataset:
+    return load_site(builtin_root(), "theo").subset(range(48))
 
 
-def test_site_epsilon_after_r_rounds_equals_an_independent_computation(small_site: MultimodalArrays) -> None:
+def test_site_epsilon_after_r_rounds_equals_an_independent_computation(small_site: MultimodalDataset) -> None:
     cfg = RunConfig(rounds=3, local_epochs=1, batch_size=16, target_epsilon=6.0, accountant=AccountantKind.RDP)
     saved = SiteState(plan=None, accountant=SiteAccountant(cfg.accountant)).to_json()
-    weights = build_model(cfg.model).state_dict()
+    weights = _model(cfg.model).state_dict()
     reported = []
     for server_round in range(1, cfg.rounds + 1):
         state = SiteState.from_json(saved)  # as a fresh client process restores it
-        update = train_round(cfg=cfg, site="theo", arrays=small_site, global_weights=weights, server_round=server_round, state=state)
+        update = train_round(cfg=cfg, site="theo", data=small_site, global_weights=weights, server_round=server_round, state=state)
         saved = state.to_json()
         weights = update.state_dict
         assert update.privacy is not None
@@ -108,10 +111,10 @@ def test_site_epsilon_after_r_rounds_equals_an_independent_computation(small_sit
     assert reported[-1] <= cfg.target_epsilon
 
 
-def test_a_round_over_budget_is_refused_before_training(small_site: MultimodalArrays) -> None:
+def test_a_round_over_budget_is_refused_before_training(small_site: MultimodalDataset) -> None:
     cfg = RunConfig(rounds=1, local_epochs=1, batch_size=16, target_epsilon=1.0, noise_multiplier=0.5, accountant=AccountantKind.RDP)
     state = SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
 
     with pytest.raises(BudgetExceededError, match=r"site theo refuses round 1.*over the budget target-epsilon=1.0"):
-        train_round(cfg=cfg, site="theo", arrays=small_site, global_weights=build_model(cfg.model).state_dict(), server_round=1, state=state)
+        train_round(cfg=cfg, site="theo", data=small_site, global_weights=_model(cfg.model).state_dict(), server_round=1, state=state)
     assert state.accountant.history == ()  # nothing was spent

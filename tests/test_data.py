@@ -31,16 +31,16 @@ def test_full_data_speaker_split(shared_data: Path) -> None:
 
     for speaker, arrays in sites.items():
         assert len(arrays) == 450  # 10 digits x recordings 5..49
-        assert arrays.image.shape == (450, 1, 28, 28)
-        assert arrays.audio.shape[:3] == (450, 1, N_MELS)
+        assert arrays.features["image"].shape == (450, 1, 28, 28)
+        assert arrays.features["audio"].shape[:3] == (450, 1, N_MELS)
         assert np.bincount(arrays.label).tolist() == [45] * 10
-        assert all(name.split("_")[1] == speaker for name in arrays.recording)
+        assert all(name.split("_")[1] == speaker for name in arrays.ids)
     assert len(test) == 300
-    assert all(int(name.split("_")[2]) in TEST_INDICES for name in test.recording)
+    assert all(int(name.split("_")[2]) in TEST_INDICES for name in test.ids)
 
 
 def test_no_image_is_shared_by_two_sites_or_with_the_test_set(shared_data: Path) -> None:
-    ids = [load_site(shared_data, s).image_id for s in SPEAKERS] + [load_test(shared_data).image_id]
+    ids = [load_site(shared_data, s).groups["image_id"] for s in SPEAKERS] + [load_test(shared_data).groups["image_id"]]
     flat = np.concatenate(ids)
 
     assert len(np.unique(flat)) == len(flat)
@@ -50,8 +50,8 @@ def test_each_image_shows_the_spoken_digit(shared_data: Path) -> None:
     labels = read_idx(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz")
     arrays = load_site(shared_data, "theo")
 
-    assert np.array_equal(labels[arrays.image_id], arrays.label)
-    assert [int(name[0]) for name in arrays.recording] == arrays.label.tolist()
+    assert np.array_equal(labels[arrays.groups["image_id"]], arrays.label)
+    assert [int(name[0]) for name in arrays.ids] == arrays.label.tolist()
 
 
 def test_builtin_subset_is_bit_identical_to_the_raw_files(shared_data: Path) -> None:
@@ -62,10 +62,10 @@ def test_builtin_subset_is_bit_identical_to_the_raw_files(shared_data: Path) -> 
         assert rate == wav_rate == 8000
         assert np.array_equal(flac, wav)
     small, full = load_site(builtin, "yweweler"), load_site(shared_data, "yweweler")
-    shared = np.isin(full.recording, small.recording)
+    shared = np.isin(full.ids, small.ids)
     assert shared.sum() == len(small) == 250
-    assert np.allclose(full.audio[shared], small.audio)
-    assert np.array_equal(full.image[shared], small.image)
+    assert np.allclose(full.features["audio"][shared], small.features["audio"])
+    assert np.array_equal(full.features["image"][shared], small.features["image"])
 
 
 def test_builtin_subset_works_without_shared_data() -> None:
@@ -73,8 +73,8 @@ def test_builtin_subset_works_without_shared_data() -> None:
     site, test = load_site(root, "george"), load_test(root)
 
     assert len(site) == 250 and len(test) == 300
-    assert np.isfinite(site.audio).all() and np.isfinite(site.image).all()
-    assert not set(site.recording) & set(test.recording)
+    assert np.isfinite(site.features["audio"]).all() and np.isfinite(site.features["image"]).all()
+    assert not set(site.ids) & set(test.ids)
 
 
 # ------------------------------------------------------------------ bad input

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fedmm.config import RunConfig
-from fedmm.models import build_model
+from fedmm.data.avmnist import builtin_root, load_test
+from fedmm.models import build_model, prepare_inputs, resolve_model
 
 FEDMM = str(Path(sys.executable).parent / "fedmm")
 FLOWER_PROCESS_MARKS = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
@@ -64,8 +65,31 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
     assert rounds[0]["max_epsilon"] < rounds[1]["max_epsilon"]
     resolved = RunConfig.from_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
     assert resolved.rounds == 2 and resolved.sites == 3
-    build_model(resolved.model).load_state_dict(torch.load(run_dir / "model.pt"))
+    name = resolve_model(resolved.model, resolved.data)
+    build_model(name, prepare_inputs(name, load_test(builtin_root())).schema).load_state_dict(torch.load(run_dir / "model.pt"))
+    federation = json.loads((run_dir / "federation.json").read_text())
+    assert federation["plan"]["partitioner"] == "natural" and list(federation["sites"]) == ["george", "jackson", "lucas"]
+    assert all(s["samples"] == 250 and s["per_modality"] == {"image": 250, "audio": 250} for s in federation["sites"].values())
     assert _flower_processes() <= before  # nothing left running
+
+
+def test_sites_train_on_a_manifest_with_missing_modalities_and_augmentation(tmp_path: Path) -> None:
+    manifest = Path(__file__).resolve().parents[1] / "fedmm" / "data" / "builtin" / "manifest-example" / "manifest.csv"
+
+    done = _simulate(
+        tmp_path, f"data={json.dumps('manifest:' + str(manifest))}", "sites=3", "rounds=2", 'run-name="manifest"', "batch-size=16",
+        'augment="image:shift+rotate,audio:specaugment,text:dropout"', "missing-modality-sample-p=0.2",
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = tmp_path / "manifest"
+    federation = json.loads((run_dir / "federation.json").read_text())
+    assert list(federation["sites"]) == ["george", "jackson", "theo"]  # natural: the manifest's site column
+    for counts in federation["sites"].values():
+        assert counts["samples"] == 40 and sum(counts["per_class"].values()) == 40
+        assert counts["per_modality"]["audio"] < 40 and counts["modality_cells_dropped"] > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["max_epsilon"] <= 8.0 and 0.0 <= summary["final_accuracy"] <= 1.0
 
 
 def test_a_failing_site_fails_the_run_with_its_reason(tmp_path: Path) -> None:

@@ -1,22 +1,44 @@
-"""Data: loaders for real multimodal sources and per-modality preprocessing.
+"""Data: sources, the modality schema, preprocessing, augmentation and federations.
 
-- AV-MNIST (``fedmm.data.avmnist``): MNIST images paired with FSDD spoken digits,
-  six speaker sites, the built-in federation;
-- BasicMotions (``fedmm.data.sensors``): smartwatch accelerometer and gyroscope
-  series from the UEA ``.ts`` format.
+- ``fedmm.data.schema``: modalities, :class:`MultimodalDataset` (features, presence mask, labels);
+- ``fedmm.data.sources``: what ``data=`` can name (avmnist, basicmotions, manifest, synthetic);
+- ``fedmm.data.manifest``: a site's own files described by a CSV/Parquet manifest;
+- ``fedmm.data.preprocess`` / ``fedmm.data.augment``: per-modality preprocessing and augmentation;
+- ``fedmm.data.partition``: simulated federations with flwr-datasets partitioners.
+
+Submodules are imported on first use (audio and partitioning libraries are slow to import).
 """
 
-from fedmm.data.avmnist import SPEAKERS, MultimodalArrays, builtin_root, load_site, load_test, resolve_root
-from fedmm.data.sensors import SensorSeries, load_basicmotions, read_ts
+from __future__ import annotations
 
-__all__ = [
-    "SPEAKERS",
-    "MultimodalArrays",
-    "builtin_root",
-    "load_site",
-    "load_test",
-    "resolve_root",
-    "SensorSeries",
-    "load_basicmotions",
-    "read_ts",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SPEAKERS": "fedmm.data.avmnist",
+    "builtin_root": "fedmm.data.avmnist",
+    "load_site": "fedmm.data.avmnist",
+    "load_test": "fedmm.data.avmnist",
+    "resolve_root": "fedmm.data.avmnist",
+    "Modality": "fedmm.data.schema",
+    "ModalityKind": "fedmm.data.schema",
+    "MultimodalDataset": "fedmm.data.schema",
+    "Schema": "fedmm.data.schema",
+    "Source": "fedmm.data.sources",
+    "load_source": "fedmm.data.sources",
+    "load_manifest": "fedmm.data.manifest",
+    "Preprocessing": "fedmm.data.preprocess",
+    "Federation": "fedmm.data.partition",
+    "FederationPlan": "fedmm.data.partition",
+    "build_federation": "fedmm.data.partition",
+    "SensorSeries": "fedmm.data.sensors",
+    "load_basicmotions": "fedmm.data.sensors",
+    "read_ts": "fedmm.data.sensors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fedmm.data' has no attribute {name!r}")

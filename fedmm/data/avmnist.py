@@ -31,15 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmm.data.audio import log_mel, read_clip
+from fedmm.data.audio import CLIP_SAMPLES, HOP_LENGTH, N_MELS, log_mel, read_clip
 from fedmm.data.idx import read_idx
+from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
 from fedmm.errors import ConfigError, DataError
 
 __all__ = [
     "SPEAKERS",
     "RECORDINGS_PER_DIGIT",
     "TEST_INDICES",
-    "MultimodalArrays",
+    "SCHEMA",
+    "load_pool",
     "Recording",
     "builtin_root",
     "resolve_root",
@@ -52,6 +54,13 @@ SPEAKERS: tuple[str, ...] = ("george", "jackson", "lucas", "nicolas", "theo", "y
 RECORDINGS_PER_DIGIT = 50  # FSDD: indices 0..49 for each speaker and digit
 TEST_INDICES = range(0, 5)  # FSDD's official test split
 IMAGE_MEAN, IMAGE_STD = 0.1307, 0.3081  # MNIST training-set statistics (public constants)
+SCHEMA = Schema(
+    (
+        Modality("image", ModalityKind.IMAGE, (1, 28, 28), "pixels"),
+        Modality("audio", ModalityKind.AUDIO, (1, N_MELS, 1 + CLIP_SAMPLES // HOP_LENGTH), "log-mel"),
+    ),
+    tuple(str(d) for d in range(10)),
+)
 _NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)$")
 _AUDIO_SUFFIXES = (".wav", ".flac")
 
@@ -69,20 +78,6 @@ class Recording:
     def image_rank(self) -> int:
         """Rank of the paired image among the MNIST images of the same digit."""
         return RECORDINGS_PER_DIGIT * SPEAKERS.index(self.speaker) + self.index
-
-
-@dataclass(frozen=True)
-class MultimodalArrays:
-    """Aligned per-sample arrays of one split (a site's training data or the test set)."""
-
-    image: np.ndarray  # float32 [N, 1, 28, 28], standardised
-    audio: np.ndarray  # float32 [N, 1, N_MELS, frames], log-mel, standardised per clip
-    label: np.ndarray  # int64 [N]
-    image_id: np.ndarray  # int64 [N]: row of the image in the MNIST file
-    recording: tuple[str, ...]  # file stem of each recording
-
-    def __len__(self) -> int:
-        return int(self.label.shape[0])
 
 
 def builtin_root() -> Path:
@@ -148,7 +143,7 @@ def _mnist(root: Path) -> tuple[np.ndarray, dict[int, np.ndarray]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _load(root: Path, speakers: tuple[str, ...], test: bool) -> MultimodalArrays:
+def _load(root: Path, speakers: tuple[str, ...], test: bool) -> MultimodalDataset:
     images, by_digit = _mnist(root)
     recordings = [
         r for s in speakers for r in list_recordings(root, s) if (r.index in TEST_INDICES) == test
@@ -166,23 +161,29 @@ def _load(root: Path, speakers: tuple[str, ...], test: bool) -> MultimodalArrays
         image_id[i] = rows[rec.image_rank]
     clips = np.stack([read_clip(r.path) for r in recordings])
     pixels = images[image_id].astype(np.float32)[:, None] / 255.0
-    arrays = MultimodalArrays(
-        image=(pixels - IMAGE_MEAN) / IMAGE_STD,
-        audio=log_mel(clips),
-        label=np.array([r.digit for r in recordings], dtype=np.int64),
-        image_id=image_id,
-        recording=tuple(r.path.stem for r in recordings),
+    arrays = MultimodalDataset(
+        SCHEMA,
+        {"image": (pixels - IMAGE_MEAN) / IMAGE_STD, "audio": log_mel(clips)},
+        np.ones((len(recordings), 2), dtype=bool),
+        np.array([r.digit for r in recordings], dtype=np.int64),
+        {"speaker": np.array([r.speaker for r in recordings]), "image_id": image_id},
+        tuple(r.path.stem for r in recordings),
     )
-    for array in (arrays.image, arrays.audio, arrays.label, arrays.image_id):
+    for array in (*arrays.features.values(), arrays.label, arrays.present, *arrays.groups.values()):
         array.flags.writeable = False
     return arrays
 
 
-def load_site(root: Path, speaker: str) -> MultimodalArrays:
+def load_pool(root: Path, speakers: tuple[str, ...] = SPEAKERS) -> MultimodalDataset:
+    """Load every site's training data as one pool, grouped by ``speaker`` (for partitioners)."""
+    return _load(Path(root), tuple(speakers), False)
+
+
+def load_site(root: Path, speaker: str) -> MultimodalDataset:
     """Load one site's training data: the speaker's recordings 5-49 and their images."""
     return _load(Path(root), (speaker,), False)
 
 
-def load_test(root: Path, speakers: tuple[str, ...] = SPEAKERS) -> MultimodalArrays:
+def load_test(root: Path, speakers: tuple[str, ...] = SPEAKERS) -> MultimodalDataset:
     """Load the held-out test set: recordings 0-4 of each speaker and their images."""
     return _load(Path(root), tuple(speakers), True)

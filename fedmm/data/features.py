@@ -33,6 +33,8 @@ def scattering_2d(images: np.ndarray, *, J: int = 2, batch_size: int = 512) -> n
     images = np.asarray(images, dtype=np.float32)
     n, channels, height, width = images.shape
     transform = _scattering((height, width), J)
+    if n == 0:  # the shape of the coefficients, from one blank image
+        return scattering_2d(np.zeros((1, channels, height, width), np.float32), J=J)[:0]
     out = []
     with torch.no_grad():
         for start in range(0, n, batch_size):

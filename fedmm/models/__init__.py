@@ -5,7 +5,7 @@ Every model here passes Opacus' ``ModuleValidator`` as it is.
 
 from fedmm.models.encoders import PooledSpectrogramEncoder, ScatteringImageEncoder
 from fedmm.models.fusion import ConcatFusionNet
-from fedmm.models.registry import ModelSpec, build_model, model_names, prepare_inputs, register_model
+from fedmm.models.registry import ModelSpec, build_model, encoder_for, model_names, prepare_inputs, register_model, resolve_model
 
 __all__ = [
     "ScatteringImageEncoder",
@@ -16,4 +16,6 @@ __all__ = [
     "model_names",
     "prepare_inputs",
     "register_model",
+    "resolve_model",
+    "encoder_for",
 ]

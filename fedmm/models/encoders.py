@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["ScatteringImageEncoder", "PooledSpectrogramEncoder"]
+__all__ = ["ScatteringImageEncoder", "PooledSpectrogramEncoder", "ConvImageEncoder", "HashedTextEncoder", "SensorEncoder", "TabularEncoder"]
 
 
 class ScatteringImageEncoder(nn.Module):
@@ -47,3 +47,62 @@ class PooledSpectrogramEncoder(nn.Module):
 
     def forward(self, spectrogram: Tensor) -> Tensor:
         return self.net(spectrogram)
+
+
+class ConvImageEncoder(nn.Module):
+    """A small CNN over raw pixels ``[N, C, H, W]`` (GroupNorm, so Opacus needs no fixes)."""
+
+    def __init__(self, *, channels: int, out_features: int = 64) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 16, 5, stride=2, padding=2), nn.GroupNorm(4, 16), nn.Tanh(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32), nn.Tanh(),
+            nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(), nn.Linear(32 * 16, out_features), nn.Tanh(),
+        )
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+
+class HashedTextEncoder(nn.Module):
+    """Mean of token embeddings over non-padding ids ``[N, L]`` (0 pads), then a projection."""
+
+    def __init__(self, *, buckets: int, dim: int = 32, out_features: int = 64) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.embedding = nn.Embedding(buckets, dim)
+        self.proj = nn.Sequential(nn.Linear(dim, out_features), nn.Tanh())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        mask = (tokens > 0).unsqueeze(-1).to(self.embedding.weight.dtype)
+        summed = (self.embedding(tokens) * mask).sum(dim=1)
+        return self.proj(summed / mask.sum(dim=1).clamp(min=1.0))
+
+
+class SensorEncoder(nn.Module):
+    """1-D convolutions over a multichannel series ``[N, C, T]``, pooled over time."""
+
+    def __init__(self, *, channels: int, out_features: int = 64) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.net = nn.Sequential(
+            nn.Conv1d(channels, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.Tanh(),
+            nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.GroupNorm(4, 32), nn.Tanh(),
+            nn.AdaptiveAvgPool1d(8), nn.Flatten(), nn.Linear(32 * 8, out_features), nn.Tanh(),
+        )
+
+    def forward(self, series: Tensor) -> Tensor:
+        return self.net(series)
+
+
+class TabularEncoder(nn.Module):
+    """One linear layer over standardised values ``[N, D]``."""
+
+    def __init__(self, *, width: int, out_features: int = 64) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.net = nn.Sequential(nn.Linear(width, out_features), nn.Tanh())
+
+    def forward(self, values: Tensor) -> Tensor:
+        return self.net(values)

@@ -1,38 +1,60 @@
-"""Models by name: the server and every site build the same model from the run config.
+"""Models by name: the server and every site build the same model from the data's schema.
 
-A registered model has a builder (weights drawn from a seed) and a ``prepare``
-step: the fixed, per-sample input features it expects (for example scattering
-coefficients of the image), computed once when a split is loaded.
+A registered model has a builder (from the prepared schema; weights drawn from a
+seed), an optional ``prepare`` step (fixed, per-sample input features it expects,
+such as scattering coefficients of the image, computed once when a split is
+loaded), and a check of the schemas it accepts.
+
+- ``concat`` works on any schema: one encoder per modality kind (CNN for pixels,
+  pooled linear for spectrograms, hashed-token embeddings for text, 1-D CNN for
+  sensors, linear for tabular), masked concatenation, linear head;
+- ``avmnist-concat`` is the tuned AV-MNIST model (scattering image features).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from fedmm.data.avmnist import MultimodalArrays
 from fedmm.data.features import scattering_2d
+from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
 from fedmm.errors import ConfigError
-from fedmm.models.encoders import PooledSpectrogramEncoder, ScatteringImageEncoder
+from fedmm.models.encoders import (
+    ConvImageEncoder,
+    HashedTextEncoder,
+    PooledSpectrogramEncoder,
+    ScatteringImageEncoder,
+    SensorEncoder,
+    TabularEncoder,
+)
 from fedmm.models.fusion import ConcatFusionNet
 
-__all__ = ["ModelSpec", "register_model", "build_model", "prepare_inputs", "model_names"]
+__all__ = ["ModelSpec", "register_model", "build_model", "prepare_inputs", "model_names", "resolve_model", "encoder_for"]
+
+
+def _identity(ds: MultimodalDataset) -> MultimodalDataset:
+    return ds
+
+
+def _any_schema(schema: Schema) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build a model and the fixed input features it trains on."""
+    """How to build a model from a (prepared) schema, and the fixed input features it trains on."""
 
-    build: Callable[[], nn.Module]
-    prepare: Callable[[MultimodalArrays], MultimodalArrays]
+    build: Callable[[Schema], nn.Module]
+    prepare: Callable[[MultimodalDataset], MultimodalDataset] = _identity
+    check: Callable[[Schema], str | None] = _any_schema  # a problem with the raw schema, or None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-_PREPARED: dict[tuple[str, int], tuple[MultimodalArrays, MultimodalArrays]] = {}
+_PREPARED: dict[tuple[str, int], tuple[MultimodalDataset, MultimodalDataset]] = {}
 
 
 def register_model(name: str, spec: ModelSpec) -> None:
@@ -47,47 +69,113 @@ def model_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def resolve_model(name: str, data: str) -> str:
+    """``auto`` picks ``avmnist-concat`` for AV-MNIST and ``concat`` for anything else.
+
+    >>> resolve_model("auto", "avmnist"), resolve_model("auto", "manifest:x.csv")
+    ('avmnist-concat', 'concat')
+    """
+    if name == "auto":
+        return "avmnist-concat" if data.partition(":")[0] == "avmnist" else "concat"
+    _spec(name)
+    return name
+
+
 def _spec(name: str) -> ModelSpec:
     spec = _REGISTRY.get(name)
     if spec is None:
-        raise ConfigError("model", "unknown model", value=name, fix=f"use one of: {', '.join(model_names())}")
+        raise ConfigError("model", "unknown model", value=name, fix=f"use auto or one of: {', '.join(model_names())}")
     return spec
 
 
-def build_model(name: str, *, seed: int = 0) -> nn.Module:
-    """Build the named model with weights drawn from ``seed`` (same seed, same weights).
+def build_model(name: str, schema: Schema, *, seed: int = 0) -> nn.Module:
+    """Build the named model for a *prepared* schema with weights drawn from ``seed``.
 
-    >>> sum(p.numel() for p in build_model("avmnist-concat").parameters())
-    64458
+    >>> from fedmm.data.avmnist import SCHEMA
+    >>> schema = prepare_inputs("avmnist-concat", _empty(SCHEMA)).schema
+    >>> sum(p.numel() for p in build_model("avmnist-concat", schema).parameters())
+    64478
     """
     spec = _spec(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return spec.build()
+        return spec.build(schema)
 
 
-def prepare_inputs(name: str, arrays: MultimodalArrays) -> MultimodalArrays:
-    """The split as the named model consumes it (cached for the split's lifetime)."""
-    key = (name, id(arrays))
+def prepare_inputs(name: str, ds: MultimodalDataset) -> MultimodalDataset:
+    """The split as the named model consumes it (cached for the split's lifetime).
+
+    Raises
+    ------
+    ConfigError
+        When the model cannot take this data's modalities.
+    """
+    spec = _spec(name)
+    problem = spec.check(ds.schema)
+    if problem:
+        raise ConfigError("model", f"cannot train on this data: {problem}", value=name, fix="use model='concat' (any modalities) or model='auto'")
+    key = (name, id(ds))
     cached = _PREPARED.get(key)
-    if cached is None or cached[0] is not arrays:
-        cached = (arrays, _spec(name).prepare(arrays))
+    if cached is None or cached[0] is not ds:
+        cached = (ds, spec.prepare(ds))
         _PREPARED[key] = cached
     return cached[1]
 
 
-def _scattering_image(arrays: MultimodalArrays) -> MultimodalArrays:
-    return dataclasses.replace(arrays, image=scattering_2d(arrays.image, J=2))
+def _empty(schema: Schema) -> MultimodalDataset:
+    return MultimodalDataset(
+        schema, {m.name: np.zeros((0, *m.shape), m.dtype) for m in schema.modalities},
+        np.zeros((0, len(schema.modalities)), bool), np.zeros(0, np.int64),
+    )
+
+
+# ------------------------------------------------------------------ concat (any schema)
+def encoder_for(m: Modality, width: int = 64) -> nn.Module:
+    """The default encoder of a modality, by its kind and representation."""
+    if m.representation == "pixels":
+        return ConvImageEncoder(channels=m.shape[0], out_features=width)
+    if m.representation == "scattering":
+        return ScatteringImageEncoder(channels=m.shape[0], groups=m.shape[0] // 3, out_features=width)
+    if m.kind is ModalityKind.AUDIO:
+        return PooledSpectrogramEncoder(pool=(min(16, m.shape[1]), min(16, m.shape[2])), out_features=width)
+    if m.kind is ModalityKind.TEXT:
+        return HashedTextEncoder(buckets=m.vocab, out_features=width)
+    if m.kind is ModalityKind.SENSOR:
+        return SensorEncoder(channels=m.shape[0], out_features=width)
+    return TabularEncoder(width=m.shape[0], out_features=width)
+
+
+register_model(
+    "concat",
+    ModelSpec(build=lambda schema: ConcatFusionNet([encoder_for(m) for m in schema.modalities], schema.num_classes)),
+)
+
+
+# ------------------------------------------------------------------ avmnist-concat
+def _scattering_image(ds: MultimodalDataset) -> MultimodalDataset:
+    coeffs = scattering_2d(ds.features["image"], J=2)
+    image = ds.schema.modality("image")
+    mods = tuple(
+        Modality(m.name, m.kind, tuple(coeffs.shape[1:]), "scattering") if m is image else m for m in ds.schema.modalities
+    )
+    return ds.replace(schema=Schema(mods, ds.schema.classes), features={**ds.features, "image": coeffs})
+
+
+def _avmnist_only(schema: Schema) -> str | None:
+    from fedmm.data.avmnist import SCHEMA
+
+    if schema != SCHEMA:
+        return f"avmnist-concat takes AV-MNIST's image 1x28x28 and 32-mel audio, not {', '.join(f'{m.name} {m.shape}' for m in schema.modalities)}"
+    return None
 
 
 register_model(
     "avmnist-concat",
     ModelSpec(
-        build=lambda: ConcatFusionNet(
-            image_encoder=ScatteringImageEncoder(out_features=64),
-            audio_encoder=PooledSpectrogramEncoder(out_features=64),
-            num_classes=10,
+        build=lambda schema: ConcatFusionNet(
+            [ScatteringImageEncoder(out_features=64), PooledSpectrogramEncoder(out_features=64)], schema.num_classes
         ),
         prepare=_scattering_image,
+        check=_avmnist_only,
     ),
 )

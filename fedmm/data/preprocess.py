@@ -1,0 +1,273 @@
+"""Per-modality decoding and preprocessing of one sample, with maintained libraries.
+
+- images: Pillow decodes, converts to grayscale (``L``) or ``RGB``, resizes, and scales
+  to [-1, 1] with fixed constants (mean 0.5, std 0.5);
+- audio: soundfile decodes (WAV, FLAC, OGG), multichannel is mixed down, librosa
+  resamples (only when ``audio-resample`` allows it), pads or trims to a fixed length,
+  and computes a log-mel or MFCC map standardised per clip;
+- text: a word tokenizer with *feature hashing* (Weinberger et al., ICML 2009): each
+  lowercased word and word bigram maps to one of ``text-buckets`` ids with CRC-32. The
+  id space is fixed in advance, so sites need no shared vocabulary and no word ever
+  leaves a site;
+- sensors: ``.npy`` arrays ``[channels, time]`` (or ``[time]``), padded or trimmed to
+  ``sensor-length``; standardised per channel with the statistics of the site's own
+  data (:func:`standardise_site`);
+- tabular: numbers from the manifest, standardised like sensors.
+
+Every statistic is either a fixed constant, a property of one sample, or computed
+from one site's own data at that site: nothing raw crosses sites.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset
+from fedmm.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from fedmm.config import RunConfig
+
+__all__ = [
+    "Preprocessing",
+    "SkipReason",
+    "SampleError",
+    "load_image",
+    "load_audio",
+    "audio_features",
+    "tokenize",
+    "load_sensor",
+    "standardise_site",
+]
+
+
+class SkipReason:
+    """The reasons a sample can be rejected; lenient loading counts skips under these names."""
+
+    MISSING_FILE = "missing file"
+    UNDECODABLE_IMAGE = "undecodable image"
+    UNDECODABLE_AUDIO = "undecodable audio"
+    SAMPLE_RATE = "unexpected sample rate"
+    EMPTY_AUDIO = "empty audio"
+    BAD_SENSOR = "unreadable sensor array"
+    NON_FINITE = "NaN or infinite values"
+    WRONG_SHAPE = "wrong shape"
+    UNKNOWN_LABEL = "unknown label"
+    MISSING_LABEL = "missing label"
+    NO_MODALITY = "no modality present"
+    BAD_NUMBER = "not a number"
+
+
+class SampleError(DataError):
+    """One sample cannot be used; ``reason`` is one of :class:`SkipReason`."""
+
+    def __init__(self, path: object, problem: str, *, reason: str, fix: str = "") -> None:
+        self.reason = reason
+        self.problem = problem
+        self.fix = fix
+        super().__init__(path, problem, fix=fix)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocessing:
+    """How each modality is turned into model input (run-config keys in brackets)."""
+
+    image_size: int = 28  # [image-size] square side in pixels
+    image_mode: str = "L"  # [image-mode] "L" (grayscale) or "RGB"
+    audio_rate: int = 8_000  # [audio-rate] Hz
+    audio_seconds: float = 1.0  # [audio-seconds] clips are padded or trimmed to this
+    audio_resample: bool = False  # [audio-resample] resample other rates instead of rejecting them
+    audio_features: str = "log-mel"  # [audio-features] "log-mel" or "mfcc"
+    n_mels: int = 32
+    n_mfcc: int = 20
+    text_length: int = 32  # [text-length] tokens per text, padded with 0
+    text_buckets: int = 4096  # [text-buckets] size of the hashed id space
+    sensor_length: int = 100  # [sensor-length] time steps
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Preprocessing:
+        return cls(
+            image_size=cfg.image_size, image_mode=cfg.image_mode, audio_rate=cfg.audio_rate, audio_seconds=cfg.audio_seconds,
+            audio_resample=cfg.audio_resample, audio_features=cfg.audio_features, text_length=cfg.text_length,
+            text_buckets=cfg.text_buckets, sensor_length=cfg.sensor_length,
+        )
+
+    def __post_init__(self) -> None:
+        if self.image_mode not in ("L", "RGB"):
+            raise ConfigError("image-mode", "must be 'L' (grayscale) or 'RGB'", value=self.image_mode, fix="image-mode='L'")
+        if self.audio_features not in ("log-mel", "mfcc"):
+            raise ConfigError("audio-features", "must be 'log-mel' or 'mfcc'", value=self.audio_features, fix="audio-features='log-mel'")
+        for key, value, low in (
+            ("image-size", self.image_size, 8), ("audio-rate", self.audio_rate, 1000), ("text-length", self.text_length, 1),
+            ("text-buckets", self.text_buckets, 16), ("sensor-length", self.sensor_length, 4),
+        ):
+            if value < low:
+                raise ConfigError(key, f"must be >= {low}", value=value, fix=f"e.g. {key}={low * 4}")
+        if not 0.05 <= self.audio_seconds <= 60:
+            raise ConfigError("audio-seconds", "must be between 0.05 and 60", value=self.audio_seconds, fix="audio-seconds=1.0")
+
+    # ------------------------------------------------------------ shapes
+    @property
+    def hop_length(self) -> int:
+        return max(1, int(self.audio_rate * 0.016))  # 16 ms frames at any rate (128 at 8 kHz)
+
+    @property
+    def n_fft(self) -> int:
+        return 2 * self.hop_length
+
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.audio_rate * self.audio_seconds))
+
+    def modality(self, name: str, kind: ModalityKind, *, channels: int = 1, width: int = 0) -> Modality:
+        """The schema entry of a modality preprocessed this way."""
+        if kind is ModalityKind.IMAGE:
+            c = 1 if self.image_mode == "L" else 3
+            return Modality(name, kind, (c, self.image_size, self.image_size), "pixels")
+        if kind is ModalityKind.AUDIO:
+            bins = self.n_mels if self.audio_features == "log-mel" else self.n_mfcc
+            frames = 1 + self.clip_samples // self.hop_length
+            return Modality(name, kind, (1, bins, frames), self.audio_features)
+        if kind is ModalityKind.TEXT:
+            return Modality(name, kind, (self.text_length,), "tokens", self.text_buckets)
+        if kind is ModalityKind.SENSOR:
+            return Modality(name, kind, (channels, self.sensor_length), "series")
+        return Modality(name, kind, (width,), "values")
+
+
+# ---------------------------------------------------------------- images
+def load_image(path: Path, prep: Preprocessing) -> np.ndarray:
+    """Decode, convert, resize and scale one image: float32 ``[C, size, size]`` in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise SampleError(path, "image file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            converted = img.convert(prep.image_mode).resize((prep.image_size, prep.image_size), Image.Resampling.BILINEAR)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise SampleError(path, f"cannot decode image ({err})", reason=SkipReason.UNDECODABLE_IMAGE, fix="replace the corrupt file, or remove its row") from err
+    pixels = np.asarray(converted, dtype=np.float32) / 255.0
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    else:
+        pixels = pixels.transpose(2, 0, 1)
+    return ((pixels - 0.5) / 0.5).astype(np.float32)
+
+
+# ---------------------------------------------------------------- audio
+def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
+    """Decode one clip: float32 ``[clip_samples]`` at ``audio-rate``, mono, padded or trimmed."""
+    import soundfile as sf
+
+    if not path.is_file():
+        raise SampleError(path, "audio file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
+    try:
+        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+        raise SampleError(path, f"cannot decode audio ({err})", reason=SkipReason.UNDECODABLE_AUDIO, fix="replace the corrupt file, or remove its row") from err
+    if samples.shape[0] == 0:
+        raise SampleError(path, "holds no samples", reason=SkipReason.EMPTY_AUDIO, fix="replace the empty recording, or remove its row")
+    mono = samples.mean(axis=1)
+    if rate != prep.audio_rate:
+        if not prep.audio_resample:
+            raise SampleError(
+                path, f"sample rate is {rate} Hz, expected {prep.audio_rate} Hz", reason=SkipReason.SAMPLE_RATE,
+                fix=f"resample the file, set audio-rate={rate} if all files use it, or set audio-resample=true to resample on load",
+            )
+        import librosa
+
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=prep.audio_rate)
+    clip = np.zeros(prep.clip_samples, dtype=np.float32)
+    n = min(prep.clip_samples, mono.shape[0])
+    clip[:n] = mono[:n]
+    return clip
+
+
+def audio_features(clips: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Clips ``[N, samples]`` to standardised log-mel or MFCC maps ``[N, 1, bins, frames]`` (per clip)."""
+    import librosa
+
+    clips = np.asarray(clips, dtype=np.float32)
+    if clips.shape[0] == 0:
+        m = prep.modality("audio", ModalityKind.AUDIO)
+        return np.zeros((0, *m.shape), np.float32)
+    mel = librosa.feature.melspectrogram(y=clips, sr=prep.audio_rate, n_fft=prep.n_fft, hop_length=prep.hop_length, n_mels=prep.n_mels)
+    maps = np.log(mel + 1e-6)
+    if prep.audio_features == "mfcc":
+        maps = librosa.feature.mfcc(S=maps, n_mfcc=prep.n_mfcc)
+    mean = maps.mean(axis=(-2, -1), keepdims=True)
+    std = maps.std(axis=(-2, -1), keepdims=True) + 1e-6
+    return ((maps - mean) / std)[:, None].astype(np.float32)
+
+
+# ---------------------------------------------------------------- text
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def tokenize(text: str, prep: Preprocessing) -> np.ndarray:
+    """Hash words and word bigrams into ``[1, text-buckets)``; 0 pads. int64 ``[text-length]``.
+
+    >>> tokenize("Hello, world", Preprocessing(text_length=4)).tolist()
+    [1991, 2287, 1588, 0]
+    """
+    words = _WORD.findall(text.lower())
+    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    ids = np.zeros(prep.text_length, dtype=np.int64)
+    for i, gram in enumerate(grams[: prep.text_length]):
+        ids[i] = 1 + zlib.crc32(gram.encode("utf-8")) % (prep.text_buckets - 1)
+    return ids
+
+
+# ---------------------------------------------------------------- sensors
+def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None) -> np.ndarray:
+    """Load one ``.npy`` series ``[channels, time]`` (or ``[time]``), padded or trimmed to ``sensor-length``."""
+    if not path.is_file():
+        raise SampleError(path, "sensor file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise SampleError(path, f"cannot read the .npy array ({err})", reason=SkipReason.BAD_SENSOR, fix="save it with numpy.save (no pickled objects)") from err
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise SampleError(path, f"holds a {array.dtype} array of shape {array.shape}, expected numbers [channels, time]", reason=SkipReason.WRONG_SHAPE, fix="save a 2-D numeric array")
+    if channels is not None and array.shape[0] != channels:
+        raise SampleError(path, f"has {array.shape[0]} channels, the other rows have {channels}", reason=SkipReason.WRONG_SHAPE, fix="save every series of this column with the same channels, [channels, time]")
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise SampleError(path, f"holds {bad} NaN or infinite values", reason=SkipReason.NON_FINITE, fix="impute or drop them before saving, or remove the row")
+    out = np.zeros((array.shape[0], prep.sensor_length), dtype=np.float32)
+    n = min(prep.sensor_length, array.shape[1])
+    out[:, :n] = array[:, :n]
+    return out
+
+
+def standardise_site(dataset: MultimodalDataset) -> MultimodalDataset:
+    """Standardise sensor channels and tabular columns with this dataset's own statistics.
+
+    Call it on one site's data at that site (or on the server's own test set): the
+    means and deviations are computed from present samples only and never sent.
+    """
+    features = dict(dataset.features)
+    for j, m in enumerate(dataset.schema.modalities):
+        if m.kind not in (ModalityKind.SENSOR, ModalityKind.TABULAR):
+            continue
+        rows = dataset.present[:, j]
+        values = features[m.name]
+        if not rows.any():
+            continue
+        axes = (0, 2) if m.kind is ModalityKind.SENSOR else (0,)
+        mean = values[rows].mean(axis=axes, keepdims=True)
+        std = values[rows].std(axis=axes, keepdims=True) + 1e-6
+        scaled = ((values - mean) / std).astype(np.float32)
+        scaled[~rows] = 0.0
+        features[m.name] = scaled
+    return dataset.replace(features=features)

@@ -1,0 +1,136 @@
+"""Data sources by name: what the run config's ``data`` key can say.
+
+=========================  ==============================================================
+``avmnist[:ROOT]``         MNIST images + FSDD spoken digits; natural sites = speakers
+                           (built-in real subset, or a root laid out like shared/data)
+``basicmotions[:ROOT]``    smartwatch accelerometer + gyroscope as two sensor modalities
+                           (built-in copy, or ``ROOT/basicmotions/*.ts``)
+``manifest:PATH``          a CSV or Parquet manifest (see :mod:`fedmm.data.manifest`);
+                           natural sites = its ``site`` column
+``synthetic[:N]``          N seeded SYNTHETIC samples (default 2000), for scale tests
+=========================  ==============================================================
+
+A source gives a training *pool* (which the partitioners split into sites, or
+which one deployed site trains on whole) and a held-out *test* set for the
+server's central evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from fedmm.data.preprocess import Preprocessing
+from fedmm.data.schema import ModalityKind, MultimodalDataset, Schema
+from fedmm.errors import ConfigError, DataError
+
+__all__ = ["Source", "load_source", "SOURCE_NAMES"]
+
+SOURCE_NAMES = ("avmnist", "basicmotions", "manifest", "synthetic")
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """A loaded data source: the training pool, the test set, and its natural grouping."""
+
+    name: str
+    pool: MultimodalDataset
+    test: MultimodalDataset
+    natural_by: str | None  # the group column that names natural sites
+
+    @property
+    def schema(self) -> Schema:
+        return self.pool.schema
+
+
+def load_source(spec: str, prep: Preprocessing, *, classes: tuple[str, ...] = (), lenient: bool = False, test_fraction: float = 0.2) -> Source:
+    """Resolve and load the run config's ``data`` value (cached per process).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown source name or a malformed value.
+    DataError
+        For missing or bad files (see each loader).
+    """
+    return _load_source(spec, prep, tuple(classes), lenient, test_fraction)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float) -> Source:
+    name, sep, location = spec.partition(":")
+    if name == "avmnist":
+        from fedmm.data.avmnist import load_pool, load_test, resolve_root
+
+        root = resolve_root(spec)
+        return Source(name, load_pool(root), load_test(root), "speaker")
+    if name == "basicmotions":
+        return _basicmotions(location)
+    if name == "manifest":
+        if not location:
+            raise ConfigError("data", "a manifest source needs a path", value=spec, fix="data='manifest:/path/to/manifest.csv'")
+        return _manifest(Path(location).expanduser(), prep, classes, lenient, test_fraction)
+    if name == "synthetic":
+        from fedmm.data.synthetic import make_synthetic
+
+        try:
+            n = int(location) if location else 2000
+        except ValueError:
+            raise ConfigError("data", "synthetic size must be an integer", value=spec, fix="data='synthetic:5000'") from None
+        if n < 10:
+            raise ConfigError("data", "synthetic size must be at least 10", value=spec, fix="data='synthetic:2000'")
+        return Source(name, make_synthetic(n, seed=1), make_synthetic(max(10, n // 4), seed=2), "cluster")
+    raise ConfigError("data", "unknown data source", value=spec, fix=f"use one of: {', '.join(SOURCE_NAMES)} (e.g. 'manifest:PATH')")
+
+
+def _basicmotions(location: str) -> Source:
+    from fedmm.data.preprocess import standardise_site
+    from fedmm.data.schema import Modality
+    from fedmm.data.sensors import BASICMOTIONS_MODALITIES, load_basicmotions
+
+    root = Path(location).expanduser() if location else Path(str(resources.files("fedmm.data").joinpath("builtin", "basicmotions")))
+    if not root.is_dir():
+        raise ConfigError("data", f"BasicMotions root {root} is not a folder", value=f"basicmotions:{location}", fix="point it at a folder holding basicmotions/*.ts")
+    train, test = load_basicmotions(root)
+    if train.class_names != test.class_names:
+        raise DataError(root, f"train and test declare different classes {train.class_names} vs {test.class_names}", fix="use the original files")
+    length = train.values.shape[2]
+    schema = Schema(
+        tuple(Modality(n, ModalityKind.SENSOR, (s.stop - s.start, length), "series") for n, s in BASICMOTIONS_MODALITIES.items()),
+        train.class_names,
+    )
+
+    def dataset(series: object, split: str) -> MultimodalDataset:
+        values = series.values  # type: ignore[attr-defined]
+        n = values.shape[0]
+        data = MultimodalDataset(
+            schema, {m: np.ascontiguousarray(values[:, s]) for m, s in BASICMOTIONS_MODALITIES.items()},
+            np.ones((n, len(schema.modalities)), dtype=bool), series.label_ids, {}, tuple(f"{split}-{i}" for i in range(n)),  # type: ignore[attr-defined]
+        )
+        # Sites standardise their own data (fedmm.data.partition); the server its test set.
+        return standardise_site(data) if split == "test" else data
+
+    return Source("basicmotions", dataset(train, "train"), dataset(test, "test"), None)
+
+
+def _manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float) -> Source:
+    from fedmm.data.manifest import load_manifest
+    from fedmm.data.preprocess import standardise_site
+
+    rows = load_manifest(path, prep, classes=classes, lenient=lenient)
+    if "split" in rows.groups and (rows.groups["split"] == "test").any():
+        test_rows = rows.groups["split"] == "test"
+    else:
+        # No split column: hold out a seeded fraction for the server's evaluation.
+        rng = np.random.default_rng(0)
+        test_rows = np.zeros(len(rows), dtype=bool)
+        test_rows[rng.permutation(len(rows))[: int(round(test_fraction * len(rows)))]] = True
+    pool = rows.subset(np.flatnonzero(~test_rows))
+    if len(pool) == 0:
+        raise DataError(path, "no training rows (every row is split=test)", fix="mark some rows split=train")
+    test = standardise_site(rows.subset(np.flatnonzero(test_rows))) if test_rows.any() else standardise_site(pool)
+    return Source("manifest", pool, test, "site" if "site" in rows.groups else None)
