@@ -237,6 +237,8 @@ def data_split(
     if summary["synthetic"]:
         title += " - SYNTHETIC data"
     console.print(_counts_table(title, summary["sites"], schema.classes, schema.names))
+    if federation.unassigned:
+        console.print(f"{federation.unassigned} samples of the pool are held by no site ({federation.partitioner} partition)")
     for name, note in zip(federation.names, federation.notes):
         extra = {k: v for k, v in note.items() if k != "transition_matrix"}
         if extra:

@@ -150,6 +150,19 @@ def train(
     total, batches = 0.0, 0
     for _ in range(epochs):
         for *inputs, label in loader:
+            if dp is not None and label.shape[0] == 0:
+                # Poisson sampling drew no record. The DP-SGD step is then pure noise (the sum
+                # of no clipped gradients is 0). Opacus cannot take an empty batch through
+                # some layers (Embedding with ghost norms, functorch), so take that step directly.
+                optimizer.zero_grad()
+                for p in trained.parameters():
+                    if p.requires_grad:
+                        if dp.grad_sample_mode is GradSampleMode.GHOST:
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)
+                optimizer.step()
+                continue
             if augmenter is not None:
                 inputs = augmenter(inputs)
             optimizer.zero_grad()

@@ -40,6 +40,8 @@ def main(grid: Grid, context: Context) -> None:
         counts = ds.counts()
         log(INFO, "[fedmm] site %s: %d samples, per modality %s%s", name, counts["samples"], counts["per_modality"],
             f", skipped {counts['skipped']}" if counts["skipped"] else "")
+    if federation.unassigned:
+        log(INFO, "[fedmm] %d samples of the pool are held by no site (%s partition)", federation.unassigned, federation.partitioner)
     model_name = resolve_model(cfg.model, cfg.data)
     schema = prepare_inputs(model_name, source.test).schema
     strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites)

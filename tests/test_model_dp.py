@@ -145,3 +145,20 @@ def test_presence_mask_reaches_the_model(synthetic: MultimodalDataset) -> None:
         scrambled = [inputs[0] + 100.0, *inputs[1:]]
         assert torch.allclose(model(*scrambled, absent_image), masked)
     assert not torch.allclose(full, masked)
+
+
+@pytest.mark.parametrize("mode", list(GradSampleMode))
+def test_empty_poisson_batches_still_take_a_noisy_step(mode: GradSampleMode, synthetic: MultimodalDataset) -> None:
+    # batch size 1 on 40 records: sample rate 1/40, so about a third of the 40 steps draw no record.
+    model = build_model("concat", synthetic.schema)
+    accountant = SiteAccountant(AccountantKind.RDP)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    train(
+        model, synthetic.subset(range(40)), epochs=1, batch_size=1, learning_rate=0.1, momentum=0.0, seed=1,
+        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, accountant=accountant),
+    )
+
+    assert accountant.steps == 40  # every step, empty or not, is accounted
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -91,6 +91,7 @@ class Federation:
     plan: FederationPlan
     partitioner: str  # as resolved from "auto"
     notes: tuple[dict[str, Any], ...]
+    unassigned: int = 0  # pool samples no site holds (pathological leaves classes out; natural with fewer sites)
 
     def site(self, name: str) -> MultimodalDataset:
         return self.sites[self.names.index(name)]
@@ -100,6 +101,7 @@ class Federation:
         return {
             "plan": asdict(self.plan) | {"partitioner": self.partitioner},
             "synthetic": any(s.synthetic for s in self.sites),
+            "unassigned_samples": self.unassigned,
             "sites": {name: ds.counts() | note for name, ds, note in zip(self.names, self.sites, self.notes)},
         }
 
@@ -236,4 +238,5 @@ def _build(source: Source, plan: FederationPlan) -> Federation:
         site, note = degrade_site(source.pool.subset(r), plan, i)
         sites.append(standardise_site(site))
         notes.append(note)
-    return Federation(tuple(names), tuple(sites), plan, kind, tuple(notes))
+    unassigned = len(source.pool) - sum(len(r) for r in rows)
+    return Federation(tuple(names), tuple(sites), plan, kind, tuple(notes), unassigned)

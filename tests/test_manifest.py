@@ -1,0 +1,262 @@
+"""Manifests and per-modality loaders against real files, good and deliberately broken."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from fedmm.config import RunConfig
+from fedmm.data.manifest import load_manifest
+from fedmm.data.preprocess import Preprocessing, SkipReason, load_audio, load_image, load_sensor, tokenize
+from fedmm.data.schema import ModalityKind
+from fedmm.errors import DataError
+from fedmm.site import site_data, train_round, SiteState
+from fedmm.privacy.accounting import SiteAccountant
+from fedmm.models import build_model, prepare_inputs, resolve_model
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "fedmm" / "data" / "builtin" / "manifest-example"
+FEDMM = str(Path(sys.executable).parent / "fedmm")
+PREP = Preprocessing()
+
+
+def _write(folder: Path, rows: list[dict[str, str]]) -> Path:
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture()
+def site_folder(tmp_path: Path) -> Path:
+    """A site's folder: real PNGs and WAVs from the example, a real sensor series (BasicMotions)."""
+    for sub in ("images", "audio"):
+        shutil.copytree(EXAMPLE / sub, tmp_path / sub)
+    from fedmm.data.sources import _basicmotions
+
+    series = _basicmotions("").pool.features["accelerometer"]
+    (tmp_path / "sensors").mkdir()
+    for i in range(6):
+        np.save(tmp_path / "sensors" / f"s{i}.npy", series[i])
+    return tmp_path
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    images = sorted((folder / "images").glob("*.png"))[:6]
+    wavs = sorted((folder / "audio").glob("*.wav"))[:6]
+    return [
+        {"image": f"images/{img.name}", "audio": f"audio/{wav.name}", "text": f"note {i}", "sensor": f"sensors/s{i}.npy",
+         "tabular:age": str(30 + i), "label": "yes" if i % 2 else "no", "site": "a" if i < 3 else "b"}
+        for i, (img, wav) in enumerate(zip(images, wavs))
+    ]
+
+
+# ------------------------------------------------------------------ good input
+def test_the_shipped_example_loads_with_every_declared_modality() -> None:
+    ds = load_manifest(EXAMPLE / "manifest.csv", PREP)
+
+    assert len(ds) == 180 and ds.schema.classes == tuple(str(d) for d in range(10))
+    assert [(m.name, m.kind) for m in ds.schema.modalities] == [
+        ("image", ModalityKind.IMAGE), ("audio", ModalityKind.AUDIO), ("text", ModalityKind.TEXT), ("tabular", ModalityKind.TABULAR)
+    ]
+    counts = ds.counts()
+    assert counts["per_modality"] == {"image": 169, "audio": 162, "text": 180, "tabular": 180}  # empty cells = absent
+    absent_audio = ~ds.present[:, 1]
+    assert (ds.features["audio"][absent_audio] == 0).all()  # zeros, *and* flagged absent
+    assert set(ds.groups["site"]) == {"george", "jackson", "theo"}
+
+
+def test_every_modality_column_kind_loads_from_raw_files(site_folder: Path) -> None:
+    rows = _rows(site_folder)
+    rows[0]["image:side"] = rows[1]["image"]
+    for r in rows[1:]:
+        r["image:side"] = ""
+    ds = load_manifest(_write(site_folder, rows), PREP)
+
+    assert ds.schema.names == ("image", "audio", "text", "sensor", "image:side", "tabular")
+    assert ds.features["image"].shape == (6, 1, 28, 28) and ds.features["image"].min() >= -1.0
+    assert ds.features["audio"].shape == (6, 1, 32, 63)
+    assert ds.features["text"].dtype == np.int64 and (ds.features["text"][:, :2] > 0).all()
+    assert ds.features["sensor"].shape == (6, 3, 100)
+    assert ds.features["tabular"][:, 0].tolist() == [30, 31, 32, 33, 34, 35]
+    assert ds.present[:, 4].tolist() == [True] + [False] * 5
+    assert ds.label.tolist() == [0, 1, 0, 1, 0, 1] and ds.schema.classes == ("no", "yes")
+
+
+def test_parquet_manifest_gives_the_same_data(site_folder: Path) -> None:
+    import pandas as pd
+
+    rows = _rows(site_folder)
+    csv_ds = load_manifest(_write(site_folder, rows), PREP)
+    pd.DataFrame(rows).to_parquet(site_folder / "manifest.parquet")
+    pq_ds = load_manifest(site_folder / "manifest.parquet", PREP)
+
+    assert all(np.array_equal(csv_ds.features[k], pq_ds.features[k]) for k in csv_ds.schema.names)
+
+
+def test_preprocessing_options_rgb_resize_mfcc_resample(site_folder: Path) -> None:
+    png = next((site_folder / "images").glob("*.png"))
+    assert load_image(png, Preprocessing(image_mode="RGB", image_size=32)).shape == (3, 32, 32)
+    wav = next((site_folder / "audio").glob("*.wav"))
+    samples, rate = sf.read(wav, dtype="float32")
+    up = site_folder / "16k.wav"
+    sf.write(up, np.repeat(samples, 2), 16_000)
+    assert load_audio(up, Preprocessing(audio_resample=True)).shape == (8000,)
+    ds_mfcc = load_manifest(_write(site_folder, _rows(site_folder)), Preprocessing(audio_features="mfcc"))
+    assert ds_mfcc.schema.modality("audio").shape == (1, 20, 63) and ds_mfcc.schema.modality("audio").representation == "mfcc"
+
+
+def test_text_hashing_needs_no_shared_vocabulary() -> None:
+    a, b = tokenize("Chest pain, no fever", PREP), tokenize("chest   PAIN no fever!", PREP)
+
+    assert np.array_equal(a, b) and a.shape == (32,) and (a[:7] > 0).all() and (a[7:] == 0).all()  # 4 words + 3 bigrams
+    assert ((a >= 0) & (a < PREP.text_buckets)).all()
+
+
+# ------------------------------------------------------------------ bad input (real broken files)
+def _break(folder: Path, kind: str, rows: list[dict[str, str]]) -> tuple[str, str]:
+    """Break row 3 (index 1) in one way; return (expected reason, text the error must name)."""
+    r = rows[1]
+    if kind == "missing file":
+        r["image"] = "images/nope.png"
+        return SkipReason.MISSING_FILE, "nope.png"
+    if kind == "undecodable image":
+        bad = folder / "images" / "truncated.png"
+        bad.write_bytes((folder / rows[0]["image"]).read_bytes()[:40])
+        r["image"] = "images/truncated.png"
+        return SkipReason.UNDECODABLE_IMAGE, "truncated.png"
+    if kind == "undecodable audio":
+        bad = folder / "audio" / "text.wav"
+        bad.write_text("this is not audio")
+        r["audio"] = "audio/text.wav"
+        return SkipReason.UNDECODABLE_AUDIO, "text.wav"
+    if kind == "sample rate":
+        samples, _ = sf.read(folder / rows[0]["audio"], dtype="int16")
+        sf.write(folder / "audio" / "44k.wav", samples, 44_100)
+        r["audio"] = "audio/44k.wav"
+        return SkipReason.SAMPLE_RATE, "44100 Hz"
+    if kind == "nan sensor":
+        series = np.load(folder / rows[0]["sensor"])
+        series[1, 5] = np.nan
+        np.save(folder / "sensors" / "nan.npy", series)
+        r["sensor"] = "sensors/nan.npy"
+        return SkipReason.NON_FINITE, "nan.npy"
+    if kind == "wrong channels":
+        np.save(folder / "sensors" / "one.npy", np.zeros(100, np.float32))
+        r["sensor"] = "sensors/one.npy"
+        return SkipReason.WRONG_SHAPE, "1 channels"
+    if kind == "unknown label":
+        r["label"] = "maybe"
+        return SkipReason.UNKNOWN_LABEL, "'maybe'"
+    if kind == "missing label":
+        r["label"] = ""
+        return SkipReason.MISSING_LABEL, "no label"
+    if kind == "bad number":
+        r["tabular:age"] = "thirty"
+        return SkipReason.BAD_NUMBER, "'thirty'"
+    raise AssertionError(kind)
+
+
+BREAKS = ["missing file", "undecodable image", "undecodable audio", "sample rate", "nan sensor", "wrong channels", "unknown label", "missing label", "bad number"]
+
+
+@pytest.mark.parametrize("kind", BREAKS)
+def test_strict_names_row_column_and_file_lenient_counts_the_skip(kind: str, site_folder: Path) -> None:
+    rows = _rows(site_folder)
+    reason, named = _break(site_folder, kind, rows)
+    path = _write(site_folder, rows)
+    classes = ("no", "yes")
+
+    with pytest.raises(DataError) as caught:
+        load_manifest(path, PREP, classes=classes)
+    message = str(caught.value)
+    assert "row 3" in message and named in message and "Fix:" in message
+
+    ds = load_manifest(path, PREP, classes=classes, lenient=True)
+    assert len(ds) == 5 and ds.skipped == {reason: 1}  # skipped, counted, never silently dropped
+
+
+def test_an_empty_modality_column_and_an_unknown_column_are_refused(site_folder: Path) -> None:
+    rows = _rows(site_folder)
+    for r in rows:
+        r["audio"] = ""
+    with pytest.raises(DataError, match="column 'audio' is empty in every row"):
+        load_manifest(_write(site_folder, rows), PREP, lenient=True)
+    rows = _rows(site_folder)
+    for r in rows:
+        r["imgae"] = r.pop("image")
+    with pytest.raises(DataError, match="unknown column 'imgae'.*did you mean 'image'"):
+        load_manifest(_write(site_folder, rows), PREP)
+
+
+def test_data_check_exits_nonzero_on_a_strict_failure_and_reports_lenient_skips(site_folder: Path) -> None:
+    rows = _rows(site_folder)
+    _break(site_folder, "undecodable audio", rows)
+    path = _write(site_folder, rows)
+    env = dict(os.environ, COLUMNS="200")
+
+    strict = subprocess.run([FEDMM, "data", "check", str(path)], capture_output=True, text=True, env=env, check=False, timeout=120)
+    lenient = subprocess.run([FEDMM, "data", "check", str(path), "--lenient"], capture_output=True, text=True, env=env, check=False, timeout=120)
+
+    assert strict.returncode == 1 and "row 3" in strict.stdout and "text.wav" in strict.stdout
+    assert lenient.returncode == 0 and "undecodable audio" in lenient.stdout and "5 samples usable, 1 skipped" in lenient.stdout
+
+
+# ------------------------------------------------------------------ a deployed site trains on its manifest
+def test_a_site_pointed_at_its_manifest_trains(site_folder: Path) -> None:
+    path = _write(site_folder, _rows(site_folder) * 3)
+    cfg = RunConfig(data=f"manifest:{path}", rounds=2, batch_size=4, classes="no,yes", augment="image:shift,sensor:jitter")
+
+    name, data = site_data({"site": "clinic-a", "data": f"manifest:{path}"}, cfg)
+    model_name = resolve_model(cfg.model, cfg.data)
+    schema = prepare_inputs(model_name, data).schema
+    state = SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
+    update = train_round(
+        cfg=cfg, site=name, data=data, global_weights=build_model(model_name, schema).state_dict(), server_round=1, state=state,
+        expected_schema=schema.to_json(),
+    )
+
+    assert name == "clinic-a" and update.num_examples == 18
+    assert update.privacy is not None and 0 < update.privacy.epsilon <= cfg.target_epsilon
+    # standardised with the site's own statistics
+    assert abs(float(data.features["sensor"].mean())) < 1e-4
+
+
+def test_a_site_whose_data_differs_from_the_model_is_refused(site_folder: Path) -> None:
+    from fedmm.errors import FederationError
+
+    path = _write(site_folder, _rows(site_folder))
+    cfg = RunConfig(data=f"manifest:{path}", rounds=1)
+    name, data = site_data({"site": "x", "data": f"manifest:{path}"}, cfg)
+    other = prepare_inputs("concat", load_manifest(EXAMPLE / "manifest.csv", PREP)).schema
+    with pytest.raises(FederationError, match="the server's model expects"):
+        train_round(cfg=cfg, site=name, data=data, global_weights={}, server_round=1,
+                    state=SiteState(plan=None, accountant=SiteAccountant(cfg.accountant)), expected_schema=other.to_json())
+
+
+def test_sensor_loader_pads_and_trims(tmp_path: Path) -> None:
+    np.save(tmp_path / "long.npy", np.ones((2, 150), np.float32))
+    np.save(tmp_path / "short.npy", np.ones((2, 50), np.float32))
+
+    assert load_sensor(tmp_path / "long.npy", PREP, channels=2).shape == (2, 100)
+    short = load_sensor(tmp_path / "short.npy", PREP, channels=None)
+    assert short.shape == (2, 100) and (short[:, 50:] == 0).all()
+
+
+def test_image_modes_decode_real_rgb_pngs(tmp_path: Path) -> None:
+    rgb = np.zeros((40, 20, 3), np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(tmp_path / "red.png")
+
+    out = load_image(tmp_path / "red.png", Preprocessing(image_mode="RGB", image_size=16))
+    assert out.shape == (3, 16, 16) and np.allclose(out[0], 1.0) and np.allclose(out[1:], -1.0)
