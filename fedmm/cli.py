@@ -147,12 +147,21 @@ def simulate(
 
 
 def _federation(cfg: RunConfig) -> Any:
+    """Load and split the data as the sites will, and check the model and augmentation fit it."""
+    from fedmm.data.augment import Augmenter, parse_augment
     from fedmm.data.partition import FederationPlan, build_federation
     from fedmm.data.preprocess import Preprocessing
     from fedmm.data.sources import load_source
+    from fedmm.models import prepare_inputs, resolve_model
 
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
-    return build_federation(source, FederationPlan.from_config(cfg))
+    federation = build_federation(source, FederationPlan.from_config(cfg))
+    schema = prepare_inputs(resolve_model(cfg.model, cfg.data), source.test).schema
+    Augmenter(schema, parse_augment(cfg.augment), seed=0)
+    weights = cfg.fixed_class_weights()
+    if weights is not None and len(weights) != schema.num_classes:
+        raise ConfigError("class-weights", f"has {len(weights)} weights for {schema.num_classes} classes {list(schema.classes)}", value=cfg.class_weights, fix="give one weight per class, in class order")
+    return federation
 
 
 def _counts_table(title: str, rows: dict[str, dict[str, Any]], classes: tuple[str, ...], modalities: tuple[str, ...]) -> Table:

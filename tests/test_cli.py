@@ -33,3 +33,22 @@ def test_too_many_sites_and_a_missing_data_folder_exit_2() -> None:
 
     assert too_many.exit_code == 2 and "'sites'" in too_many.output and "7" in too_many.output
     assert missing.exit_code == 2 and "/no/such/folder" in missing.output
+
+
+def test_augmentation_or_model_that_do_not_fit_the_data_exit_2_before_flower() -> None:
+    wrong_kind = CliRunner().invoke(app, ["simulate", "--set", "augment=sensor:jitter"])
+    geometric = CliRunner().invoke(app, ["simulate", "--set", "augment=image:rotate"])  # avmnist-concat sees scattering maps
+    wrong_model = CliRunner().invoke(app, ["simulate", "--set", "data=basicmotions", "--set", "sites=4", "--set", "model=avmnist-concat"])
+
+    assert wrong_kind.exit_code == 2 and "augment" in wrong_kind.output
+    assert geometric.exit_code == 2 and "pixels" in geometric.output
+    assert wrong_model.exit_code == 2 and "avmnist-concat" in wrong_model.output
+
+
+def test_data_split_prints_per_site_counts() -> None:
+    result = CliRunner().invoke(
+        app, ["data", "split", "--set", "data=synthetic:300", "--set", "partitioner=pathological", "--set", "sites=3"], env={"COLUMNS": "200"}
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "SYNTHETIC" in result.output and "site-2" in result.output and "held by no site" in result.output

@@ -228,7 +228,7 @@ def _load_row(
             fix="correct the label, or add it to the run config's 'classes'",
         )
     if cols.has_split and row["split"] not in ("", "train", "test"):
-        raise SampleError(where, f"split {row['split']!r} is neither 'train' nor 'test'", reason=SkipReason.UNKNOWN_LABEL, fix="use train or test")
+        raise SampleError(where, f"split {row['split']!r} is neither 'train' nor 'test'", reason=SkipReason.BAD_SPLIT, fix="use train or test, or leave it empty (train)")
     sample: dict[str, object] = {"label": class_index[label], "id": where.rsplit(": ", 1)[1]}
     anything = False
     for col, kind in cols.modalities:

@@ -62,6 +62,7 @@ class SkipReason:
     MISSING_LABEL = "missing label"
     NO_MODALITY = "no modality present"
     BAD_NUMBER = "not a number"
+    BAD_SPLIT = "bad split value"
 
 
 class SampleError(DataError):
