@@ -105,7 +105,7 @@ def simulate(
     try:
         values = {**_load_preset(preset), **parse_overrides(set_ or [])}
         cfg = RunConfig.from_run_config(values)
-        cfg = cfg.replace(run_name=cfg.run_name or new_run_id())
+        cfg = cfg.replace(run_name=cfg.run_name or new_run_id(), data=_absolute_data(cfg.data))
         federation = _federation(cfg)  # bad data or a bad split fails here, before Flower starts
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}")
@@ -144,6 +144,18 @@ def simulate(
         console.print(f"full log: {outcome.log_file}")
         raise typer.Exit(1)
     _print_summary(outcome.run_dir)
+
+
+def _absolute_data(spec: str) -> str:
+    """Make a relative data path absolute: Flower's processes do not share this working folder.
+
+    >>> _absolute_data("avmnist"), _absolute_data("synthetic:100"), _absolute_data("manifest:/srv/m.csv")
+    ('avmnist', 'synthetic:100', 'manifest:/srv/m.csv')
+    """
+    name, sep, location = spec.partition(":")
+    if not sep or name == "synthetic" or not location:
+        return spec
+    return f"{name}:{Path(location).expanduser().resolve()}"
 
 
 def _federation(cfg: RunConfig) -> Any:

@@ -160,7 +160,7 @@ def train(
                         if dp.grad_sample_mode is GradSampleMode.GHOST:
                             p.grad = torch.zeros_like(p)
                         else:
-                            p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)
+                            p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)  # type: ignore[attr-defined]
                 optimizer.step()
                 continue
             if augmenter is not None:
