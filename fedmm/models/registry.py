@@ -138,8 +138,10 @@ def encoder_for(m: Modality, width: int = 64) -> nn.Module:
         return ScatteringImageEncoder(channels=m.shape[0], groups=m.shape[0] // 3, out_features=width)
     if m.kind is ModalityKind.AUDIO:
         return PooledSpectrogramEncoder(pool=(min(16, m.shape[1]), min(16, m.shape[2])), out_features=width)
-    if m.kind is ModalityKind.TEXT:
+    if m.kind is ModalityKind.TEXT and m.representation == "tokens":
         return HashedTextEncoder(buckets=m.vocab, out_features=width)
+    if m.representation == "embedding":  # frozen pretrained embeddings: a linear projection
+        return TabularEncoder(width=m.shape[0], out_features=width)
     if m.kind is ModalityKind.SENSOR:
         return SensorEncoder(channels=m.shape[0], out_features=width)
     return TabularEncoder(width=m.shape[0], out_features=width)
