@@ -116,9 +116,8 @@ def simulate(
     if len(federation.names) != cfg.sites:
         console.print(f"[red]error:[/red] the federation has {len(federation.names)} sites, sites={cfg.sites}. Fix: set sites={len(federation.names)}")
         raise typer.Exit(2)
-    skipped = sum(sum(ds.skipped.values()) for ds in federation.sites[:1])
-    if skipped:
-        console.print(f"lenient: {dict(federation.sites[0].skipped)} rows skipped (see `fedmm data check`)")
+    if federation.skipped:
+        console.print(f"lenient: skipped {federation.skipped} (see `fedmm data check`)")
     console.print(f"fedmm: simulating {cfg.sites} sites x {cfg.rounds} rounds, dp={cfg.dp}, data={cfg.data} (run {cfg.run_name})")
 
     shown: set[str] = set()
@@ -168,7 +167,7 @@ def _federation(cfg: RunConfig) -> Any:
 
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
-    schema = prepare_inputs(resolve_model(cfg.model, cfg.data), source.test).schema
+    schema = prepare_inputs(resolve_model(cfg.model, cfg.data), source.require_test()).schema
     Augmenter(schema, parse_augment(cfg.augment), seed=0)
     weights = cfg.fixed_class_weights()
     if weights is not None and len(weights) != schema.num_classes:

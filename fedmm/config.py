@@ -59,7 +59,7 @@ class RunConfig:
     model: str = "auto"  # auto: avmnist-concat on AV-MNIST, concat on anything else
     local_epochs: int = 1
     batch_size: int = 64
-    learning_rate: float = 0.5
+    learning_rate: float | None = None  # None ("auto"): the model's tuned rate (fedmm.models)
     momentum: float = 0.0
     dp: bool = True
     target_epsilon: float = 8.0
@@ -106,7 +106,8 @@ class RunConfig:
         _at_least("sites", self.sites, 1, "use at least one site")
         _at_least("local-epochs", self.local_epochs, 1, "train at least one epoch a round")
         _at_least("batch-size", self.batch_size, 1, "use a batch size of at least 1, e.g. 32")
-        _positive("learning-rate", self.learning_rate, "e.g. learning-rate=0.5")
+        if self.learning_rate is not None:
+            _positive("learning-rate", self.learning_rate, "e.g. learning-rate=0.5, or 'auto'")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum", "must be in [0, 1)", value=self.momentum, fix="e.g. momentum=0.9")
         _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
@@ -217,7 +218,7 @@ class RunConfig:
 def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
     """Check and convert one raw value to the field's declared type."""
     kind = field.type
-    if field.name == "noise_multiplier":
+    if field.name in ("noise_multiplier", "learning_rate"):
         if isinstance(raw, str) and raw.strip().lower() == AUTO:
             return None
         kind = "float"

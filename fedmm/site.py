@@ -6,6 +6,7 @@ ClientApp only translates Flower messages to and from :func:`train_round`.
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from collections.abc import Mapping
@@ -18,9 +19,9 @@ from fedmm.config import RunConfig
 from fedmm.data.augment import Augmenter, parse_augment
 from fedmm.data.schema import MultimodalDataset, Schema
 from fedmm.errors import BudgetExceededError, ConfigError, FederationError, PrivacyError
-from fedmm.models import build_model, prepare_inputs, resolve_model
+from fedmm.models import build_model, default_learning_rate, prepare_inputs, resolve_model
 from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
-from fedmm.training import DPSettings, balanced_class_weights, steps_per_epoch, train
+from fedmm.training import DPSettings, balanced_class_weights, poisson_steps_per_epoch, steps_per_epoch, train
 
 __all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_data", "train_round"]
 
@@ -72,9 +73,8 @@ def plan_site(cfg: RunConfig, num_examples: int) -> SitePlan:
     With ``noise-multiplier = "auto"`` the noise is calibrated so that after
     ``rounds`` rounds the site's epsilon is at most ``target-epsilon``.
     """
-    per_epoch = steps_per_epoch(num_examples, cfg.batch_size)
-    sample_rate = 1.0 / per_epoch
-    steps_per_round = cfg.local_epochs * per_epoch
+    sample_rate = 1.0 / steps_per_epoch(num_examples, cfg.batch_size)
+    steps_per_round = cfg.local_epochs * poisson_steps_per_epoch(num_examples, cfg.batch_size)
     total_steps = cfg.rounds * steps_per_round
     noise = cfg.noise_multiplier
     if noise is None:
@@ -154,7 +154,8 @@ def train_round(
     if cfg.class_weights.strip() == "balanced":  # RunConfig refuses this with dp=true
         weights = balanced_class_weights(arrays.label, arrays.schema.num_classes)
     loss = train(
-        model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate if cfg.learning_rate is not None else default_learning_rate(model_name),
         momentum=cfg.momentum, seed=round_seed, dp=dp, augmenter=augmenter, class_weights=weights,
         balanced_sampler=cfg.balanced_sampler,
     )
@@ -166,6 +167,13 @@ def train_round(
         # The history now is exactly the one the budget check evaluated: reuse its epsilon.
         report = state.accountant.report(cfg.target_delta, epsilon=projected)
     return SiteUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, len(arrays), loss, report)
+
+
+@functools.lru_cache(maxsize=2)
+def _site_data_cache(source: object, dp: bool) -> MultimodalDataset:
+    from fedmm.data.preprocess import standardise_site
+
+    return standardise_site(source.pool, site_statistics=not dp)  # type: ignore[attr-defined]
 
 
 def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, MultimodalDataset]:
@@ -181,7 +189,7 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, M
     'jackson'
     """
     from fedmm.data.partition import FederationPlan, build_federation
-    from fedmm.data.preprocess import Preprocessing, standardise_site
+    from fedmm.data.preprocess import Preprocessing
     from fedmm.data.sources import load_source
 
     prep = Preprocessing.from_config(cfg)
@@ -189,7 +197,9 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, M
         spec = str(node_config[protocol.NODE_DATA])
         source = load_source(spec, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=0.0)
         name = str(node_config.get(protocol.NODE_SITE, spec))
-        return name, standardise_site(source.pool)
+        if len(source.pool) == 0:
+            raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
+        return name, _site_data_cache(source, cfg.dp)
     source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
     if protocol.NODE_SITE in node_config:

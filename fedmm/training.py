@@ -31,7 +31,7 @@ from fedmm.data.augment import Augmenter
 from fedmm.data.schema import MultimodalDataset
 from fedmm.privacy.accounting import SiteAccountant
 
-__all__ = ["DPSettings", "WeightedCrossEntropy", "balanced_class_weights", "steps_per_epoch", "make_dataset", "train", "evaluate"]
+__all__ = ["DPSettings", "WeightedCrossEntropy", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "train", "evaluate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,8 +45,19 @@ class DPSettings:
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Optimizer steps per epoch; with Poisson sampling the sample rate is its inverse (as in Opacus)."""
+    """Batches per epoch, ``ceil(n / batch)``; with Poisson sampling the sample rate is its inverse (as in Opacus)."""
     return max(1, math.ceil(num_examples / batch_size))
+
+
+def poisson_steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """The DP-SGD steps Opacus' Poisson loader really takes per epoch: ``int(1 / sample_rate)``
+    with ``sample_rate = 1 / ceil(n / batch)``. Floating point makes it one less than
+    ``ceil(n / batch)`` for some sizes, and the plan must count what is taken.
+
+    >>> steps_per_epoch(93, 1), poisson_steps_per_epoch(93, 1)
+    (93, 92)
+    """
+    return int(1 / (1 / steps_per_epoch(num_examples, batch_size)))
 
 
 def make_dataset(ds: MultimodalDataset) -> TensorDataset:

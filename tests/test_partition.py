@@ -153,3 +153,19 @@ def test_weighted_loss_of_one_record_does_not_depend_on_its_batch() -> None:
     assert torch.allclose(alone, together[:1])
     mean = WeightedCrossEntropy(torch.tensor([1.0, 3.0]))
     assert torch.allclose(mean(logits, torch.tensor([1, 0, 0])), together.mean())
+
+
+def test_impossible_partitions_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="classes-per-site"):
+        partition_indices(POOL.subset(range(100)), FederationPlan(partitioner="pathological", sites=3, classes_per_site=11), None)
+
+
+def test_site_and_sample_losses_never_leave_a_sample_empty() -> None:
+    site = POOL.subset(range(300))
+    only_first = site.present.copy()
+    only_first[:150, 1:] = False  # half the samples have only the image
+    site = site.replace(present=only_first)
+
+    degraded, note = degrade_site(site, FederationPlan(missing_modality_site_p=0.9, missing_modality_sample_p=0.6, seed=11), 2)
+
+    assert degraded.present.any(axis=1).all()

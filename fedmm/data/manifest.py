@@ -158,7 +158,8 @@ def _load_manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], le
         raise DataError(path, "no row has a label", fix="fill the 'label' column")
     class_index = {c: i for i, c in enumerate(class_list)}
 
-    sensor_channels: dict[str, int | None] = {col: None for col, kind in cols.modalities if kind is ModalityKind.SENSOR}
+    # channels of each sensor column, fixed by the first *accepted* row that has it (and that row)
+    sensor_channels: dict[str, tuple[int, str] | None] = {col: None for col, kind in cols.modalities if kind is ModalityKind.SENSOR}
     kept: list[dict[str, object]] = []
     for number, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet shows it
         where = f"{path}: row {number}"
@@ -177,7 +178,8 @@ def _load_manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], le
     for col, kind in cols.modalities:
         present = np.array([sample[col] is not None for sample in kept])
         if kind is ModalityKind.SENSOR:
-            m = prep.modality(col, kind, channels=sensor_channels[col] or 1)
+            fixed = sensor_channels[col]
+            m = prep.modality(col, kind, channels=fixed[0] if fixed else 1)
         else:
             m = prep.modality(col, kind)
         if kind is ModalityKind.TEXT:
@@ -224,7 +226,7 @@ def _group_names(cols: ManifestColumns) -> list[str]:
 
 def _load_row(
     row: dict[str, str], cols: ManifestColumns, folder: Path, prep: Preprocessing,
-    class_index: dict[str, int], sensor_channels: dict[str, int | None], where: str,
+    class_index: dict[str, int], sensor_channels: dict[str, tuple[int, str] | None], where: str,
 ) -> dict[str, object]:
     label = row["label"]
     if not label:
@@ -250,8 +252,11 @@ def _load_row(
             elif kind is ModalityKind.AUDIO:
                 sample[col] = load_audio(folder / cell, prep)
             elif kind is ModalityKind.SENSOR:
-                series = load_sensor(folder / cell, prep, channels=sensor_channels[col])
-                sensor_channels[col] = series.shape[0]
+                fixed = sensor_channels[col]
+                series = load_sensor(
+                    folder / cell, prep, channels=fixed[0] if fixed else None,
+                    set_by=f"the first accepted row ({fixed[1]}) has" if fixed else "",
+                )
                 sample[col] = series
             else:
                 sample[col] = cell  # tokenized or embedded for all rows at once, below
@@ -278,5 +283,10 @@ def _load_row(
             anything = True
     if not anything:
         raise SampleError(where, "has no modality (every modality cell is empty)", reason=SkipReason.NO_MODALITY, fix="fill at least one modality, or remove the row")
+    if cols.has_site and not row["site"]:
+        raise SampleError(where, "has an empty 'site' cell", reason=SkipReason.MISSING_SITE, fix="name the site that holds the row")
+    for col, kind in cols.modalities:  # the row is accepted: it may fix a sensor column's channels
+        if kind is ModalityKind.SENSOR and sample[col] is not None and sensor_channels[col] is None:
+            sensor_channels[col] = (sample[col].shape[0], where.rsplit(": ", 1)[1])  # type: ignore[attr-defined]
     sample["groups"] = {name: row[name] for name in _group_names(cols)}
     return sample

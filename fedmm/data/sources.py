@@ -38,9 +38,18 @@ class Source:
     """A loaded data source: the training pool, the test set, and its natural grouping."""
 
     name: str
-    pool: MultimodalDataset
-    test: MultimodalDataset
+    pool: MultimodalDataset  # may be empty: a manifest whose rows are all split=test
+    test: MultimodalDataset | None  # None: nothing held out (a deployed site's own data)
     natural_by: str | None  # the group column that names natural sites
+
+    def require_test(self) -> MultimodalDataset:
+        """The held-out set for the server's evaluation, or a ConfigError saying how to get one."""
+        if self.test is None or len(self.test) == 0:
+            raise ConfigError(
+                "test-fraction", f"nothing of {self.name} is held out for the server's evaluation", value=0,
+                fix="mark some manifest rows split=test, or set test-fraction > 0 (e.g. 0.2)",
+            )
+        return self.test
 
     @property
     def schema(self) -> Schema:
@@ -88,7 +97,6 @@ def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenie
 
 
 def _basicmotions(location: str) -> Source:
-    from fedmm.data.preprocess import standardise_site
     from fedmm.data.schema import Modality
     from fedmm.data.sensors import BASICMOTIONS_MODALITIES, load_basicmotions
 
@@ -107,30 +115,25 @@ def _basicmotions(location: str) -> Source:
     def dataset(series: object, split: str) -> MultimodalDataset:
         values = series.values  # type: ignore[attr-defined]
         n = values.shape[0]
-        data = MultimodalDataset(
+        return MultimodalDataset(
             schema, {m: np.ascontiguousarray(values[:, s]) for m, s in BASICMOTIONS_MODALITIES.items()},
             np.ones((n, len(schema.modalities)), dtype=bool), series.label_ids, {}, tuple(f"{split}-{i}" for i in range(n)),  # type: ignore[attr-defined]
         )
-        # Sites standardise their own data (fedmm.data.partition); the server its test set.
-        return standardise_site(data) if split == "test" else data
 
     return Source("basicmotions", dataset(train, "train"), dataset(test, "test"), None)
 
 
 def _manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float) -> Source:
     from fedmm.data.manifest import load_manifest
-    from fedmm.data.preprocess import standardise_site
 
     rows = load_manifest(path, prep, classes=classes, lenient=lenient)
     if "split" in rows.groups and (rows.groups["split"] == "test").any():
         test_rows = rows.groups["split"] == "test"
     else:
-        # No split column: hold out a seeded fraction for the server's evaluation.
+        # No test rows: hold out a seeded fraction for the server's evaluation (none at a deployed site).
         rng = np.random.default_rng(0)
         test_rows = np.zeros(len(rows), dtype=bool)
         test_rows[rng.permutation(len(rows))[: int(round(test_fraction * len(rows)))]] = True
     pool = rows.subset(np.flatnonzero(~test_rows))
-    if len(pool) == 0:
-        raise DataError(path, "no training rows (every row is split=test)", fix="mark some rows split=train")
-    test = standardise_site(rows.subset(np.flatnonzero(test_rows))) if test_rows.any() else standardise_site(pool)
+    test = rows.subset(np.flatnonzero(test_rows)) if test_rows.any() else None
     return Source("manifest", pool, test, "site" if "site" in rows.groups else None)
