@@ -12,10 +12,12 @@ Exit codes: 0 success, 1 failed run or bad data, 2 bad configuration.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tomllib
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import numpy as np
@@ -25,7 +27,7 @@ from rich.table import Table
 
 from fedmm.artifacts import new_run_id
 from fedmm.config import RunConfig
-from fedmm.errors import ConfigError, DataError, FedMMError
+from fedmm.errors import ConfigError, FedMMError
 
 __all__ = ["app", "main", "parse_overrides"]
 
@@ -39,6 +41,19 @@ _MARK = "[fedmm] "
 @app.callback()
 def _root() -> None:
     """fedmm: private multimodal federated learning on Flower and Opacus."""
+
+
+@contextlib.contextmanager
+def _exit_on_error() -> Iterator[None]:
+    """Print a fedmm error and exit: 2 for configuration, 1 for data and anything else."""
+    try:
+        yield
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except FedMMError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -102,17 +117,11 @@ def simulate(
     """Run a federated simulation offline and write runs/<run-id>/."""
     from fedmm.simulation import run_simulation  # imported late: keeps `fedmm --help` fast
 
-    try:
+    with _exit_on_error():
         values = {**_load_preset(preset), **parse_overrides(set_ or [])}
         cfg = RunConfig.from_run_config(values)
         cfg = cfg.replace(run_name=cfg.run_name or new_run_id(), data=_absolute_data(cfg.data))
         federation = _federation(cfg)  # bad data or a bad split fails here, before Flower starts
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
-    except FedMMError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
     if len(federation.names) != cfg.sites:
         console.print(f"[red]error:[/red] the federation has {len(federation.names)} sites, sites={cfg.sites}. Fix: set sites={len(federation.names)}")
         raise typer.Exit(2)
@@ -202,15 +211,9 @@ def data_check(
     from fedmm.data.manifest import load_manifest
     from fedmm.data.preprocess import Preprocessing
 
-    try:
+    with _exit_on_error():
         cfg = RunConfig.from_run_config(parse_overrides(set_ or []))
         ds = load_manifest(manifest, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=lenient)
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
-    except DataError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
     schema = ds.schema
     mods = Table(title=f"{manifest}: {len(ds)} samples")
     for column in ("modality", "kind", "shape", "present", "missing"):
@@ -242,15 +245,9 @@ def data_split(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a run-config key: --set partitioner=dirichlet")] = None,
 ) -> None:
     """Show how the configured simulated federation splits the data across sites."""
-    try:
+    with _exit_on_error():
         cfg = RunConfig.from_run_config({**_load_preset(preset), **parse_overrides(set_ or [])})
         federation = _federation(cfg)
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
-    except FedMMError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
     summary = federation.summary()
     schema = federation.sites[0].schema
     title = f"{cfg.data}: {federation.partitioner} partition into {len(federation.names)} sites (seed {cfg.seed})"
