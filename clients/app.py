@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
+from fedmm.models import layout_fingerprint
 from fedmm.site import SiteState, site_data, train_round
 from fedmm.privacy.accounting import SiteAccountant
 
@@ -49,6 +50,7 @@ def train(msg: Message, context: Context) -> Message:
             ),
         }
     )
+    content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: layout_fingerprint(update.state_dict)})
     if report is not None:
         content[protocol.PRIVACY] = ConfigRecord(
             {

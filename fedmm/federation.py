@@ -89,7 +89,7 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
 class FedMMAvg(FedAvg):
     """FedAvg that fails closed on site errors and keeps per-site privacy reports."""
 
-    def __init__(self, *, dp: bool, sites: int) -> None:
+    def __init__(self, *, dp: bool, sites: int, layout: str | None = None) -> None:
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
             weighted_by_key=protocol.NUM_EXAMPLES,
@@ -97,6 +97,7 @@ class FedMMAvg(FedAvg):
             train_metrics_aggr_fn=aggregate_train_metrics,
         )
         self.dp = dp
+        self.layout = layout  # the server model's layout fingerprint; None: not checked
         self.site_privacy: dict[str, SitePrivacy] = {}
         self.last_train_metrics: dict[str, float] = {}
         self.sites_last_round: int = 0
@@ -110,6 +111,16 @@ class FedMMAvg(FedAvg):
             raise FederationError(f"round {server_round}: {len(failed)} of {len(replies)} sites failed ({reasons})")
         if not replies:
             raise FederationError(f"round {server_round}: no site replied; check that the sites are connected")
+        if self.layout is not None:
+            for reply in replies:
+                record = reply.content.config_records.get(protocol.MODEL)
+                got = record.get(protocol.LAYOUT) if record is not None else None
+                if got != self.layout:
+                    raise FederationError(
+                        f"round {server_round}: node {reply.metadata.src_node_id} sent an update with model layout {got!r}, "
+                        f"the server's model has {self.layout!r}; refusing to average mismatched weights. "
+                        "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
+                    )
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is None or metrics is None:
             raise FederationError(f"round {server_round}: the replies could not be aggregated (see the log above)")

@@ -43,3 +43,7 @@ NODE_DATA = "data"  # deployment: the site's own data source, e.g. "manifest:/sr
 
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)
 SCHEMA = "schema"
+
+# Reply ConfigRecord describing the model the site trained
+MODEL = "model"
+LAYOUT = "layout"  # fedmm.models.layout_fingerprint of the update's state_dict

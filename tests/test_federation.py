@@ -73,3 +73,18 @@ def test_a_non_finite_epsilon_is_refused(bad: float) -> None:
 
     with pytest.raises(FederationError, match="'epsilon'"):
         strategy.aggregate_train(1, replies)
+
+
+def test_an_update_with_another_model_layout_is_refused() -> None:
+    from fedmm.models import layout_fingerprint
+
+    mine = layout_fingerprint({"w": torch.zeros(2)})
+    strategy = FedMMAvg(dp=True, sites=2, layout=mine)
+    good, odd = _site_reply(1, "a", np.ones(2), 10, 1.0, 1.0), _site_reply(2, "b", np.ones(2), 10, 1.0, 1.0)
+    good.content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: mine})
+    odd.content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: layout_fingerprint({"w": torch.zeros(3)})})
+
+    with pytest.raises(FederationError, match="node 2 sent an update with model layout"):
+        strategy.aggregate_train(1, [good, odd])
+    arrays, _ = FedMMAvg(dp=True, sites=1, layout=mine).aggregate_train(1, [good])
+    assert arrays is not None

@@ -89,7 +89,7 @@ def _reference_clipped_mean(model: nn.Module, arrays: MultimodalDataset, max_gra
     return [t / len(arrays) for t in total], norms
 
 
-@pytest.mark.parametrize("name", ["avmnist-concat", "concat"])
+@pytest.mark.parametrize("name", ["avmnist-concat", "concat", "gated", "late", "attention"])
 @pytest.mark.parametrize("mode", [GradSampleMode.GHOST, GradSampleMode.HOOKS])
 def test_dp_update_equals_per_sample_clipped_gradients(mode: GradSampleMode, name: str, site: MultimodalDataset, synthetic: MultimodalDataset) -> None:
     # A batch that holds every sample (sample rate 1) and negligible noise make the
@@ -109,18 +109,24 @@ def test_dp_update_equals_per_sample_clipped_gradients(mode: GradSampleMode, nam
 
     assert min(norms) > max_grad_norm  # every sample really was clipped
     updates = [(b - p.detach()) / lr for b, p in zip(before, model.parameters())]
-    for update, e in zip(updates, expected):
-        # per tensor: small tensors (a 4096-row embedding touched by a few tokens) carry float32 round-off
-        assert float((update - e).norm() / e.norm()) <= 1e-4
     flat_update, flat_expected = torch.cat([u.flatten() for u in updates]), torch.cat([e.flatten() for e in expected])
+    for update, e in zip(updates, expected):
+        # per tensor: small tensors (a 4096-row embedding touched by a few tokens) carry float32 round-off;
+        # tensors whose true gradient is ~0 (attention's key bias: softmax is shift-invariant) are left to the global check
+        if float(e.norm()) > 1e-6 * float(flat_expected.norm()):
+            assert float((update - e).norm() / e.norm()) <= 1e-4
     assert float((flat_update - flat_expected).norm() / flat_expected.norm()) <= 1e-5
     applied = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, model.parameters())))
     assert float(applied) <= lr * max_grad_norm * (1 + 1e-5)  # the mean of clipped gradients is within the bound
 
 
+GENERIC = ["concat", "gated", "late", "attention"]
+
+
+@pytest.mark.parametrize("name", GENERIC)
 @pytest.mark.parametrize("mode", list(GradSampleMode))
-def test_concat_model_takes_every_modality_kind_under_dp(mode: GradSampleMode, synthetic: MultimodalDataset) -> None:
-    model = build_model("concat", synthetic.schema)
+def test_every_fusion_takes_every_modality_kind_under_dp(mode: GradSampleMode, name: str, synthetic: MultimodalDataset) -> None:
+    model = build_model(name, synthetic.schema)
     accountant = SiteAccountant(AccountantKind.RDP)
 
     loss = train(
@@ -132,8 +138,9 @@ def test_concat_model_takes_every_modality_kind_under_dp(mode: GradSampleMode, s
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
-def test_presence_mask_reaches_the_model(synthetic: MultimodalDataset) -> None:
-    model = build_model("concat", synthetic.schema).eval()
+@pytest.mark.parametrize("name", GENERIC)
+def test_presence_mask_reaches_the_model(name: str, synthetic: MultimodalDataset) -> None:
+    model = build_model(name, synthetic.schema).eval()
     inputs = [torch.from_numpy(np.array(synthetic.features[m][:4])) for m in synthetic.schema.names]
     present = torch.ones(4, len(inputs))
     absent_image = present.clone()

@@ -5,7 +5,7 @@ Every model here passes Opacus' ``ModuleValidator`` as it is.
 
 from fedmm.models.encoders import PooledSpectrogramEncoder, ScatteringImageEncoder
 from fedmm.models.fusion import ConcatFusionNet
-from fedmm.models.registry import ModelSpec, build_model, default_learning_rate, encoder_for, model_names, prepare_inputs, register_model, resolve_model
+from fedmm.models.registry import ModelSpec, build_model, default_learning_rate, encoder_for, layout_fingerprint, model_names, prepare_inputs, register_model, resolve_model
 
 __all__ = [
     "ScatteringImageEncoder",
@@ -19,4 +19,5 @@ __all__ = [
     "resolve_model",
     "encoder_for",
     "default_learning_rate",
+    "layout_fingerprint",
 ]

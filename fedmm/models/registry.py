@@ -13,7 +13,8 @@ loaded), and a check of the schemas it accepts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,11 +32,11 @@ from fedmm.models.encoders import (
     SensorEncoder,
     TabularEncoder,
 )
-from fedmm.models.fusion import ConcatFusionNet
+from fedmm.models.fusion import AttentionFusionNet, ConcatFusionNet, GatedFusionNet, LateFusionNet
 
 __all__ = [
     "ModelSpec", "register_model", "build_model", "prepare_inputs", "model_names", "resolve_model", "encoder_for",
-    "default_learning_rate",
+    "default_learning_rate", "layout_fingerprint",
 ]
 
 
@@ -92,6 +93,21 @@ def default_learning_rate(name: str) -> float:
     (0.5, 0.2)
     """
     return _spec(name).learning_rate
+
+
+def layout_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of a state_dict's layout (names, shapes, dtypes, in order), not its values.
+
+    Sites send it with each update; the server refuses an update whose layout differs
+    from its own model's, rather than averaging mismatched tensors.
+
+    >>> layout_fingerprint({"w": torch.zeros(2, 3)}) == layout_fingerprint({"w": torch.ones(2, 3)})
+    True
+    >>> layout_fingerprint({"w": torch.zeros(2, 3)}) == layout_fingerprint({"w": torch.zeros(3, 2)})
+    False
+    """
+    text = "\n".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in state_dict.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _spec(name: str) -> ModelSpec:
@@ -167,6 +183,13 @@ register_model(
     # 0.2: tuned on BasicMotions and the manifest example (0.5 diverges with the CNN encoders)
     ModelSpec(build=lambda schema: ConcatFusionNet([encoder_for(m) for m in schema.modalities], schema.num_classes), learning_rate=0.2),
 )
+
+
+for _name, _net in (("gated", GatedFusionNet), ("late", LateFusionNet), ("attention", AttentionFusionNet)):
+    register_model(
+        _name,
+        ModelSpec(build=lambda schema, net=_net: net([encoder_for(m) for m in schema.modalities], schema.num_classes), learning_rate=0.2),  # type: ignore[misc]
+    )
 
 
 # ------------------------------------------------------------------ avmnist-concat
