@@ -5,6 +5,7 @@
 - ``model.pt``: the final global model (a torch state_dict);
 - ``summary.json``: the outcome in one object;
 - ``privacy.json``: each site's (epsilon, delta), accountant, noise, sample rate, steps;
+- ``model_card.json``: parameters per modality encoder and per head, DP layer replacements;
 - ``federation.json``: how the data was split (partitioner, seed) and, per site, the
   samples per class and per modality, lost modalities, hidden or flipped labels, skips.
 
@@ -63,6 +64,10 @@ class RunArtifacts:
             handle.write(json.dumps(dict(record)) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+    def save_model_card(self, card: Mapping[str, Any]) -> None:
+        """Write ``model_card.json`` (parameters per encoder and head, DP layer replacements)."""
+        _write_atomic(self.dir / "model_card.json", json.dumps(card, indent=2).encode())
 
     def save_federation(self, summary: Mapping[str, Any]) -> None:
         """Write ``federation.json`` (per-site counts per class and modality)."""

@@ -18,7 +18,7 @@ from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.preprocess import Preprocessing, standardise_site
 from fedmm.data.sources import load_source
 from fedmm.federation import FedMMAvg, make_central_evaluation
-from fedmm.models import build_model, layout_fingerprint, prepare_inputs, resolve_model
+from fedmm.models import build_model, layout_fingerprint, model_card, prepare_inputs, resolve_model
 
 app = ServerApp()
 
@@ -50,7 +50,9 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedmm] no training data here: the sites bring their own")
     model_name = resolve_model(cfg.model, cfg.data)
     schema = prepare_inputs(model_name, test).schema
-    initial = build_model(model_name, schema, seed=cfg.seed).state_dict()
+    model = build_model(model_name, schema, seed=cfg.seed)
+    artifacts.save_model_card(model_card(model_name, model, schema))
+    initial = model.state_dict()
     strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites, layout=layout_fingerprint(initial))
 
     final: dict[str, float] = {}

@@ -67,6 +67,9 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
     assert resolved.rounds == 2 and resolved.sites == 3
     name = resolve_model(resolved.model, resolved.data)
     build_model(name, prepare_inputs(name, load_test(builtin_root())).schema).load_state_dict(torch.load(run_dir / "model.pt"))
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["model"] == "avmnist-concat" and card["parameters"] == 64478 and set(card["encoders"]) == {"image", "audio"}
+    assert card["dp_replacements"] == [] and card["layout_fingerprint"]
     federation = json.loads((run_dir / "federation.json").read_text())
     assert federation["plan"]["partitioner"] == "natural" and list(federation["sites"]) == ["george", "jackson", "lucas"]
     assert all(s["samples"] == 250 and s["per_modality"] == {"image": 250, "audio": 250} for s in federation["sites"].values())

@@ -14,6 +14,7 @@ loaded), and a check of the schemas it accepts.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ from fedmm.models.fusion import AttentionFusionNet, ConcatFusionNet, GatedFusion
 
 __all__ = [
     "ModelSpec", "register_model", "build_model", "prepare_inputs", "model_names", "resolve_model", "encoder_for",
-    "default_learning_rate", "layout_fingerprint",
+    "default_learning_rate", "layout_fingerprint", "model_card",
 ]
 
 
@@ -108,6 +109,41 @@ def layout_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
     """
     text = "\n".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in state_dict.items())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_card(name: str, model: nn.Module, schema: Schema) -> dict[str, object]:
+    """What a run trained: parameters per modality encoder and per head, the layers that
+    are Opacus' DP replacements (for example DPMultiheadAttention for nn.MultiheadAttention),
+    the input schema and the layout fingerprint.
+
+    >>> from fedmm.data.synthetic import make_synthetic
+    >>> schema = make_synthetic(10).schema
+    >>> card = model_card("attention", build_model("attention", schema), schema)
+    >>> card["dp_replacements"], sorted(card["encoders"])[:2]
+    (['attention: DPMultiheadAttention'], ['audio', 'image'])
+    """
+    encoders: dict[str, int] = {}
+    heads: dict[str, int] = {}
+    for child_name, child in model.named_children():
+        count = sum(p.numel() for p in child.parameters())
+        if child_name == "encoders" and isinstance(child, nn.ModuleList):
+            for m, encoder in zip(schema.modalities, child):
+                encoders[m.name] = sum(p.numel() for p in encoder.parameters())
+        else:
+            heads[child_name] = count
+    replaced = [
+        f"{module_name}: {type(module).__name__}" for module_name, module in model.named_modules()
+        if type(module).__module__.startswith("opacus.layers")
+    ]
+    return {
+        "model": name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "encoders": encoders,
+        "fusion_and_heads": heads,
+        "dp_replacements": replaced,
+        "layout_fingerprint": layout_fingerprint(model.state_dict()),
+        "schema": json.loads(schema.to_json()),
+    }
 
 
 def _spec(name: str) -> ModelSpec:
