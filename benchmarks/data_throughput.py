@@ -17,7 +17,6 @@ Target (issue 3): the whole of stage 2 under 30 s on 2 cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import tempfile
@@ -74,12 +73,7 @@ def write_manifest(root: Path, folder: Path) -> Path:
             wav = folder / f"{stem}.wav"
             os.symlink(root / "fsdd" / "recordings" / f"{stem}.wav", wav)
             rows.append({"image": png.name, "audio": wav.name, "text": f"spoken by {speaker}", "label": stem[0], "site": speaker, "split": split})
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return manifest.write_manifest(folder / "manifest.csv", rows)
 
 
 def timed(fn: Callable[[], int], repeats: int) -> tuple[float, int]:

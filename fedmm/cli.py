@@ -173,14 +173,13 @@ def _federation(cfg: RunConfig) -> Any:
     from fedmm.data.preprocess import Preprocessing
     from fedmm.data.sources import load_source
     from fedmm.models import prepare_inputs, resolve_model
+    from fedmm.site import class_weights
 
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
-    schema = prepare_inputs(resolve_model(cfg.model, cfg.data), source.require_test()).schema
-    Augmenter(schema, parse_augment(cfg.augment), seed=0)
-    weights = cfg.fixed_class_weights()
-    if weights is not None and len(weights) != schema.num_classes:
-        raise ConfigError("class-weights", f"has {len(weights)} weights for {schema.num_classes} classes {list(schema.classes)}", value=cfg.class_weights, fix="give one weight per class, in class order")
+    test = prepare_inputs(resolve_model(cfg.model, cfg.data), source.require_test())
+    Augmenter(test.schema, parse_augment(cfg.augment), seed=0)
+    class_weights(cfg, test)
     return federation
 
 

@@ -23,7 +23,7 @@ from fedmm.models import build_model, default_learning_rate, prepare_inputs, res
 from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
 from fedmm.training import DPSettings, balanced_class_weights, poisson_steps_per_epoch, steps_per_epoch, train
 
-__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_data", "train_round"]
+__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_data", "class_weights", "train_round"]
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,7 @@ def train_round(
     round_seed = zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode())
     plan_aug = parse_augment(cfg.augment)
     augmenter = Augmenter(arrays.schema, plan_aug, seed=round_seed) if plan_aug else None
-    fixed = cfg.fixed_class_weights()
-    if fixed is not None and len(fixed) != arrays.schema.num_classes:
-        raise ConfigError("class-weights", f"has {len(fixed)} weights for {arrays.schema.num_classes} classes {list(arrays.schema.classes)}", value=cfg.class_weights, fix="give one weight per class, in class order")
-    weights = torch.tensor(fixed, dtype=torch.float32) if fixed is not None else None
-    if cfg.class_weights.strip() == "balanced":  # RunConfig refuses this with dp=true
-        weights = balanced_class_weights(arrays.label, arrays.schema.num_classes)
+    weights = class_weights(cfg, arrays)
     loss = train(
         model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate if cfg.learning_rate is not None else default_learning_rate(model_name),
@@ -174,6 +169,22 @@ def _site_data_cache(source: object, dp: bool) -> MultimodalDataset:
     from fedmm.data.preprocess import standardise_site
 
     return standardise_site(source.pool, site_statistics=not dp)  # type: ignore[attr-defined]
+
+
+def class_weights(cfg: RunConfig, data: MultimodalDataset) -> torch.Tensor | None:
+    """The loss's class weights: fixed ones from the config (checked against the classes),
+    ``balanced`` from the site's own labels (RunConfig refuses that under DP), or None."""
+    fixed = cfg.fixed_class_weights()
+    if fixed is not None:
+        if len(fixed) != data.schema.num_classes:
+            raise ConfigError(
+                "class-weights", f"has {len(fixed)} weights for {data.schema.num_classes} classes {list(data.schema.classes)}",
+                value=cfg.class_weights, fix="give one weight per class, in class order",
+            )
+        return torch.tensor(fixed, dtype=torch.float32)
+    if cfg.class_weights.strip() == "balanced":
+        return balanced_class_weights(data.label, data.schema.num_classes)
+    return None
 
 
 def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, MultimodalDataset]:

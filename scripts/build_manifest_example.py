@@ -14,7 +14,6 @@ Usage: python scripts/build_manifest_example.py [--source ../shared/data]
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ import soundfile as sf
 from PIL import Image
 
 from fedmm.data.idx import read_idx
+from fedmm.data.manifest import write_manifest
 
 SPEAKERS = ("george", "jackson", "theo")
 TEST, TRAIN = (0, 1), (5, 6, 7, 8)
@@ -76,10 +76,7 @@ def main() -> None:
                     "site": speaker,
                     "split": "train" if train else "test",
                 })
-    with open(args.dest / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_manifest(args.dest / "manifest.csv", rows)
     (args.dest / "SOURCE.md").write_text(SOURCE_MD.format(rows=len(rows)))
     print(f"wrote {len(rows)} rows to {args.dest}")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import soundfile as sf
 from PIL import Image
 
 from fedmm.config import RunConfig
-from fedmm.data.manifest import load_manifest
+from fedmm.data.manifest import load_manifest, write_manifest
 from fedmm.data.preprocess import Preprocessing, SkipReason, load_audio, load_image, load_sensor, tokenize
 from fedmm.data.schema import ModalityKind
 from fedmm.errors import DataError
@@ -29,12 +28,7 @@ PREP = Preprocessing()
 
 
 def _write(folder: Path, rows: list[dict[str, str]]) -> Path:
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_manifest(folder / "manifest.csv", rows)
 
 
 @pytest.fixture()

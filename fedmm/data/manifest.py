@@ -49,7 +49,7 @@ from fedmm.data.preprocess import (
 from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
 from fedmm.errors import DataError
 
-__all__ = ["ManifestColumns", "read_manifest_table", "load_manifest", "RESERVED"]
+__all__ = ["ManifestColumns", "read_manifest_table", "write_manifest", "load_manifest", "RESERVED"]
 
 RESERVED = ("label", "site", "split")
 _PATH_KINDS = (ModalityKind.IMAGE, ModalityKind.AUDIO, ModalityKind.SENSOR)
@@ -116,6 +116,17 @@ def read_manifest_table(path: Path) -> list[dict[str, str]]:
     if not rows:
         raise DataError(path, "has no rows", fix="add one row a sample")
     return rows
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    """Write rows (one dict a sample, columns as above) as a CSV manifest; return its path."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def _cell(value: object) -> str:

@@ -18,7 +18,8 @@ al., KDD 2023; each sample loses each modality with ``missing-modality-sample-p`
 at least one modality always stays), missing labels (``missing-label-p``), and
 noisy labels (``label-noise``: a per-site class-transition matrix with ``1 - p`` on
 the diagonal and ``p`` spread over the other classes by a Dirichlet(1) draw).
-Finally each site standardises its sensor and tabular data with its own statistics.
+Finally each site normalises its sensor and tabular data (:func:`~fedmm.data.preprocess.standardise_site`:
+sensors per series; tabular with the site's statistics only when dp=false).
 """
 
 from __future__ import annotations

