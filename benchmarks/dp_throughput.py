@@ -5,8 +5,9 @@ threads, ``--repeats`` times each, alternating plain and DP so drift hits both; 
 samples/s and the ratio DP / plain are printed. (Poisson batches vary in size; samples/s
 counts the records of the site, as an epoch covers them in expectation.)
 
-Models: the default ``avmnist-concat`` on an AV-MNIST site (built-in data), and the
-schema-driven fusions on synthetic data with all five modality kinds.
+Models: the default model on an AV-MNIST site (built-in data: ``concat`` over scattering
+image features and a pooled log-mel spectrogram), and the fusions on synthetic data with
+all five modality kinds (CNN image encoder).
 
 Usage: python benchmarks/dp_throughput.py [--repeats 5] [--threads 1] [--modes ghost,hooks]
 Target (issue 4): DP >= 0.6x plain for the default model.
@@ -24,14 +25,14 @@ from fedmm.config import AccountantKind, GradSampleMode
 from fedmm.data.avmnist import builtin_root, load_site
 from fedmm.data.schema import MultimodalDataset
 from fedmm.data.synthetic import make_synthetic
-from fedmm.models import build_model, prepare_inputs
+from fedmm.models import ModelOptions, ModelRecipe
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.training import DPSettings, train
 
 
-def epoch_seconds(name: str, data: MultimodalDataset, mode: GradSampleMode | None, batch: int, seed: int, epochs: int = 1) -> float:
+def epoch_seconds(recipe: ModelRecipe, data: MultimodalDataset, mode: GradSampleMode | None, batch: int, seed: int, epochs: int = 1) -> float:
     """Seconds per epoch of one ``train`` call of ``epochs`` epochs (setup included, as in a round)."""
-    model = build_model(name, data.schema, seed=0)
+    model = recipe.build(data.schema, seed=0)
     dp = None
     if mode is not None:
         dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, accountant=SiteAccountant(AccountantKind.RDP))
@@ -50,19 +51,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     modes = [GradSampleMode(m) for m in args.modes.split(",")]
-    cases = [("avmnist-concat", prepare_inputs("avmnist-concat", load_site(builtin_root(), "george")))]
+    default = ModelRecipe("concat", ModelOptions(image_encoder="scattering"))  # `fedmm simulate`'s model on AV-MNIST
+    cases = [("default (concat)", default, default.prepare(load_site(builtin_root(), "george")))]
     synthetic = make_synthetic(512, seed=0)
-    cases += [(name, synthetic) for name in ("concat", "gated", "late", "attention")]
+    cases += [(name, ModelRecipe(name), ModelRecipe(name).prepare(synthetic)) for name in ("concat", "gated", "late", "attention")]
 
     print(f"{'model':16s} {'mode':8s} {'samples':>7s} {'plain s/epoch':>13s} {'DP s/epoch':>10s} {'plain smp/s':>11s} {'DP smp/s':>9s} {'DP/plain':>8s}")
-    for name, data in cases:
-        epoch_seconds(name, data, None, args.batch, 0)  # warm-up: imports, allocator
+    for name, recipe, data in cases:
+        epoch_seconds(recipe, data, None, args.batch, 0)  # warm-up: imports, allocator
         for mode in modes:
-            epoch_seconds(name, data, mode, args.batch, 0)
+            epoch_seconds(recipe, data, mode, args.batch, 0)
             plain, private = [], []
             for r in range(args.repeats):
-                plain.append(epoch_seconds(name, data, None, args.batch, r, args.epochs))
-                private.append(epoch_seconds(name, data, mode, args.batch, r, args.epochs))
+                plain.append(epoch_seconds(recipe, data, None, args.batch, r, args.epochs))
+                private.append(epoch_seconds(recipe, data, mode, args.batch, r, args.epochs))
             p, d = statistics.median(plain), statistics.median(private)
             n = len(data)
             print(f"{name:16s} {mode.value:8s} {n:7d} {p:13.3f} {d:10.3f} {n / p:11.0f} {n / d:9.0f} {p / d:8.2f}")

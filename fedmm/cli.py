@@ -120,7 +120,10 @@ def simulate(
     with _exit_on_error():
         values = {**_load_preset(preset), **parse_overrides(set_ or [])}
         cfg = RunConfig.from_run_config(values)
-        cfg = cfg.replace(run_name=cfg.run_name or new_run_id(), data=_absolute_data(cfg.data))
+        cfg = cfg.replace(
+            run_name=cfg.run_name or new_run_id(), data=_absolute_data(cfg.data),
+            image_weights=str(Path(cfg.image_weights).expanduser().resolve()) if cfg.image_weights else "",
+        )
         federation = _federation(cfg)  # bad data or a bad split fails here, before Flower starts
     if len(federation.names) != cfg.sites:
         console.print(f"[red]error:[/red] the federation has {len(federation.names)} sites, sites={cfg.sites}. Fix: set sites={len(federation.names)}")
@@ -172,14 +175,17 @@ def _federation(cfg: RunConfig) -> Any:
     from fedmm.data.partition import FederationPlan, build_federation
     from fedmm.data.preprocess import Preprocessing
     from fedmm.data.sources import load_source
-    from fedmm.models import prepare_inputs, resolve_model
+    from fedmm.models import ModelRecipe
     from fedmm.site import class_weights
 
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
-    test = prepare_inputs(resolve_model(cfg.model, cfg.data), source.require_test())
+    recipe = ModelRecipe.from_config(cfg)
+    test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test(), source.pool))
     Augmenter(test.schema, parse_augment(cfg.augment), seed=0)
     class_weights(cfg, test)
+    if cfg.dp:
+        recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, test.schema)
     return federation
 
 

@@ -56,7 +56,7 @@ class RunConfig:
     rounds: int = 20
     sites: int = 6
     data: str = "avmnist"
-    model: str = "auto"  # auto: avmnist-concat on AV-MNIST, concat on anything else
+    model: str = "auto"  # the fusion: concat | gated | attention | late | embedding (auto: concat)
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float | None = None  # None ("auto"): the model's tuned rate (fedmm.models)
@@ -95,11 +95,24 @@ class RunConfig:
     classes_per_site: int = 2
     missing_modality_site_p: float = 0.0
     missing_modality_sample_p: float = 0.0
+    missing_modality_sites: str = ""  # e.g. "audio:0.5": exactly that share of the sites lacks audio
     missing_label_p: float = 0.0
     label_noise: float = 0.0
     # --- imbalance (fedmm.training)
     class_weights: str = "none"  # none | balanced (dp=false only) | w1,w2,... (fixed in advance)
     balanced_sampler: bool = False  # dp=false only: DP-SGD's accounting needs Poisson sampling
+    # --- model (fedmm.models.recipe.ModelOptions)
+    encoder_width: int = 64
+    image_encoder: str = "auto"  # auto (scattering on AV-MNIST, else cnn) | cnn | scattering | pretrained
+    image_weights: str = ""  # image-encoder=pretrained: the frozen encoder's weights file
+    audio_encoder: str = "pooled"  # pooled | cnn
+    text_encoder: str = "bag"  # bag | gru | transformer
+    sensor_encoder: str = "cnn"  # cnn | gru
+    modalities: str = ""  # train on these modalities only (comma-separated); empty: all
+    tasks: str = ""  # auxiliary tasks from group columns with loss weights, e.g. "speaker:0.5"
+    contrastive: str = "none"  # none | align | clip (dp=false only)
+    contrastive_weight: float = 0.1
+    modality_dropout: float = 0.0  # per-sample chance of hiding each present modality in training
 
     def __post_init__(self) -> None:
         _at_least("rounds", self.rounds, 1, "run at least one round")
@@ -132,8 +145,10 @@ class RunConfig:
         from fedmm.data.augment import parse_augment
         from fedmm.data.partition import FederationPlan
         from fedmm.data.preprocess import Preprocessing
+        from fedmm.models.recipe import ModelOptions
 
         Preprocessing.from_config(self)
+        ModelOptions.from_config(self)
         FederationPlan.from_config(self)
         parse_augment(self.augment)
         self.fixed_class_weights()

@@ -17,11 +17,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.data.schema import MultimodalDataset
+from fedmm.data.schema import MultimodalDataset, Schema
 from fedmm.errors import FederationError
 from fedmm.privacy.accounting import PrivacyReport
-from fedmm.models import build_model, prepare_inputs, resolve_model
-from fedmm.training import evaluate
+from fedmm.models import ModelRecipe
+from fedmm.training import evaluate, task_accuracies
 
 __all__ = ["SitePrivacy", "FedMMAvg", "aggregate_train_metrics", "make_central_evaluation"]
 
@@ -139,18 +139,20 @@ class FedMMAvg(FedAvg):
 
 
 def make_central_evaluation(
-    cfg: RunConfig, test: MultimodalDataset, on_round: Callable[[int, float, float], None]
+    cfg: RunConfig, test: MultimodalDataset, on_round: Callable[[int, float, float, dict[str, float]], None],
+    *, tasks_from: Schema | None = None,
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Build the ``evaluate_fn`` for ``Strategy.start``: accuracy and loss on the held-out set."""
-    name = resolve_model(cfg.model, cfg.data)
-    test = prepare_inputs(name, test)
-    model = build_model(name, test.schema, seed=cfg.seed)
+    recipe = ModelRecipe.from_config(cfg)
+    test = recipe.prepare(test, tasks_from=tasks_from)
+    model = recipe.build(test.schema, seed=cfg.seed)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test)
-        on_round(server_round, loss, accuracy)
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        tasks = task_accuracies(model, test)
+        on_round(server_round, loss, accuracy, tasks)
+        return MetricRecord({"accuracy": accuracy, "loss": loss, **{f"accuracy-{name}": value for name, value in tasks.items()}})
 
     return evaluate_fn
 

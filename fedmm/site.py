@@ -19,7 +19,7 @@ from fedmm.config import RunConfig
 from fedmm.data.augment import Augmenter, parse_augment
 from fedmm.data.schema import MultimodalDataset, Schema
 from fedmm.errors import BudgetExceededError, ConfigError, FederationError, PrivacyError
-from fedmm.models import build_model, default_learning_rate, prepare_inputs, resolve_model
+from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
 from fedmm.training import DPSettings, balanced_class_weights, poisson_steps_per_epoch, steps_per_epoch, train
 
@@ -111,8 +111,9 @@ def train_round(
         Before any training, when this round would take the site's epsilon over
         ``target-epsilon`` (the site's budget).
     """
-    model_name = resolve_model(cfg.model, cfg.data)
-    arrays = prepare_inputs(model_name, data).labelled()
+    recipe = ModelRecipe.from_config(cfg)
+    server_schema = Schema.from_json(expected_schema) if expected_schema is not None else None
+    arrays = recipe.prepare(data, tasks_from=server_schema).labelled()
     if expected_schema is not None and expected_schema != arrays.schema.to_json():
         raise FederationError(
             f"site {site}: its data gives the model input {arrays.schema.to_json()}, the server's model expects "
@@ -120,7 +121,7 @@ def train_round(
         )
     if len(arrays) == 0:
         raise FederationError(f"site {site}: no labelled sample to train on ({data.counts()}). Fix: label some samples, or remove the site")
-    model = build_model(model_name, arrays.schema, seed=cfg.seed)
+    model = recipe.build(arrays.schema, seed=cfg.seed)
     model.load_state_dict(dict(global_weights))
     dp = None
     if cfg.dp:
@@ -139,6 +140,7 @@ def train_round(
                 f"{projected:.3f} (delta={cfg.target_delta}, {cfg.accountant}), over the budget "
                 f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds"
             )
+        recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, arrays.schema)
         dp = DPSettings(
             noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
             grad_sample_mode=cfg.grad_sample_mode, accountant=state.accountant,
@@ -147,12 +149,12 @@ def train_round(
     round_seed = zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode())
     plan_aug = parse_augment(cfg.augment)
     augmenter = Augmenter(arrays.schema, plan_aug, seed=round_seed) if plan_aug else None
-    weights = class_weights(cfg, arrays)
     loss = train(
         model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate if cfg.learning_rate is not None else default_learning_rate(model_name),
-        momentum=cfg.momentum, seed=round_seed, dp=dp, augmenter=augmenter, class_weights=weights,
-        balanced_sampler=cfg.balanced_sampler,
+        learning_rate=cfg.learning_rate if cfg.learning_rate is not None else recipe.learning_rate(arrays.schema),
+        momentum=cfg.momentum, seed=round_seed, dp=dp, augmenter=augmenter,
+        balanced_sampler=cfg.balanced_sampler, objective=recipe.objective(arrays.schema, class_weights(cfg, arrays)),
+        modality_dropout=recipe.options.modality_dropout,
     )
     report = None
     if dp is not None and state.plan is not None:

@@ -1,8 +1,10 @@
 """Local training and evaluation loops, plain and with Opacus DP-SGD.
 
-A batch is ``(*modalities, present, label)``: one tensor per modality in schema
-order, the presence mask (float, 1.0 = present), then the label. Models take
-``model(*modalities, present)``.
+A batch is ``(*modalities, present, label, *task_labels)``: one tensor per modality
+in schema order, the presence mask (float, 1.0 = present), the label, then one label
+per auxiliary task (-1 where unknown). Models take ``model(*modalities, present)``;
+the loss is ``objective(output, present, label, *task_labels)``
+(:class:`fedmm.models.objective.Objective`).
 
 What keeps the DP claim true here (and what is refused): DP-SGD's accounting
 assumes every record is sampled independently with the same rate (Poisson
@@ -12,6 +14,7 @@ may only be fixed in advance (``class-weights='1,2,...'``), never computed from
 the site's labels; augmentation is applied per sample after sampling, which
 changes no sensitivity. Samples without a label are not used for supervised
 training and are not part of the DP dataset (they are counted and reported).
+Modality dropout hides modalities per sample after sampling, like augmentation.
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from fedmm.config import GradSampleMode
 from fedmm.data.augment import Augmenter
 from fedmm.data.schema import MultimodalDataset
+from fedmm.models.objective import Objective, OutputLayout
 from fedmm.privacy.accounting import SiteAccountant
 
-__all__ = ["DPSettings", "WeightedCrossEntropy", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "train", "evaluate"]
+# Opacus' backward hooks on a model whose first layer gets no input gradient (the data
+# never requires one) make torch warn on every step; the gradients are right (tested
+# against one-sample-at-a-time references), so this one message is silenced.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+__all__ = ["DPSettings", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,33 +70,40 @@ def poisson_steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def make_dataset(ds: MultimodalDataset) -> TensorDataset:
-    """Wrap aligned arrays as ``(*modalities, present, label)`` tensors."""
-    tensors = [torch.from_numpy(np.array(ds.features[name])) for name in ds.schema.names]
-    return TensorDataset(*tensors, torch.from_numpy(ds.present.astype(np.float32)), torch.from_numpy(np.array(ds.label)))
+    """Wrap aligned arrays as ``(*modalities, present, label, *task_labels)`` tensors.
 
-
-class WeightedCrossEntropy(nn.Module):
-    """Cross-entropy with fixed per-class weights whose mean is over the batch size.
-
-    Unlike ``nn.CrossEntropyLoss(weight=...)``, the mean does not divide by the batch's
-    sum of weights, so one record's loss never depends on the other records in its
-    batch (which would break DP-SGD's per-record sensitivity). Honours ``reduction``
-    (Opacus' ghost clipping sets it to ``"none"``).
+    An auxiliary task's labels index its classes in ``ds.schema.tasks``; a value the
+    schema does not list (a speaker the server has never seen) is -1, which the
+    objective ignores.
     """
+    tensors = [torch.from_numpy(np.array(ds.features[name])) for name in ds.schema.names]
+    tasks = []
+    for name, classes in ds.schema.tasks:
+        index = {c: i for i, c in enumerate(classes)}
+        values = ds.groups.get(name, np.full(len(ds), None))
+        tasks.append(torch.tensor([index.get(str(v), -1) for v in values], dtype=torch.long))
+    return TensorDataset(*tensors, torch.from_numpy(ds.present.astype(np.float32)), torch.from_numpy(np.array(ds.label)), *tasks)
 
-    def __init__(self, weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
-        super().__init__()
-        self.reduction = reduction
-        self.weight: torch.Tensor | None
-        self.register_buffer("weight", weight)
 
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        loss = nn.functional.cross_entropy(logits, label, reduction="none")
-        if self.weight is not None:
-            loss = loss * self.weight[label]
-        if self.reduction == "none":
-            return loss
-        return loss.sum() if self.reduction == "sum" else loss.mean()
+def drop_modalities(inputs: list[torch.Tensor], p: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Modality dropout: hide each present modality of each sample with chance ``p``
+    (features zeroed, mask 0), always keeping at least one of a sample's modalities.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> out = drop_modalities([torch.ones(4, 2), torch.ones(4, 3), torch.ones(4, 2)], 0.99, g)
+    >>> out[-1].sum(dim=1).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    *modalities, present = inputs
+    keep = (torch.rand(present.shape, generator=generator) >= p).to(present.dtype) * present
+    # a sample that would lose everything keeps one of its modalities, drawn at random
+    lost = (keep.sum(dim=1) == 0) & (present.sum(dim=1) > 0)
+    if lost.any():
+        scores = torch.rand(present.shape, generator=generator) * present
+        rescue = nn.functional.one_hot(scores.argmax(dim=1), present.shape[1]).to(present.dtype)
+        keep = torch.where(lost.unsqueeze(1), rescue, keep)
+    shaped = [keep[:, j].reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype) for j, x in enumerate(modalities)]
+    return [x * k for x, k in zip(modalities, shaped)] + [keep]
 
 
 def balanced_class_weights(label: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -115,6 +131,8 @@ def train(
     augmenter: Augmenter | None = None,
     class_weights: torch.Tensor | None = None,
     balanced_sampler: bool = False,
+    objective: nn.Module | None = None,
+    modality_dropout: float = 0.0,
 ) -> float:
     """Train ``model`` in place for ``epochs`` on the labelled samples of ``ds``; return the mean loss.
 
@@ -122,7 +140,9 @@ def train(
     clipping to ``max_grad_norm``, Gaussian noise), and every step is recorded in
     ``dp.accountant``. The weights of ``model`` itself are updated, so its
     ``state_dict`` keeps the plain layout (no ``_module.`` prefix).
-    ``augmenter`` transforms each batch's modalities (training only).
+    ``augmenter`` transforms each batch's modalities (training only), then
+    ``modality_dropout`` hides some. ``objective`` defaults to the weighted
+    cross-entropy of the model's main task (and its auxiliary tasks, if any).
     """
     if dp is not None and balanced_sampler:
         raise ValueError("a class-balanced sampler breaks DP-SGD's Poisson sampling; refused under DP")
@@ -137,7 +157,9 @@ def train(
     else:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    criterion: nn.Module = WeightedCrossEntropy(class_weights)
+    criterion: nn.Module = objective if objective is not None else Objective(_layout(model, ds), class_weights=class_weights)
+    modality_count = len(ds.schema.modalities)
+    dropout_rng = torch.Generator().manual_seed(seed + 1)  # its own stream: the sampler's draws stay as they were
     trained: nn.Module = model
     if dp is not None:
         # A PrivacyEngine is a per-round wrapper here: the accountant it charges is the
@@ -160,8 +182,9 @@ def train(
     trained.train()
     total, batches = 0.0, 0
     for _ in range(epochs):
-        for *inputs, label in loader:
-            if dp is not None and label.shape[0] == 0:
+        for batch in loader:
+            inputs, targets = list(batch[: modality_count + 1]), batch[modality_count + 1 :]
+            if dp is not None and targets[0].shape[0] == 0:
                 # Poisson sampling drew no record. The DP-SGD step is then pure noise (the sum
                 # of no clipped gradients is 0). Opacus cannot take an empty batch through
                 # some layers (Embedding with ghost norms, functorch), so take that step directly.
@@ -176,8 +199,10 @@ def train(
                 continue
             if augmenter is not None:
                 inputs = augmenter(inputs)
+            if modality_dropout > 0:
+                inputs = drop_modalities(inputs, modality_dropout, dropout_rng)
             optimizer.zero_grad()
-            loss = criterion(trained(*inputs), label)
+            loss = criterion(trained(*inputs), inputs[-1], *targets)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
@@ -195,16 +220,45 @@ def _unwrap(wrapped: nn.Module) -> None:
         remove()
 
 
+def _layout(model: nn.Module, ds: MultimodalDataset) -> OutputLayout:
+    """The model's output layout (set by ModelRecipe.build), or a plain classifier's."""
+    layout = getattr(model, "output_layout", None)
+    return layout if layout is not None else OutputLayout((("label", ds.schema.num_classes, 1.0),), len(ds.schema.modalities))
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: MultimodalDataset, *, batch_size: int = 512) -> tuple[float, float]:
-    """Return ``(mean cross-entropy, accuracy)`` of ``model`` on the labelled samples of ``ds``."""
+def _predict(model: nn.Module, ds: MultimodalDataset, batch_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's outputs on ``ds`` and its labels (main, then auxiliary tasks)."""
     model.eval()
+    m = len(ds.schema.modalities)
+    outputs, labels = [], []
+    for batch in DataLoader(make_dataset(ds), batch_size=batch_size):
+        outputs.append(model(*batch[: m + 1]))
+        labels.append(batch[m + 1 :])
+    if not outputs:
+        return torch.zeros(0, _layout(model, ds).width), [torch.zeros(0, dtype=torch.long) for _ in range(1 + len(ds.schema.tasks))]
+    return torch.cat(outputs), [torch.cat(column) for column in zip(*labels)]
+
+
+def evaluate(model: nn.Module, ds: MultimodalDataset, *, batch_size: int = 512) -> tuple[float, float]:
+    """Return ``(mean cross-entropy, accuracy)`` of the main task on the labelled samples of ``ds``."""
     ds = ds.labelled()
-    loader = DataLoader(make_dataset(ds), batch_size=batch_size)
-    loss_sum, correct = 0.0, 0
-    for *inputs, label in loader:
-        logits = model(*inputs)
-        loss_sum += float(nn.functional.cross_entropy(logits, label, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == label).sum())
+    output, labels = _predict(model, ds, batch_size)
+    logits = _layout(model, ds).logits(output)
     n = max(1, len(ds))
-    return loss_sum / n, correct / n
+    loss = float(nn.functional.cross_entropy(logits, labels[0], reduction="sum")) if len(ds) else 0.0
+    return loss / n, int((logits.argmax(dim=1) == labels[0]).sum()) / n
+
+
+def task_accuracies(model: nn.Module, ds: MultimodalDataset, *, batch_size: int = 512) -> dict[str, float]:
+    """Accuracy of each auxiliary task on the samples whose task label is known."""
+    if not ds.schema.tasks:
+        return {}
+    output, labels = _predict(model, ds, batch_size)
+    layout = _layout(model, ds)
+    out = {}
+    for t, (name, _) in enumerate(ds.schema.tasks, start=1):
+        known = labels[t] >= 0
+        hits = (layout.logits(output, t).argmax(dim=1) == labels[t]) & known
+        out[name] = int(hits.sum()) / max(1, int(known.sum()))
+    return out

@@ -18,7 +18,7 @@ from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.preprocess import Preprocessing, standardise_site
 from fedmm.data.sources import load_source
 from fedmm.federation import FedMMAvg, make_central_evaluation
-from fedmm.models import build_model, layout_fingerprint, model_card, prepare_inputs, resolve_model
+from fedmm.models import ModelRecipe, layout_fingerprint
 
 app = ServerApp()
 
@@ -48,16 +48,17 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "[fedmm] lenient loading skipped %s", federation.skipped)
     else:
         log(INFO, "[fedmm] no training data here: the sites bring their own")
-    model_name = resolve_model(cfg.model, cfg.data)
-    schema = prepare_inputs(model_name, test).schema
-    model = build_model(model_name, schema, seed=cfg.seed)
-    artifacts.save_model_card(model_card(model_name, model, schema))
+    recipe = ModelRecipe.from_config(cfg)
+    # The server's schema names the auxiliary tasks' classes (from all the data it sees) for every site.
+    schema = recipe.prepare(test, tasks_from=recipe.task_classes(test, source.pool)).schema
+    model = recipe.build(schema, seed=cfg.seed)
+    artifacts.save_model_card(recipe.card(model, schema))
     initial = model.state_dict()
     strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites, layout=layout_fingerprint(initial))
 
     final: dict[str, float] = {}
 
-    def on_round(server_round: int, loss: float, accuracy: float) -> None:
+    def on_round(server_round: int, loss: float, accuracy: float, tasks: dict[str, float]) -> None:
         final.update(loss=loss, accuracy=accuracy)
         if server_round == 0:
             log(INFO, "[fedmm] round 0 (initial model): accuracy %.4f, loss %.4f", accuracy, loss)
@@ -69,17 +70,19 @@ def main(grid: Grid, context: Context) -> None:
                 "train_loss": strategy.last_train_metrics.get("train-loss"),
                 "sites": strategy.sites_last_round, "max_epsilon": eps,
                 "delta": cfg.target_delta if cfg.dp else None,
+                **{f"accuracy_{name}": value for name, value in tasks.items()},
             }
         )
         eps_text = f"max epsilon {eps:.3f} (delta={cfg.target_delta:g}, {cfg.accountant})" if eps is not None else "no DP"
-        log(INFO, "[fedmm] round %d/%d: accuracy %.4f, loss %.4f, %s", server_round, cfg.rounds, accuracy, loss, eps_text)
+        task_text = "".join(f", {name} accuracy {value:.4f}" for name, value in tasks.items())
+        log(INFO, "[fedmm] round %d/%d: accuracy %.4f, loss %.4f%s, %s", server_round, cfg.rounds, accuracy, loss, task_text, eps_text)
 
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
         num_rounds=cfg.rounds,
         train_config=ConfigRecord({protocol.SCHEMA: schema.to_json()}),
-        evaluate_fn=make_central_evaluation(cfg, test, on_round),
+        evaluate_fn=make_central_evaluation(cfg, test, on_round, tasks_from=schema),
     )
     artifacts.save_model(result.arrays.to_torch_state_dict())
     summary = artifacts.finish(

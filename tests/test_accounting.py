@@ -12,7 +12,7 @@ from fedmm.config import AccountantKind, RunConfig
 from fedmm.data.avmnist import builtin_root, load_site
 from fedmm.data.schema import MultimodalDataset
 from fedmm.errors import BudgetExceededError, PrivacyError
-from fedmm.models import build_model, prepare_inputs, resolve_model
+from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import PrivacyEvent, SiteAccountant, calibrate_noise_multiplier
 from fedmm.site import SiteState, plan_site, train_round
 
@@ -81,8 +81,8 @@ def test_calibrated_noise_reaches_but_does_not_exceed_the_target(kind: Accountan
 
 # -------------------------------------------------------------- a site's rounds
 def _model(name: str) -> torch.nn.Module:
-    name = resolve_model(name, "avmnist")
-    return build_model(name, prepare_inputs(name, load_site(builtin_root(), "theo")).schema)
+    recipe = ModelRecipe.from_config(RunConfig(model=name))
+    return recipe.build(recipe.prepare(load_site(builtin_root(), "theo")).schema)
 
 
 @pytest.fixture(scope="module")

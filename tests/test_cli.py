@@ -37,12 +37,12 @@ def test_too_many_sites_and_a_missing_data_folder_exit_2() -> None:
 
 def test_augmentation_or_model_that_do_not_fit_the_data_exit_2_before_flower() -> None:
     wrong_kind = CliRunner().invoke(app, ["simulate", "--set", "augment=sensor:jitter"])
-    geometric = CliRunner().invoke(app, ["simulate", "--set", "augment=image:rotate"])  # avmnist-concat sees scattering maps
-    wrong_model = CliRunner().invoke(app, ["simulate", "--set", "data=basicmotions", "--set", "sites=4", "--set", "model=avmnist-concat"])
+    geometric = CliRunner().invoke(app, ["simulate", "--set", "augment=image:rotate"])  # AV-MNIST images are scattering maps by default
+    wrong_model = CliRunner().invoke(app, ["simulate", "--set", "data=basicmotions", "--set", "sites=4", "--set", "model=embedding"])
 
     assert wrong_kind.exit_code == 2 and "augment" in wrong_kind.output
     assert geometric.exit_code == 2 and "pixels" in geometric.output
-    assert wrong_model.exit_code == 2 and "avmnist-concat" in wrong_model.output
+    assert wrong_model.exit_code == 2 and "embedding" in wrong_model.output and "pretrained" in wrong_model.output
 
 
 def test_data_split_prints_per_site_counts() -> None:

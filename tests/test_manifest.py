@@ -20,7 +20,7 @@ from fedmm.data.schema import ModalityKind
 from fedmm.errors import DataError
 from fedmm.site import site_data, train_round, SiteState
 from fedmm.privacy.accounting import SiteAccountant
-from fedmm.models import build_model, prepare_inputs, resolve_model
+from fedmm.models import ModelRecipe
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "fedmm" / "data" / "builtin" / "manifest-example"
 FEDMM = str(Path(sys.executable).parent / "fedmm")
@@ -239,11 +239,11 @@ def test_a_site_pointed_at_its_manifest_trains(site_folder: Path) -> None:
     cfg = RunConfig(data=f"manifest:{path}", rounds=2, batch_size=4, classes="no,yes", augment="image:shift,sensor:jitter")
 
     name, data = site_data({"site": "clinic-a", "data": f"manifest:{path}"}, cfg)
-    model_name = resolve_model(cfg.model, cfg.data)
-    schema = prepare_inputs(model_name, data).schema
+    recipe = ModelRecipe.from_config(cfg)
+    schema = recipe.prepare(data).schema
     state = SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
     update = train_round(
-        cfg=cfg, site=name, data=data, global_weights=build_model(model_name, schema).state_dict(), server_round=1, state=state,
+        cfg=cfg, site=name, data=data, global_weights=recipe.build(schema).state_dict(), server_round=1, state=state,
         expected_schema=schema.to_json(),
     )
 
@@ -259,7 +259,7 @@ def test_a_site_whose_data_differs_from_the_model_is_refused(site_folder: Path) 
     path = _write(site_folder, _rows(site_folder))
     cfg = RunConfig(data=f"manifest:{path}", rounds=1)
     name, data = site_data({"site": "x", "data": f"manifest:{path}"}, cfg)
-    other = prepare_inputs("concat", load_manifest(EXAMPLE / "manifest.csv", PREP)).schema
+    other = ModelRecipe().prepare(load_manifest(EXAMPLE / "manifest.csv", PREP)).schema
     with pytest.raises(FederationError, match="the server's model expects"):
         train_round(cfg=cfg, site=name, data=data, global_weights={}, server_round=1,
                     state=SiteState(plan=None, accountant=SiteAccountant(cfg.accountant)), expected_schema=other.to_json())
@@ -297,7 +297,7 @@ def test_frozen_sentence_embeddings_of_a_pretrained_model() -> None:
     same = ds.groups["site"] == "george"
     assert np.allclose(text[same], text[same][0], atol=1e-5)  # one speaker, one description
     assert not np.allclose(text[ds.groups["site"] == "theo"][0], text[same][0], atol=1e-2)
-    model = build_model("concat", ds.schema)
+    model = ModelRecipe().build(ds.schema)
     accountant = SiteAccountant(AccountantKind.RDP)
     train(model, ds, epochs=1, batch_size=32, learning_rate=0.5, momentum=0.0, seed=0,
           dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=GradSampleMode.GHOST, accountant=accountant))

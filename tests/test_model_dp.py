@@ -1,6 +1,10 @@
-"""The fusion model under Opacus: validator, DP steps, per-sample clipping against a reference."""
+"""Every fusion x modality encoder under Opacus: validator, a DP step in each grad-sample
+mode it supports, and per-sample clipped gradients against a one-sample-at-a-time reference."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,66 +12,124 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedmm.config import AccountantKind, GradSampleMode
+from fedmm.config import AccountantKind, GradSampleMode, RunConfig
 from fedmm.data.avmnist import builtin_root, load_site
-from fedmm.data.schema import MultimodalDataset
+from fedmm.data.schema import Modality, MultimodalDataset
 from fedmm.data.synthetic import make_synthetic
-from fedmm.models import build_model, model_names, prepare_inputs
+from fedmm.errors import ConfigError
+from fedmm.models import ModelOptions, ModelRecipe, model_names, save_image_encoder
+from fedmm.models.encoders import ConvImageEncoder
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.training import DPSettings, train
+
+DEFAULT = ModelRecipe.from_config(RunConfig())  # what `fedmm simulate` trains on AV-MNIST
 
 
 @pytest.fixture(scope="module")
 def site() -> MultimodalDataset:
-    return prepare_inputs("avmnist-concat", load_site(builtin_root(), "nicolas"))
+    return DEFAULT.prepare(load_site(builtin_root(), "nicolas"))
 
 
 @pytest.fixture(scope="module")
 def synthetic() -> MultimodalDataset:
-    """Every modality kind, with some modalities missing per sample (presence mask)."""
+    """Every modality kind, with some modalities missing per sample (presence mask), and a
+    second column to predict (multi-task)."""
     ds = make_synthetic(64, seed=3)
     present = np.random.default_rng(0).random(ds.present.shape) > 0.3
     present[:, 0] |= ~present.any(axis=1)
     features = {n: np.where(present[:, j].reshape(-1, *[1] * (v.ndim - 1)), v, 0).astype(v.dtype) for j, (n, v) in enumerate(ds.features.items())}
-    return ds.replace(present=present, features=features)
+    speaker = np.array([f"s{i % 3}" for i in range(len(ds))])
+    return ds.replace(present=present, features=features, groups={**ds.groups, "speaker": speaker})
 
 
-def _subset(arrays: MultimodalDataset, n: int) -> MultimodalDataset:
-    return arrays.subset(range(n))
+@pytest.fixture(scope="module")
+def image_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A "pretrained" image encoder: random weights stand in for a real one in tests."""
+    path = tmp_path_factory.mktemp("weights") / "image.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        save_image_encoder(ConvImageEncoder(channels=1, out_features=24), path)
+    return path
 
 
-def _model(name: str, seed: int = 0) -> nn.Module:
-    data = load_site(builtin_root(), "nicolas") if name == "avmnist-concat" else make_synthetic(10)
-    return build_model(name, prepare_inputs(name, data).schema, seed=seed)
+# Each encoder variant: the modality it encodes and the options that pick the encoder.
+ENCODERS: dict[str, tuple[str, dict[str, str]]] = {
+    "image-cnn": ("image", {"image_encoder": "cnn"}),
+    "image-scattering": ("image", {"image_encoder": "scattering"}),
+    "image-pretrained": ("image", {"image_encoder": "pretrained"}),
+    "audio-pooled": ("audio", {"audio_encoder": "pooled"}),
+    "audio-cnn": ("audio", {"audio_encoder": "cnn"}),
+    "text-bag": ("text", {"text_encoder": "bag"}),
+    "text-gru": ("text", {"text_encoder": "gru"}),
+    "text-transformer": ("text", {"text_encoder": "transformer"}),
+    "sensor-cnn": ("sensor", {"sensor_encoder": "cnn"}),
+    "sensor-gru": ("sensor", {"sensor_encoder": "gru"}),
+    "tabular": ("tabular", {}),
+}
+FUSIONS = model_names()
 
 
-@pytest.mark.parametrize("name", model_names())
-def test_models_pass_opacus_validator_without_fixes(name: str) -> None:
-    assert ModuleValidator.validate(_model(name), strict=False) == []
+def _pair(fusion: str, encoder: str, data: MultimodalDataset, weights: Path, **extra: object) -> tuple[ModelRecipe, MultimodalDataset]:
+    """The fusion over the encoder's modality and a second one: tabular values, or for
+    embedding fusion the same values marked as frozen pretrained embeddings."""
+    modality, options = ENCODERS[encoder]
+    other = "tabular" if modality != "tabular" else "audio"
+    if fusion == "embedding":
+        mods = tuple(dataclasses.replace(m, representation="embedding") if m.name == "tabular" else m for m in data.schema.modalities)
+        data = data.replace(schema=dataclasses.replace(data.schema, modalities=mods))
+        other = "tabular"
+        if modality == "tabular":
+            modality = "audio"
+    image_weights = str(weights) if options.get("image_encoder") == "pretrained" else ""
+    recipe = ModelRecipe(fusion, ModelOptions(width=24, modalities=(modality, other), image_weights=image_weights, **options, **extra))  # type: ignore[arg-type]
+    return recipe, recipe.prepare(data)
 
 
-def test_same_seed_same_weights() -> None:
-    a, b = _model("avmnist-concat", seed=3), _model("avmnist-concat", seed=3)
+def _dp(mode: GradSampleMode, noise: float = 1.0, clip: float = 1.0) -> DPSettings:
+    return DPSettings(noise_multiplier=noise, max_grad_norm=clip, grad_sample_mode=mode, accountant=SiteAccountant(AccountantKind.RDP))
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_with_every_encoder_trains_under_dp(fusion: str, encoder: str, synthetic: MultimodalDataset, image_weights: Path) -> None:
+    recipe, data = _pair(fusion, encoder, synthetic, image_weights)
+    model = recipe.build(data.schema)
+    assert ModuleValidator.validate(model, strict=False) == []
+    supported = recipe.grad_sample_modes(data.schema)
+    assert "ghost" in supported or "hooks" in supported
+    for mode in GradSampleMode:
+        if mode.value not in supported:
+            with pytest.raises(ConfigError, match="grad-sample-mode"):
+                recipe.check_grad_sample_mode(mode.value, data.schema)
+            continue
+        model = recipe.build(data.schema)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        dp = _dp(mode)
+        loss = train(model, data.subset(range(32)), epochs=1, batch_size=16, learning_rate=0.2, momentum=0.0, seed=0, dp=dp)
+        assert np.isfinite(loss) and dp.accountant.history[0].steps == 2, mode
+        assert all(torch.isfinite(v).all() for v in model.state_dict().values()), mode
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), mode
+        assert set(model.state_dict()) == set(before)  # no "_module." prefix leaks out
+
+
+def test_same_seed_same_weights(site: MultimodalDataset) -> None:
+    a, b = DEFAULT.build(site.schema, seed=3), DEFAULT.build(site.schema, seed=3)
 
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
 @pytest.mark.parametrize("mode", list(GradSampleMode))
-def test_a_dp_step_runs_in_every_grad_sample_mode(mode: GradSampleMode, site: MultimodalDataset) -> None:
-    model = _model("avmnist-concat")
+def test_the_default_model_takes_a_dp_step_in_every_grad_sample_mode(mode: GradSampleMode, site: MultimodalDataset) -> None:
+    model = DEFAULT.build(site.schema)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    accountant = SiteAccountant(AccountantKind.RDP)
+    dp = _dp(mode)
 
-    loss = train(
-        model, _subset(site, 64), epochs=1, batch_size=16, learning_rate=0.5, momentum=0.0, seed=0,
-        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, accountant=accountant),
-    )
+    loss = train(model, site.subset(range(64)), epochs=1, batch_size=16, learning_rate=0.5, momentum=0.0, seed=0, dp=dp)
 
     assert np.isfinite(loss)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
-    assert set(model.state_dict()) == set(before)  # no "_module." prefix leaks out
-    assert accountant.history[0].steps == 4 and accountant.history[0].sample_rate == 0.25
+    assert set(model.state_dict()) == set(before)
+    assert dp.accountant.history[0].steps == 4 and dp.accountant.history[0].sample_rate == 0.25
 
 
 def _reference_clipped_mean(model: nn.Module, arrays: MultimodalDataset, max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:
@@ -89,25 +151,49 @@ def _reference_clipped_mean(model: nn.Module, arrays: MultimodalDataset, max_gra
     return [t / len(arrays) for t in total], norms
 
 
-@pytest.mark.parametrize("name", ["avmnist-concat", "concat", "gated", "late", "attention"])
-@pytest.mark.parametrize("mode", [GradSampleMode.GHOST, GradSampleMode.HOOKS])
-def test_dp_update_equals_per_sample_clipped_gradients(mode: GradSampleMode, name: str, site: MultimodalDataset, synthetic: MultimodalDataset) -> None:
+def _reference_clipped_mean(model: nn.Module, objective: nn.Module, arrays: MultimodalDataset, max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:
+    """Per-sample gradients one sample at a time, each clipped to max_grad_norm, averaged."""
+    from fedmm.training import make_dataset
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    rows = make_dataset(arrays)
+    m = len(arrays.schema.modalities)
+    for i in range(len(arrays)):
+        model.zero_grad()
+        sample = [t.unsqueeze(0) for t in rows[i]]
+        loss = objective(model(*sample[: m + 1]), sample[m], *sample[m + 1 :])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        norms.append(norm)
+        factor = min(1.0, max_grad_norm / (norm + 1e-6))  # Opacus' flat clipping
+        for t, g in zip(total, grads):
+            t += g * factor
+    return [t / len(arrays) for t in total], norms
+
+
+def n_min(n: int) -> int:
+    return (3 * n) // 4
+
+
+def _check_per_sample_clipping(recipe: ModelRecipe, data: MultimodalDataset, mode: GradSampleMode, n: int = 16) -> None:
     # A batch that holds every sample (sample rate 1) and negligible noise make the
     # DP-SGD update equal to lr x the mean of the per-sample clipped gradients. A large
     # lr keeps float32 round-off of "weights before - weights after" far below 1e-5.
-    data = site if name == "avmnist-concat" else synthetic
-    arrays, max_grad_norm, lr = _subset(data, 16), 0.05, 1000.0
-    model = build_model(name, data.schema, seed=1)
-    reference_model = build_model(name, data.schema, seed=1)
-    expected, norms = _reference_clipped_mean(reference_model, arrays, max_grad_norm)
+    arrays, max_grad_norm, lr = data.subset(range(n)), 0.05, 1000.0
+    model, reference_model = recipe.build(data.schema, seed=1), recipe.build(data.schema, seed=1)
+    expected, norms = _reference_clipped_mean(reference_model, recipe.objective(data.schema), arrays, max_grad_norm)
     before = [p.detach().clone() for p in model.parameters()]
 
     train(
         model, arrays, epochs=1, batch_size=len(arrays), learning_rate=lr, momentum=0.0, seed=0,
-        dp=DPSettings(noise_multiplier=1e-12, max_grad_norm=max_grad_norm, grad_sample_mode=mode, accountant=SiteAccountant(AccountantKind.RDP)),
+        dp=_dp(mode, noise=1e-12, clip=max_grad_norm), objective=recipe.objective(data.schema),
     )
 
-    assert min(norms) > max_grad_norm  # every sample really was clipped
+    # every sample really was clipped (one with none of the chosen modalities may have no gradient)
+    assert all(n > max_grad_norm for n in norms if n > 0) and sum(n > 0 for n in norms) >= n_min(len(norms))
     updates = [(b - p.detach()) / lr for b, p in zip(before, model.parameters())]
     flat_update, flat_expected = torch.cat([u.flatten() for u in updates]), torch.cat([e.flatten() for e in expected])
     for update, e in zip(updates, expected):
@@ -120,27 +206,39 @@ def test_dp_update_equals_per_sample_clipped_gradients(mode: GradSampleMode, nam
     assert float(applied) <= lr * max_grad_norm * (1 + 1e-5)  # the mean of clipped gradients is within the bound
 
 
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_per_sample_gradients_match_one_sample_at_a_time(fusion: str, encoder: str, synthetic: MultimodalDataset, image_weights: Path) -> None:
+    recipe, data = _pair(fusion, encoder, synthetic, image_weights)
+    supported = recipe.grad_sample_modes(data.schema)
+    mode = GradSampleMode.GHOST if "ghost" in supported else GradSampleMode.HOOKS  # the default mode, or the one this encoder allows
+    _check_per_sample_clipping(recipe, data, mode)
+
+
+@pytest.mark.parametrize("mode", [GradSampleMode.GHOST, GradSampleMode.HOOKS])
+def test_default_model_per_sample_gradients_on_avmnist(mode: GradSampleMode, site: MultimodalDataset) -> None:
+    _check_per_sample_clipping(DEFAULT, site, mode)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "attention", "late"])
+def test_multi_task_and_alignment_losses_are_per_record_under_dp(fusion: str, synthetic: MultimodalDataset) -> None:
+    # digit + "speaker" heads with weighted losses and the within-record alignment term:
+    # the DP update still equals the mean of one-sample-at-a-time clipped gradients.
+    recipe = ModelRecipe(fusion, ModelOptions(width=24, modalities=("image", "audio", "tabular"), tasks=(("speaker", 0.5),), contrastive="align", contrastive_weight=0.5))
+    data = recipe.prepare(synthetic)
+    assert data.schema.tasks == (("speaker", ("s0", "s1", "s2")),)
+    assert recipe.build(data.schema).output_layout.width == 10 + 3 + 3 * 32  # type: ignore[union-attr]
+    _check_per_sample_clipping(recipe, data, GradSampleMode.GHOST)
+
+
 GENERIC = ["concat", "gated", "late", "attention"]
 
 
 @pytest.mark.parametrize("name", GENERIC)
-@pytest.mark.parametrize("mode", list(GradSampleMode))
-def test_every_fusion_takes_every_modality_kind_under_dp(mode: GradSampleMode, name: str, synthetic: MultimodalDataset) -> None:
-    model = build_model(name, synthetic.schema)
-    accountant = SiteAccountant(AccountantKind.RDP)
-
-    loss = train(
-        model, synthetic, epochs=1, batch_size=16, learning_rate=0.5, momentum=0.0, seed=0,
-        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, accountant=accountant),
-    )
-
-    assert np.isfinite(loss) and accountant.history[0].steps == 4
-    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
-
-
-@pytest.mark.parametrize("name", GENERIC)
 def test_presence_mask_reaches_the_model(name: str, synthetic: MultimodalDataset) -> None:
-    model = build_model(name, synthetic.schema).eval()
+    recipe = ModelRecipe(name)
+    synthetic = recipe.prepare(synthetic)
+    model = recipe.build(synthetic.schema).eval()
     inputs = [torch.from_numpy(np.array(synthetic.features[m][:4])) for m in synthetic.schema.names]
     present = torch.ones(4, len(inputs))
     absent_image = present.clone()
@@ -157,15 +255,14 @@ def test_presence_mask_reaches_the_model(name: str, synthetic: MultimodalDataset
 @pytest.mark.parametrize("mode", list(GradSampleMode))
 def test_empty_poisson_batches_still_take_a_noisy_step(mode: GradSampleMode, synthetic: MultimodalDataset) -> None:
     # batch size 1 on 40 records: sample rate 1/40, so about a third of the 40 steps draw no record.
-    model = build_model("concat", synthetic.schema)
-    accountant = SiteAccountant(AccountantKind.RDP)
+    recipe = ModelRecipe()
+    data = recipe.prepare(synthetic)
+    model = recipe.build(data.schema)
+    dp = _dp(mode)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    train(
-        model, synthetic.subset(range(40)), epochs=1, batch_size=1, learning_rate=0.1, momentum=0.0, seed=1,
-        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, accountant=accountant),
-    )
+    train(model, data.subset(range(40)), epochs=1, batch_size=1, learning_rate=0.1, momentum=0.0, seed=1, dp=dp)
 
-    assert accountant.steps == 40  # every step, empty or not, is accounted
+    assert dp.accountant.steps == 40  # every step, empty or not, is accounted
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -13,7 +13,7 @@ from fedmm.data.schema import UNLABELLED
 from fedmm.data.sources import load_source
 from fedmm.data.synthetic import make_synthetic
 from fedmm.errors import ConfigError
-from fedmm.training import WeightedCrossEntropy
+from fedmm.models import Objective, OutputLayout
 
 PREP = Preprocessing()
 POOL = make_synthetic(3000, seed=5)
@@ -145,14 +145,17 @@ def test_imbalance_options_are_allowed_without_dp() -> None:
 def test_weighted_loss_of_one_record_does_not_depend_on_its_batch() -> None:
     # nn.CrossEntropyLoss(weight=...) divides by the batch's sum of weights, so one record's
     # loss would depend on the others' labels; ours divides by the batch size.
-    loss = WeightedCrossEntropy(torch.tensor([1.0, 3.0]), reduction="none")
+    layout = OutputLayout((("label", 2, 1.0),), modalities=1)
+    loss = Objective(layout, class_weights=torch.tensor([1.0, 3.0]), reduction="none")
     logits = torch.tensor([[0.2, 0.1], [0.3, -0.4], [1.0, 0.0]])
-    alone = loss(logits[:1], torch.tensor([1]))
-    together = loss(logits, torch.tensor([1, 0, 0]))
+    present = torch.ones(3, 1)
+    alone = loss(logits[:1], present[:1], torch.tensor([1]))
+    together = loss(logits, present, torch.tensor([1, 0, 0]))
 
     assert torch.allclose(alone, together[:1])
-    mean = WeightedCrossEntropy(torch.tensor([1.0, 3.0]))
-    assert torch.allclose(mean(logits, torch.tensor([1, 0, 0])), together.mean())
+    assert torch.allclose(alone, 3.0 * torch.nn.functional.cross_entropy(logits[:1], torch.tensor([1])))
+    mean = Objective(layout, class_weights=torch.tensor([1.0, 3.0]))
+    assert torch.allclose(mean(logits, present, torch.tensor([1, 0, 0])), together.mean())
 
 
 def test_impossible_partitions_are_config_errors() -> None:

@@ -15,7 +15,7 @@ import torch
 
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import builtin_root, load_test
-from fedmm.models import build_model, prepare_inputs, resolve_model
+from fedmm.models import ModelRecipe
 
 FEDMM = str(Path(sys.executable).parent / "fedmm")
 FLOWER_PROCESS_MARKS = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
@@ -65,10 +65,10 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
     assert rounds[0]["max_epsilon"] < rounds[1]["max_epsilon"]
     resolved = RunConfig.from_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
     assert resolved.rounds == 2 and resolved.sites == 3
-    name = resolve_model(resolved.model, resolved.data)
-    build_model(name, prepare_inputs(name, load_test(builtin_root())).schema).load_state_dict(torch.load(run_dir / "model.pt"))
+    recipe = ModelRecipe.from_config(resolved)
+    recipe.build(recipe.prepare(load_test(builtin_root())).schema).load_state_dict(torch.load(run_dir / "model.pt"))
     card = json.loads((run_dir / "model_card.json").read_text())
-    assert card["model"] == "avmnist-concat" and card["parameters"] == 64478 and set(card["encoders"]) == {"image", "audio"}
+    assert card["model"] == "concat" and card["encoders"]["image"]["encoder"] == "ScatteringImageEncoder" and card["parameters"] == 64478 and set(card["encoders"]) == {"image", "audio"}
     assert card["dp_replacements"] == [] and card["layout_fingerprint"]
     federation = json.loads((run_dir / "federation.json").read_text())
     assert federation["plan"]["partitioner"] == "natural" and list(federation["sites"]) == ["george", "jackson", "lucas"]

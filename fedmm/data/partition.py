@@ -55,6 +55,7 @@ class FederationPlan:
     classes_per_site: int = 2  # [classes-per-site]
     missing_modality_site_p: float = 0.0  # [missing-modality-site-p]
     missing_modality_sample_p: float = 0.0  # [missing-modality-sample-p]
+    missing_modality_sites: str = ""  # [missing-modality-sites] e.g. "audio:0.5": that share of the sites lacks audio
     missing_label_p: float = 0.0  # [missing-label-p]
     label_noise: float = 0.0  # [label-noise]
     seed: int = 0  # [seed]
@@ -74,12 +75,38 @@ class FederationPlan:
             if not 0.0 <= p <= top:
                 raise ConfigError(key, f"must be a probability in [0, {top}]", value=p, fix=f"e.g. {key}=0.2")
 
+        self.sites_losing()
+
+    def sites_losing(self) -> dict[str, tuple[int, ...]]:
+        """``missing-modality-sites`` as modality -> the indices of the sites that lack it
+        (an exact share of the sites, drawn with the seed).
+
+        >>> FederationPlan(sites=6, missing_modality_sites="audio:0.5").sites_losing()
+        {'audio': (2, 3, 4)}
+        """
+        out: dict[str, tuple[int, ...]] = {}
+        for part in (p.strip() for p in self.missing_modality_sites.split(",") if p.strip()):
+            name, _, share = part.rpartition(":")
+            try:
+                fraction = float(share)
+            except ValueError:
+                fraction = -1.0
+            if not name or not 0.0 <= fraction <= 1.0:
+                raise ConfigError(
+                    "missing-modality-sites", "must be MODALITY:SHARE entries with a share in [0, 1]", value=self.missing_modality_sites,
+                    fix="e.g. missing-modality-sites='audio:0.5' (half the sites have no audio)",
+                )
+            order = np.random.default_rng([self.seed, zlib.crc32(name.encode())]).permutation(self.sites)
+            out[name] = tuple(sorted(int(i) for i in order[: round(fraction * self.sites)]))
+        return out
+
     @classmethod
     def from_config(cls, cfg: Any) -> FederationPlan:
         return cls(
             partitioner=cfg.partitioner, sites=cfg.sites, partition_by=cfg.partition_by, alpha=cfg.dirichlet_alpha,
             classes_per_site=cfg.classes_per_site, missing_modality_site_p=cfg.missing_modality_site_p,
-            missing_modality_sample_p=cfg.missing_modality_sample_p, missing_label_p=cfg.missing_label_p,
+            missing_modality_sample_p=cfg.missing_modality_sample_p, missing_modality_sites=cfg.missing_modality_sites,
+            missing_label_p=cfg.missing_label_p,
             label_noise=cfg.label_noise, seed=cfg.seed, site_statistics=not cfg.dp,
         )
 
@@ -199,6 +226,12 @@ def degrade_site(ds: MultimodalDataset, plan: FederationPlan, site_index: int) -
             lost[rng.choice(np.flatnonzero(had))] = False
         present[:, lost] = False
         note["modalities_lost"] = [ds.schema.names[j] for j in np.flatnonzero(lost)]
+    for name, losing in plan.sites_losing().items():
+        if name not in ds.schema.names:
+            raise ConfigError("missing-modality-sites", f"no modality {name!r} in the data", value=plan.missing_modality_sites, fix=f"use one of {', '.join(ds.schema.names)}")
+        if site_index in losing:
+            present[:, ds.schema.names.index(name)] = False
+            note["modalities_lost"] = sorted({*note.get("modalities_lost", []), name})
     if plan.missing_modality_sample_p > 0 and m > 1:
         before = int(present.sum())
         present &= ~(rng.random(present.shape) < plan.missing_modality_sample_p)

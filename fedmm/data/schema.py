@@ -66,10 +66,13 @@ class Modality:
 
 @dataclass(frozen=True)
 class Schema:
-    """The modalities (in model input order) and the class names of a federation."""
+    """The modalities (in model input order), the class names of a federation and, for
+    multi-task models, the auxiliary tasks: a group column each (``speaker``) with its
+    class names, predicted by extra heads."""
 
     modalities: tuple[Modality, ...]
     classes: tuple[str, ...]
+    tasks: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -87,7 +90,10 @@ class Schema:
 
     def to_json(self) -> str:
         """A canonical text form: two schemas are the same model input iff these are equal."""
-        return json.dumps({"modalities": [m.describe() for m in self.modalities], "classes": list(self.classes)}, sort_keys=True)
+        out: dict[str, Any] = {"modalities": [m.describe() for m in self.modalities], "classes": list(self.classes)}
+        if self.tasks:
+            out["tasks"] = [[name, list(classes)] for name, classes in self.tasks]  # a list: order is the head order
+        return json.dumps(out, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
@@ -95,7 +101,8 @@ class Schema:
         mods = tuple(
             Modality(m["name"], ModalityKind(m["kind"]), tuple(m["shape"]), m["representation"], m.get("vocab", 0)) for m in data["modalities"]
         )
-        return cls(mods, tuple(data["classes"]))
+        tasks = tuple((name, tuple(classes)) for name, classes in data.get("tasks", []))
+        return cls(mods, tuple(data["classes"]), tasks)
 
 
 @dataclass(frozen=True, eq=False)

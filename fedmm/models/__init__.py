@@ -1,24 +1,18 @@
-"""Models: per-modality encoders, fusion, heads, and a registry by name.
+"""Models: per-modality encoders, fusion by name, task heads and objectives.
 
-Every model here passes Opacus' ``ModuleValidator`` as it is.
+Every model here passes Opacus' ``ModuleValidator`` as it is. Build one with
+:class:`ModelRecipe` (``ModelRecipe.from_config(cfg)``), so the server and the
+sites build the same model.
 """
 
-from fedmm.models.encoders import PooledSpectrogramEncoder, ScatteringImageEncoder
-from fedmm.models.fusion import ConcatFusionNet
-from fedmm.models.registry import ModelSpec, build_model, default_learning_rate, encoder_for, layout_fingerprint, model_card, model_names, prepare_inputs, register_model, resolve_model
+from fedmm.models.fusion import AttentionFusionNet, ConcatFusionNet, EmbeddingFusionNet, FusionNet, GatedFusionNet, LateFusionNet
+from fedmm.models.objective import Objective, OutputLayout
+from fedmm.models.recipe import ModelOptions, ModelRecipe, pretrained_image_features, save_image_encoder
+from fedmm.models.registry import ModelSpec, encoder_for, layout_fingerprint, model_card, model_names, model_spec, register_model
 
 __all__ = [
-    "ScatteringImageEncoder",
-    "PooledSpectrogramEncoder",
-    "ConcatFusionNet",
-    "ModelSpec",
-    "build_model",
-    "model_names",
-    "prepare_inputs",
-    "register_model",
-    "resolve_model",
-    "encoder_for",
-    "default_learning_rate",
-    "layout_fingerprint",
-    "model_card",
+    "FusionNet", "ConcatFusionNet", "GatedFusionNet", "LateFusionNet", "AttentionFusionNet", "EmbeddingFusionNet",
+    "Objective", "OutputLayout",
+    "ModelOptions", "ModelRecipe", "pretrained_image_features", "save_image_encoder",
+    "ModelSpec", "register_model", "model_names", "model_spec", "encoder_for", "layout_fingerprint", "model_card",
 ]

@@ -1,0 +1,327 @@
+"""The model a run trains: a fusion by name plus the options that shape it.
+
+:class:`ModelRecipe` is the one place that turns a run's configuration into a
+model, so the server and every site build exactly the same one:
+
+- :meth:`ModelRecipe.prepare` turns a loaded split into the model's inputs: it keeps
+  the chosen ``modalities``, computes fixed per-sample image features (scattering
+  coefficients, or embeddings of a frozen pretrained CNN) and names the auxiliary
+  tasks;
+- :meth:`ModelRecipe.build` builds the encoders and the fusion, seeded;
+- :meth:`ModelRecipe.objective` is the loss (multi-task, contrastive).
+
+>>> from fedmm.data.synthetic import make_synthetic
+>>> recipe = ModelRecipe("late", ModelOptions(width=32))
+>>> data = recipe.prepare(make_synthetic(8))
+>>> recipe.build(data.schema)(*[torch.from_numpy(v) for v in data.features.values()], torch.ones(8, 5)).shape
+torch.Size([8, 10])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmm.data.features import scattering_2d
+from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
+from fedmm.errors import ConfigError
+from fedmm.models.encoders import ConvImageEncoder
+from fedmm.models.fusion import FusionNet
+from fedmm.models.objective import CONTRASTIVE, Objective, OutputLayout
+from fedmm.models.registry import encoder_for, model_card, model_spec
+
+if TYPE_CHECKING:
+    from fedmm.config import RunConfig
+
+__all__ = ["ModelOptions", "ModelRecipe", "pretrained_image_features", "save_image_encoder"]
+
+IMAGE_ENCODERS = ("auto", "cnn", "scattering", "pretrained")
+AUDIO_ENCODERS = ("pooled", "cnn")
+TEXT_ENCODERS = ("bag", "gru", "transformer")
+SENSOR_ENCODERS = ("cnn", "gru")
+PROJECTION = 32  # width of the per-modality projections the contrastive objective compares
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of: {', '.join(allowed)}", value=value, fix=f"e.g. {key}='{allowed[0]}'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """Encoder choices and sizes, auxiliary tasks and objectives (run-config keys in brackets)."""
+
+    width: int = 64  # [encoder-width] every encoder's output width
+    image_encoder: str = "cnn"  # [image-encoder] cnn | scattering | pretrained (auto: scattering on AV-MNIST)
+    image_weights: str = ""  # [image-weights] pretrained: a state_dict of fedmm's ConvImageEncoder
+    audio_encoder: str = "pooled"  # [audio-encoder] pooled (linear over a pooled spectrogram) | cnn
+    text_encoder: str = "bag"  # [text-encoder] bag (mean of token embeddings) | gru | transformer
+    sensor_encoder: str = "cnn"  # [sensor-encoder] cnn | gru
+    modalities: tuple[str, ...] = ()  # [modalities] train on these only; empty: all
+    tasks: tuple[tuple[str, float], ...] = ()  # [tasks] auxiliary tasks: (group column, loss weight)
+    contrastive: str = "none"  # [contrastive] none | align | clip (dp=false only)
+    contrastive_weight: float = 0.1  # [contrastive-weight]
+    modality_dropout: float = 0.0  # [modality-dropout] per-sample chance of hiding a present modality in training
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.width <= 4096:
+            raise ConfigError("encoder-width", "must be in [4, 4096]", value=self.width, fix="e.g. encoder-width=64")
+        _one_of("image-encoder", self.image_encoder, IMAGE_ENCODERS)
+        _one_of("audio-encoder", self.audio_encoder, AUDIO_ENCODERS)
+        _one_of("text-encoder", self.text_encoder, TEXT_ENCODERS)
+        _one_of("sensor-encoder", self.sensor_encoder, SENSOR_ENCODERS)
+        _one_of("contrastive", self.contrastive, CONTRASTIVE)
+        if self.image_encoder == "pretrained" and not self.image_weights:
+            raise ConfigError(
+                "image-weights", "image-encoder='pretrained' needs the weights of the frozen image encoder", value="",
+                fix="set image-weights=PATH to a file saved with fedmm.models.save_image_encoder (see benchmarks/pretrain_image_encoder.py)",
+            )
+        if not (np.isfinite(self.contrastive_weight) and self.contrastive_weight >= 0):
+            raise ConfigError("contrastive-weight", "must be a finite number >= 0", value=self.contrastive_weight, fix="e.g. contrastive-weight=0.1")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ConfigError("modality-dropout", "must be in [0, 1)", value=self.modality_dropout, fix="e.g. modality-dropout=0.2")
+        for name, weight in self.tasks:
+            if not (np.isfinite(weight) and weight > 0):
+                raise ConfigError("tasks", f"task {name!r} needs a positive loss weight", value=weight, fix="e.g. tasks='speaker:0.5'")
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> ModelOptions:
+        """The options of a run; ``image-encoder=auto`` is scattering on AV-MNIST, a CNN elsewhere."""
+        image = cfg.image_encoder
+        if image == "auto":
+            image = "scattering" if cfg.data.partition(":")[0] == "avmnist" else "cnn"
+        if cfg.dp and cfg.contrastive == "clip":
+            raise ConfigError(
+                "contrastive", "CLIP's in-batch negatives make each record's loss depend on the other records of its batch, "
+                "so DP-SGD's per-record clipping no longer bounds a record's influence", value="clip",
+                fix="use contrastive='align' (matches the modalities within each record) under DP, or set dp=false",
+            )
+        return cls(
+            width=cfg.encoder_width, image_encoder=image, image_weights=cfg.image_weights, audio_encoder=cfg.audio_encoder,
+            text_encoder=cfg.text_encoder, sensor_encoder=cfg.sensor_encoder,
+            modalities=tuple(m.strip() for m in cfg.modalities.split(",") if m.strip()),
+            tasks=_parse_tasks(cfg.tasks), contrastive=cfg.contrastive, contrastive_weight=cfg.contrastive_weight,
+            modality_dropout=cfg.modality_dropout,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The options as plain JSON values (for the model card)."""
+        out = dataclasses.asdict(self)
+        out["tasks"] = [list(t) for t in self.tasks]
+        out["modalities"] = list(self.modalities)
+        return out
+
+
+def _parse_tasks(text: str) -> tuple[tuple[str, float], ...]:
+    """``"speaker:0.5,site"`` -> ``(("speaker", 0.5), ("site", 1.0))``."""
+    tasks = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, weight = part.partition(":")
+        try:
+            tasks.append((name.strip(), float(weight) if weight else 1.0))
+        except ValueError:
+            raise ConfigError("tasks", f"task {name!r} has a weight that is not a number", value=text, fix="e.g. tasks='speaker:0.5'") from None
+    return tuple(tasks)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """A fusion (registered name) and its options: everything needed to build the model."""
+
+    fusion: str = "concat"
+    options: ModelOptions = ModelOptions()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> ModelRecipe:
+        """The run's model; ``model='auto'`` is ``concat``."""
+        fusion = "concat" if cfg.model == "auto" else cfg.model
+        model_spec(fusion)
+        return cls(fusion, ModelOptions.from_config(cfg))
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self, ds: MultimodalDataset, *, tasks_from: Schema | None = None) -> MultimodalDataset:
+        """The split as this model consumes it (cached for the split's lifetime).
+
+        ``tasks_from``: the server's schema, whose auxiliary-task classes a site adopts
+        (so that a site that lacks a speaker still builds the same heads).
+
+        Raises
+        ------
+        ConfigError
+            When the model cannot take this data (unknown modality or task, no
+            pretrained features for embedding fusion).
+        """
+        key = (self, id(ds), tasks_from.to_json() if tasks_from is not None else None)
+        cached = _PREPARED.get(key)
+        if cached is not None and cached[0] is ds:
+            return cached[1]
+        out = self._select(ds)
+        out = self._image_features(out)
+        out = self._with_tasks(out, tasks_from)
+        problem = model_spec(self.fusion).check(out.schema)
+        if problem:
+            raise ConfigError("model", f"cannot train on this data: {problem}", value=self.fusion, fix="use model='concat' (any modalities) or model='auto'")
+        _PREPARED[key] = (ds, out)
+        while len(_PREPARED) > 8:  # bounded: a long-lived process must not keep every split
+            del _PREPARED[next(iter(_PREPARED))]
+        return out
+
+    def _select(self, ds: MultimodalDataset) -> MultimodalDataset:
+        if not self.options.modalities:
+            return ds
+        names = ds.schema.names
+        unknown = [m for m in self.options.modalities if m not in names]
+        if unknown:
+            raise ConfigError("modalities", f"{', '.join(unknown)} not in the data", value=",".join(self.options.modalities), fix=f"choose from {', '.join(names)}")
+        keep = [j for j, m in enumerate(ds.schema.modalities) if m.name in self.options.modalities]
+        schema = dataclasses.replace(ds.schema, modalities=tuple(ds.schema.modalities[j] for j in keep))
+        return ds.replace(schema=schema, features={ds.schema.modalities[j].name: ds.features[ds.schema.modalities[j].name] for j in keep}, present=ds.present[:, keep])
+
+    def _image_features(self, ds: MultimodalDataset) -> MultimodalDataset:
+        kind = self.options.image_encoder
+        if kind not in ("scattering", "pretrained"):
+            return ds
+        mods, features = [], dict(ds.features)
+        for j, m in enumerate(ds.schema.modalities):
+            if m.kind is ModalityKind.IMAGE and m.representation == "pixels":
+                if kind == "scattering":
+                    if m.shape[0] != 1:
+                        raise ConfigError("image-encoder", f"scattering takes one-channel images, {m.name} has {m.shape[0]}", value=kind, fix="set image-mode='L' or image-encoder='cnn'")
+                    features[m.name] = scattering_2d(ds.features[m.name], J=2)
+                    m = Modality(m.name, m.kind, tuple(features[m.name].shape[1:]), "scattering")
+                else:
+                    embedded, digest = pretrained_image_features(ds.features[m.name], self.options.image_weights)
+                    features[m.name] = embedded * ds.present[:, j : j + 1]  # absent stays all zeros
+                    m = Modality(m.name, m.kind, tuple(features[m.name].shape[1:]), f"pretrained:{digest}")
+            mods.append(m)
+        return ds.replace(schema=dataclasses.replace(ds.schema, modalities=tuple(mods)), features=features)
+
+    def _with_tasks(self, ds: MultimodalDataset, tasks_from: Schema | None) -> MultimodalDataset:
+        if not self.options.tasks:
+            return ds
+        given = dict(tasks_from.tasks) if tasks_from is not None else {}
+        tasks = []
+        for name, _ in self.options.tasks:
+            if name in given:
+                tasks.append((name, given[name]))
+                continue
+            if name not in ds.groups:
+                raise ConfigError("tasks", f"no column {name!r} to predict", value=name, fix=f"use one of the data's group columns: {', '.join(sorted(ds.groups)) or 'none'}")
+            tasks.append((name, tuple(sorted({str(v) for v in ds.groups[name]}))))
+        return ds.replace(schema=dataclasses.replace(ds.schema, tasks=tuple(tasks)))
+
+    def task_classes(self, *datasets: MultimodalDataset) -> Schema | None:
+        """A schema naming each auxiliary task's classes: the values of its column in all of
+        ``datasets`` (the server's view, sent to every site). None without tasks."""
+        if not self.options.tasks:
+            return None
+        tasks = []
+        for name, _ in self.options.tasks:
+            values = {str(v) for ds in datasets if name in ds.groups for v in ds.groups[name]}
+            if not values:
+                raise ConfigError("tasks", f"no column {name!r} to predict", value=name, fix=f"use one of the data's group columns: {', '.join(sorted({g for ds in datasets for g in ds.groups})) or 'none'}")
+            tasks.append((name, tuple(sorted(values))))
+        return Schema((), (), tuple(tasks))
+
+    # ------------------------------------------------------------------ model
+    def layout(self, schema: Schema) -> OutputLayout:
+        """The slices of this model's output for ``schema``."""
+        weights = dict(self.options.tasks)
+        tasks = (("label", schema.num_classes, 1.0), *((name, len(classes), weights.get(name, 1.0)) for name, classes in schema.tasks))
+        return OutputLayout(tasks, len(schema.modalities), PROJECTION if self.options.contrastive != "none" else 0)
+
+    def build(self, schema: Schema, *, seed: int = 0) -> FusionNet:
+        """The model for a *prepared* schema, weights drawn from ``seed``; ``output_layout`` set."""
+        spec = model_spec(self.fusion)
+        layout = self.layout(schema)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = spec.build([encoder_for(m, self.options) for m in schema.modalities], layout.logits_width, layout.projection)
+        model.output_layout = layout  # type: ignore[assignment]
+        return model
+
+    def objective(self, schema: Schema, class_weights: torch.Tensor | None = None) -> Objective:
+        """The training loss of this model."""
+        return Objective(self.layout(schema), class_weights=class_weights, contrastive=self.options.contrastive, contrastive_weight=self.options.contrastive_weight)
+
+    def learning_rate(self, schema: Schema) -> float:
+        """What ``learning-rate='auto'`` means for this model: the fusion's tuned rate,
+        lower when any encoder is deep (convolutions, recurrences, attention)."""
+        spec = model_spec(self.fusion)
+        deep = any(
+            isinstance(module, (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) or type(module).__name__.startswith("DP")
+            for m in schema.modalities for module in encoder_for(m, self.options).modules()
+        )
+        return spec.deep_learning_rate if deep else spec.learning_rate
+
+    def grad_sample_modes(self, schema: Schema) -> frozenset[str]:
+        """The Opacus grad-sample modes every encoder of this model trains correctly under."""
+        modes = frozenset(("ghost", "hooks", "functorch"))
+        for m in schema.modalities:
+            modes &= getattr(encoder_for(m, self.options), "grad_sample_modes", modes)
+        return modes
+
+    def check_grad_sample_mode(self, mode: str, schema: Schema) -> None:
+        """Raise a ConfigError if an encoder cannot train under ``mode``."""
+        supported = self.grad_sample_modes(schema)
+        if mode not in supported:
+            raise ConfigError(
+                "grad-sample-mode", f"the {self.fusion} model with {self.options.text_encoder} text / {self.options.sensor_encoder} sensor encoders "
+                f"has no correct per-sample gradients in this mode", value=mode, fix=f"use grad-sample-mode={' or '.join(sorted(supported))}",
+            )
+
+    def card(self, model: nn.Module, schema: Schema) -> dict[str, object]:
+        """The model card of this model (see :func:`fedmm.models.registry.model_card`)."""
+        return model_card(self.fusion, model, schema, self.options)
+
+
+_PREPARED: dict[tuple[Any, ...], tuple[MultimodalDataset, MultimodalDataset]] = {}
+
+
+# ------------------------------------------------------------------ pretrained image encoder
+def save_image_encoder(encoder: ConvImageEncoder, path: str | Path) -> None:
+    """Save a (pretrained) image encoder for ``image-encoder='pretrained'``, ``image-weights=PATH``."""
+    torch.save(encoder.state_dict(), path)
+
+
+@functools.lru_cache(maxsize=2)
+def _frozen_image_encoder(path: str) -> tuple[ConvImageEncoder, str]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("image-weights", "no such file", value=path, fix="give the path of a file saved with fedmm.models.save_image_encoder")
+    blob = file.read_bytes()
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)  # weights only: a weights file runs no code
+        first, last = state["net.0.weight"], state["net.8.weight"]
+        encoder = ConvImageEncoder(channels=int(first.shape[1]), out_features=int(last.shape[0]))
+        encoder.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or foreign file gets the same clear error
+        raise ConfigError(
+            "image-weights", f"not the state_dict of fedmm's ConvImageEncoder ({type(exc).__name__}: {exc})", value=path,
+            fix="save the encoder with fedmm.models.save_image_encoder(encoder, path)",
+        ) from None
+    encoder.eval().requires_grad_(False)
+    return encoder, hashlib.sha256(blob).hexdigest()[:12]
+
+
+def pretrained_image_features(images: np.ndarray, path: str, *, batch_size: int = 512) -> tuple[np.ndarray, str]:
+    """Embeddings ``[N, width]`` of ``[N, C, H, W]`` images by the frozen encoder in ``path``,
+    and a digest of the weights (part of the schema, so sites with other weights are refused)."""
+    encoder, digest = _frozen_image_encoder(str(Path(path).resolve()))
+    channels = encoder.net[0].in_channels  # type: ignore[union-attr]
+    if images.shape[1] != channels:
+        raise ConfigError("image-weights", f"the encoder takes {channels}-channel images, the data has {images.shape[1]}", value=path, fix="set image-mode to match the encoder")
+    width = int(encoder.out_features)
+    out = [np.zeros((0, width), np.float32)]
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            out.append(encoder(torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))).numpy())
+    return np.concatenate(out).astype(np.float32), digest
