@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
@@ -34,6 +33,7 @@ from fedmm.data.augment import Augmenter
 from fedmm.data.schema import MultimodalDataset
 from fedmm.models.objective import Objective, OutputLayout
 from fedmm.privacy.accounting import SiteAccountant
+from fedmm.privacy.ghost import PrivacyEngine
 
 # Opacus' backward hooks on a model whose first layer gets no input gradient (the data
 # never requires one) make torch warn on every step; the gradients are right (tested

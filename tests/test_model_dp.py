@@ -266,3 +266,33 @@ def test_empty_poisson_batches_still_take_a_noisy_step(mode: GradSampleMode, syn
     assert dp.accountant.steps == 40  # every step, empty or not, is accounted
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_ghost_optimizer_noise_is_gaussian_with_the_calibrated_std() -> None:
+    # fedmm.privacy.ghost draws the noise of all tensors in one call: each coordinate must
+    # still get independent N(0, (noise_multiplier * max_grad_norm)^2) noise.
+    from fedmm.privacy.ghost import GhostClippingOptimizer
+
+    params = [nn.Parameter(torch.zeros(200, 100)), nn.Parameter(torch.zeros(20000))]
+    optimizer = GhostClippingOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.5, max_grad_norm=2.0, expected_batch_size=1)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.accumulate()
+    optimizer.add_noise()
+
+    for p in params:
+        assert abs(float(p.grad.std()) - 3.0) < 0.05 and abs(float(p.grad.mean())) < 0.05
+    assert not torch.equal(params[0].grad.flatten()[:100], params[1].grad[:100])
+
+
+def test_fast_linear_norms_equal_opacus_own() -> None:
+    from opacus.grad_sample.linear import compute_linear_norm_sample
+
+    from fedmm.privacy.ghost import linear_norm_sample
+
+    layer = nn.Linear(7, 5)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((6, 7), (6, 3, 7)):  # [batch, features] takes the fast path, sequences Opacus'
+        activations, backprops = torch.randn(*shape, generator=g), torch.randn(*shape[:-1], 5, generator=g)
+        ours, theirs = linear_norm_sample(layer, [activations], backprops), compute_linear_norm_sample(layer, [activations], backprops)
+        assert set(ours) == set(theirs) and all(torch.allclose(ours[p], theirs[p], rtol=1e-5) for p in ours)
