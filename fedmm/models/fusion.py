@@ -95,8 +95,10 @@ class LateFusionNet(FusionNet):
     def __init__(self, encoders: list[nn.Module] | nn.ModuleList, outputs: int, *, projection: int = 0) -> None:
         super().__init__(encoders, outputs, projection=projection)
         self.heads = nn.ModuleList(nn.Linear(int(e.out_features), outputs) for e in self.encoders)  # type: ignore[arg-type]
-        # one learned weight per modality, as an embedding row so Opacus can clip it per sample
+        # one learned weight per modality, as an embedding row so Opacus can clip it per sample;
+        # all equal at the start (a random start lets a weak modality outvote a strong one)
         self.weights = nn.Embedding(1, len(self.encoders))
+        nn.init.zeros_(self.weights.weight)
 
     def fuse(self, embeddings: list[Tensor], present: Tensor) -> Tensor:
         logits = torch.stack([head(e) for head, e in zip(self.heads, embeddings)], dim=1)  # [B, M, K]
