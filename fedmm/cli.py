@@ -181,7 +181,7 @@ def _federation(cfg: RunConfig) -> Any:
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
     recipe = ModelRecipe.from_config(cfg)
-    test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test(), source.pool))
+    test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test()))
     Augmenter(test.schema, parse_augment(cfg.augment), seed=0)
     class_weights(cfg, test)
     if cfg.dp:

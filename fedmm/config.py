@@ -145,10 +145,10 @@ class RunConfig:
         from fedmm.data.augment import parse_augment
         from fedmm.data.partition import FederationPlan
         from fedmm.data.preprocess import Preprocessing
-        from fedmm.models.recipe import ModelOptions
+        from fedmm.models.recipe import ModelRecipe
 
         Preprocessing.from_config(self)
-        ModelOptions.from_config(self)
+        ModelRecipe.from_config(self)  # the fusion name and the model options
         FederationPlan.from_config(self)
         parse_augment(self.augment)
         self.fixed_class_weights()

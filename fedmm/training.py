@@ -15,16 +15,21 @@ the site's labels; augmentation is applied per sample after sampling, which
 changes no sensitivity. Samples without a label are not used for supervised
 training and are not part of the DP dataset (they are counted and reported).
 Modality dropout hides modalities per sample after sampling, like augmentation.
+Under DP, which records a step samples and its noise come from the operating
+system's randomness, never from the run's seed (which the server hands out), so a
+DP run is not bit-for-bit repeatable; everything else follows the seed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
@@ -146,6 +151,8 @@ def train(
     """
     if dp is not None and balanced_sampler:
         raise ValueError("a class-balanced sampler breaks DP-SGD's Poisson sampling; refused under DP")
+    if dp is not None and getattr(objective, "contrastive", None) == "clip":
+        raise ValueError("CLIP's in-batch loss couples the records of a batch; refused under DP (use contrastive='align')")
     ds = ds.labelled()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -170,10 +177,16 @@ def train(
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=dp.accountant.kind.value)
             engine.accountant = dp.accountant.opacus
+            # Which records a step samples and the noise it adds must be unpredictable: drawn
+            # from the run's public seed, anyone who knows the seed could regenerate the noise
+            # and subtract it. Both come from a generator seeded by the OS, never the seed.
+            secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+            poisson = DPDataLoader.from_data_loader(loader, generator=secret)
             wrapped = engine.make_private(
-                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+                module=model, optimizer=optimizer, criterion=criterion, data_loader=poisson,
                 noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                grad_sample_mode=dp.grad_sample_mode.value, poisson_sampling=True,
+                grad_sample_mode=dp.grad_sample_mode.value, poisson_sampling=False,  # already Poisson
+                noise_generator=secret,
             )
         if dp.grad_sample_mode is GradSampleMode.GHOST:
             trained, optimizer, criterion, loader = wrapped

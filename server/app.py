@@ -49,8 +49,9 @@ def main(grid: Grid, context: Context) -> None:
     else:
         log(INFO, "[fedmm] no training data here: the sites bring their own")
     recipe = ModelRecipe.from_config(cfg)
-    # The server's schema names the auxiliary tasks' classes (from all the data it sees) for every site.
-    schema = recipe.prepare(test, tasks_from=recipe.task_classes(test, source.pool)).schema
+    # The server names the auxiliary tasks' classes for every site, from its own held-out set
+    # only: a list taken from the sites' training records would publish who is in them.
+    schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
     model = recipe.build(schema, seed=cfg.seed)
     artifacts.save_model_card(recipe.card(model, schema))
     initial = model.state_dict()

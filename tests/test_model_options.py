@@ -43,12 +43,38 @@ def _weights(path: Path, seed: int) -> Path:
         ({"tasks": "speaker:-1"}, "tasks"),
         ({"missing-modality-sites": "audio"}, "missing-modality-sites"),
         ({"missing-modality-sites": "audio:1.5"}, "missing-modality-sites"),
+        ({"tasks": "speaker,speaker"}, "tasks"),
+        ({"tasks": "label"}, "tasks"),
+        ({"model": "attention", "encoder-width": 30}, "encoder-width"),
     ],
 )
 def test_bad_model_settings_are_config_errors(settings: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as error:
-        RunConfig.from_run_config(settings)
+        ModelRecipe.from_config(RunConfig.from_run_config(settings))
     assert error.value.key == key
+
+
+def test_the_earlier_default_name_still_builds_the_same_model() -> None:
+    old = ModelRecipe.from_config(RunConfig(model="avmnist-concat"))
+    assert old == ModelRecipe.from_config(RunConfig())
+
+
+def test_dp_noise_and_sampling_do_not_follow_the_public_seed() -> None:
+    # With the seed known to the server, seeded noise could be regenerated and subtracted.
+    from fedmm.config import AccountantKind, GradSampleMode
+    from fedmm.training import DPSettings, train
+
+    recipe = ModelRecipe()
+    data = recipe.prepare(make_synthetic(32, seed=0))
+
+    def weights(dp: bool) -> torch.Tensor:
+        model = recipe.build(data.schema, seed=0)
+        settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=GradSampleMode.GHOST, accountant=SiteAccountant(AccountantKind.RDP)) if dp else None
+        train(model, data, epochs=1, batch_size=8, learning_rate=0.1, momentum=0.0, seed=5, dp=settings)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(weights(False), weights(False))  # plain training follows the seed
+    assert not torch.equal(weights(True), weights(True))  # DP draws do not
 
 
 def test_clip_is_refused_under_dp_for_a_reason_a_test_can_see() -> None:
@@ -142,6 +168,9 @@ def test_exactly_half_the_sites_lose_audio() -> None:
     assert all((s.features["audio"][~s.present[:, 1]] == 0).all() for s in federation.sites)
     summary = federation.summary()
     assert sorted(n for n, note in summary["sites"].items() if "audio" in note.get("modalities_lost", [])) == sorted(without)  # type: ignore[attr-defined]
+    assert len(FederationPlan(sites=5, missing_modality_sites="audio:0.5").sites_losing()["audio"]) == 3  # half rounds up
+    with pytest.raises(ConfigError, match="every modality"):
+        build_federation(source, FederationPlan.from_config(RunConfig(missing_modality_sites="audio:1,image:1")))
 
 
 def test_a_site_adopts_the_servers_task_classes() -> None:
@@ -162,6 +191,8 @@ def test_a_site_adopts_the_servers_task_classes() -> None:
 
     assert {k: v.shape for k, v in update.state_dict.items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert update.state_dict["head.weight"].shape[0] == 10 + 6
+    blank = site.replace(groups={**site.groups, "speaker": np.array([""] * len(site))})
+    assert recipe.task_classes(blank, test) == recipe.task_classes(test)  # an empty cell is unknown, not a class
     with pytest.raises(ConfigError, match="no column 'accent'"):
         ModelRecipe.from_config(RunConfig(tasks="accent")).prepare(site)
     card = recipe.card(model, server)

@@ -97,7 +97,7 @@ class FederationPlan:
                     fix="e.g. missing-modality-sites='audio:0.5' (half the sites have no audio)",
                 )
             order = np.random.default_rng([self.seed, zlib.crc32(name.encode())]).permutation(self.sites)
-            out[name] = tuple(sorted(int(i) for i in order[: round(fraction * self.sites)]))
+            out[name] = tuple(sorted(int(i) for i in order[: int(fraction * self.sites + 0.5)]))  # half rounds up
         return out
 
     @classmethod
@@ -232,6 +232,11 @@ def degrade_site(ds: MultimodalDataset, plan: FederationPlan, site_index: int) -
         if site_index in losing:
             present[:, ds.schema.names.index(name)] = False
             note["modalities_lost"] = sorted({*note.get("modalities_lost", []), name})
+    if plan.missing_modality_sites and had.any() and not (present.any(axis=0) & had).any():
+        raise ConfigError(
+            "missing-modality-sites", f"site {site_index} would lose every modality it has", value=plan.missing_modality_sites,
+            fix="leave each site at least one modality (lower the shares)",
+        )
     if plan.missing_modality_sample_p > 0 and m > 1:
         before = int(present.sum())
         present &= ~(rng.random(present.shape) < plan.missing_modality_sample_p)

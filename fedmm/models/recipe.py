@@ -48,6 +48,9 @@ AUDIO_ENCODERS = ("pooled", "cnn")
 TEXT_ENCODERS = ("bag", "gru", "transformer")
 SENSOR_ENCODERS = ("cnn", "gru")
 PROJECTION = 32  # width of the per-modality projections the contrastive objective compares
+ATTENTION_HEADS = 4
+_UNKNOWN = frozenset({"", "nan", "None"})  # an empty group cell is an unknown task label, not a class
+_ALIASES = {"avmnist-concat": "concat"}  # earlier name of the AV-MNIST default (old run configs replay)
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -88,9 +91,12 @@ class ModelOptions:
             raise ConfigError("contrastive-weight", "must be a finite number >= 0", value=self.contrastive_weight, fix="e.g. contrastive-weight=0.1")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ConfigError("modality-dropout", "must be in [0, 1)", value=self.modality_dropout, fix="e.g. modality-dropout=0.2")
+        names = [name for name, _ in self.tasks]
         for name, weight in self.tasks:
             if not (np.isfinite(weight) and weight > 0):
                 raise ConfigError("tasks", f"task {name!r} needs a positive loss weight", value=weight, fix="e.g. tasks='speaker:0.5'")
+            if not name or name == "label" or names.count(name) > 1:
+                raise ConfigError("tasks", f"task {name!r} is empty, repeated or the main task's name", value=",".join(names), fix="name each group column once, e.g. tasks='speaker:0.5'")
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ModelOptions:
@@ -142,9 +148,16 @@ class ModelRecipe:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ModelRecipe:
         """The run's model; ``model='auto'`` is ``concat``."""
-        fusion = "concat" if cfg.model == "auto" else cfg.model
-        model_spec(fusion)
+        fusion = "concat" if cfg.model == "auto" else _ALIASES.get(cfg.model, cfg.model)
         return cls(fusion, ModelOptions.from_config(cfg))
+
+    def __post_init__(self) -> None:
+        model_spec(self.fusion)
+        if self.fusion == "attention" and self.options.width % ATTENTION_HEADS:
+            raise ConfigError(
+                "encoder-width", f"attention fusion splits the width over {ATTENTION_HEADS} heads", value=self.options.width,
+                fix=f"use a multiple of {ATTENTION_HEADS}, e.g. encoder-width=64",
+            )
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, ds: MultimodalDataset, *, tasks_from: Schema | None = None) -> MultimodalDataset:
@@ -215,7 +228,7 @@ class ModelRecipe:
                 continue
             if name not in ds.groups:
                 raise ConfigError("tasks", f"no column {name!r} to predict", value=name, fix=f"use one of the data's group columns: {', '.join(sorted(ds.groups)) or 'none'}")
-            tasks.append((name, tuple(sorted({str(v) for v in ds.groups[name]}))))
+            tasks.append((name, tuple(sorted({str(v) for v in ds.groups[name]} - _UNKNOWN))))
         return ds.replace(schema=dataclasses.replace(ds.schema, tasks=tuple(tasks)))
 
     def task_classes(self, *datasets: MultimodalDataset) -> Schema | None:
@@ -225,7 +238,7 @@ class ModelRecipe:
             return None
         tasks = []
         for name, _ in self.options.tasks:
-            values = {str(v) for ds in datasets if name in ds.groups for v in ds.groups[name]}
+            values = {str(v) for ds in datasets if name in ds.groups for v in ds.groups[name]} - _UNKNOWN
             if not values:
                 raise ConfigError("tasks", f"no column {name!r} to predict", value=name, fix=f"use one of the data's group columns: {', '.join(sorted({g for ds in datasets for g in ds.groups})) or 'none'}")
             tasks.append((name, tuple(sorted(values))))

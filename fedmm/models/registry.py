@@ -188,7 +188,7 @@ def model_card(name: str, model: nn.Module, schema: Schema, options: ModelOption
 register_model("concat", ModelSpec(build=lambda enc, k, p: ConcatFusionNet(enc, k, projection=p)))
 register_model("gated", ModelSpec(build=lambda enc, k, p: GatedFusionNet(enc, k, projection=p)))
 register_model("late", ModelSpec(build=lambda enc, k, p: LateFusionNet(enc, k, projection=p)))
-register_model("attention", ModelSpec(build=lambda enc, k, p: AttentionFusionNet(enc, k, projection=p)))
+register_model("attention", ModelSpec(build=lambda enc, k, p: AttentionFusionNet(enc, k, projection=p, heads=4)))
 
 
 def _needs_pretrained(schema: Schema) -> str | None:
