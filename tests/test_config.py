@@ -63,3 +63,12 @@ def test_bad_values_are_refused_with_key_value_and_fix(key: str, value: object, 
 def test_noise_multiplier_auto_means_calibrated() -> None:
     assert RunConfig.from_run_config({"noise-multiplier": "auto"}).noise_multiplier is None
     assert RunConfig.from_run_config({"noise-multiplier": 1}).noise_multiplier == 1.0
+
+
+def test_every_preset_is_a_valid_run_config() -> None:
+    import tomllib
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "simulations").glob("*.toml"))
+    assert len(presets) >= 6
+    for preset in presets:
+        RunConfig.from_run_config(tomllib.loads(preset.read_text()))

@@ -132,25 +132,6 @@ def test_the_default_model_takes_a_dp_step_in_every_grad_sample_mode(mode: GradS
     assert dp.accountant.history[0].steps == 4 and dp.accountant.history[0].sample_rate == 0.25
 
 
-def _reference_clipped_mean(model: nn.Module, arrays: MultimodalDataset, max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:
-    """Per-sample gradients one sample at a time, each clipped to max_grad_norm, averaged."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    norms = []
-    for i in range(len(arrays)):
-        model.zero_grad()
-        inputs = [torch.from_numpy(np.array(arrays.features[m][i : i + 1])) for m in arrays.schema.names]
-        present = torch.from_numpy(arrays.present[i : i + 1].astype(np.float32))
-        loss = nn.functional.cross_entropy(model(*inputs, present), torch.from_numpy(np.array(arrays.label[i : i + 1])))
-        grads = torch.autograd.grad(loss, params)
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-        norms.append(norm)
-        factor = min(1.0, max_grad_norm / (norm + 1e-6))  # Opacus' flat clipping
-        for t, g in zip(total, grads):
-            t += g * factor
-    return [t / len(arrays) for t in total], norms
-
-
 def _reference_clipped_mean(model: nn.Module, objective: nn.Module, arrays: MultimodalDataset, max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:
     """Per-sample gradients one sample at a time, each clipped to max_grad_norm, averaged."""
     from fedmm.training import make_dataset
