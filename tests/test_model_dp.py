@@ -14,7 +14,7 @@ from torch import nn
 
 from fedmm.config import AccountantKind, GradSampleMode, RunConfig
 from fedmm.data.avmnist import builtin_root, load_site
-from fedmm.data.schema import Modality, MultimodalDataset
+from fedmm.data.schema import MultimodalDataset
 from fedmm.data.synthetic import make_synthetic
 from fedmm.errors import ConfigError
 from fedmm.models import ModelOptions, ModelRecipe, model_names, save_image_encoder

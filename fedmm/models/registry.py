@@ -22,11 +22,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
-from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
+from fedmm.data.schema import Modality, ModalityKind, Schema
 from fedmm.errors import ConfigError
 from fedmm.models.encoders import (
     ConvImageEncoder,
@@ -203,10 +202,3 @@ def _needs_pretrained(schema: Schema) -> str | None:
 
 register_model("embedding", ModelSpec(build=lambda enc, k, p: EmbeddingFusionNet(enc, k, projection=p), check=_needs_pretrained))
 
-
-def empty_like(schema: Schema) -> MultimodalDataset:
-    """A dataset of no samples with ``schema`` (to prepare a schema without data)."""
-    return MultimodalDataset(
-        schema, {m.name: np.zeros((0, *m.shape), m.dtype) for m in schema.modalities},
-        np.zeros((0, len(schema.modalities)), bool), np.zeros(0, np.int64),
-    )
