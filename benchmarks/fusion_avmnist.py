@@ -44,6 +44,7 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("gated", {"model": "gated"}),
     ("attention", {"model": "attention"}),
     ("late", {"model": "late"}),
+    ("image only (pretrained)", {"modalities": "image", "model": "embedding", "image-encoder": "pretrained"}),
     ("embedding", {"model": "embedding", "image-encoder": "pretrained"}),
     ("concat + speaker head", {"tasks": "speaker:0.5"}),
     ("concat + align", {"contrastive": "align"}),
