@@ -40,11 +40,6 @@ from fedmm.models.objective import Objective, OutputLayout
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ghost import PrivacyEngine
 
-# Opacus' backward hooks on a model whose first layer gets no input gradient (the data
-# never requires one) make torch warn on every step; the gradients are right (tested
-# against one-sample-at-a-time references), so this one message is silenced.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
-
 __all__ = ["DPSettings", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]
 
 
@@ -194,32 +189,37 @@ def train(
             trained, optimizer, loader = wrapped
     trained.train()
     total, batches = 0.0, 0
-    for _ in range(epochs):
-        for batch in loader:
-            inputs, targets = list(batch[: modality_count + 1]), batch[modality_count + 1 :]
-            if dp is not None and targets[0].shape[0] == 0:
-                # Poisson sampling drew no record. The DP-SGD step is then pure noise (the sum
-                # of no clipped gradients is 0). Opacus cannot take an empty batch through
-                # some layers (Embedding with ghost norms, functorch), so take that step directly.
+    with warnings.catch_warnings():
+        # Opacus' backward hooks on a model whose first layer gets no input gradient (the data
+        # never requires one) make torch warn on every step; the gradients are right (tested
+        # against one-sample-at-a-time references). Silenced here only, for this one message.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+        for _ in range(epochs):
+            for batch in loader:
+                inputs, targets = list(batch[: modality_count + 1]), batch[modality_count + 1 :]
+                if dp is not None and targets[0].shape[0] == 0:
+                    # Poisson sampling drew no record. The DP-SGD step is then pure noise (the sum
+                    # of no clipped gradients is 0). Opacus cannot take an empty batch through
+                    # some layers (Embedding with ghost norms, functorch), so take that step directly.
+                    optimizer.zero_grad()
+                    for p in trained.parameters():
+                        if p.requires_grad:
+                            if dp.grad_sample_mode is GradSampleMode.GHOST:
+                                p.grad = torch.zeros_like(p)
+                            else:
+                                p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)  # type: ignore[attr-defined]
+                    optimizer.step()
+                    continue
+                if augmenter is not None:
+                    inputs = augmenter(inputs)
+                if modality_dropout > 0:
+                    inputs = drop_modalities(inputs, modality_dropout, dropout_rng)
                 optimizer.zero_grad()
-                for p in trained.parameters():
-                    if p.requires_grad:
-                        if dp.grad_sample_mode is GradSampleMode.GHOST:
-                            p.grad = torch.zeros_like(p)
-                        else:
-                            p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)  # type: ignore[attr-defined]
+                loss = criterion(trained(*inputs), inputs[-1], *targets)
+                loss.backward()
                 optimizer.step()
-                continue
-            if augmenter is not None:
-                inputs = augmenter(inputs)
-            if modality_dropout > 0:
-                inputs = drop_modalities(inputs, modality_dropout, dropout_rng)
-            optimizer.zero_grad()
-            loss = criterion(trained(*inputs), inputs[-1], *targets)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            batches += 1
+                total += float(loss.detach())
+                batches += 1
     if dp is not None:
         trained.eval()
         _unwrap(trained)

@@ -220,16 +220,9 @@ class ModelRecipe:
     def _with_tasks(self, ds: MultimodalDataset, tasks_from: Schema | None) -> MultimodalDataset:
         if not self.options.tasks:
             return ds
-        given = dict(tasks_from.tasks) if tasks_from is not None else {}
-        tasks = []
-        for name, _ in self.options.tasks:
-            if name in given:
-                tasks.append((name, given[name]))
-                continue
-            if name not in ds.groups:
-                raise ConfigError("tasks", f"no column {name!r} to predict", value=name, fix=f"use one of the data's group columns: {', '.join(sorted(ds.groups)) or 'none'}")
-            tasks.append((name, tuple(sorted({str(v) for v in ds.groups[name]} - _UNKNOWN))))
-        return ds.replace(schema=dataclasses.replace(ds.schema, tasks=tuple(tasks)))
+        # the server's classes when it sent them, else this split's own (tests, tools)
+        named = tasks_from if tasks_from is not None and tasks_from.tasks else self.task_classes(ds)
+        return ds.replace(schema=dataclasses.replace(ds.schema, tasks=named.tasks if named is not None else ()))
 
     def task_classes(self, *datasets: MultimodalDataset) -> Schema | None:
         """A schema naming each auxiliary task's classes: the values of its column in all of
@@ -269,18 +262,11 @@ class ModelRecipe:
         """What ``learning-rate='auto'`` means for this model: the fusion's tuned rate,
         lower when any encoder is deep (convolutions, recurrences, attention)."""
         spec = model_spec(self.fusion)
-        deep = any(
-            isinstance(module, (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) or type(module).__name__.startswith("DP")
-            for m in schema.modalities for module in encoder_for(m, self.options).modules()
-        )
-        return spec.deep_learning_rate if deep else spec.learning_rate
+        return spec.deep_learning_rate if _encoder_traits(self, schema)[0] else spec.learning_rate
 
     def grad_sample_modes(self, schema: Schema) -> frozenset[str]:
         """The Opacus grad-sample modes every encoder of this model trains correctly under."""
-        modes = frozenset(("ghost", "hooks", "functorch"))
-        for m in schema.modalities:
-            modes &= getattr(encoder_for(m, self.options), "grad_sample_modes", modes)
-        return modes
+        return _encoder_traits(self, schema)[1]
 
     def check_grad_sample_mode(self, mode: str, schema: Schema) -> None:
         """Raise a ConfigError if an encoder cannot train under ``mode``."""
@@ -297,6 +283,21 @@ class ModelRecipe:
 
 
 _PREPARED: dict[tuple[Any, ...], tuple[MultimodalDataset, MultimodalDataset]] = {}
+
+
+@functools.lru_cache(maxsize=32)
+def _encoder_traits(recipe: ModelRecipe, schema: Schema) -> tuple[bool, frozenset[str]]:
+    """Whether any encoder is deep (convolutions, recurrences, attention), and the grad-sample
+    modes all of them support; built once per recipe and schema, not every round."""
+    encoders = [encoder_for(m, recipe.options) for m in schema.modalities]
+    deep = any(
+        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)) or type(module).__name__.startswith("DP")
+        for encoder in encoders for module in encoder.modules()
+    )
+    modes = frozenset(("ghost", "hooks", "functorch"))
+    for encoder in encoders:
+        modes &= getattr(encoder, "grad_sample_modes", modes)
+    return deep, modes
 
 
 # ------------------------------------------------------------------ pretrained image encoder
