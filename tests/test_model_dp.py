@@ -277,3 +277,74 @@ def test_fast_linear_norms_equal_opacus_own() -> None:
         activations, backprops = torch.randn(*shape, generator=g), torch.randn(*shape[:-1], 5, generator=g)
         ours, theirs = linear_norm_sample(layer, [activations], backprops), compute_linear_norm_sample(layer, [activations], backprops)
         assert set(ours) == set(theirs) and all(torch.allclose(ours[p], theirs[p], rtol=1e-5) for p in ours)
+
+
+def test_linear_only_models_clip_in_one_backward_pass(site: MultimodalDataset, synthetic: MultimodalDataset) -> None:
+    # fedmm.privacy.ghost takes one backward pass when every trainable layer is a Linear (the
+    # default model); anything else keeps Opacus' two-pass module. Both are checked against
+    # one-sample-at-a-time references above; this pins which one each model gets.
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from fedmm.privacy.ghost import OnePassGradSampleModule, PrivacyEngine
+
+    def wrapped(recipe: ModelRecipe, data: MultimodalDataset) -> nn.Module:
+        model = recipe.build(data.schema)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), batch_size=4)
+        module, *_ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=recipe.objective(data.schema),
+            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost",
+        )
+        return module
+
+    assert type(wrapped(DEFAULT, site)) is OnePassGradSampleModule
+    cnn = ModelRecipe("concat", ModelOptions(modalities=("image", "audio")))
+    assert type(wrapped(cnn, cnn.prepare(synthetic))) is GradSampleModuleFastGradientClipping
+
+
+class _LinearsOnly(nn.Module):
+    """Linear layers in the awkward places: on a sequence and on a batch, each followed by an
+    in-place ReLU, one with a frozen bias, and one whose output never reaches the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sequence = nn.Linear(5, 6)
+        self.relu = nn.ReLU(inplace=True)
+        self.middle = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.head.bias.requires_grad_(False)
+        self.unused = nn.Linear(6, 2)
+        self.spare = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.relu(self.middle(self.relu(self.sequence(x)).mean(dim=1)))
+        self.spare = self.unused(hidden)  # computed, not part of the loss
+        return self.head(hidden)
+
+
+def test_one_pass_clipping_equals_per_sample_clipping_on_awkward_linear_models() -> None:
+    from fedmm.privacy.ghost import OnePassGradSampleModule
+
+    torch.manual_seed(0)
+    model = _LinearsOnly().double()
+    x, y, clip = torch.randn(7, 4, 5, dtype=torch.float64), torch.randint(0, 3, (7,)), 0.8
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    expected, norms = [torch.zeros_like(p) for p in trainable], []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), trainable, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, trainable)]
+        norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+        norms.append(norm)
+        for e, g in zip(expected, grads):
+            e += g * min(1.0, clip / (norm + 1e-6))
+    assert min(norms) < clip < max(norms)  # some records are clipped, some are not
+
+    module = OnePassGradSampleModule(model, max_grad_norm=clip)
+    module.clipped_backward(nn.functional.cross_entropy(module(x), y, reduction="none"))
+
+    for p, e in zip(trainable, expected):
+        assert torch.allclose(p.grad, e, rtol=1e-10, atol=1e-12)
+    assert model.head.bias.grad is None and not model.unused.weight.grad.any()
+    module.zero_grad()
+    model(x)
+    with pytest.raises(NotImplementedError, match="tying"):  # a layer used twice in one step is refused, as Opacus does
+        module.clipped_backward(nn.functional.cross_entropy(module(x), y, reduction="none"))

@@ -16,7 +16,18 @@ Poisson sampling and accounting stay Opacus' own:
   noise for all parameters in one call instead of one call per tensor; the noise is
   the same i.i.d. N(0, (noise_multiplier * max_grad_norm)^2) per coordinate (a different
   random stream from the parent's, so a seeded run does not repeat its exact noise).
-- ``PrivacyEngine`` is Opacus' engine that hands out that optimizer for ghost clipping.
+- a model whose every trainable layer is an ``nn.Linear`` (the default AV-MNIST model)
+  gets ``OnePassGradSampleModule``: ghost clipping in one backward pass instead of
+  Opacus' two. A forward hook keeps each Linear's input ``a_i`` and a tensor hook its
+  output gradient ``g_i`` (a tensor hook, not a module backward hook: far less Python
+  per step, and it sees the gradient of the output before any in-place op that follows).
+  One backward of the summed per-record losses gives every ``g_i``; the per-record norms
+  follow as above, and the clipped sum ``sum_i c_i g_i a_i^T`` is one matrix product per
+  layer, so the second backward pass Opacus takes to apply ``c_i`` is not needed (the
+  "book-keeping" idea of Bu et al., "Differentially private optimization on large model at
+  small cost", ICML 2023). Every other model keeps Opacus' own two-pass module;
+- ``PrivacyEngine`` is Opacus' engine that hands out that optimizer, that module and the
+  matching loss wrapper for ghost clipping.
 
 ``tests/test_model_dp.py`` checks the result against per-sample clipped gradients
 computed without Opacus, and the noise's standard deviation.
@@ -24,17 +35,22 @@ computed without Opacus, and the noise's standard deviation.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import opacus
 import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.grad_sample.utils import register_norm_sampler
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from opacus.utils.module_utils import trainable_modules
 from torch import nn
 
-__all__ = ["GhostClippingOptimizer", "PrivacyEngine", "linear_norm_sample"]
+__all__ = ["GhostClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "linear_norm_sample"]
 
 
 @register_norm_sampler(nn.Linear)
@@ -81,8 +97,117 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
             _mark_as_processed(p.summed_grad)
 
 
+def _keep_gradient(record: list[Any], grad: torch.Tensor) -> None:
+    record[1] = grad.detach()
+
+
+class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
+    """Opacus' ghost-clipping module for models whose every trainable layer is an ``nn.Linear``,
+    clipping in one backward pass (:meth:`clipped_backward`) instead of two.
+
+    Everything else (validation, wrapping, ``_close``) is Opacus' own.
+    """
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        layers = [m for _, m in trainable_modules(self._module)]
+        if not batch_first or any(type(m) is not nn.Linear for m in layers):
+            raise TypeError("OnePassGradSampleModule takes batch-first models whose trainable layers are all nn.Linear")
+        handles = self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = handles
+        self._layers: list[nn.Linear] = layers
+        self._records: dict[nn.Module, list[list[Any]]] = {}  # layer -> [[input, output gradient or None]]
+        handles.extend(layer.register_forward_hook(self._capture) for layer in layers)
+        self.enable_hooks()
+
+    def _capture(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if not (self.hooks_enabled and layer.training and torch.is_grad_enabled() and output.requires_grad):
+            return None
+        record = [inputs[0].detach(), None]  # [input, gradient of the output], the latter set in backward
+        self._records.setdefault(layer, []).append(record)
+        output.register_hook(partial(_keep_gradient, record))
+        # A Linear on [batch, seq, features] returns a view; an in-place op on a view (ReLU(inplace=True))
+        # rewrites its history and the hook never fires. The layer's users get a copy instead.
+        return output.clone() if output._base is not None else None
+
+    def clipped_backward(self, loss_per_sample: torch.Tensor) -> None:
+        """Set each parameter's ``.grad`` to the sum over records of their gradients clipped to ``max_grad_norm``."""
+        # The sum of per-record losses: the gradient reaching each output row is that record's own.
+        loss_per_sample.sum().backward()
+        records, self._records = self._records, {}
+        squared = loss_per_sample.new_zeros(loss_per_sample.shape[0]).detach()
+        captured: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+        for layer in self._layers:
+            seen = records.get(layer, [])
+            if len(seen) > 1:
+                raise NotImplementedError("Parameter tying is not supported with Ghost Clipping")  # Opacus' rule and words
+            if not seen or seen[0][1] is None:
+                # no gradient reached this layer: every record's gradient here is 0
+                for p in layer.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+                continue
+            activations, backprops = seen[0]
+            captured.append((layer, activations, backprops))
+            if backprops.dim() == 2:
+                grad_sq = backprops.square().sum(dim=1)
+                if layer.weight.requires_grad:
+                    squared += grad_sq * activations.to(backprops).square().sum(dim=1)
+                if layer.bias is not None and layer.bias.requires_grad:
+                    squared += grad_sq
+            else:
+                for norm in compute_linear_norm_sample(layer, [activations], backprops).values():
+                    squared += norm.square()
+        norms = squared.sqrt()
+        self.per_sample_gradient_norms = norms
+        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' get_clipping_coef
+        for layer, activations, backprops in captured:
+            scaled = (backprops * coef.view(-1, *[1] * (backprops.dim() - 1))).reshape(-1, backprops.shape[-1])
+            if layer.weight.requires_grad:
+                layer.weight.grad = (scaled.t() @ activations.reshape(-1, activations.shape[-1]).to(scaled)).to(layer.weight.dtype)
+            if layer.bias is not None and layer.bias.requires_grad:
+                layer.bias.grad = scaled.sum(dim=0).to(layer.bias.dtype)
+
+
+class _ClippedLoss(DPTensorFastGradientClipping):
+    """Opacus' ghost-clipping loss; its ``backward`` takes one pass on a ``OnePassGradSampleModule``."""
+
+    def backward(self) -> None:
+        if not isinstance(self.module, OnePassGradSampleModule):
+            super().backward()
+            return
+        self.module.clipped_backward(self.loss_per_sample)
+        # Opacus' two-pass backward zeroes the optimizer's gradients between passes, which also
+        # drops its summed gradient unless the last step was skipped; the same here (every
+        # ``.grad`` was just replaced).
+        if not self.optimizer._is_last_step_skipped:
+            for p in self.optimizer.params:
+                p.summed_grad = None
+
+
+class _ClippingCriterion(DPLossFastGradientClipping):
+    def __call__(self, *args: Any, **kwargs: Any) -> DPTensorFastGradientClipping:
+        loss = super().__call__(*args, **kwargs)
+        loss.__class__ = _ClippedLoss  # same fields; only ``backward`` differs
+        return loss
+
+
 class PrivacyEngine(opacus.PrivacyEngine):
-    """Opacus' ``PrivacyEngine`` whose ghost-clipping optimizer is ``GhostClippingOptimizer``."""
+    """Opacus' ``PrivacyEngine`` with the faster ghost clipping of this module."""
+
+    def _prepare_model(self, module: nn.Module, **kwargs: Any) -> Any:
+        one_pass = (
+            kwargs.get("grad_sample_mode") == "ghost"
+            and kwargs.get("wrap_model", True)
+            and kwargs.get("batch_first", True)
+            and not isinstance(module, AbstractGradSampleModule)
+            and all(type(m) is nn.Linear for _, m in trainable_modules(module))
+        )
+        if not one_pass:
+            return super()._prepare_model(module, **kwargs)
+        self.validate(module=module, optimizer=None, data_loader=None)
+        return OnePassGradSampleModule(module, batch_first=True, loss_reduction=kwargs.get("loss_reduction", "mean"), max_grad_norm=kwargs.get("max_grad_norm", 1.0), use_ghost_clipping=True)
 
     def _prepare_optimizer(self, **kwargs: Any) -> DPOptimizer:
         optimizer = super()._prepare_optimizer(**kwargs)
@@ -90,3 +215,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
             # Same object and state; only the two methods above differ (the subclass adds no fields).
             optimizer.__class__ = GhostClippingOptimizer
         return optimizer
+
+    def _prepare_criterion(self, **kwargs: Any) -> DPLossFastGradientClipping:
+        criterion = super()._prepare_criterion(**kwargs)
+        criterion.__class__ = _ClippingCriterion
+        return criterion
