@@ -11,10 +11,12 @@ from flwr.clientapp import ClientApp
 
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.errors import ConfigError
+from fedmm.errors import BudgetExceededError, ConfigError
 from fedmm.models import layout_fingerprint
-from fedmm.site import SiteState, site_data, train_round
 from fedmm.privacy.accounting import SiteAccountant
+from fedmm.privacy.ledger import PrivacyLedger
+from fedmm.privacy.policy import site_policy
+from fedmm.site import SiteState, site_data, train_round
 
 app = ClientApp()
 
@@ -30,12 +32,27 @@ def train(msg: Message, context: Context) -> Message:
     server_round = msg.content.config_records[protocol.CONFIG].get(protocol.SERVER_ROUND)
     if isinstance(server_round, bool) or not isinstance(server_round, int):
         raise ConfigError(protocol.SERVER_ROUND, "the server sent no integer round number", value=server_round, fix="use fedmm's ServerApp")
-    schema = msg.content.config_records[protocol.CONFIG].get(protocol.SCHEMA)
-    update = train_round(
-        cfg=cfg, site=site, data=data, global_weights=msg.content.array_records[protocol.ARRAYS].to_torch_state_dict(),
-        server_round=server_round, state=state, expected_schema=str(schema) if schema is not None else None,
-    )
-    # The spend is stored before the update leaves the site.
+    config = msg.content.config_records[protocol.CONFIG]
+    schema = config.get(protocol.SCHEMA)
+    run_id = str(config.get(protocol.RUN_ID, context.run_id))
+    # The site's own limits (its node config in a deployment) and its durable ledger.
+    policy = site_policy(context.node_config, cfg, site=site, run_id=run_id)
+    ledger = PrivacyLedger(policy.ledger_path, site=site) if cfg.dp else None
+    try:
+        update = train_round(
+            cfg=cfg, site=site, data=data, global_weights=msg.content.array_records[protocol.ARRAYS].to_torch_state_dict(),
+            server_round=server_round, state=state, expected_schema=str(schema) if schema is not None else None,
+            policy=policy, ledger=ledger, run_id=run_id,
+        )
+    except BudgetExceededError as refusal:
+        # A refusal is the site's answer, not a failure: no weights, the reason, and its budget.
+        spent = ledger.entries()[-1].epsilon if ledger is not None and ledger.entries() else 0.0
+        reply = ConfigRecord({protocol.SITE: site, protocol.REASON: str(refusal), protocol.EPSILON: spent, protocol.BUDGET: policy.epsilon_budget})
+        return Message(content=RecordDict({protocol.REFUSED: reply}), reply_to=msg)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    # The Flower node's copy of the plan; the spend itself is already in the ledger.
     context.state.config_records[protocol.STATE_KEY] = ConfigRecord({"json": state.to_json()})
     report = update.privacy
     content = RecordDict(
@@ -57,6 +74,10 @@ def train(msg: Message, context: Context) -> Message:
                 protocol.SITE: site, protocol.EPSILON: report.epsilon, protocol.DELTA: report.delta,
                 protocol.ACCOUNTANT: report.accountant, protocol.NOISE_MULTIPLIER: report.noise_multiplier,
                 protocol.SAMPLE_RATE: report.sample_rate, protocol.STEPS: report.steps,
+                **(
+                    {protocol.BUDGET: update.ledger_entry.epsilon_budget, protocol.LEDGER_SEQ: update.ledger_entry.seq, protocol.LEDGER_HASH: update.ledger_entry.hash}
+                    if update.ledger_entry is not None else {}
+                ),
             }
         )
     return Message(content=content, reply_to=msg)

@@ -79,13 +79,21 @@ class RunArtifacts:
         torch.save(dict(state_dict), tmp)
         os.replace(tmp, self.dir / "model.pt")
 
-    def finish(self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any]) -> dict[str, Any]:
-        """Write ``privacy.json`` and ``summary.json``; return the summary."""
+    def finish(
+        self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None
+    ) -> dict[str, Any]:
+        """Write ``privacy.json`` and ``summary.json``; return the summary.
+
+        ``rounds`` is the rounds completed; ``stopped`` says why the run ended before
+        ``rounds`` of the config (sites out of budget), or None.
+        """
         site_reports = [{"site": p.site, **{k: v for k, v in dataclasses.asdict(p).items() if k != "site"}} for p in privacy]
         _write_atomic(self.dir / "privacy.json", json.dumps({"sites": site_reports}, indent=2).encode())
         summary = {
             "run_id": self.run_id,
             "rounds": rounds,
+            "rounds_planned": self.cfg.rounds,
+            "stopped": stopped,
             "sites": sites,
             "dp": self.cfg.dp,
             "secure_aggregation": False,

@@ -71,6 +71,11 @@ class RunConfig:
     seed: int = 0
     runs_dir: str = "runs"
     run_name: str = ""  # empty: a new id from the time and Flower's run id
+    min_sites: int = 1  # stop cleanly when fewer sites than this still have budget
+    # --- simulated sites' own policy (fedmm.privacy.policy; a deployed site sets its own in --node-config)
+    site_budgets: str = ""  # lifetime epsilon per site, e.g. "george:2,*:8"; empty: target-epsilon each
+    site_min_noise_multiplier: float = 0.5  # a site refuses less noise than this
+    site_state_dir: str = ""  # where simulated sites keep their ledgers; empty: runs/<run-id>/sites
     # --- data loading (fedmm.data.sources, fedmm.data.manifest)
     lenient: bool = False  # skip bad samples (counted per reason) instead of stopping
     classes: str = ""  # comma-separated class names; empty: the labels found in the data
@@ -124,6 +129,12 @@ class RunConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum", "must be in [0, 1)", value=self.momentum, fix="e.g. momentum=0.9")
         _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
+        _at_least("min-sites", self.min_sites, 1, "e.g. min-sites=1")
+        if not (math.isfinite(self.site_min_noise_multiplier) and self.site_min_noise_multiplier >= 0):
+            raise ConfigError("site-min-noise-multiplier", "must be a finite number >= 0", value=self.site_min_noise_multiplier, fix="e.g. site-min-noise-multiplier=0.5")
+        from fedmm.privacy.policy import parse_site_budgets
+
+        parse_site_budgets(self.site_budgets, self.target_epsilon)  # refuses a malformed list up front
         if not 0.0 < self.target_delta < 1.0:
             raise ConfigError(
                 "target-delta", "must be in the open interval (0, 1)", value=self.target_delta,

@@ -55,3 +55,7 @@ class BudgetExceededError(PrivacyError):
 
 class FederationError(FedMMError):
     """The federation cannot continue (no usable replies, failed sites, bad updates)."""
+
+
+class SitesExhausted(FederationError):
+    """Too few sites are left with budget (or willing) to go on: the run stops cleanly."""

@@ -9,16 +9,20 @@ an average, and each site's privacy report is kept for the run's artifacts.
 from __future__ import annotations
 
 import math
+from logging import INFO
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.schema import MultimodalDataset, Schema
-from fedmm.errors import FederationError
+from fedmm.errors import FederationError, SitesExhausted
 from fedmm.privacy.accounting import PrivacyReport
 from fedmm.models import ModelRecipe
 from fedmm.training import evaluate, task_accuracies
@@ -31,6 +35,10 @@ class SitePrivacy(PrivacyReport):
     """One site's cumulative privacy loss as it reported it after a round."""
 
     site: str
+    epsilon_budget: float | None = None  # the site's own lifetime budget (from its ledger)
+    ledger_seq: int | None = None  # the site's ledger head after its last update: a witness for audits
+    ledger_hash: str | None = None
+    refused: str | None = None  # why the site stopped taking part, if it did
 
     @classmethod
     def from_record(cls, content: RecordDict, *, node: int) -> SitePrivacy:
@@ -55,6 +63,9 @@ class SitePrivacy(PrivacyReport):
             site=str(rec.get(protocol.SITE, f"node-{node}")), epsilon=number(protocol.EPSILON), delta=number(protocol.DELTA),
             accountant=str(rec.get(protocol.ACCOUNTANT, "unknown")), noise_multiplier=number(protocol.NOISE_MULTIPLIER),
             sample_rate=number(protocol.SAMPLE_RATE), steps=int(number(protocol.STEPS)),
+            epsilon_budget=number(protocol.BUDGET) if protocol.BUDGET in rec else None,
+            ledger_seq=int(number(protocol.LEDGER_SEQ)) if protocol.LEDGER_SEQ in rec else None,
+            ledger_hash=str(rec[protocol.LEDGER_HASH]) if protocol.LEDGER_HASH in rec else None,
         )
 
 
@@ -89,7 +100,7 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
 class FedMMAvg(FedAvg):
     """FedAvg that fails closed on site errors and keeps per-site privacy reports."""
 
-    def __init__(self, *, dp: bool, sites: int, layout: str | None = None) -> None:
+    def __init__(self, *, dp: bool, sites: int, layout: str | None = None, min_sites: int = 1) -> None:
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
             weighted_by_key=protocol.NUM_EXAMPLES,
@@ -101,6 +112,13 @@ class FedMMAvg(FedAvg):
         self.site_privacy: dict[str, SitePrivacy] = {}
         self.last_train_metrics: dict[str, float] = {}
         self.sites_last_round: int = 0
+        self.min_sites = min_sites
+        self.refused_nodes: set[int] = set()  # sites that refused a round (budget or policy): not asked again
+        self.latest_arrays: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """FedAvg's train messages, minus the sites that have refused (they would only refuse again)."""
+        return [m for m in super().configure_train(server_round, arrays, config, grid) if m.metadata.dst_node_id not in self.refused_nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, or raise :class:`FederationError` if any site failed or none replied."""
@@ -111,6 +129,22 @@ class FedMMAvg(FedAvg):
             raise FederationError(f"round {server_round}: {len(failed)} of {len(replies)} sites failed ({reasons})")
         if not replies:
             raise FederationError(f"round {server_round}: no site replied; check that the sites are connected")
+        refusals = [m for m in replies if protocol.REFUSED in m.content.config_records]
+        replies = [m for m in replies if protocol.REFUSED not in m.content.config_records]
+        for reply in refusals:
+            refusal = reply.content.config_records[protocol.REFUSED]
+            site = str(refusal.get(protocol.SITE, f"node-{reply.metadata.src_node_id}"))
+            reason = str(refusal.get(protocol.REASON, "no reason given"))
+            self.refused_nodes.add(reply.metadata.src_node_id)
+            known = self.site_privacy.get(site)
+            if known is not None:
+                self.site_privacy[site] = dataclasses.replace(known, refused=reason)
+            log(INFO, "[fedmm] round %d: %s", server_round, reason)
+        if len(replies) < self.min_sites:
+            raise SitesExhausted(
+                f"round {server_round}: {len(replies)} site(s) sent an update, fewer than min-sites={self.min_sites}; "
+                f"{len(self.refused_nodes)} site(s) have refused (budget or policy). The run stops here"
+            )
         if self.layout is not None:
             for reply in replies:
                 record = reply.content.config_records.get(protocol.MODEL)
@@ -129,6 +163,7 @@ class FedMMAvg(FedAvg):
                 report = SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id)
                 self.site_privacy[report.site] = report
         self.sites_last_round = len(replies)
+        self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         return arrays, metrics
 

@@ -34,12 +34,27 @@ STEPS = "steps"
 
 # Train ConfigRecord keys
 SERVER_ROUND = "server-round"
+RUN_ID = "run-id"  # the server's run id: labels the sites' ledger entries
+
+# Reply ConfigRecord of a site that refuses the round (its budget or policy); no weights
+REFUSED = "refused"
+REASON = "reason"
+# Privacy ConfigRecord: the site's budget and its ledger head after this round
+BUDGET = "epsilon-budget"
+LEDGER_SEQ = "ledger-seq"
+LEDGER_HASH = "ledger-hash"
 
 # Node state (context.state) and node config keys
 STATE_KEY = "fedmm-site"
 NODE_SITE = "site"  # deployment: the site's name in --node-config
 NODE_PARTITION_ID = "partition-id"  # simulation: set by Flower
 NODE_DATA = "data"  # deployment: the site's own data source, e.g. "manifest:/srv/site/manifest.csv"
+# deployment: the site's own privacy policy (fedmm.privacy.policy), never the server's to set
+NODE_STATE_DIR = "state-dir"
+NODE_EPSILON_BUDGET = "epsilon-budget"
+NODE_DELTA = "delta"
+NODE_MIN_NOISE = "min-noise-multiplier"
+NODE_REQUIRE_DP = "require-dp"
 
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)
 SCHEMA = "schema"

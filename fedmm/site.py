@@ -7,11 +7,13 @@ ClientApp only translates Flower messages to and from :func:`train_round`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedmm import protocol
@@ -21,9 +23,11 @@ from fedmm.data.schema import MultimodalDataset, Schema
 from fedmm.errors import BudgetExceededError, ConfigError, FederationError, PrivacyError
 from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
+from fedmm.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedmm.privacy.policy import SitePolicy
 from fedmm.training import DPSettings, balanced_class_weights, poisson_steps_per_epoch, steps_per_epoch, train
 
-__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_data", "class_weights", "train_round"]
+__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_data", "class_weights", "train_round", "data_digest"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class SiteUpdate:
     num_examples: int
     train_loss: float
     privacy: PrivacyReport | None
+    ledger_entry: LedgerEntry | None = None  # the spend, durably recorded before this update is returned
 
 
 def plan_site(cfg: RunConfig, num_examples: int) -> SitePlan:
@@ -96,8 +101,18 @@ def train_round(
     server_round: int,
     state: SiteState,
     expected_schema: str | None = None,
+    policy: SitePolicy | None = None,
+    ledger: PrivacyLedger | None = None,
+    run_id: str = "",
 ) -> SiteUpdate:
     """Run one round at one site; ``state`` is updated in place (plan, accountant).
+
+    With a ``policy`` and a ``ledger`` (what the ClientApp always passes), the site's own
+    limits hold whatever the server asked: it refuses ``dp=false`` when its policy requires
+    DP, noise below its floor, and any round that would take its lifetime epsilon (every
+    spend in its ledger, across runs, at its own delta) over its budget. The round's spend is
+    appended to the ledger, durably, before the update is returned, and the reported epsilon
+    is that lifetime figure.
 
     Only labelled samples train (and count for DP). ``expected_schema`` is the
     server's model input (:meth:`Schema.to_json`); a site whose data differs fails
@@ -109,8 +124,16 @@ def train_round(
         When the site's data does not match the server's model input.
     BudgetExceededError
         Before any training, when this round would take the site's epsilon over
-        ``target-epsilon`` (the site's budget).
+        ``target-epsilon`` (the run's plan) or over the site's own budget, or when the
+        server asks for less than the site's policy allows.
     """
+    if policy is not None and policy.require_dp and not cfg.dp:
+        raise BudgetExceededError(
+            f"site {site} refuses round {server_round}: its policy requires differential privacy and the run has dp=false. "
+            "Fix: run with dp=true (or the site's operator sets require-dp=false)"
+        )
+    if cfg.dp and (policy is None) != (ledger is None):
+        raise PrivacyError(f"site {site}: a site policy needs its ledger and a ledger its policy; got only one")
     recipe = ModelRecipe.from_config(cfg)
     server_schema = Schema.from_json(expected_schema) if expected_schema is not None else None
     arrays = recipe.prepare(data, tasks_from=server_schema).labelled()
@@ -130,6 +153,15 @@ def train_round(
         plan = state.plan
         if plan.noise_multiplier <= 0:
             raise BudgetExceededError(f"site {site}: noise-multiplier 0 gives no differential privacy; set dp=false to train without it")
+        if policy is not None and plan.noise_multiplier < policy.min_noise_multiplier:
+            raise BudgetExceededError(
+                f"site {site} refuses round {server_round}: noise multiplier {plan.noise_multiplier:.4g} is below this site's floor "
+                f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: plan for more noise (lower target-epsilon, fewer rounds "
+                "or local-epochs, or a larger noise-multiplier)"
+            )
+        if ledger is not None:
+            # This run's spends, as the ledger has them (it outlives the Flower node's state).
+            state.accountant = SiteAccountant(cfg.accountant, ledger.events(run_id))
         projected = state.accountant.projected_epsilon(
             cfg.target_delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round
         )
@@ -140,6 +172,22 @@ def train_round(
                 f"{projected:.3f} (delta={cfg.target_delta}, {cfg.accountant}), over the budget "
                 f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds"
             )
+        if ledger is not None and policy is not None:
+            lifetime = SiteAccountant(cfg.accountant, ledger.events())
+            lifetime_epsilon = lifetime.projected_epsilon(
+                policy.delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round
+            )
+            # Opacus' PRV can come out ~1e-8 lower after a nearly free step (float noise); a
+            # stated epsilon never falls, so take the larger of it and the last one stated.
+            previous = ledger.entries()[-1].epsilon if lifetime.history else 0.0
+            lifetime_epsilon = max(lifetime_epsilon, previous)
+            if lifetime_epsilon > policy.epsilon_budget:
+                raise BudgetExceededError(
+                    f"site {site} refuses round {server_round}: it would take the site's lifetime epsilon from "
+                    f"{lifetime.epsilon(policy.delta):.3f} to {lifetime_epsilon:.3f} (delta={policy.delta:g}, {cfg.accountant}, "
+                    f"{lifetime.steps} steps so far), over its budget epsilon-budget={policy.epsilon_budget:g}. "
+                    f"The site's ledger: {ledger.path}"
+                )
         recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, arrays.schema)
         dp = DPSettings(
             noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
@@ -163,7 +211,29 @@ def train_round(
             raise PrivacyError(f"site {site}: DP-SGD took {taken} steps, the plan said {state.plan.steps_per_round}; refusing to release the update")
         # The history now is exactly the one the budget check evaluated: reuse its epsilon.
         report = state.accountant.report(cfg.target_delta, epsilon=projected)
+        if ledger is not None and policy is not None:
+            # Durable before the update can leave: a crash after this loses no spend.
+            entry = ledger.append(
+                run_id=run_id, round=server_round, noise_multiplier=state.plan.noise_multiplier, sample_rate=state.plan.sample_rate,
+                steps=state.plan.steps_per_round, delta=policy.delta, accountant=cfg.accountant.value, epsilon=lifetime_epsilon,
+                epsilon_budget=policy.epsilon_budget, data=data_digest(arrays),
+            )
+            report = PrivacyReport(
+                epsilon=lifetime_epsilon, delta=policy.delta, accountant=cfg.accountant.value, noise_multiplier=entry.noise_multiplier,
+                sample_rate=entry.sample_rate, steps=sum(e.steps for e in ledger.events()),
+            )
+            return SiteUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, len(arrays), loss, report, entry)
     return SiteUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, len(arrays), loss, report)
+
+
+def data_digest(ds: MultimodalDataset) -> str:
+    """A short digest of a site's training arrays and labels (recorded with each spend)."""
+    digest = hashlib.sha256()
+    for name in ds.schema.names:
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(ds.features[name]).tobytes())
+    digest.update(np.ascontiguousarray(ds.label).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=2)

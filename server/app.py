@@ -17,6 +17,7 @@ from fedmm import protocol
 from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.preprocess import Preprocessing, standardise_site
 from fedmm.data.sources import load_source
+from fedmm.errors import SitesExhausted
 from fedmm.federation import FedMMAvg, make_central_evaluation
 from fedmm.models import ModelRecipe, layout_fingerprint
 
@@ -55,12 +56,12 @@ def main(grid: Grid, context: Context) -> None:
     model = recipe.build(schema, seed=cfg.seed)
     artifacts.save_model_card(recipe.card(model, schema))
     initial = model.state_dict()
-    strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites, layout=layout_fingerprint(initial))
+    strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites, layout=layout_fingerprint(initial), min_sites=cfg.min_sites)
 
     final: dict[str, float] = {}
 
     def on_round(server_round: int, loss: float, accuracy: float, tasks: dict[str, float]) -> None:
-        final.update(loss=loss, accuracy=accuracy)
+        final.update(loss=loss, accuracy=accuracy, round=server_round)
         if server_round == 0:
             log(INFO, "[fedmm] round 0 (initial model): accuracy %.4f, loss %.4f", accuracy, loss)
             return
@@ -78,16 +79,24 @@ def main(grid: Grid, context: Context) -> None:
         task_text = "".join(f", {name} accuracy {value:.4f}" for name, value in tasks.items())
         log(INFO, "[fedmm] round %d/%d: accuracy %.4f, loss %.4f%s, %s", server_round, cfg.rounds, accuracy, loss, task_text, eps_text)
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=cfg.rounds,
-        train_config=ConfigRecord({protocol.SCHEMA: schema.to_json()}),
-        evaluate_fn=make_central_evaluation(cfg, test, on_round, tasks_from=schema),
-    )
-    artifacts.save_model(result.arrays.to_torch_state_dict())
+    stopped = None
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=cfg.rounds,
+            train_config=ConfigRecord({protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: artifacts.run_id}),
+            evaluate_fn=make_central_evaluation(cfg, test, on_round, tasks_from=schema),
+        )
+        final_arrays = result.arrays
+    except SitesExhausted as stop:
+        # Sites refusing for their budgets is the privacy promise working: stop cleanly, keep the last model.
+        stopped = str(stop)
+        log(INFO, "[fedmm] stopped early: %s", stopped)
+        final_arrays = strategy.latest_arrays or ArrayRecord(initial)
+    artifacts.save_model(final_arrays.to_torch_state_dict())
     summary = artifacts.finish(
-        rounds=cfg.rounds, sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
-        final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site),
+        rounds=int(final["round"]), sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
+        final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped,
     )
     log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], summary["max_epsilon"], artifacts.dir)

@@ -88,3 +88,42 @@ def test_an_update_with_another_model_layout_is_refused() -> None:
         strategy.aggregate_train(1, [good, odd])
     arrays, _ = FedMMAvg(dp=True, sites=1, layout=mine).aggregate_train(1, [good])
     assert arrays is not None
+
+
+def _refusal(node: int, site: str, reason: str) -> Message:
+    return _reply(node, content=RecordDict({
+        protocol.REFUSED: ConfigRecord({protocol.SITE: site, protocol.REASON: reason, protocol.EPSILON: 1.9, protocol.BUDGET: 2.0}),
+    }))
+
+
+def test_a_site_out_of_budget_drops_out_and_the_others_go_on() -> None:
+    strategy = FedMMAvg(dp=True, sites=3, min_sites=2)
+    strategy.aggregate_train(1, [_site_reply(n, s, np.ones(2), 10, 1.0, 1.5) for n, s in ((1, "a"), (2, "b"), (3, "c"))])
+
+    arrays, _ = strategy.aggregate_train(2, [
+        _site_reply(1, "a", np.zeros(2), 10, 1.0, 1.9), _site_reply(2, "b", np.full(2, 2.0), 10, 1.0, 1.9),
+        _refusal(3, "c", "site c refuses round 2: over its budget"),
+    ])
+
+    assert np.allclose(arrays["w"].numpy(), 1.0)  # the average of the two updates only
+    assert strategy.refused_nodes == {3} and strategy.site_privacy["c"].refused == "site c refuses round 2: over its budget"
+    assert strategy.site_privacy["c"].epsilon == 1.5  # its last reported spend stays on record
+    with pytest.raises(FederationError, match="fewer than min-sites=2"):  # then one more leaves: too few
+        strategy.aggregate_train(3, [_site_reply(1, "a", np.zeros(2), 10, 1.0, 2.5), _refusal(2, "b", "site b refuses round 3")])
+
+
+def test_sites_that_refused_are_not_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from flwr.serverapp.strategy import FedAvg
+
+    def fedavg_messages(self: FedAvg, *args: object) -> list[SimpleNamespace]:  # FedAvg samples every node
+        return [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node)) for node in (7, 8)]
+
+    monkeypatch.setattr(FedAvg, "configure_train", fedavg_messages)
+    strategy = FedMMAvg(dp=True, sites=2)
+    strategy.refused_nodes = {7}
+
+    messages = strategy.configure_train(2, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord({}), None)  # type: ignore[arg-type]
+
+    assert [m.metadata.dst_node_id for m in messages] == [8]

@@ -96,13 +96,42 @@ def test_sites_train_on_a_manifest_with_missing_modalities_and_augmentation(tmp_
 
 
 def test_a_failing_site_fails_the_run_with_its_reason(tmp_path: Path) -> None:
+    # A site that cannot keep its privacy ledger fails closed, and so does the run.
     before = _flower_processes()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the sites' state folder should be")
 
-    done = _simulate(tmp_path, "rounds=1", "sites=2", "noise-multiplier=0.3", "target-epsilon=0.5", 'run-name="refused"')
+    done = _simulate(tmp_path, "rounds=1", "sites=2", f"site-state-dir={json.dumps(str(blocker))}", 'run-name="failing"')
 
     assert done.returncode == 1
-    assert "refuses round 1" in done.stdout
-    assert not (tmp_path / "refused" / "summary.json").exists()
+    assert "cannot create the privacy ledger's folder" in done.stdout and str(blocker) in done.stdout
+    assert not (tmp_path / "failing" / "summary.json").exists()
+    assert _flower_processes() <= before
+
+
+def test_a_site_stops_at_its_own_budget_and_the_federation_goes_on(tmp_path: Path) -> None:
+    # The federation is planned for epsilon 4 over 8 rounds; george's own budget is 2, which
+    # (RDP, 4 steps a round) affords it one round.
+    before = _flower_processes()
+
+    done = _simulate(tmp_path, "rounds=8", "sites=2", "target-epsilon=4.0", 'site-budgets="george:2"', 'run-name="budget"')
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "site george refuses round" in done.stdout and "over its budget epsilon-budget=2" in done.stdout
+    run_dir = tmp_path / "budget"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 8 and summary["stopped"] is None
+    sites = {s["site"]: s for s in json.loads((run_dir / "privacy.json").read_text())["sites"]}
+    assert 0 < sites["george"]["epsilon"] <= 2.0 and "refuses round" in sites["george"]["refused"]
+    assert 2.0 < sites["jackson"]["epsilon"] <= 4.0 and sites["jackson"]["refused"] is None
+
+    audit = subprocess.run([FEDMM, "audit", str(run_dir / "sites"), "--json"], capture_output=True, text=True, timeout=120, check=False)
+
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    report = {s["site"]: s for s in json.loads(audit.stdout)["sites"]}
+    assert report["george"]["chain_ok"] and report["george"]["epsilon"] <= report["george"]["epsilon_budget"] == 2.0
+    assert report["george"]["epsilon"] == pytest.approx(sites["george"]["epsilon"])
+    assert report["george"]["ledger_seq"] == sites["george"]["ledger_seq"]  # the server's witness agrees
     assert _flower_processes() <= before
 
 

@@ -1,0 +1,108 @@
+"""What a site allows, set by the site itself: its lifetime budget and its floors.
+
+In a deployment the policy comes from the SuperNode's own ``--node-config`` (the site's
+configuration, which the server never sees or changes):
+
+- ``state-dir``: the site's directory for its ledger (required with DP);
+- ``epsilon-budget``: the site's epsilon over all runs, ever (required with DP);
+- ``delta``: the delta that budget is stated at (default 1e-5);
+- ``min-noise-multiplier``: the least noise the site accepts (default 0.5);
+- ``require-dp``: refuse runs with ``dp=false`` (default true).
+
+In a simulation (one person plays server and every site) the same policy comes from the
+run config: ``site-budgets`` (e.g. ``"george:2,*:8"``; default ``target-epsilon`` for
+all), ``site-min-noise-multiplier``, and ``site-state-dir`` (default: the run's own
+folder, ``runs/<run-id>/sites/<site>``, so runs start from a fresh ledger unless it
+names a lasting directory, where spends then compose across runs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmm import protocol
+from fedmm.config import RunConfig
+from fedmm.errors import ConfigError
+
+__all__ = ["SitePolicy", "site_policy", "parse_site_budgets", "DEFAULT_MIN_NOISE"]
+
+DEFAULT_MIN_NOISE = 0.5
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A site's own limits; the server cannot raise them."""
+
+    state_dir: Path
+    epsilon_budget: float
+    delta: float = 1e-5
+    min_noise_multiplier: float = DEFAULT_MIN_NOISE
+    require_dp: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0):
+            raise ConfigError("epsilon-budget", "must be a finite number > 0", value=self.epsilon_budget, fix="e.g. epsilon-budget=8")
+        if not 0 < self.delta < 1:
+            raise ConfigError("delta", "must be in (0, 1)", value=self.delta, fix="e.g. delta=1e-5")
+        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise ConfigError("min-noise-multiplier", "must be a finite number >= 0", value=self.min_noise_multiplier, fix="e.g. min-noise-multiplier=0.5")
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+
+def parse_site_budgets(spec: str, default: float) -> dict[str, float]:
+    """``"george:2,*:8"`` -> ``{"george": 2.0, "*": 8.0}``; ``"*"`` defaults to ``default``.
+
+    >>> parse_site_budgets("george:2", 8.0)
+    {'*': 8.0, 'george': 2.0}
+    """
+    budgets = {"*": default}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.rpartition(":")
+        try:
+            budgets[name.strip() if sep else "*"] = float(value)
+        except ValueError:
+            raise ConfigError("site-budgets", f"entry {item!r} is not 'site:epsilon'", value=spec, fix="e.g. site-budgets='george:2,*:8'") from None
+    for name, budget in budgets.items():
+        if not (math.isfinite(budget) and budget > 0):
+            raise ConfigError("site-budgets", f"budget of {name!r} must be a finite number > 0", value=spec, fix="e.g. site-budgets='george:2,*:8'")
+    return budgets
+
+
+def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str, run_id: str) -> SitePolicy:
+    """This site's policy: from its node config in a deployment, from the run config in a simulation."""
+    if protocol.NODE_PARTITION_ID in node_config and protocol.NODE_STATE_DIR not in node_config:
+        budgets = parse_site_budgets(cfg.site_budgets, cfg.target_epsilon)
+        root = Path(cfg.site_state_dir).expanduser() if cfg.site_state_dir else Path(cfg.runs_dir).expanduser() / run_id / "sites"
+        return SitePolicy(
+            state_dir=root.resolve() / site, epsilon_budget=budgets.get(site, budgets["*"]), delta=cfg.target_delta,
+            min_noise_multiplier=cfg.site_min_noise_multiplier, require_dp=False,  # the simulation's owner chose dp
+        )
+    example = "--node-config \"state-dir='/srv/fedmm' epsilon-budget=8 data='manifest:/srv/site/manifest.csv'\""
+
+    def number(key: str, default: float | None) -> float:
+        value = node_config.get(key, default)
+        if value is None:
+            raise ConfigError(f"node-config {key}", "is required: the site, not the server, sets its privacy budget", value=None, fix=f"start the SuperNode with {example}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"node-config {key}", "must be a number", value=value, fix=f"e.g. {key}=8")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"node-config {key}", "must be a number", value=value, fix=f"e.g. {key}=8") from None
+
+    state_dir = node_config.get(protocol.NODE_STATE_DIR)
+    if not state_dir:
+        raise ConfigError("node-config state-dir", "is required: the site keeps its privacy ledger there", value=None, fix=f"start the SuperNode with {example}")
+    require = node_config.get(protocol.NODE_REQUIRE_DP, True)
+    if not isinstance(require, bool):
+        raise ConfigError("node-config require-dp", "must be true or false", value=require, fix="e.g. require-dp=true")
+    return SitePolicy(
+        state_dir=Path(str(state_dir)).expanduser().resolve(), epsilon_budget=number(protocol.NODE_EPSILON_BUDGET, None),
+        delta=number(protocol.NODE_DELTA, 1e-5), min_noise_multiplier=number(protocol.NODE_MIN_NOISE, DEFAULT_MIN_NOISE), require_dp=require,
+    )
