@@ -11,6 +11,8 @@
 - ``fedmm audit LEDGER... [--json] [--html FILE]`` checks site privacy ledgers: spend
   against budget, runs, last spend, hash chain (exit 1 on a broken chain or a spend over
   budget).
+- ``fedmm certs init|site|show`` makes a private CA, the SuperLink's TLS certificate
+  and the sites' SuperNode keys, and lists them with expiry (see docs/transport.md).
 
 Exit codes: 0 success, 1 failed run or bad data, 2 bad configuration.
 """
@@ -33,12 +35,14 @@ from rich.table import Table
 from fedmm.artifacts import new_run_id
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, FedMMError
+from fedmm.secure.certs_cli import certs_app
 
 __all__ = ["app", "main", "parse_overrides"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedmm: private multimodal federated learning.")
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check data and inspect simulated federations.")
 app.add_typer(data_app, name="data")
+app.add_typer(certs_app, name="certs")
 console = Console()
 _MARK = "[fedmm] "
 
