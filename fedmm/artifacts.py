@@ -80,15 +80,25 @@ class RunArtifacts:
         os.replace(tmp, self.dir / "model.pt")
 
     def finish(
-        self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None
+        self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None,
+        client_epsilon: float | None = None, rejected: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """Write ``privacy.json`` and ``summary.json``; return the summary.
 
         ``rounds`` is the rounds completed; ``stopped`` says why the run ended before
-        ``rounds`` of the config (sites out of budget), or None.
+        ``rounds`` of the config (sites out of budget), or None. ``client_epsilon`` is the
+        client-level (DP-FedAvg) epsilon at ``client-delta``; ``rejected`` counts the
+        updates left out of the aggregate, per reason.
         """
         site_reports = [{"site": p.site, **{k: v for k, v in dataclasses.asdict(p).items() if k != "site"}} for p in privacy]
-        _write_atomic(self.dir / "privacy.json", json.dumps({"sites": site_reports}, indent=2).encode())
+        client_level = None
+        if self.cfg.client_dp:
+            client_level = {
+                "epsilon": client_epsilon, "delta": self.cfg.client_delta, "accountant": "rdp",
+                "noise_multiplier": self.cfg.client_noise_multiplier, "clip_norm": self.cfg.client_clip_norm,
+                "sample_rate": self.cfg.client_fraction, "rounds": rounds, "noise": self.cfg.client_noise,
+            }
+        _write_atomic(self.dir / "privacy.json", json.dumps({"sites": site_reports, "client_level": client_level}, indent=2).encode())
         summary = {
             "run_id": self.run_id,
             "rounds": rounds,
@@ -96,7 +106,11 @@ class RunArtifacts:
             "stopped": stopped,
             "sites": sites,
             "dp": self.cfg.dp,
-            "secure_aggregation": False,
+            "secure_aggregation": self.cfg.secure_aggregation,
+            "client_dp": self.cfg.client_dp,
+            "client_epsilon": client_epsilon,
+            "client_delta": self.cfg.client_delta if self.cfg.client_dp else None,
+            "rejected_updates": dict(rejected or {}),
             "final_accuracy": final_accuracy,
             "final_loss": final_loss,
             "max_epsilon": max((p["epsilon"] for p in site_reports), default=None) if self.cfg.dp else None,

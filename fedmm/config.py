@@ -76,6 +76,21 @@ class RunConfig:
     site_budgets: str = ""  # lifetime epsilon per site, e.g. "george:2,*:8"; empty: target-epsilon each
     site_min_noise_multiplier: float = 0.5  # a site refuses less noise than this
     site_state_dir: str = ""  # where simulated sites keep their ledgers; empty: runs/<run-id>/sites
+    # --- secure aggregation (Flower's SecAgg+, fedmm.secure.secagg): the server sees only the sum
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0  # <= 1: fraction of a round's sites each site shares its keys with; > 2: a count
+    secagg_threshold: float = 0.67  # <= 1: fraction of the shares needed to unmask; >= 2: a count
+    secagg_clip_range: float = 8.0  # every weighted value is clipped to +-this before quantisation (counted)
+    secagg_max_weight: float = 1000.0  # weights (num-examples) are divided by this before quantisation
+    secagg_timeout: float = 0.0  # seconds to wait for each protocol stage; 0: wait for every site
+    # --- client-level DP (DP-FedAvg, fedmm.privacy.client_dp): protects whole sites
+    client_dp: bool = False
+    client_clip_norm: float = 1.0  # each site clips its update (the change to the global model) to this L2 norm
+    client_noise_multiplier: float = 1.0  # noise std on the sum of updates = this x client-clip-norm
+    client_noise: str = "central"  # central (the server adds it) | distributed (each site adds a share; needs SecAgg)
+    client_fraction: float = 1.0  # Poisson sampling rate of sites per round (privacy amplification)
+    client_delta: float = 1e-5
+    client_target_epsilon: float = 0.0  # > 0: the server stops before a round that would exceed it
     # --- data loading (fedmm.data.sources, fedmm.data.manifest)
     lenient: bool = False  # skip bad samples (counted per reason) instead of stopping
     classes: str = ""  # comma-separated class names; empty: the labels found in the data
@@ -148,6 +163,8 @@ class RunConfig:
                 fix="use noise-multiplier='auto' to calibrate it from target-epsilon, or e.g. 1.1",
             )
         _positive("max-grad-norm", self.max_grad_norm, "e.g. max-grad-norm=1.0")
+        self._check_secure_aggregation()
+        self._check_client_dp()
         if not self.data:
             raise ConfigError("data", "must not be empty", value=self.data, fix="use data='avmnist'")
         if not 0.0 <= self.test_fraction < 1.0:
@@ -175,6 +192,50 @@ class RunConfig:
                 "a class-balanced sampler breaks the privacy claim", value=True,
                 fix="use fixed class-weights instead, or set dp=false",
             )
+
+    def _check_secure_aggregation(self) -> None:
+        shares, threshold = self.secagg_shares, self.secagg_threshold
+        if not (math.isfinite(shares) and (0 < shares <= 1 or (shares > 2 and shares.is_integer()))):
+            raise ConfigError(
+                "secagg-shares", "must be a fraction in (0, 1] of the round's sites or a whole number > 2", value=shares,
+                fix="e.g. secagg-shares=1.0 (every site shares with every other) or secagg-shares=5",
+            )
+        if not (math.isfinite(threshold) and (0 < threshold <= 1 or (threshold >= 2 and threshold.is_integer()))):
+            raise ConfigError(
+                "secagg-threshold", "must be a fraction in (0, 1] of the shares or a whole number >= 2", value=threshold,
+                fix="e.g. secagg-threshold=0.67",
+            )
+        if shares > 2 and threshold >= 2 and threshold >= shares:
+            raise ConfigError("secagg-threshold", f"must be below secagg-shares={shares:g}", value=threshold, fix=f"e.g. secagg-threshold={max(2, int(shares) - 1)}")
+        _positive("secagg-clip-range", self.secagg_clip_range, "e.g. secagg-clip-range=8.0")
+        _positive("secagg-max-weight", self.secagg_max_weight, "e.g. secagg-max-weight=1000")
+        if not (math.isfinite(self.secagg_timeout) and self.secagg_timeout >= 0):
+            raise ConfigError("secagg-timeout", "must be >= 0 seconds (0: no limit)", value=self.secagg_timeout, fix="e.g. secagg-timeout=600")
+        if self.secure_aggregation and self.sites < 2:
+            raise ConfigError("sites", "secure aggregation needs at least 2 sites (the sum of one update is that update)", value=self.sites, fix="use sites >= 3, or secure-aggregation=false")
+
+    def _check_client_dp(self) -> None:
+        _positive("client-clip-norm", self.client_clip_norm, "e.g. client-clip-norm=1.0")
+        if not (math.isfinite(self.client_noise_multiplier) and self.client_noise_multiplier > 0):
+            raise ConfigError("client-noise-multiplier", "must be > 0 (noise 0 gives no client-level privacy)", value=self.client_noise_multiplier, fix="e.g. client-noise-multiplier=1.0, or client-dp=false")
+        if self.client_noise not in ("central", "distributed"):
+            raise ConfigError("client-noise", "must be central or distributed", value=self.client_noise, fix="e.g. client-noise='central'")
+        if self.client_dp and self.client_noise == "distributed" and not self.secure_aggregation:
+            raise ConfigError(
+                "client-noise", "distributed noise needs secure aggregation: without it the server reads each site's update "
+                "with only its share of the noise", value=self.client_noise, fix="set secure-aggregation=true, or client-noise='central'",
+            )
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError("client-fraction", "must be in (0, 1]", value=self.client_fraction, fix="e.g. client-fraction=1.0 (every site every round)")
+        if not 0 < self.client_delta < 1:
+            raise ConfigError("client-delta", "must be in (0, 1)", value=self.client_delta, fix="use a delta well below 1/number-of-sites, e.g. client-delta=1e-5")
+        if not (math.isfinite(self.client_target_epsilon) and self.client_target_epsilon >= 0):
+            raise ConfigError("client-target-epsilon", "must be >= 0 (0: no limit)", value=self.client_target_epsilon, fix="e.g. client-target-epsilon=10")
+
+    @property
+    def sends_deltas(self) -> bool:
+        """Sites send the change to the global model (not weights) under SecAgg or client-level DP."""
+        return self.secure_aggregation or self.client_dp
 
     @property
     def class_list(self) -> tuple[str, ...]:

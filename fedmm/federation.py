@@ -1,18 +1,28 @@
 """The server's side of a federation, testable without a running Flower server.
 
-:class:`FedMMAvg` is Flower's FedAvg (weighted by ``num-examples``) with three
+:class:`FedMMAvg` is Flower's FedAvg (weighted by ``num-examples``) with these
 changes: a site that fails stops the run with its reason (nothing is averaged
-silently over fewer sites), the privacy loss is aggregated as a maximum, never
-an average, and each site's privacy report is kept for the run's artifacts.
+silently over fewer sites); an update that is not finite, has other tensors or
+shapes than the global model, another model layout, or (client-level DP) a norm
+beyond the agreed clip is rejected and counted; the privacy loss is aggregated
+as a maximum, never an average; each site's privacy report is kept for the run's
+artifacts; and with client-level DP the server adds the noise and accounts it.
+Secure aggregation runs on Flower's legacy path instead
+(:mod:`fedmm.secure.secagg`), with the same :class:`FederationBook`.
 """
 
 from __future__ import annotations
 
-import math
-from logging import INFO
 import dataclasses
-from collections.abc import Callable, Iterable
+import math
+import secrets
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -22,12 +32,13 @@ from flwr.serverapp.strategy import FedAvg
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.schema import MultimodalDataset, Schema
-from fedmm.errors import FederationError, SitesExhausted
+from fedmm.errors import FederationError, PrivacyError, SitesExhausted
 from fedmm.privacy.accounting import PrivacyReport
+from fedmm.privacy.client_dp import ClientAccountant, ClientDPPlan, gaussian_noise, update_norm
 from fedmm.models import ModelRecipe
 from fedmm.training import evaluate, task_accuracies
 
-__all__ = ["SitePrivacy", "FedMMAvg", "aggregate_train_metrics", "make_central_evaluation"]
+__all__ = ["SitePrivacy", "FederationBook", "FedMMAvg", "check_update", "aggregate_train_metrics", "make_central_evaluation"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +63,11 @@ class SitePrivacy(PrivacyReport):
         rec = content.config_records.get(protocol.PRIVACY)
         if rec is None:
             raise FederationError(f"node {node} sent no '{protocol.PRIVACY}' record although dp=true; is it running fedmm's ClientApp?")
+        return cls.from_mapping(rec, node=node)
+
+    @classmethod
+    def from_mapping(cls, rec: Mapping[str, object], *, node: int) -> SitePrivacy:
+        """Read and check a privacy report given as a flat mapping (a ConfigRecord or legacy metrics)."""
 
         def number(key: str) -> float:
             value = rec.get(key)
@@ -97,31 +113,179 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
     )
 
 
-class FedMMAvg(FedAvg):
-    """FedAvg that fails closed on site errors and keeps per-site privacy reports."""
+def check_update(
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, tuple[int, ...]] | None, *, clip_norm: float | None = None,
+) -> tuple[str, str] | None:
+    """Why an update cannot be aggregated, as ``(kind, detail)``, or None when it can.
 
-    def __init__(self, *, dp: bool, sites: int, layout: str | None = None, min_sites: int = 1) -> None:
-        super().__init__(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
+    ``kind`` is one of ``tensors``, ``shape``, ``non-finite``, ``norm``; ``reference`` maps
+    each expected tensor to its shape; ``clip_norm`` is the agreed client-level clip (with a
+    relative tolerance of 1e-4 for float32 rounding).
+
+    >>> check_update({"w": np.array([np.nan])}, {"w": (1,)})
+    ('non-finite', "tensor 'w' holds 1 NaN or infinite value(s)")
+    >>> check_update({"w": np.ones(4)}, {"w": (4,)}, clip_norm=1.0)
+    ('norm', 'L2 norm 2 is above the agreed client-clip-norm 1')
+    """
+    if reference is not None:
+        if set(arrays) != set(reference):
+            return "tensors", f"tensors {sorted(set(arrays) ^ set(reference))} differ from the global model's"
+        for name, value in arrays.items():
+            if tuple(value.shape) != tuple(reference[name]):
+                return "shape", f"tensor '{name}' has shape {tuple(value.shape)}, the global model {tuple(reference[name])}"
+    for name, value in arrays.items():
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            return "non-finite", f"tensor '{name}' holds {int(np.sum(~np.isfinite(value)))} NaN or infinite value(s)"
+    if clip_norm is not None:
+        norm = update_norm(arrays)
+        if norm > clip_norm * (1 + 1e-4):
+            return "norm", f"L2 norm {norm:.6g} is above the agreed client-clip-norm {clip_norm:g}"
+    return None
+
+
+class FederationBook:
+    """What the server keeps about its sites across rounds, whichever aggregation runs.
+
+    Shared by :class:`FedMMAvg` (plain) and :class:`fedmm.secure.secagg.SecureFedMM`
+    (SecAgg+): privacy reports, refusals, rejected updates, min-sites, and client-level DP
+    (sampling, noise and its accountant).
+    """
+
+    def __init__(self, *, dp: bool, min_sites: int = 1, client_dp: ClientDPPlan | None = None) -> None:
+        self.dp = dp
+        self.min_sites = min_sites
+        self.client_dp = client_dp
+        self.client_accountant = (
+            ClientAccountant(noise_multiplier=client_dp.noise_multiplier, sample_rate=client_dp.sample_rate) if client_dp else None
+        )
+        self.site_privacy: dict[str, SitePrivacy] = {}
+        self.last_train_metrics: dict[str, float] = {}
+        self.sites_last_round: int = 0
+        self.refused_nodes: set[int] = set()  # sites that refused a round (budget or policy): not asked again
+        self.latest_arrays: ArrayRecord | None = None
+        self.rejected: Counter[str] = Counter()  # updates not aggregated, per reason, over the run
+        self.round_report: dict[str, int] = {}  # this round's counts: rejected, dropped, clipped values
+
+    def note_refusal(self, server_round: int, node: int, site: str, reason: str) -> None:
+        """A site declined the round (budget or policy): keep its last report, do not ask it again."""
+        self.refused_nodes.add(node)
+        known = self.site_privacy.get(site)
+        if known is not None:
+            self.site_privacy[site] = dataclasses.replace(known, refused=reason)
+        log(INFO, "[fedmm] round %d: %s", server_round, reason)
+
+    def reject(self, server_round: int, node: int, kind: str, detail: str) -> None:
+        """Leave one update out of the aggregate, and count it."""
+        self.rejected[kind] += 1
+        self.round_report["rejected"] = self.round_report.get("rejected", 0) + 1
+        log(WARNING, "[fedmm] round %d: update of node %d rejected (%s): %s", server_round, node, kind, detail)
+
+    def require_sites(self, server_round: int, accepted: int) -> None:
+        """Stop the run when fewer than ``min-sites`` updates are left to aggregate."""
+        if accepted < self.min_sites:
+            raise SitesExhausted(
+                f"round {server_round}: {accepted} update(s) could be aggregated, fewer than min-sites={self.min_sites}; "
+                f"{len(self.refused_nodes)} site(s) have refused (budget or policy), "
+                f"{sum(self.rejected.values())} update(s) were rejected so far ({dict(self.rejected)}). The run stops here"
+            )
+
+    def sample_nodes(self, server_round: int, nodes: Iterable[int], *, at_least: int = 1) -> list[int]:
+        """The nodes asked this round: every eligible one, or a Poisson sample under client-level DP.
+
+        Raises :class:`SitesExhausted` before the round when the client-level budget would be
+        exceeded, and :class:`FederationError` when the sample is too small to aggregate.
+        """
+        eligible = sorted(n for n in nodes if n not in self.refused_nodes)
+        if self.client_dp is None:
+            return eligible
+        assert self.client_accountant is not None
+        if self.client_dp.target_epsilon is not None:
+            projected = self.client_accountant.projected_epsilon(self.client_dp.delta)
+            if projected > self.client_dp.target_epsilon:
+                raise SitesExhausted(
+                    f"round {server_round}: client-level epsilon would go from {self.client_accountant.epsilon(self.client_dp.delta):.3f} "
+                    f"to {projected:.3f} (delta={self.client_dp.delta:g}, rdp), over client-target-epsilon={self.client_dp.target_epsilon:g}. "
+                    "The run stops here"
+                )
+        self.round_report["eligible"] = len(eligible)
+        if self.client_dp.sample_rate >= 1.0:
+            return eligible
+        draw = secrets.SystemRandom()
+        chosen = [n for n in eligible if draw.random() < self.client_dp.sample_rate]
+        if len(chosen) < at_least:
+            raise FederationError(
+                f"round {server_round}: Poisson sampling with client-fraction={self.client_dp.sample_rate:g} chose {len(chosen)} of "
+                f"{len(eligible)} sites, fewer than the {at_least} the round needs. Fix: raise client-fraction or add sites"
+            )
+        return chosen
+
+    def privatise(self, server_round: int, summed: dict[str, np.ndarray], *, updates: int, noise_parties: int | None = None) -> dict[str, np.ndarray]:
+        """Client-level DP on the sum of ``updates`` clipped updates: noise, account, average.
+
+        ``noise_parties``: with distributed noise, the count each site calibrated its share
+        for; fewer updates than that would be under-noised, and the run stops (it cannot
+        happen with SecAgg+, which does not unmask below its threshold; this is a second lock).
+        """
+        plan, accountant = self.client_dp, self.client_accountant
+        assert plan is not None and accountant is not None
+        if plan.distributed:
+            if noise_parties is None or updates < noise_parties:
+                raise PrivacyError(
+                    f"round {server_round}: {updates} update(s) carry distributed noise calibrated for at least {noise_parties}; "
+                    "their sum is under-noised, so the round is not used and the run stops"
+                )
+        else:
+            noise = gaussian_noise({k: v.shape for k, v in summed.items()}, plan.sum_noise_std)
+            summed = {k: v + noise[k] for k, v in summed.items()}
+        accountant.record_round()
+        expected = plan.sample_rate * self.round_report.get("eligible", updates)
+        return {k: v / expected for k, v in summed.items()}
+
+    @property
+    def max_epsilon(self) -> float | None:
+        """The federation's sample-level privacy loss: the largest epsilon of any site (None without DP)."""
+        return max((p.epsilon for p in self.site_privacy.values()), default=None) if self.dp else None
+
+    @property
+    def client_epsilon(self) -> float | None:
+        """The federation's client-level epsilon at ``client-delta`` (None without client-level DP)."""
+        if self.client_accountant is None or self.client_dp is None:
+            return None
+        return self.client_accountant.epsilon(self.client_dp.delta)
+
+
+class FedMMAvg(FedAvg, FederationBook):
+    """FedAvg that fails closed on site errors, rejects bad updates and keeps per-site privacy reports.
+
+    With client-level DP the sites send clipped updates (deltas) and this strategy sums them,
+    adds the central Gaussian noise and divides by the expected number of sites.
+    """
+
+    def __init__(
+        self, *, dp: bool, sites: int, layout: str | None = None, min_sites: int = 1,
+        reference: Mapping[str, tuple[int, ...]] | None = None, client_dp: ClientDPPlan | None = None,
+    ) -> None:
+        FedAvg.__init__(
+            self, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
             weighted_by_key=protocol.NUM_EXAMPLES,
             arrayrecord_key=protocol.ARRAYS, configrecord_key=protocol.CONFIG,
             train_metrics_aggr_fn=aggregate_train_metrics,
         )
-        self.dp = dp
+        FederationBook.__init__(self, dp=dp, min_sites=min_sites, client_dp=client_dp)
         self.layout = layout  # the server model's layout fingerprint; None: not checked
-        self.site_privacy: dict[str, SitePrivacy] = {}
-        self.last_train_metrics: dict[str, float] = {}
-        self.sites_last_round: int = 0
-        self.min_sites = min_sites
-        self.refused_nodes: set[int] = set()  # sites that refused a round (budget or policy): not asked again
-        self.latest_arrays: ArrayRecord | None = None
+        self.reference = reference  # expected tensor shapes of an update; None: not checked
+        self._global: dict[str, np.ndarray] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """FedAvg's train messages, minus the sites that have refused (they would only refuse again)."""
-        return [m for m in super().configure_train(server_round, arrays, config, grid) if m.metadata.dst_node_id not in self.refused_nodes]
+        """FedAvg's train messages to the sampled sites, minus those that have refused."""
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+        self.round_report = {"round": server_round}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        chosen = set(self.sample_nodes(server_round, (m.metadata.dst_node_id for m in messages)))
+        return [m for m in messages if m.metadata.dst_node_id in chosen]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate, or raise :class:`FederationError` if any site failed or none replied."""
+        """Aggregate the acceptable updates, or raise :class:`FederationError` if a site failed or none replied."""
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed:
@@ -129,48 +293,64 @@ class FedMMAvg(FedAvg):
             raise FederationError(f"round {server_round}: {len(failed)} of {len(replies)} sites failed ({reasons})")
         if not replies:
             raise FederationError(f"round {server_round}: no site replied; check that the sites are connected")
-        refusals = [m for m in replies if protocol.REFUSED in m.content.config_records]
-        replies = [m for m in replies if protocol.REFUSED not in m.content.config_records]
-        for reply in refusals:
-            refusal = reply.content.config_records[protocol.REFUSED]
-            site = str(refusal.get(protocol.SITE, f"node-{reply.metadata.src_node_id}"))
-            reason = str(refusal.get(protocol.REASON, "no reason given"))
-            self.refused_nodes.add(reply.metadata.src_node_id)
-            known = self.site_privacy.get(site)
-            if known is not None:
-                self.site_privacy[site] = dataclasses.replace(known, refused=reason)
-            log(INFO, "[fedmm] round %d: %s", server_round, reason)
-        if len(replies) < self.min_sites:
-            raise SitesExhausted(
-                f"round {server_round}: {len(replies)} site(s) sent an update, fewer than min-sites={self.min_sites}; "
-                f"{len(self.refused_nodes)} site(s) have refused (budget or policy). The run stops here"
-            )
-        if self.layout is not None:
-            for reply in replies:
-                record = reply.content.config_records.get(protocol.MODEL)
-                got = record.get(protocol.LAYOUT) if record is not None else None
-                if got != self.layout:
-                    raise FederationError(
-                        f"round {server_round}: node {reply.metadata.src_node_id} sent an update with model layout {got!r}, "
-                        f"the server's model has {self.layout!r}; refusing to average mismatched weights. "
-                        "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
-                    )
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        for reply in replies:
+            refusal = reply.content.config_records.get(protocol.REFUSED)
+            if refusal is not None:
+                site = str(refusal.get(protocol.SITE, f"node-{reply.metadata.src_node_id}"))
+                self.note_refusal(server_round, reply.metadata.src_node_id, site, str(refusal.get(protocol.REASON, "no reason given")))
+        accepted = [m for m in replies if protocol.REFUSED not in m.content.config_records and self._acceptable(server_round, m)]
+        self.require_sites(server_round, len(accepted))
+        arrays: ArrayRecord | None
+        metrics: MetricRecord | None
+        if self.client_dp is not None:
+            arrays, metrics = self._aggregate_private(server_round, accepted)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is None or metrics is None:
             raise FederationError(f"round {server_round}: the replies could not be aggregated (see the log above)")
-        for reply in replies:
+        for reply in accepted:
             if self.dp:
                 report = SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id)
                 self.site_privacy[report.site] = report
-        self.sites_last_round = len(replies)
+        self.sites_last_round = len(accepted)
         self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         return arrays, metrics
 
-    @property
-    def max_epsilon(self) -> float | None:
-        """The federation's privacy loss: the largest epsilon of any site (None without DP)."""
-        return max((p.epsilon for p in self.site_privacy.values()), default=None) if self.dp else None
+    def _acceptable(self, server_round: int, reply: Message) -> bool:
+        node = reply.metadata.src_node_id
+        if self.layout is not None:
+            record = reply.content.config_records.get(protocol.MODEL)
+            got = record.get(protocol.LAYOUT) if record is not None else None
+            if got != self.layout:
+                self.reject(
+                    server_round, node, "layout",
+                    f"model layout {got!r}, the server's model has {self.layout!r}. Fix: run the same fedmm version and model, "
+                    "data modalities and preprocessing keys at every site",
+                )
+                return False
+        tensors = reply.content.array_records.get(protocol.ARRAYS)
+        if tensors is None:
+            self.reject(server_round, node, "tensors", f"no '{protocol.ARRAYS}' record in the reply")
+            return False
+        problem = check_update(
+            {k: v.numpy() for k, v in tensors.items()}, self.reference, clip_norm=self.client_dp.clip_norm if self.client_dp else None,
+        )
+        if problem is not None:
+            self.reject(server_round, node, *problem)
+            return False
+        return True
+
+    def _aggregate_private(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """DP-FedAvg: sum the clipped updates, add the noise, average, apply to the global model."""
+        assert self._global is not None
+        summed: dict[str, np.ndarray] = {}
+        for reply in replies:
+            for name, value in reply.content.array_records[protocol.ARRAYS].items():
+                summed[name] = summed.get(name, 0.0) + value.numpy().astype(np.float64)
+        step = self.privatise(server_round, summed, updates=len(replies))
+        new = {k: torch.from_numpy((v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v.copy()) for k, v in self._global.items()}
+        return ArrayRecord(new), aggregate_train_metrics([m.content for m in replies], protocol.NUM_EXAMPLES)
 
 
 def make_central_evaluation(

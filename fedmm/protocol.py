@@ -59,6 +59,10 @@ NODE_REQUIRE_DP = "require-dp"
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)
 SCHEMA = "schema"
 
+# Secure aggregation (legacy FitIns config / FitRes metrics, fedmm.secure.secagg)
+TENSOR_NAMES = "tensor-names"  # JSON list: the names of the global model's tensors, in the order sent
+CLIPPED_VALUES = "clipped-values"  # values a site clipped to the SecAgg+ quantisation range this round
+
 # Reply ConfigRecord describing the model the site trained
 MODEL = "model"
 LAYOUT = "layout"  # fedmm.models.layout_fingerprint of the update's state_dict

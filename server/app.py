@@ -6,9 +6,12 @@ Thin on purpose: configuration, strategy and artifacts live in ``fedmm``.
 from __future__ import annotations
 
 from logging import INFO
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedmm.artifacts import RunArtifacts, new_run_id
@@ -18,7 +21,9 @@ from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.preprocess import Preprocessing, standardise_site
 from fedmm.data.sources import load_source
 from fedmm.errors import SitesExhausted
-from fedmm.federation import FedMMAvg, make_central_evaluation
+from fedmm.federation import FedMMAvg, FederationBook, make_central_evaluation
+from fedmm.privacy.client_dp import ClientDPPlan
+from fedmm.secure.secagg import SecureFedMM, make_workflow
 from fedmm.models import ModelRecipe, layout_fingerprint
 
 app = ServerApp()
@@ -56,7 +61,20 @@ def main(grid: Grid, context: Context) -> None:
     model = recipe.build(schema, seed=cfg.seed)
     artifacts.save_model_card(recipe.card(model, schema))
     initial = model.state_dict()
-    strategy = FedMMAvg(dp=cfg.dp, sites=cfg.sites, layout=layout_fingerprint(initial), min_sites=cfg.min_sites)
+    layout = layout_fingerprint(initial)
+    train_config: dict[str, Any] = {protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: artifacts.run_id}
+    strategy: FederationBook
+    if cfg.secure_aggregation:
+        strategy = SecureFedMM(
+            cfg, initial={k: v.numpy() for k, v in initial.items()}, train_config=train_config, layout=layout,
+            evaluate_fn=lambda r, arrays: evaluate_fn(r, arrays),
+        )
+    else:
+        reference = {k: tuple(v.shape) for k, v in initial.items() if not cfg.client_dp or v.is_floating_point()}
+        strategy = FedMMAvg(
+            dp=cfg.dp, sites=cfg.sites, layout=layout, min_sites=cfg.min_sites, reference=reference,
+            client_dp=ClientDPPlan.from_config(cfg),
+        )
 
     final: dict[str, float] = {}
 
@@ -65,30 +83,40 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             log(INFO, "[fedmm] round 0 (initial model): accuracy %.4f, loss %.4f", accuracy, loss)
             return
-        eps = strategy.max_epsilon
+        eps, client_eps = strategy.max_epsilon, strategy.client_epsilon
+        report = strategy.round_report
         artifacts.append_round(
             {
                 "round": server_round, "accuracy": accuracy, "loss": loss,
                 "train_loss": strategy.last_train_metrics.get("train-loss"),
                 "sites": strategy.sites_last_round, "max_epsilon": eps,
                 "delta": cfg.target_delta if cfg.dp else None,
+                **({"client_epsilon": client_eps, "client_delta": cfg.client_delta} if client_eps is not None else {}),
+                "rejected": report.get("rejected", 0),
+                **({"dropped": report.get("dropped", 0), "clipped_values": report.get("clipped_values", 0)} if cfg.secure_aggregation else {}),
                 **{f"accuracy_{name}": value for name, value in tasks.items()},
             }
         )
         eps_text = f"max epsilon {eps:.3f} (delta={cfg.target_delta:g}, {cfg.accountant})" if eps is not None else "no DP"
+        if client_eps is not None:
+            eps_text += f", client-level epsilon {client_eps:.3f} (delta={cfg.client_delta:g}, rdp)"
         task_text = "".join(f", {name} accuracy {value:.4f}" for name, value in tasks.items())
         log(INFO, "[fedmm] round %d/%d: accuracy %.4f, loss %.4f%s, %s", server_round, cfg.rounds, accuracy, loss, task_text, eps_text)
 
+    evaluate_fn = make_central_evaluation(cfg, test, on_round, tasks_from=schema)
     stopped = None
     try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(initial),
-            num_rounds=cfg.rounds,
-            train_config=ConfigRecord({protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: artifacts.run_id}),
-            evaluate_fn=make_central_evaluation(cfg, test, on_round, tasks_from=schema),
-        )
-        final_arrays = result.arrays
+        if isinstance(strategy, SecureFedMM):
+            # SecAgg+ runs on Flower's legacy workflow (the only path that has it in Flower 1.42).
+            legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)
+            DefaultWorkflow(fit_workflow=make_workflow(cfg, strategy))(grid, legacy)
+            final_arrays = strategy.latest_arrays or ArrayRecord(initial)
+        else:
+            result = strategy.start(
+                grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
+                train_config=ConfigRecord(train_config), evaluate_fn=evaluate_fn,
+            )
+            final_arrays = result.arrays
     except SitesExhausted as stop:
         # Sites refusing for their budgets is the privacy promise working: stop cleanly, keep the last model.
         stopped = str(stop)
@@ -98,5 +126,6 @@ def main(grid: Grid, context: Context) -> None:
     summary = artifacts.finish(
         rounds=int(final["round"]), sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
         final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped,
+        client_epsilon=strategy.client_epsilon, rejected=strategy.rejected,
     )
     log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], summary["max_epsilon"], artifacts.dir)

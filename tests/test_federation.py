@@ -84,10 +84,55 @@ def test_an_update_with_another_model_layout_is_refused() -> None:
     good.content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: mine})
     odd.content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: layout_fingerprint({"w": torch.zeros(3)})})
 
-    with pytest.raises(FederationError, match="node 2 sent an update with model layout"):
-        strategy.aggregate_train(1, [good, odd])
-    arrays, _ = FedMMAvg(dp=True, sites=1, layout=mine).aggregate_train(1, [good])
-    assert arrays is not None
+    arrays, _ = strategy.aggregate_train(1, [good, odd])
+
+    assert np.allclose(arrays["w"].numpy(), 1.0) and strategy.sites_last_round == 1
+    assert strategy.rejected == {"layout": 1} and strategy.round_report["rejected"] == 1
+    with pytest.raises(FederationError, match="0 update.* could be aggregated.*'layout': 2"):  # nothing left: the run stops
+        strategy.aggregate_train(2, [odd])
+
+
+@pytest.mark.parametrize(
+    ("bad", "kind"),
+    [
+        (np.array([1.0, np.nan]), "non-finite"),
+        (np.array([np.inf, 0.0]), "non-finite"),
+        (np.ones(3), "shape"),
+        (np.ones((2, 1)), "shape"),
+    ],
+)
+def test_bad_updates_are_rejected_and_counted(bad: np.ndarray, kind: str) -> None:
+    strategy = FedMMAvg(dp=True, sites=3, reference={"w": (2,)})
+    replies = [_site_reply(1, "a", np.zeros(2), 10, 1.0, 1.0), _site_reply(2, "b", bad, 10, 1.0, 1.0), _site_reply(3, "c", np.full(2, 2.0), 10, 1.0, 1.0)]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert np.allclose(arrays["w"].numpy(), 1.0)  # the two good updates only
+    assert strategy.rejected == {kind: 1} and strategy.sites_last_round == 2
+    assert "b" not in strategy.site_privacy  # a rejected update's report is not taken either
+
+
+def test_client_dp_rejects_norms_beyond_the_clip_and_noises_the_sum() -> None:
+    from fedmm.privacy.client_dp import ClientDPPlan
+
+    plan = ClientDPPlan(clip_norm=1.0, noise_multiplier=0.5, distributed=False, sample_rate=1.0, delta=1e-5, target_epsilon=None)
+    strategy = FedMMAvg(dp=True, sites=3, reference={"w": (20000,)}, client_dp=plan)
+    strategy.configure_train = lambda *a: None  # type: ignore[method-assign]
+    strategy._global = {"w": np.zeros(20000, dtype=np.float32)}
+    strategy.round_report = {"eligible": 3}
+    within = np.zeros(20000)
+    within[0] = 0.9
+    beyond = np.zeros(20000)
+    beyond[0] = 1.5
+    replies = [_site_reply(1, "a", within, 10, 1.0, 1.0), _site_reply(2, "b", within, 10, 1.0, 1.0), _site_reply(3, "c", beyond, 10, 1.0, 1.0)]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert strategy.rejected == {"norm": 1}
+    step = arrays["w"].numpy()
+    # sum of the two accepted updates plus N(0, (0.5 * 1.0)^2), divided by the 3 sites asked
+    assert np.std(step[1:]) == pytest.approx(0.5 / 3, rel=0.03)
+    assert strategy.client_accountant is not None and strategy.client_accountant.rounds == 1
 
 
 def _refusal(node: int, site: str, reason: str) -> Message:

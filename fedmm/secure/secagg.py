@@ -1,0 +1,281 @@
+"""Secure aggregation with Flower's SecAgg+ (``secure-aggregation = true``).
+
+Flower 1.42 runs SecAgg+ only on its legacy workflow path, so this module puts fedmm's
+server on that path rather than writing a protocol of its own:
+
+- :class:`SecureFedMM` is a legacy ``flwr.server.strategy.Strategy`` with the same
+  bookkeeping as :class:`fedmm.federation.FedMMAvg` (:class:`FederationBook`: privacy
+  reports as a maximum, refusals, min-sites, client-level DP and its accountant).
+- :class:`FedMMSecAggPlus` is Flower's :class:`SecAggPlusWorkflow` with two additions: it
+  rejects (and counts) masked vectors whose shapes are not the model's before they are
+  summed, and it stops the run with a clear error when a round cannot be unmasked (more
+  sites dropped than the reconstruction threshold allows); Flower's own workflow would log
+  "Secure aggregation halted" and go on to the next round with the old model.
+- :func:`secure_fit` is the site's side, called inside Flower's ``secaggplus_mod``.
+
+What the server holds: each site's public keys, encrypted key shares it cannot read, one
+masked vector per site (uniformly random to it), the shares needed to remove the masks of
+the sum, each site's metrics (loss, epsilon, and its ``num-examples``, which are FedAvg's
+weights), and the weighted average of the updates. Never one site's update in the clear.
+
+What cannot be checked under SecAgg: the values inside a masked vector. A site's update
+norm, its finiteness and its client-level clip are checked by the site itself before
+masking (:func:`fedmm.secure.update.prepare_update`); the server checks the shapes of
+each masked vector and that the unmasked aggregate is finite. A malicious site could still
+send any values inside the quantisation range: each weighted value is bounded by
+``secagg-clip-range``, so its pull on the average is bounded, not removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any, cast
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr.common import Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Status, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from fedmm import protocol
+from fedmm.config import RunConfig
+from fedmm.errors import FederationError, SitesExhausted
+from fedmm.federation import FederationBook, SitePrivacy, check_update
+from fedmm.privacy.client_dp import ClientDPPlan
+from fedmm.secure.update import SecAggParams
+
+__all__ = ["SecureFedMM", "FedMMSecAggPlus", "secagg_params", "make_workflow"]
+
+Scalar = bool | bytes | float | int | str
+
+
+def _fraction_or_count(value: float) -> int | float:
+    """Flower reads a float as a fraction and an int as a count."""
+    return float(value) if value <= 1 else int(value)
+
+
+def make_workflow(cfg: RunConfig, strategy: SecureFedMM) -> FedMMSecAggPlus:
+    """The SecAgg+ fit workflow for ``cfg`` (weights of 1 under client-level DP, else num-examples)."""
+    return FedMMSecAggPlus(
+        strategy,
+        num_shares=_fraction_or_count(cfg.secagg_shares),
+        reconstruction_threshold=_fraction_or_count(cfg.secagg_threshold),
+        max_weight=1.0 if cfg.client_dp else cfg.secagg_max_weight,
+        clipping_range=cfg.secagg_clip_range,
+        timeout=cfg.secagg_timeout or None,
+    )
+
+
+def secagg_params(context: Context) -> SecAggParams:
+    """The quantisation settings the protocol's setup stage left in this site's node state."""
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    if state is None:
+        raise FederationError("no SecAgg+ state at this site: the setup stage did not run before training")
+    return SecAggParams(
+        clip_range=cast(float, state["clipping_range"]), max_weight=cast(float, state["max_weight"]),
+        target_range=cast(int, state["target_range"]), threshold=cast(int, state["threshold"]),
+    )
+
+
+class SecureFedMM(Strategy, FederationBook):
+    """FedAvg of site updates under SecAgg+: global model + the (weighted) mean update.
+
+    Parameters
+    ----------
+    cfg
+        The run's configuration.
+    initial
+        The global model's initial tensors (state_dict order).
+    train_config
+        Sent to every site with each round (schema, run id, ...).
+    evaluate_fn
+        Central evaluation, as for ``Strategy.start`` of Flower's new API.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, *, initial: Mapping[str, np.ndarray], train_config: Mapping[str, Scalar],
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord], layout: str,
+    ) -> None:
+        FederationBook.__init__(self, dp=cfg.dp, min_sites=cfg.min_sites, client_dp=ClientDPPlan.from_config(cfg))
+        self.cfg = cfg
+        self.names = list(initial)
+        self.global_arrays = {k: np.asarray(v) for k, v in initial.items()}
+        self.update_names = [k for k, v in self.global_arrays.items() if v.dtype.kind == "f"]
+        self.train_config = dict(train_config)
+        self.evaluate_fn = evaluate_fn
+        self.layout = layout
+        self.aggregated_round = 0
+        self.threshold = 0  # the round's reconstruction threshold, set by the workflow
+        self.wait_timeout = 600
+
+    # ------------------------------------------------------------ the legacy Strategy API
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters([self.global_arrays[k] for k in self.names])
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        # num_available() refreshes Flower's node list now; wait_for alone would wait for its 5 s poll.
+        if client_manager.num_available() < self.cfg.sites and not client_manager.wait_for(self.cfg.sites, timeout=self.wait_timeout):
+            raise FederationError(
+                f"round {server_round}: {client_manager.num_available()} of sites={self.cfg.sites} sites connected within "
+                f"{self.wait_timeout} s. Fix: start every site, or lower 'sites'"
+            )
+        proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
+        chosen = self.sample_nodes(server_round, proxies, at_least=2)
+        if len(chosen) < 2:
+            raise SitesExhausted(f"round {server_round}: {len(chosen)} site(s) left to ask; secure aggregation needs at least 2. The run stops here")
+        config: dict[str, Scalar] = {
+            **self.train_config, protocol.SERVER_ROUND: server_round, protocol.TENSOR_NAMES: json.dumps(self.names),
+            protocol.LAYOUT: self.layout,
+        }
+        self.round_report["asked"] = len(chosen)
+        return [(proxies[n], FitIns(parameters, dict(config))) for n in chosen]
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Apply the unmasked mean update; every result carries the same aggregate, and its own metrics."""
+        self.aggregated_round = server_round
+        dropped = self.round_report.get("asked", len(results)) - len(results)
+        self.round_report["dropped"] = dropped
+        if dropped:
+            log(WARNING, "[fedmm] round %d: %d site(s) dropped out or were rejected during secure aggregation: %s", server_round, dropped,
+                "; ".join(str(f) for f in failures) or "no reply")
+        taking_part, clipped = [], 0
+        for proxy, res in results:
+            metrics = res.metrics
+            clipped += int(metrics.get(protocol.CLIPPED_VALUES, 0))  # type: ignore[call-overload]
+            if protocol.REASON in metrics:
+                self.note_refusal(server_round, proxy.node_id, str(metrics.get(protocol.SITE, proxy.node_id)), str(metrics[protocol.REASON]))
+                continue
+            if metrics.get(protocol.LAYOUT) != self.layout:
+                raise FederationError(
+                    f"round {server_round}: node {proxy.node_id} trained model layout {metrics.get(protocol.LAYOUT)!r}, the server's is "
+                    f"{self.layout!r}. Under secure aggregation its masked update is already in the sum, so the round cannot be used. "
+                    "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
+                )
+            taking_part.append((proxy, res))
+        self.round_report["clipped_values"] = clipped
+        if clipped:
+            log(WARNING, "[fedmm] round %d: sites clipped %d update value(s) to the quantisation range (secagg-clip-range=%g)",
+                server_round, clipped, self.cfg.secagg_clip_range)
+        if not taking_part and self.refused_nodes:
+            raise SitesExhausted(f"round {server_round}: every site asked has refused (budget or policy). The run stops here")
+        self.require_sites(server_round, len(taking_part))
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        shapes = {k: self.global_arrays[k].shape for k in self.update_names}
+        aggregate = dict(zip(self.update_names, mean))
+        problem = check_update(aggregate, shapes) if len(mean) == len(self.update_names) else ("tensors", f"{len(mean)} tensors, expected {len(self.update_names)}")
+        if problem is not None:
+            raise FederationError(f"round {server_round}: the unmasked aggregate is unusable ({problem[1]}); the round is not applied")
+        if self.client_dp is not None:
+            # Every result was weighted 1 (refusals send a zero update, and their noise share):
+            # the mean times the number of results is the sum.
+            summed = {k: v.astype(np.float64) * len(results) for k, v in aggregate.items()}
+            step = self.privatise(server_round, summed, updates=len(results), noise_parties=self.threshold)
+        else:
+            step = {k: v.astype(np.float64) for k, v in aggregate.items()}
+        for name, value in step.items():
+            self.global_arrays[name] = (self.global_arrays[name].astype(np.float64) + value).astype(self.global_arrays[name].dtype)
+        for proxy, res in taking_part:
+            if self.dp:
+                report = SitePrivacy.from_mapping(res.metrics, node=proxy.node_id)
+                self.site_privacy[report.site] = report
+        self.sites_last_round = len(taking_part)
+        self.latest_arrays = ArrayRecord({k: torch.from_numpy(self.global_arrays[k].copy()) for k in self.names})
+        losses = [(float(cast(float, res.metrics.get(protocol.NUM_EXAMPLES, 1))), float(cast(float, res.metrics[protocol.TRAIN_LOSS]))) for _, res in taking_part]
+        total = sum(n for n, _ in losses)
+        self.last_train_metrics = {protocol.TRAIN_LOSS: sum(n * loss for n, loss in losses) / total if total else math.nan}
+        if self.dp:
+            self.last_train_metrics[protocol.EPSILON] = max(p.epsilon for p in self.site_privacy.values())
+        return ndarrays_to_parameters([self.global_arrays[k] for k in self.names]), dict(self.last_train_metrics)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []  # evaluation is central (the server's held-out set)
+
+    def aggregate_evaluate(
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        arrays = ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in zip(self.names, parameters_to_ndarrays(parameters))})
+        metrics = self.evaluate_fn(server_round, arrays)
+        return float(cast(float, metrics["loss"])), {k: cast(float, v) for k, v in metrics.items()}
+
+
+class _CheckingGrid:
+    """A view of the Grid that drops masked vectors of the wrong shape before they are summed.
+
+    A dropped reply is what a site that went away looks like to SecAgg+: its pairwise masks
+    are reconstructed from the other sites' shares and the round goes on without it.
+    """
+
+    def __init__(self, grid: Grid, strategy: SecureFedMM) -> None:
+        self._grid = grid
+        self._strategy = strategy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        strategy = self._strategy
+        expected = [(1,)] + [strategy.global_arrays[k].shape for k in strategy.update_names]
+        kept = []
+        for reply in replies:
+            record = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if record is not None and Key.MASKED_PARAMETERS in record:
+                shapes = [bytes_to_ndarray(cast(bytes, b)).shape for b in cast(list[bytes], record[Key.MASKED_PARAMETERS])]
+                if shapes != expected:
+                    round_ = int(strategy.round_report.get("round", 0))
+                    strategy.reject(round_, reply.metadata.src_node_id, "shape", f"masked vector shapes {shapes[:4]}..., expected {expected[:4]}...")
+                    continue
+            kept.append(reply)
+        return kept
+
+
+class FedMMSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow that checks masked vectors' shapes and fails a round it cannot unmask."""
+
+    def __init__(self, strategy: SecureFedMM, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.strategy = strategy
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        self.strategy.threshold = state.threshold
+        return ok
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        assert isinstance(context, LegacyContext)
+        current = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        self.strategy.round_report = {"round": current}
+        super().__call__(_CheckingGrid(grid, self.strategy), context)  # type: ignore[arg-type]
+        if self.strategy.aggregated_round != current:
+            report = self.strategy.round_report
+            raise FederationError(
+                f"round {current}: secure aggregation could not finish: of {report.get('asked', '?')} sites asked, too few stayed "
+                f"to reach the reconstruction threshold ({self.strategy.threshold} shares per site; secagg-threshold="
+                f"{self.strategy.cfg.secagg_threshold:g}), so the sum cannot be unmasked and no update is applied. "
+                "Fix: bring the sites back, or lower secagg-threshold (less protection against a curious server)"
+            )
+        log(INFO, "[fedmm] round %d: secure aggregation of %d update(s) done", current, self.strategy.sites_last_round)
+
+
+def secure_fit_reply(
+    *, arrays: list[np.ndarray], weight: float, metrics: Mapping[str, Scalar],
+) -> FitRes:
+    """The legacy FitRes Flower's secaggplus_mod masks: the update, its weight, and plain metrics."""
+    return FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(arrays), num_examples=int(weight), metrics=dict(metrics))

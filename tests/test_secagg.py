@@ -1,0 +1,231 @@
+"""Secure aggregation with Flower's SecAgg+: what the server holds, dropouts, client-level DP noise.
+
+Every test runs Flower's own SecAgg+ server workflow and client mod, with real keys and
+masks, through :class:`fedmm.secure.local.LocalGrid` (ClientApps called in-process).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+
+from fedmm import protocol
+from fedmm.config import RunConfig
+from fedmm.errors import FederationError, PrivacyError
+from fedmm.secure.local import LocalGrid, stage_of
+from fedmm.secure.secagg import SecureFedMM, make_workflow, secagg_params, secure_fit_reply
+from fedmm.secure.update import prepare_update
+
+SIZE = 4000
+LAYOUT = "test-layout"
+
+
+def _updates(sites: int, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {101 + i: rng.normal(0.0, 0.05, SIZE).astype(np.float32) for i in range(sites)}
+
+
+def _weights(sites: int) -> dict[int, int]:
+    return {101 + i: 50 + 25 * i for i in range(sites)}
+
+
+def _protocol_app(cfg: RunConfig, updates: dict[int, np.ndarray], weights: dict[int, int], refuse: set[int] = frozenset()) -> ClientApp:
+    """Sites whose training is replaced by a known update; everything after training is fedmm's and Flower's."""
+    app = ClientApp()
+
+    def fit(msg: Message, context: Context) -> Message:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        (global_w,) = parameters_to_ndarrays(fitins.parameters)
+        node = context.node_id
+        refused = node in refuse
+        local = {"w": torch.from_numpy(global_w + (0.0 if refused else updates[node]))}
+        weight = (1 if cfg.client_dp else 0) if refused else weights[node]
+        out = prepare_update(local, {"w": global_w}, cfg, weight=weight, secagg=secagg_params(context))
+        metrics = {protocol.TRAIN_LOSS: 1.0, protocol.LAYOUT: LAYOUT, protocol.NUM_EXAMPLES: weights[node], protocol.CLIPPED_VALUES: out.clipped_values}
+        if refused:
+            metrics = {protocol.SITE: f"site-{node}", protocol.REASON: "out of budget", protocol.EPSILON: 1.0, protocol.BUDGET: 1.0}
+        reply = secure_fit_reply(arrays=list(out.arrays.values()), weight=out.weight, metrics=metrics)
+        return Message(compat.fitres_to_recorddict(reply, keep_input=False), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        assert RECORD_KEY_CONFIGS in msg.content.config_records, "every message of a SecAgg+ round carries its stage"
+        return secaggplus_mod(msg, context, fit)
+
+    return app
+
+
+def _run_round(cfg: RunConfig, grid: LocalGrid, initial: np.ndarray | None = None) -> SecureFedMM:
+    strategy = SecureFedMM(
+        cfg, initial={"w": np.zeros(SIZE, np.float32) if initial is None else initial}, train_config={}, layout=LAYOUT,
+        evaluate_fn=lambda r, arrays: MetricRecord({"loss": 0.0, "accuracy": 0.0}),
+    )
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+    DefaultWorkflow(fit_workflow=make_workflow(cfg, strategy))(grid, legacy)
+    return strategy
+
+
+def _config(sites: int, **changes: object) -> RunConfig:
+    return RunConfig(sites=sites, dp=False, secure_aggregation=True, **changes)  # type: ignore[arg-type]
+
+
+def _weighted_mean(updates: dict[int, np.ndarray], weights: dict[int, int], nodes: set[int]) -> np.ndarray:
+    total = sum(weights[n] for n in nodes)
+    return sum(weights[n] * updates[n].astype(np.float64) for n in nodes) / total
+
+
+def _bound(cfg: RunConfig, weights: dict[int, int], nodes: set[int]) -> float:
+    """SecAgg+'s worst-case error on the weighted mean: one quantisation step per site, over the summed weight ratios."""
+    step = 2 * cfg.secagg_clip_range / 2**22
+    ratio = sum(weights[n] / cfg.secagg_max_weight for n in nodes)
+    return len(nodes) * step / ratio + 1e-7  # + float32 rounding of the stored model
+
+
+def test_the_server_never_holds_one_sites_update_and_the_aggregate_is_fedavgs() -> None:
+    cfg = _config(5)
+    updates, weights = _updates(5), _weights(5)
+    grid = LocalGrid(_protocol_app(cfg, updates, weights), [{}] * 5, {}, record=True)
+
+    strategy = _run_round(cfg, grid)
+
+    # The aggregate equals plain FedAvg within SecAgg+'s quantisation error.
+    expected = _weighted_mean(updates, weights, set(updates))
+    assert np.max(np.abs(strategy.global_arrays["w"] - expected)) <= _bound(cfg, weights, set(updates))
+    assert strategy.round_report["dropped"] == 0 and strategy.sites_last_round == 5
+    # What the server held: per stage, one reply per site; no reply carries a tensor except the
+    # masked vectors, and each masked vector is uniform noise with no trace of its site's update.
+    stages = [stage for _, stage, _ in grid.received]
+    assert stages.count("setup") == stages.count("share_keys") == stages.count("collect_masked_vectors") == stages.count("unmask") == 5
+    for node, stage, content in grid.received:
+        assert all(len(record) == 0 for record in content.array_records.values()), f"{stage} reply of {node} carried tensors"
+        if stage != "collect_masked_vectors":
+            continue
+        factor, masked = (bytes_to_ndarray(b) for b in content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])
+        assert masked.shape == (SIZE,)
+        assert abs(masked.mean() / 2**32 - 0.5) < 0.02  # uniform on [0, 2^32)
+        for other, update in updates.items():
+            assert abs(np.corrcoef(masked.astype(np.float64), update)[0, 1]) < 0.06, f"node {node}'s masked vector correlates with site {other}'s update"
+        assert int(factor[0]) != round(weights[node] / cfg.secagg_max_weight * 2**22)  # even its weight is masked
+
+
+def test_ten_sites_three_drop_out_mid_round_and_the_survivors_aggregate_is_correct() -> None:
+    cfg = _config(10)
+    updates, weights = _updates(10, seed=1), _weights(10)
+    gone = {103, 106, 109}
+    grid = LocalGrid(_protocol_app(cfg, updates, weights), [{}] * 10, {}, drop=lambda node, msg: node in gone and stage_of(msg) == "collect_masked_vectors")
+
+    strategy = _run_round(cfg, grid)
+
+    survivors = set(updates) - gone
+    expected = _weighted_mean(updates, weights, survivors)
+    assert np.max(np.abs(strategy.global_arrays["w"] - expected)) <= _bound(cfg, weights, survivors)
+    assert strategy.round_report["dropped"] == 3 and strategy.sites_last_round == 7
+    assert strategy.threshold == 7  # round(0.67 * 10)
+
+
+def test_a_site_lost_after_sending_its_masked_vector_is_still_counted() -> None:
+    cfg = _config(6)
+    updates, weights = _updates(6, seed=2), _weights(6)
+    grid = LocalGrid(_protocol_app(cfg, updates, weights), [{}] * 6, {}, drop=lambda node, msg: node == 102 and stage_of(msg) == "unmask")
+
+    strategy = _run_round(cfg, grid)
+
+    assert np.max(np.abs(strategy.global_arrays["w"] - _weighted_mean(updates, weights, set(updates)))) <= _bound(cfg, weights, set(updates))
+
+
+def test_more_dropouts_than_the_threshold_allows_fail_the_round_cleanly() -> None:
+    cfg = _config(10)
+    updates, weights = _updates(10, seed=3), _weights(10)
+    gone = {101, 102, 103, 104}
+    grid = LocalGrid(_protocol_app(cfg, updates, weights), [{}] * 10, {}, drop=lambda node, msg: node in gone and stage_of(msg) == "collect_masked_vectors")
+
+    with pytest.raises(FederationError, match="round 1: secure aggregation could not finish: of 10 sites asked.*threshold"):
+        _run_round(cfg, grid)
+
+
+def test_a_masked_vector_of_the_wrong_shape_is_rejected_before_the_sum() -> None:
+    cfg = _config(4)
+    updates, weights = _updates(4, seed=4), _weights(4)
+    app = _protocol_app(cfg, updates, weights)
+
+    grid = LocalGrid(app, [{}] * 4, {})
+    original = grid.app
+
+    def truncating_app(msg: Message, context: Context) -> Message:
+        stage = stage_of(msg)
+        reply = original(msg, context)
+        if context.node_id == 104 and stage == "collect_masked_vectors":
+            record = reply.content.config_records[RECORD_KEY_CONFIGS]
+            record[Key.MASKED_PARAMETERS] = list(record[Key.MASKED_PARAMETERS])[:1]  # the factor only
+        return reply
+
+    grid.app = truncating_app  # type: ignore[assignment]
+
+    strategy = _run_round(cfg, grid)
+
+    assert strategy.rejected == {"shape": 1} and strategy.sites_last_round == 3
+    assert np.max(np.abs(strategy.global_arrays["w"] - _weighted_mean(updates, weights, {101, 102, 103}))) <= _bound(cfg, weights, {101, 102, 103})
+
+
+def test_values_beyond_the_quantisation_range_are_clipped_on_purpose_and_counted() -> None:
+    cfg = _config(3, secagg_clip_range=0.01)
+    updates, weights = _updates(3, seed=5), _weights(3)
+    grid = LocalGrid(_protocol_app(cfg, updates, weights), [{}] * 3, {})
+
+    strategy = _run_round(cfg, grid)
+
+    bounds = {n: 0.01 / (round(w / cfg.secagg_max_weight * 2**22) / 2**22) for n, w in weights.items()}
+    expected_count = sum(int(np.sum(np.abs(u) > bounds[n])) for n, u in updates.items())
+    assert strategy.round_report["clipped_values"] == expected_count > 0
+    clipped = {n: np.clip(u, -bounds[n], bounds[n]) for n, u in updates.items()}
+    assert np.max(np.abs(strategy.global_arrays["w"] - _weighted_mean(clipped, weights, set(updates)))) <= _bound(cfg, weights, set(updates))
+
+
+@pytest.mark.parametrize("gone", [set(), {102, 105, 108}])
+def test_distributed_noise_never_falls_below_the_accounted_noise_when_sites_drop(gone: set[int]) -> None:
+    cfg = _config(10, client_dp=True, client_noise="distributed", client_noise_multiplier=1.0, client_clip_norm=1.0)
+    zero = {n: np.zeros(SIZE * 5, np.float32) for n in range(101, 111)}
+    grid = LocalGrid(_protocol_app(cfg, zero, _weights(10)), [{}] * 10, {}, drop=lambda node, msg: node in gone and stage_of(msg) == "collect_masked_vectors")
+
+    strategy = _run_round(cfg, grid, initial=np.zeros(SIZE * 5, np.float32))
+
+    # The sum of m shares of variance sigma^2 S^2 / t has std sqrt(m / t) sigma S >= sigma S; the step divides by the 10 sites asked.
+    m, t = 10 - len(gone), strategy.threshold
+    std = float(np.std(strategy.global_arrays["w"]))
+    assert std == pytest.approx(math.sqrt(m / t) / 10, rel=0.03)
+    assert std >= 0.1 * 0.97
+    assert strategy.client_accountant is not None and strategy.client_accountant.rounds == 1
+
+
+def test_refusing_sites_still_add_their_noise_share() -> None:
+    cfg = _config(6, client_dp=True, client_noise="distributed")
+    zero = {n: np.zeros(SIZE * 5, np.float32) for n in range(101, 107)}
+    grid = LocalGrid(_protocol_app(cfg, zero, _weights(6), refuse={101, 102, 103}), [{}] * 6, {})
+
+    strategy = _run_round(cfg, grid, initial=np.zeros(SIZE * 5, np.float32))
+
+    assert strategy.sites_last_round == 3 and strategy.refused_nodes == {101, 102, 103}
+    assert float(np.std(strategy.global_arrays["w"])) == pytest.approx(math.sqrt(6 / strategy.threshold) / 6, rel=0.03)
+
+
+def test_under_noised_sums_are_never_used() -> None:
+    from fedmm.federation import FederationBook
+    from fedmm.privacy.client_dp import ClientDPPlan
+
+    plan = ClientDPPlan(clip_norm=1.0, noise_multiplier=1.0, distributed=True, sample_rate=1.0, delta=1e-5, target_epsilon=None)
+    book = FederationBook(dp=False, client_dp=plan)
+    with pytest.raises(PrivacyError, match="under-noised"):
+        book.privatise(3, {"w": np.zeros(3)}, updates=4, noise_parties=5)
+    assert book.client_accountant is not None and book.client_accountant.rounds == 0
