@@ -111,7 +111,13 @@ def _print_summary(run_dir: Path) -> None:
     if privacy:
         console.print(table)
     eps = summary["max_epsilon"]
-    privacy_text = f"max epsilon {eps:.3f} at delta {summary['delta']:g} ({summary['accountant']})" if eps is not None else "no differential privacy"
+    privacy_text = f"max epsilon {eps:.3f} at delta {summary['delta']:g} ({summary['accountant']})" if eps is not None else "no sample-level DP"
+    if summary.get("client_epsilon") is not None:
+        privacy_text += f", client-level epsilon {summary['client_epsilon']:.3f} at delta {summary['client_delta']:g} (rdp)"
+    if summary.get("secure_aggregation"):
+        privacy_text += ", secure aggregation (SecAgg+)"
+    if summary.get("rejected_updates"):
+        console.print(f"[yellow]updates rejected:[/yellow] {summary['rejected_updates']}")
     if summary.get("stopped"):
         console.print(f"[yellow]stopped early:[/yellow] {summary['stopped']}")
     for site in privacy:
@@ -333,10 +339,31 @@ def plan(
     with _exit_on_error():
         cfg = RunConfig.from_run_config({**_load_preset(preset), **parse_overrides(set_ or [])})
         cfg = cfg.replace(data=_absolute_data(cfg.data))
+        if cfg.client_dp:
+            console.print(_client_level_line(cfg))
         if not cfg.dp:
-            console.print("dp=false: no privacy plan (updates are not differentially private)")
+            console.print("dp=false: no sample-level privacy plan (the sites' records are not protected by DP-SGD)")
             return
         console.print(_plan_table(cfg, _federation(cfg)))
+
+
+def _client_level_line(cfg: RunConfig) -> str:
+    """Client-level (DP-FedAvg) epsilon after all rounds, and the rounds client-target-epsilon allows."""
+    from fedmm.privacy.client_dp import ClientAccountant
+
+    acct = ClientAccountant(noise_multiplier=cfg.client_noise_multiplier, sample_rate=cfg.client_fraction)
+    allowed = None
+    for r in range(1, cfg.rounds + 1):
+        acct.record_round()
+        if allowed is None and cfg.client_target_epsilon and acct.epsilon(cfg.client_delta) > cfg.client_target_epsilon:
+            allowed = r - 1
+    line = (
+        f"client-level DP ({cfg.client_noise} noise): clip {cfg.client_clip_norm:g}, noise multiplier {cfg.client_noise_multiplier:g}, "
+        f"sites sampled at {cfg.client_fraction:g}: epsilon {acct.epsilon(cfg.client_delta):.3f} at delta {cfg.client_delta:g} (rdp) after {cfg.rounds} rounds"
+    )
+    if allowed is not None:
+        line += f"; client-target-epsilon={cfg.client_target_epsilon:g} allows {allowed} rounds"
+    return line
 
 
 @app.command()

@@ -205,6 +205,8 @@ class RunConfig:
                 "secagg-threshold", "must be a fraction in (0, 1] of the shares or a whole number >= 2", value=threshold,
                 fix="e.g. secagg-threshold=0.67",
             )
+        if shares > 2 and shares > self.sites:
+            raise ConfigError("secagg-shares", f"is a count above the {self.sites} sites", value=shares, fix=f"use at most sites={self.sites}, or a fraction such as 1.0")
         if shares > 2 and threshold >= 2 and threshold >= shares:
             raise ConfigError("secagg-threshold", f"must be below secagg-shares={shares:g}", value=threshold, fix=f"e.g. secagg-threshold={max(2, int(shares) - 1)}")
         _positive("secagg-clip-range", self.secagg_clip_range, "e.g. secagg-clip-range=8.0")

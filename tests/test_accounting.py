@@ -269,3 +269,22 @@ def test_the_plan_counts_the_steps_opacus_really_takes() -> None:
 
     assert state.plan is not None and state.plan.steps_per_round == 92 == state.accountant.steps
     assert update.privacy is not None and update.privacy.steps == 92
+
+
+@pytest.mark.parametrize(("sigma", "q", "rounds"), [(1.0, 1.0, 20), (1.1, 0.1, 300), (0.9, 0.3, 50)])
+def test_client_level_epsilon_after_r_rounds_equals_an_independent_computation(sigma: float, q: float, rounds: int) -> None:
+    from fedmm.privacy.client_dp import ClientAccountant
+
+    acct = ClientAccountant(noise_multiplier=sigma, sample_rate=q)
+    for _ in range(rounds):
+        acct.record_round()
+    history = (PrivacyEvent(sigma, q, rounds),)
+    reference = rdp.RdpAccountant(orders=ORDERS)
+    reference.compose(_independent_event(history))
+
+    assert acct.history == history and acct.rounds == rounds
+    assert acct.epsilon(DELTA) == pytest.approx(reference.get_epsilon(DELTA), rel=0.01)
+    assert acct.epsilon(DELTA) >= _tight_epsilon(history)  # never below the tight (PLD) value
+    if q == 1.0:  # no sampling: the Gaussian mechanism's RDP is R * alpha / (2 sigma^2), in closed form
+        closed, _ = get_privacy_spent(orders=ORDERS, rdp=rounds * ORDERS / (2 * sigma**2), delta=DELTA)
+        assert acct.epsilon(DELTA) == pytest.approx(closed, rel=1e-9)

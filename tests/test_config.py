@@ -72,3 +72,24 @@ def test_every_preset_is_a_valid_run_config() -> None:
     assert len(presets) >= 6
     for preset in presets:
         RunConfig.from_run_config(tomllib.loads(preset.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"secagg-shares": 2.5}, "secagg-shares"),
+        ({"secagg-shares": 12.0}, "secagg-shares"),
+        ({"secagg-shares": 5.0, "secagg-threshold": 5.0}, "secagg-threshold"),
+        ({"secagg-threshold": 0.0}, "secagg-threshold"),
+        ({"secagg-clip-range": -1.0}, "secagg-clip-range"),
+        ({"secure-aggregation": True, "sites": 1}, "sites"),
+        ({"client-noise": "local"}, "client-noise"),
+        ({"client-dp": True, "client-noise": "distributed"}, "client-noise"),
+        ({"client-fraction": 0.0}, "client-fraction"),
+        ({"client-noise-multiplier": 0.0}, "client-noise-multiplier"),
+        ({"client-delta": 1.0}, "client-delta"),
+    ],
+)
+def test_secure_aggregation_and_client_dp_settings_are_range_checked(settings: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        RunConfig.from_run_config(settings)

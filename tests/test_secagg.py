@@ -7,6 +7,7 @@ masks, through :class:`fedmm.secure.local.LocalGrid` (ClientApps called in-proce
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,6 +221,19 @@ def test_refusing_sites_still_add_their_noise_share() -> None:
     assert float(np.std(strategy.global_arrays["w"])) == pytest.approx(math.sqrt(6 / strategy.threshold) / 6, rel=0.03)
 
 
+def test_a_sum_of_one_update_is_never_unmasked() -> None:
+    from fedmm.errors import SitesExhausted
+
+    cfg = _config(3)
+    updates, weights = _updates(3, seed=6), _weights(3)
+    grid = LocalGrid(_protocol_app(cfg, updates, weights, refuse={101, 102}), [{}] * 3, {}, record=True)
+
+    with pytest.raises(SitesExhausted, match="1 site.* trained.*masks were not removed"):
+        _run_round(cfg, grid)
+
+    assert "unmask" not in [stage for _, stage, _ in grid.received]  # no share that could remove a mask was asked for
+
+
 def test_under_noised_sums_are_never_used() -> None:
     from fedmm.federation import FederationBook
     from fedmm.privacy.client_dp import ClientDPPlan
@@ -229,3 +243,42 @@ def test_under_noised_sums_are_never_used() -> None:
     with pytest.raises(PrivacyError, match="under-noised"):
         book.privatise(3, {"w": np.zeros(3)}, updates=4, noise_parties=5)
     assert book.client_accountant is not None and book.client_accountant.rounds == 0
+
+
+def test_a_private_secure_run_end_to_end_with_fedmm_sites(tmp_path: Path) -> None:
+    """fedmm's own ServerApp and ClientApp: SecAgg+, distributed client-level noise, sample-level DP, ledgers."""
+    import json
+
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent, rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    import server.app as server_app
+    from clients.app import app as client_app
+    from fedmm.privacy.audit import audit_ledger
+    from fedmm.privacy.ledger import find_ledgers
+
+    cfg = RunConfig(
+        data="synthetic:400", sites=4, rounds=3, secure_aggregation=True, client_dp=True, client_noise="distributed",
+        client_noise_multiplier=2.0, client_clip_norm=0.5, runs_dir=str(tmp_path), run_name="secure",
+    )
+    run_config = cfg.to_run_config()
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 4} for i in range(4)], run_config)
+
+    server_app.main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+
+    run = tmp_path / "secure"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["secure_aggregation"] is True and summary["client_dp"] is True and summary["rounds"] == 3
+    reference = rdp.RdpAccountant(orders=np.array(RDPAccountant.DEFAULT_ALPHAS))
+    reference.compose(SelfComposedDpEvent(GaussianDpEvent(2.0), 3))
+    assert summary["client_epsilon"] == pytest.approx(reference.get_epsilon(cfg.client_delta), rel=0.01)
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dropped"] for r in rounds] == [0, 0, 0] and all(r["rejected"] == 0 and r["sites"] == 4 for r in rounds)
+    assert rounds[0]["client_epsilon"] < rounds[1]["client_epsilon"] < rounds[2]["client_epsilon"] == summary["client_epsilon"]
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert privacy["client_level"]["noise"] == "distributed" and len(privacy["sites"]) == 4
+    ledgers = find_ledgers([run / "sites"])
+    assert len(ledgers) == 4
+    for path in ledgers:
+        report = audit_ledger(path)
+        assert report.ok and len(report.entries) == 3, report

@@ -141,3 +141,36 @@ def test_bad_settings_exit_2_without_starting_flower(tmp_path: Path, setting: st
 
     assert done.returncode == 2
     assert setting.split("=")[0] in done.stdout
+
+
+def test_secure_aggregation_with_distributed_client_noise_through_flower(tmp_path: Path) -> None:
+    # SecAgg+ on Flower's legacy workflow inside the real simulation engine; george's own
+    # budget ends its part after its first round, and the two others go on under SecAgg+.
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent, rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    before = _flower_processes()
+
+    done = _simulate(
+        tmp_path, "rounds=3", "sites=3", "target-epsilon=4.0", 'site-budgets="george:2"', "secure-aggregation=true",
+        "client-dp=true", 'client-noise="distributed"', "client-noise-multiplier=0.5", 'run-name="secure"',
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "site george refuses round 2" in done.stdout and "secure aggregation (SecAgg+)" in done.stdout
+    run_dir = tmp_path / "secure"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["secure_aggregation"] is True and summary["client_dp"] is True and summary["rounds"] == 3
+    reference = rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    reference.compose(SelfComposedDpEvent(GaussianDpEvent(0.5), 3))
+    assert summary["client_epsilon"] == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sites"] for r in rounds] == [3, 2, 2] and all(r["dropped"] == 0 and r["rejected"] == 0 for r in rounds)
+    sites = {s["site"]: s for s in json.loads((run_dir / "privacy.json").read_text())["sites"]}
+    assert "refuses round 2" in sites["george"]["refused"] and sites["george"]["epsilon"] <= 2.0
+
+    audit = subprocess.run([FEDMM, "audit", str(run_dir / "sites"), "--json"], capture_output=True, text=True, timeout=120, check=False)
+
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert {s["site"]: len(s["entries"]) for s in json.loads(audit.stdout)["sites"]} == {"george": 1, "jackson": 3, "lucas": 3}
+    assert _flower_processes() <= before

@@ -59,6 +59,7 @@ from fedmm.secure.update import SecAggParams
 __all__ = ["SecureFedMM", "FedMMSecAggPlus", "secagg_params", "make_workflow"]
 
 Scalar = bool | bytes | float | int | str
+_FITRES_METRICS = "fitres.metrics"  # where Flower's legacy FitRes keeps a reply's metrics
 
 
 def _fraction_or_count(value: float) -> int | float:
@@ -157,8 +158,7 @@ class SecureFedMM(Strategy, FederationBook):
             metrics = res.metrics
             clipped += int(metrics.get(protocol.CLIPPED_VALUES, 0))  # type: ignore[call-overload]
             if protocol.REASON in metrics:
-                self.note_refusal(server_round, proxy.node_id, str(metrics.get(protocol.SITE, proxy.node_id)), str(metrics[protocol.REASON]))
-                continue
+                continue  # a refusal: noted before unmasking (_CheckingGrid)
             if metrics.get(protocol.LAYOUT) != self.layout:
                 raise FederationError(
                     f"round {server_round}: node {proxy.node_id} trained model layout {metrics.get(protocol.LAYOUT)!r}, the server's is "
@@ -232,18 +232,46 @@ class _CheckingGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         strategy = self._strategy
+        server_round = int(strategy.round_report.get("round", 0))
         expected = [(1,)] + [strategy.global_arrays[k].shape for k in strategy.update_names]
-        kept = []
+        kept, masked = [], False
         for reply in replies:
             record = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
             if record is not None and Key.MASKED_PARAMETERS in record:
+                masked = True
                 shapes = [bytes_to_ndarray(cast(bytes, b)).shape for b in cast(list[bytes], record[Key.MASKED_PARAMETERS])]
                 if shapes != expected:
-                    round_ = int(strategy.round_report.get("round", 0))
-                    strategy.reject(round_, reply.metadata.src_node_id, "shape", f"masked vector shapes {shapes[:4]}..., expected {expected[:4]}...")
+                    strategy.reject(server_round, reply.metadata.src_node_id, "shape", f"masked vector shapes {shapes[:4]}..., expected {expected[:4]}...")
                     continue
             kept.append(reply)
+        if masked:
+            self._check_contributors(server_round, kept)
         return kept
+
+    def _check_contributors(self, server_round: int, replies: list[Message]) -> None:
+        """Before anything is unmasked: stop if too few sites actually trained.
+
+        Sites that refuse send a zero update (so the protocol goes on without reconstructing
+        their masks) and say so in their plain metrics. Were only one site's update left in
+        the sum, unmasking would hand it to the server in the clear: the round stops here,
+        with the masks never removed.
+        """
+        strategy = self._strategy
+        contributors = 0
+        for reply in replies:
+            metrics = reply.content.config_records.get(_FITRES_METRICS, {})
+            if protocol.REASON in metrics:
+                site = str(metrics.get(protocol.SITE, reply.metadata.src_node_id))
+                strategy.note_refusal(server_round, reply.metadata.src_node_id, site, str(metrics[protocol.REASON]))
+            else:
+                contributors += 1
+        needed = max(2, strategy.min_sites)
+        if contributors < needed:
+            raise SitesExhausted(
+                f"round {server_round}: {contributors} site(s) trained and sent a masked update; secure aggregation needs at "
+                f"least {needed} (min-sites={strategy.min_sites}) so that no single update can be unmasked. The masks were not "
+                f"removed; the run stops here ({len(strategy.refused_nodes)} site(s) have refused: budget or policy)"
+            )
 
 
 class FedMMSecAggPlus(SecAggPlusWorkflow):
