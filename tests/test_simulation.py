@@ -145,14 +145,15 @@ def test_bad_settings_exit_2_without_starting_flower(tmp_path: Path, setting: st
 
 def test_secure_aggregation_with_distributed_client_noise_through_flower(tmp_path: Path) -> None:
     # SecAgg+ on Flower's legacy workflow inside the real simulation engine; george's own
-    # budget ends its part after its first round, and the two others go on under SecAgg+.
+    # budget (3; a round costs about 2.6 here) ends its part after its first round, and the
+    # two others go on under SecAgg+.
     from dp_accounting import GaussianDpEvent, SelfComposedDpEvent, rdp
     from opacus.accountants.rdp import RDPAccountant
 
     before = _flower_processes()
 
     done = _simulate(
-        tmp_path, "rounds=3", "sites=3", "target-epsilon=4.0", 'site-budgets="george:2"', "secure-aggregation=true",
+        tmp_path, "rounds=3", "sites=3", "target-epsilon=4.0", 'site-budgets="george:3"', "secure-aggregation=true",
         "client-dp=true", 'client-noise="distributed"', "client-noise-multiplier=0.5", 'run-name="secure"',
     )
 
@@ -167,7 +168,7 @@ def test_secure_aggregation_with_distributed_client_noise_through_flower(tmp_pat
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["sites"] for r in rounds] == [3, 2, 2] and all(r["dropped"] == 0 and r["rejected"] == 0 for r in rounds)
     sites = {s["site"]: s for s in json.loads((run_dir / "privacy.json").read_text())["sites"]}
-    assert "refuses round 2" in sites["george"]["refused"] and sites["george"]["epsilon"] <= 2.0
+    assert "refuses round 2" in sites["george"]["refused"] and sites["george"]["epsilon"] <= 3.0
 
     audit = subprocess.run([FEDMM, "audit", str(run_dir / "sites"), "--json"], capture_output=True, text=True, timeout=120, check=False)
 
