@@ -1,97 +1,51 @@
 """Flower ClientApp: one data site. Loads its own data, enforces its budget, trains, replies.
 
-Thin on purpose: the round itself is :func:`fedmm.site.train_round`, and what leaves the
-site under secure aggregation or client-level DP is :func:`fedmm.secure.update.prepare_update`.
-A SecAgg+ round arrives as four messages; Flower's ``secaggplus_mod`` handles the
-protocol's stages and calls :func:`_secure_fit` for the training one.
+Thin on purpose, and light: it imports Flower and fedmm's wire names only. The round
+itself is :func:`fedmm.site_round.run_round`, run here (simulation) or, when the node
+config says ``worker=true`` (``fedmm site``), in the site's long-lived worker, which keeps
+PyTorch and the data loaded between rounds (:mod:`fedmm.worker`). A SecAgg+ round arrives
+as four messages; Flower's ``secaggplus_mod`` handles the protocol's stages, none of which
+needs more than Flower, and calls :func:`_secure_fit` for the training one.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
 from fedmm import protocol
-from fedmm.config import RunConfig
-from fedmm.errors import BudgetExceededError, ConfigError, FederationError
-from fedmm.models import layout_fingerprint
-from fedmm.privacy.accounting import SiteAccountant
-from fedmm.privacy.ledger import PrivacyLedger
-from fedmm.privacy.policy import SitePolicy, site_policy
-from fedmm.secure.secagg import secagg_params, secure_fit_reply
-from fedmm.secure.update import SecAggParams, prepare_update
-from fedmm.site import SiteState, SiteUpdate, site_data, train_round
+from fedmm.site_io import RoundRequest, SecAggParams
 
 app = ClientApp()
 
 
-@dataclass
-class _Outcome:
-    """A site's round: its update, or its refusal (the reason and what it has spent)."""
-
-    site: str
-    policy: SitePolicy
-    update: SiteUpdate | None = None
-    refusal: str | None = None
-    spent: float = 0.0
-
-
-def _site_round(config: Mapping[str, object], global_weights: Mapping[str, torch.Tensor], context: Context, cfg: RunConfig) -> _Outcome:
-    """Train this site for the round ``config`` describes; the site's own policy and ledger decide."""
-    torch.set_num_threads(1)
-    site, data = site_data(context.node_config, cfg)
+def _run(context: Context, config: dict[str, Any], global_weights: dict[str, np.ndarray], secagg: Any = None) -> Any:
+    """The site's round, in the worker when there is one, else here."""
     saved = context.state.config_records.get(protocol.STATE_KEY)
-    state = SiteState.from_json(str(saved["json"])) if saved else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
-    server_round = config.get(protocol.SERVER_ROUND)
-    if isinstance(server_round, bool) or not isinstance(server_round, int):
-        raise ConfigError(protocol.SERVER_ROUND, "the server sent no integer round number", value=server_round, fix="use fedmm's ServerApp")
-    schema = config.get(protocol.SCHEMA)
-    run_id = str(config.get(protocol.RUN_ID, context.run_id))
-    # The site's own limits (its node config in a deployment) and its durable ledger.
-    policy = site_policy(context.node_config, cfg, site=site, run_id=run_id)
-    ledger = PrivacyLedger(policy.ledger_path, site=site) if cfg.dp else None
-    try:
-        update = train_round(
-            cfg=cfg, site=site, data=data, global_weights=global_weights, server_round=server_round, state=state,
-            expected_schema=str(schema) if schema is not None else None, policy=policy, ledger=ledger, run_id=run_id,
-        )
-    except BudgetExceededError as refusal:
-        # A refusal is the site's answer, not a failure: no update, the reason, and its budget.
-        entries = ledger.entries() if ledger is not None else []
-        return _Outcome(site, policy, refusal=str(refusal), spent=entries[-1].epsilon if entries else 0.0)
-    finally:
-        if ledger is not None:
-            ledger.close()
-    # The Flower node's copy of the plan; the spend itself is already in the ledger.
-    context.state.config_records[protocol.STATE_KEY] = ConfigRecord({"json": state.to_json()})
-    return _Outcome(site, policy, update=update)
+    request = RoundRequest(
+        run_config=dict(context.run_config), node_config=dict(context.node_config), config=config,
+        global_weights=global_weights, saved_state=str(saved["json"]) if saved else None, secagg=secagg,
+    )
+    if str(context.node_config.get(protocol.NODE_WORKER, "false")).lower() == "true":
+        from fedmm.worker import call
 
+        response = call(str(context.node_config[protocol.NODE_STATE_DIR]), request)
+    else:
+        from fedmm.site_round import run_round
 
-def _privacy_fields(outcome: _Outcome) -> dict[str, Any]:
-    update = outcome.update
-    assert update is not None
-    report, entry = update.privacy, update.ledger_entry
-    if report is None:
-        return {}
-    fields: dict[str, Any] = {
-        protocol.SITE: outcome.site, protocol.EPSILON: report.epsilon, protocol.DELTA: report.delta,
-        protocol.ACCOUNTANT: report.accountant, protocol.NOISE_MULTIPLIER: report.noise_multiplier,
-        protocol.SAMPLE_RATE: report.sample_rate, protocol.STEPS: report.steps,
-    }
-    if entry is not None:
-        fields.update({protocol.BUDGET: entry.epsilon_budget, protocol.LEDGER_SEQ: entry.seq, protocol.LEDGER_HASH: entry.hash})
-    return fields
+        response = run_round(request)
+    if response.state is not None:
+        # The Flower node's copy of the plan; the spend itself is already in the site's ledger.
+        context.state.config_records[protocol.STATE_KEY] = ConfigRecord({"json": response.state})
+    return response
 
 
 @app.train()
@@ -99,70 +53,36 @@ def train(msg: Message, context: Context) -> Message:
     """Train on this site's data and reply with the update, its size, loss and privacy report."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, _secure_fit)  # a stage of a SecAgg+ round
-    cfg = RunConfig.from_run_config(context.run_config)
-    config = msg.content.config_records[protocol.CONFIG]
-    global_weights = msg.content.array_records[protocol.ARRAYS].to_torch_state_dict()
-    outcome = _site_round(config, global_weights, context, cfg)
-    if outcome.update is None:
-        reply = ConfigRecord({protocol.SITE: outcome.site, protocol.REASON: str(outcome.refusal), protocol.EPSILON: outcome.spent, protocol.BUDGET: outcome.policy.epsilon_budget})
+    config = dict(msg.content.config_records[protocol.CONFIG])
+    global_weights = {k: v.numpy() for k, v in msg.content.array_records[protocol.ARRAYS].items()}
+    response = _run(context, config, global_weights)
+    if response.refused is not None:
+        reply = ConfigRecord({protocol.SITE: response.site, protocol.REASON: response.refused, protocol.EPSILON: response.spent, protocol.BUDGET: response.budget})
         return Message(content=RecordDict({protocol.REFUSED: reply}), reply_to=msg)
-    update = outcome.update
-    if cfg.client_dp:  # the clipped update, not the weights (the server adds the noise)
-        out = prepare_update(update.state_dict, {k: v.numpy() for k, v in global_weights.items()}, cfg, weight=update.num_examples, site=outcome.site)
-        arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in out.arrays.items()})
-    else:
-        arrays = ArrayRecord(update.state_dict)
     content = RecordDict(
         {
-            protocol.ARRAYS: arrays,
-            protocol.METRICS: MetricRecord(
-                {
-                    protocol.NUM_EXAMPLES: update.num_examples,
-                    protocol.TRAIN_LOSS: update.train_loss,
-                    protocol.EPSILON: update.privacy.epsilon if update.privacy else 0.0,
-                }
-            ),
+            protocol.ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in response.arrays.items()}),
+            protocol.METRICS: MetricRecord(response.metrics),
+            protocol.MODEL: ConfigRecord({protocol.LAYOUT: response.layout}),
         }
     )
-    content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: layout_fingerprint(update.state_dict)})
-    privacy = _privacy_fields(outcome)
-    if privacy:
-        content[protocol.PRIVACY] = ConfigRecord(privacy)
+    if response.privacy:
+        content[protocol.PRIVACY] = ConfigRecord(response.privacy)
     return Message(content=content, reply_to=msg)
 
 
 def _secure_fit(msg: Message, context: Context) -> Message:
     """The training stage of a SecAgg+ round: reply with the update Flower's mod will mask."""
-    cfg = RunConfig.from_run_config(context.run_config)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     names = json.loads(str(fitins.config[protocol.TENSOR_NAMES]))
     tensors = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(tensors):
-        raise FederationError(f"the server sent {len(tensors)} tensors named {len(names)} ways; is it fedmm's ServerApp?")
-    global_np = {name: np.asarray(t) for name, t in zip(names, tensors)}
-    params: SecAggParams = secagg_params(context)
-    outcome = _site_round(fitins.config, {k: torch.from_numpy(v.copy()) for k, v in global_np.items()}, context, cfg)
-    if outcome.update is None:
-        # Refusing inside SecAgg+: a zero update. Weight 0 takes no part in FedAvg; under
-        # client-level DP (weights of 1) it still carries its noise share, so the noise in
-        # the sum never falls below what the round was calibrated for.
-        zero = {k: torch.from_numpy(v.copy()) for k, v in global_np.items()}
-        out = prepare_update(zero, global_np, cfg, weight=1 if cfg.client_dp else 0, secagg=params, site=outcome.site)
-        refusal: dict[str, Any] = {protocol.SITE: outcome.site, protocol.REASON: str(outcome.refusal), protocol.EPSILON: outcome.spent, protocol.BUDGET: outcome.policy.epsilon_budget}
-        reply = secure_fit_reply(arrays=list(out.arrays.values()), weight=out.weight, metrics=refusal)
-        return Message(compat.fitres_to_recorddict(reply, keep_input=False), reply_to=msg)
-    update = outcome.update
-    layout = layout_fingerprint(update.state_dict)
-    if layout != fitins.config.get(protocol.LAYOUT):
-        # Checked here, before masking: once inside the sum a mismatched update cannot be taken out.
-        raise FederationError(
-            f"site {outcome.site}: trained model layout {layout!r}, the server's is {fitins.config.get(protocol.LAYOUT)!r}; not sending. "
-            "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
-        )
-    out = prepare_update(update.state_dict, global_np, cfg, weight=update.num_examples, secagg=params, site=outcome.site)
-    metrics: dict[str, Any] = {
-        protocol.NUM_EXAMPLES: update.num_examples, protocol.TRAIN_LOSS: update.train_loss, protocol.LAYOUT: layout,
-        protocol.CLIPPED_VALUES: out.clipped_values, **_privacy_fields(outcome),
-    }
-    reply = secure_fit_reply(arrays=list(out.arrays.values()), weight=out.weight, metrics=metrics)
+        raise ValueError(f"the server sent {len(tensors)} tensors named {len(names)} ways; is it fedmm's ServerApp?")
+    params = SecAggParams.from_state(context.state.config_records.get(RECORD_KEY_STATE))
+    response = _run(context, dict(fitins.config), dict(zip(names, tensors)), secagg=params)
+    if response.refused is not None:
+        metrics: dict[str, Any] = {protocol.SITE: response.site, protocol.REASON: response.refused, protocol.EPSILON: response.spent, protocol.BUDGET: response.budget}
+    else:
+        metrics = {**response.metrics, protocol.LAYOUT: response.layout, protocol.CLIPPED_VALUES: response.clipped_values, **response.privacy}
+    reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(response.arrays.values())), num_examples=response.weight, metrics=metrics)
     return Message(compat.fitres_to_recorddict(reply, keep_input=False), reply_to=msg)

@@ -16,20 +16,25 @@ leaves a half-written artifact.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import tomli_w
 import torch
 
 from fedmm.config import RunConfig
+from fedmm.errors import ConfigError, DataError
 
-__all__ = ["RunArtifacts", "new_run_id"]
+__all__ = ["RunArtifacts", "new_run_id", "CHECKPOINT"]
+
+CHECKPOINT = "checkpoint.json"
 
 
 def new_run_id(flower_run_id: int | str | None = None) -> str:
@@ -50,13 +55,61 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class RunArtifacts:
     """Writes one run's folder."""
 
-    def __init__(self, cfg: RunConfig, run_id: str) -> None:
+    def __init__(self, cfg: RunConfig, run_id: str, *, resume: bool = False) -> None:
         self.cfg = cfg
         self.run_id = run_id
         self.dir = Path(cfg.runs_dir).expanduser().resolve() / run_id
-        self.dir.mkdir(parents=True, exist_ok=False)
         self.started = time.monotonic()
+        if resume:
+            if not (self.dir / CHECKPOINT).is_file():
+                raise ConfigError(
+                    "resume", f"no checkpoint to resume from at {self.dir / CHECKPOINT}", value=True,
+                    fix="set run-name to the run to resume (its folder under runs-dir), or resume=false for a new run",
+                )
+            return
+        self.dir.mkdir(parents=True, exist_ok=False)
         _write_atomic(self.dir / "config.toml", tomli_w.dumps(cfg.to_run_config()).encode())
+
+    def save_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
+        """After a round: the global model, the round and the server's state, atomically.
+
+        The model goes to ``checkpoint-<round>.npz`` first, then ``checkpoint.json`` (which
+        names it, with its SHA-256) replaces the previous one; a crash at any point leaves the
+        last complete checkpoint in force.
+        """
+        model = self.dir / f"checkpoint-{server_round}.npz"
+        tmp = model.with_name(model.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **cast(dict[str, Any], {k: np.asarray(v) for k, v in arrays.items()}))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, model)
+        record = {"round": server_round, "model": model.name, "sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "order": list(arrays), "state": dict(state)}
+        _write_atomic(self.dir / CHECKPOINT, json.dumps(record, indent=2).encode())
+        for old in self.dir.glob("checkpoint-*.npz"):
+            if old.name != model.name:
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+        """The last checkpoint: its round, the global model (in state_dict order) and the server's state.
+
+        Raises
+        ------
+        DataError
+            When the checkpoint's model file is missing or does not match its SHA-256.
+        """
+        record = json.loads((self.dir / CHECKPOINT).read_text())
+        model = self.dir / record["model"]
+        if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != record["sha256"]:
+            raise DataError(model, "the checkpoint's model is missing or does not match checkpoint.json's SHA-256", fix="resume cannot trust it; start a new run")
+        with np.load(model) as data:
+            arrays = {name: data[name] for name in record["order"]}
+        # Rounds after the checkpoint were lost with the server: their metrics lines go too.
+        metrics = self.dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["round"] <= record["round"]]
+            _write_atomic(metrics, "".join(line + "\n" for line in kept).encode())
+        return int(record["round"]), arrays, record["state"]
 
     def append_round(self, record: Mapping[str, Any]) -> None:
         """Append one round's metrics to ``metrics.jsonl`` (flushed to disk)."""
@@ -81,7 +134,7 @@ class RunArtifacts:
 
     def finish(
         self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None,
-        client_epsilon: float | None = None, rejected: Mapping[str, int] | None = None,
+        client_epsilon: float | None = None, rejected: Mapping[str, int] | None = None, unaggregated_spends: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """Write ``privacy.json`` and ``summary.json``; return the summary.
 
@@ -111,6 +164,7 @@ class RunArtifacts:
             "client_epsilon": client_epsilon,
             "client_delta": self.cfg.client_delta if self.cfg.client_dp else None,
             "rejected_updates": dict(rejected or {}),
+            "unaggregated_spends": dict(unaggregated_spends or {}),
             "final_accuracy": final_accuracy,
             "final_loss": final_loss,
             "max_epsilon": max((p["epsilon"] for p in site_reports), default=None) if self.cfg.dp else None,

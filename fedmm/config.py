@@ -71,6 +71,7 @@ class RunConfig:
     seed: int = 0
     runs_dir: str = "runs"
     run_name: str = ""  # empty: a new id from the time and Flower's run id
+    resume: bool = False  # continue run-name from its last checkpoint (after a server crash or restart)
     min_sites: int = 1  # stop cleanly when fewer sites than this still have budget
     # --- simulated sites' own policy (fedmm.privacy.policy; a deployed site sets its own in --node-config)
     site_budgets: str = ""  # lifetime epsilon per site, e.g. "george:2,*:8"; empty: target-epsilon each
@@ -145,6 +146,8 @@ class RunConfig:
             raise ConfigError("momentum", "must be in [0, 1)", value=self.momentum, fix="e.g. momentum=0.9")
         _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
         _at_least("min-sites", self.min_sites, 1, "e.g. min-sites=1")
+        if self.resume and not self.run_name:
+            raise ConfigError("resume", "needs the run to continue: set run-name too", value=True, fix="e.g. resume=true run-name='hospital-study-1'")
         if not (math.isfinite(self.site_min_noise_multiplier) and self.site_min_noise_multiplier >= 0):
             raise ConfigError("site-min-noise-multiplier", "must be a finite number >= 0", value=self.site_min_noise_multiplier, fix="e.g. site-min-noise-multiplier=0.5")
         from fedmm.privacy.policy import parse_site_budgets

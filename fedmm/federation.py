@@ -19,6 +19,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from logging import INFO, WARNING
 
 import numpy as np
@@ -165,6 +166,50 @@ class FederationBook:
         self.latest_arrays: ArrayRecord | None = None
         self.rejected: Counter[str] = Counter()  # updates not aggregated, per reason, over the run
         self.round_report: dict[str, int] = {}  # this round's counts: rejected, dropped, clipped values
+        self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
+        self.unaggregated_spends: Counter[str] = Counter()  # ledger entries of rounds lost to a server restart
+
+    # ------------------------------------------------------------ checkpoints
+    def to_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the server's knowledge (JSON-ready)."""
+        return {
+            "site_privacy": [dataclasses.asdict(p) for p in self.site_privacy.values()],
+            "rejected": dict(self.rejected), "sites_last_round": self.sites_last_round,
+            "last_train_metrics": self.last_train_metrics, "unaggregated_spends": dict(self.unaggregated_spends),
+            "client_rounds": self.client_accountant.rounds if self.client_accountant is not None else 0,
+        }
+
+    def restore(self, state: Mapping[str, Any], *, rounds_done: int) -> None:
+        """Continue from a checkpoint taken after round ``rounds_done``.
+
+        Refusals are not carried over by node id (a restarted SuperLink may number nodes
+        anew); a site out of budget simply refuses again. The client-level accountant gets
+        every round the checkpoint had accounted, so nothing is forgotten.
+        """
+        self.site_privacy = {p["site"]: SitePrivacy(**p) for p in state.get("site_privacy", [])}
+        self.rejected = Counter(state.get("rejected", {}))
+        self.sites_last_round = int(state.get("sites_last_round", 0))
+        self.last_train_metrics = dict(state.get("last_train_metrics", {}))
+        self.unaggregated_spends = Counter(state.get("unaggregated_spends", {}))
+        if self.client_accountant is not None:
+            for _ in range(int(state.get("client_rounds", 0))):
+                self.client_accountant.record_round()
+        self.round_offset = rounds_done
+
+    def record_privacy(self, server_round: int, report: SitePrivacy) -> None:
+        """Keep a site's report, and reconcile its ledger with what the server last saw of it.
+
+        A ledger that moved on by more than one entry since the site's last aggregated
+        update holds spends of rounds the server never aggregated (lost to a restart of the
+        server, or refused after training): they stay in the site's epsilon, and are counted.
+        """
+        known = self.site_privacy.get(report.site)
+        if known is not None and known.ledger_seq is not None and report.ledger_seq is not None and report.ledger_seq - known.ledger_seq > 1:
+            lost = report.ledger_seq - known.ledger_seq - 1
+            self.unaggregated_spends[report.site] += lost
+            log(WARNING, "[fedmm] round %d: site %s's ledger holds %d spend(s) of round(s) the server never aggregated "
+                "(lost to a server restart); they count in its epsilon %.3f", server_round, report.site, lost, report.epsilon)
+        self.site_privacy[report.site] = report
 
     def note_refusal(self, server_round: int, node: int, site: str, reason: str) -> None:
         """A site declined the round (budget or policy): keep its last report, do not ask it again."""
@@ -278,6 +323,7 @@ class FedMMAvg(FedAvg, FederationBook):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """FedAvg's train messages to the sampled sites, minus those that have refused."""
+        server_round += self.round_offset
         self._global = {k: v.numpy() for k, v in arrays.items()}
         self.round_report = {"round": server_round}
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -286,6 +332,7 @@ class FedMMAvg(FedAvg, FederationBook):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the acceptable updates, or raise :class:`FederationError` if a site failed or none replied."""
+        server_round += self.round_offset
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed:
@@ -310,8 +357,7 @@ class FedMMAvg(FedAvg, FederationBook):
             raise FederationError(f"round {server_round}: the replies could not be aggregated (see the log above)")
         for reply in accepted:
             if self.dp:
-                report = SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id)
-                self.site_privacy[report.site] = report
+                self.record_privacy(server_round, SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id))
         self.sites_last_round = len(accepted)
         self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]

@@ -8,7 +8,9 @@ from __future__ import annotations
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
@@ -20,7 +22,7 @@ from fedmm import protocol
 from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.preprocess import Preprocessing, standardise_site
 from fedmm.data.sources import load_source
-from fedmm.errors import SitesExhausted
+from fedmm.errors import ConfigError, FederationError, SitesExhausted
 from fedmm.federation import FedMMAvg, FederationBook, make_central_evaluation
 from fedmm.privacy.client_dp import ClientDPPlan
 from fedmm.secure.secagg import SecureFedMM, make_workflow
@@ -33,7 +35,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config and write ``runs/<run-id>/``."""
     cfg = RunConfig.from_run_config(context.run_config)
-    artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id))
+    artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id), resume=cfg.resume)
     log(INFO, "[fedmm] run %s: %d sites, %d rounds, dp=%s -> %s", artifacts.run_id, cfg.sites, cfg.rounds, cfg.dp, artifacts.dir)
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     if source.pool.synthetic:
@@ -44,7 +46,8 @@ def main(grid: Grid, context: Context) -> None:
         # In simulation the server can rebuild the federation the sites see (same seed) and
         # record its per-site counts; this reads only what the simulation itself made up.
         federation = build_federation(source, FederationPlan.from_config(cfg))
-        artifacts.save_federation(federation.summary())
+        if not cfg.resume:
+            artifacts.save_federation(federation.summary())
         for name, ds in zip(federation.names, federation.sites):
             counts = ds.counts()
             log(INFO, "[fedmm] site %s: %d samples, per modality %s", name, counts["samples"], counts["per_modality"])
@@ -59,9 +62,19 @@ def main(grid: Grid, context: Context) -> None:
     # only: a list taken from the sites' training records would publish who is in them.
     schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
     model = recipe.build(schema, seed=cfg.seed)
-    artifacts.save_model_card(recipe.card(model, schema))
     initial = model.state_dict()
     layout = layout_fingerprint(initial)
+    done, saved_state = 0, None
+    if cfg.resume:
+        done, arrays, saved_state = artifacts.load_checkpoint()
+        if done >= cfg.rounds:
+            raise ConfigError("resume", f"run {artifacts.run_id} already completed its {cfg.rounds} rounds", value=True, fix="raise 'rounds' to train on, or start a new run")
+        if list(arrays) != list(initial) or any(arrays[k].shape != tuple(v.shape) for k, v in initial.items()):
+            raise FederationError(f"the checkpoint in {artifacts.dir} holds another model than run config builds; resume with the run's own config.toml")
+        initial = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        log(INFO, "[fedmm] resuming run %s after round %d of %d, from its checkpoint", artifacts.run_id, done, cfg.rounds)
+    else:
+        artifacts.save_model_card(recipe.card(model, schema))
     train_config: dict[str, Any] = {protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: artifacts.run_id}
     strategy: FederationBook
     if cfg.secure_aggregation:
@@ -75,13 +88,17 @@ def main(grid: Grid, context: Context) -> None:
             dp=cfg.dp, sites=cfg.sites, layout=layout, min_sites=cfg.min_sites, reference=reference,
             client_dp=ClientDPPlan.from_config(cfg),
         )
+    if saved_state is not None:
+        strategy.restore(saved_state, rounds_done=done)
+        for site, report in sorted(strategy.site_privacy.items()):
+            log(INFO, "[fedmm] checkpoint: site %s at epsilon %.3f, ledger entry %s", site, report.epsilon, report.ledger_seq)
 
     final: dict[str, float] = {}
 
     def on_round(server_round: int, loss: float, accuracy: float, tasks: dict[str, float]) -> None:
         final.update(loss=loss, accuracy=accuracy, round=server_round)
-        if server_round == 0:
-            log(INFO, "[fedmm] round 0 (initial model): accuracy %.4f, loss %.4f", accuracy, loss)
+        if server_round == done:
+            log(INFO, "[fedmm] round %d (%s model): accuracy %.4f, loss %.4f", done, "checkpoint" if done else "initial", accuracy, loss)
             return
         eps, client_eps = strategy.max_epsilon, strategy.client_epsilon
         report = strategy.round_report
@@ -102,18 +119,25 @@ def main(grid: Grid, context: Context) -> None:
             eps_text += f", client-level epsilon {client_eps:.3f} (delta={cfg.client_delta:g}, rdp)"
         task_text = "".join(f", {name} accuracy {value:.4f}" for name, value in tasks.items())
         log(INFO, "[fedmm] round %d/%d: accuracy %.4f, loss %.4f%s, %s", server_round, cfg.rounds, accuracy, loss, task_text, eps_text)
+        # Durable before the next round starts: a server that dies from here on resumes after this round.
+        if strategy.latest_arrays is not None:
+            artifacts.save_checkpoint(server_round, {k: v.numpy() for k, v in strategy.latest_arrays.items()}, strategy.to_state())
 
-    evaluate_fn = make_central_evaluation(cfg, test, on_round, tasks_from=schema)
+    central = make_central_evaluation(cfg, test, on_round, tasks_from=schema)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # Flower counts rounds from 1 again after a resume; SecureFedMM adds the offset itself.
+        return central(server_round + (0 if cfg.secure_aggregation else done), arrays)
     stopped = None
     try:
         if isinstance(strategy, SecureFedMM):
             # SecAgg+ runs on Flower's legacy workflow (the only path that has it in Flower 1.42).
-            legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)
+            legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds - done), strategy=strategy)
             DefaultWorkflow(fit_workflow=make_workflow(cfg, strategy))(grid, legacy)
             final_arrays = strategy.latest_arrays or ArrayRecord(initial)
         else:
             result = strategy.start(
-                grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
+                grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds - done,
                 train_config=ConfigRecord(train_config), evaluate_fn=evaluate_fn,
             )
             final_arrays = result.arrays
@@ -126,6 +150,6 @@ def main(grid: Grid, context: Context) -> None:
     summary = artifacts.finish(
         rounds=int(final["round"]), sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
         final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped,
-        client_epsilon=strategy.client_epsilon, rejected=strategy.rejected,
+        client_epsilon=strategy.client_epsilon, rejected=strategy.rejected, unaggregated_spends=strategy.unaggregated_spends,
     )
     log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], summary["max_epsilon"], artifacts.dir)

@@ -54,7 +54,7 @@ from fedmm.config import RunConfig
 from fedmm.errors import FederationError, SitesExhausted
 from fedmm.federation import FederationBook, SitePrivacy, check_update
 from fedmm.privacy.client_dp import ClientDPPlan
-from fedmm.secure.update import SecAggParams
+from fedmm.site_io import SecAggParams
 
 __all__ = ["SecureFedMM", "FedMMSecAggPlus", "secagg_params", "make_workflow"]
 
@@ -81,13 +81,7 @@ def make_workflow(cfg: RunConfig, strategy: SecureFedMM) -> FedMMSecAggPlus:
 
 def secagg_params(context: Context) -> SecAggParams:
     """The quantisation settings the protocol's setup stage left in this site's node state."""
-    state = context.state.config_records.get(RECORD_KEY_STATE)
-    if state is None:
-        raise FederationError("no SecAgg+ state at this site: the setup stage did not run before training")
-    return SecAggParams(
-        clip_range=cast(float, state["clipping_range"]), max_weight=cast(float, state["max_weight"]),
-        target_range=cast(int, state["target_range"]), threshold=cast(int, state["threshold"]),
-    )
+    return SecAggParams.from_state(context.state.config_records.get(RECORD_KEY_STATE))
 
 
 class SecureFedMM(Strategy, FederationBook):
@@ -126,6 +120,7 @@ class SecureFedMM(Strategy, FederationBook):
         return ndarrays_to_parameters([self.global_arrays[k] for k in self.names])
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.round_offset
         # num_available() refreshes Flower's node list now; wait_for alone would wait for its 5 s poll.
         if client_manager.num_available() < self.cfg.sites and not client_manager.wait_for(self.cfg.sites, timeout=self.wait_timeout):
             raise FederationError(
@@ -147,6 +142,7 @@ class SecureFedMM(Strategy, FederationBook):
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Apply the unmasked mean update; every result carries the same aggregate, and its own metrics."""
+        server_round += self.round_offset
         self.aggregated_round = server_round
         dropped = self.round_report.get("asked", len(results)) - len(results)
         self.round_report["dropped"] = dropped
@@ -190,8 +186,7 @@ class SecureFedMM(Strategy, FederationBook):
             self.global_arrays[name] = (self.global_arrays[name].astype(np.float64) + value).astype(self.global_arrays[name].dtype)
         for proxy, res in taking_part:
             if self.dp:
-                report = SitePrivacy.from_mapping(res.metrics, node=proxy.node_id)
-                self.site_privacy[report.site] = report
+                self.record_privacy(server_round, SitePrivacy.from_mapping(res.metrics, node=proxy.node_id))
         self.sites_last_round = len(taking_part)
         self.latest_arrays = ArrayRecord({k: torch.from_numpy(self.global_arrays[k].copy()) for k in self.names})
         losses = [(float(cast(float, res.metrics.get(protocol.NUM_EXAMPLES, 1))), float(cast(float, res.metrics[protocol.TRAIN_LOSS]))) for _, res in taking_part]
@@ -210,6 +205,7 @@ class SecureFedMM(Strategy, FederationBook):
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        server_round += self.round_offset
         arrays = ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in zip(self.names, parameters_to_ndarrays(parameters))})
         metrics = self.evaluate_fn(server_round, arrays)
         return float(cast(float, metrics["loss"])), {k: cast(float, v) for k, v in metrics.items()}
@@ -259,7 +255,7 @@ class _CheckingGrid:
         strategy = self._strategy
         contributors = 0
         for reply in replies:
-            metrics = reply.content.config_records.get(_FITRES_METRICS, {})
+            metrics: Mapping[str, Any] = reply.content.config_records.get(_FITRES_METRICS) or {}
             if protocol.REASON in metrics:
                 site = str(metrics.get(protocol.SITE, reply.metadata.src_node_id))
                 strategy.note_refusal(server_round, reply.metadata.src_node_id, site, str(metrics[protocol.REASON]))
@@ -288,7 +284,7 @@ class FedMMSecAggPlus(SecAggPlusWorkflow):
 
     def __call__(self, grid: Grid, context: Context) -> None:
         assert isinstance(context, LegacyContext)
-        current = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        current = cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]) + self.strategy.round_offset
         self.strategy.round_report = {"round": current}
         super().__call__(_CheckingGrid(grid, self.strategy), context)  # type: ignore[arg-type]
         if self.strategy.aggregated_round != current:

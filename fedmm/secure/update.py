@@ -27,18 +27,9 @@ import torch
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
 from fedmm.privacy.client_dp import ClientDPPlan, clip_update, gaussian_noise, noise_share_std
+from fedmm.site_io import SecAggParams
 
-__all__ = ["SecAggParams", "OutgoingUpdate", "prepare_update", "weight_ratio"]
-
-
-@dataclass(frozen=True)
-class SecAggParams:
-    """The SecAgg+ quantisation settings of a round, as the protocol's setup stage gave them."""
-
-    clip_range: float
-    max_weight: float
-    target_range: int
-    threshold: int  # the fewest updates a completed round can aggregate
+__all__ = ["OutgoingUpdate", "prepare_update", "weight_ratio"]
 
 
 @dataclass(frozen=True)

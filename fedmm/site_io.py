@@ -1,0 +1,64 @@
+"""The plain data a site's round takes and gives (light: numpy only, no PyTorch).
+
+Shared by the ClientApp, which imports nothing heavy for SecAgg+'s protocol stages, the
+site's worker (:mod:`fedmm.worker`) and :func:`fedmm.site_round.run_round`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SecAggParams", "RoundRequest", "RoundResponse"]
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """The SecAgg+ quantisation settings of a round, as the protocol's setup stage gave them."""
+
+    clip_range: float
+    max_weight: float
+    target_range: int
+    threshold: int  # the fewest updates a completed round can aggregate
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None) -> SecAggParams:
+        """Read them from the node state Flower's ``secaggplus_mod`` keeps (``secaggplus_state``)."""
+        if state is None:
+            raise ValueError("no SecAgg+ state at this site: the setup stage did not run before training")
+        return cls(
+            clip_range=float(state["clipping_range"]), max_weight=float(state["max_weight"]),
+            target_range=int(state["target_range"]), threshold=int(state["threshold"]),
+        )
+
+
+@dataclass
+class RoundRequest:
+    """Everything a site needs for one round (all plain, picklable data)."""
+
+    run_config: dict[str, Any]
+    node_config: dict[str, Any]
+    config: dict[str, Any]  # the server's round instructions (round, schema, run id, ...)
+    global_weights: dict[str, np.ndarray]
+    saved_state: str | None = None  # SiteState JSON from the Flower node's state
+    secagg: SecAggParams | None = None  # set inside a SecAgg+ round
+
+
+@dataclass
+class RoundResponse:
+    """What the site answers: its update (or refusal), its metrics and privacy report."""
+
+    site: str
+    refused: str | None = None
+    spent: float = 0.0
+    budget: float = 0.0
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # weights, or the update under SecAgg+/client DP
+    weight: int = 0  # FedAvg weight of ``arrays`` (SecAgg+)
+    metrics: dict[str, Any] = field(default_factory=dict)  # num-examples, train-loss, epsilon
+    privacy: dict[str, Any] = field(default_factory=dict)  # the privacy ConfigRecord (empty without DP)
+    layout: str = ""
+    clipped_values: int = 0
+    state: str | None = None  # the new SiteState JSON

@@ -1,0 +1,102 @@
+"""One site's round as plain data in and out: what the ClientApp (or a site's worker) runs.
+
+The ClientApp turns a Flower message into a :class:`RoundRequest` and the
+:class:`RoundResponse` back into a reply. Everything in between (the site's own policy
+and ledger, training, what leaves the site) is here, so it runs the same inside the
+ClientApp process (simulation) or in a long-lived site worker (:mod:`fedmm.worker`) that
+keeps the data and the imports warm between rounds (deployment).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmm import protocol
+from fedmm.config import RunConfig
+from fedmm.errors import BudgetExceededError, ConfigError, FederationError
+from fedmm.models import layout_fingerprint
+from fedmm.privacy.accounting import SiteAccountant
+from fedmm.privacy.ledger import PrivacyLedger
+from fedmm.privacy.policy import site_policy
+from fedmm.secure.update import prepare_update
+from fedmm.site_io import RoundRequest, RoundResponse
+from fedmm.site import SiteState, site_data, train_round
+
+__all__ = ["run_round"]
+
+
+_DATA: dict[str, tuple[str, Any]] = {}  # a long-lived worker keeps each site's data between rounds
+
+
+def _data(node_config: dict[str, Any], cfg: RunConfig) -> tuple[str, Any]:
+    key = json.dumps([node_config, cfg.to_run_config()], sort_keys=True, default=str)
+    if key not in _DATA:
+        _DATA.clear()  # one configuration at a time
+        _DATA[key] = site_data(node_config, cfg)
+    return _DATA[key]
+
+
+def run_round(req: RoundRequest) -> RoundResponse:
+    """Train this site for the round ``req.config`` describes; the site's own policy and ledger decide."""
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_run_config(req.run_config)
+    site, data = _data(req.node_config, cfg)
+    state = SiteState.from_json(req.saved_state) if req.saved_state else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
+    server_round = req.config.get(protocol.SERVER_ROUND)
+    if isinstance(server_round, bool) or not isinstance(server_round, int):
+        raise ConfigError(protocol.SERVER_ROUND, "the server sent no integer round number", value=server_round, fix="use fedmm's ServerApp")
+    schema = req.config.get(protocol.SCHEMA)
+    run_id = str(req.config.get(protocol.RUN_ID, "run"))
+    # The site's own limits (its node config in a deployment) and its durable ledger.
+    policy = site_policy(req.node_config, cfg, site=site, run_id=run_id)
+    ledger = PrivacyLedger(policy.ledger_path, site=site) if cfg.dp else None
+    global_t = {k: torch.from_numpy(np.array(v)) for k, v in req.global_weights.items()}
+    try:
+        update = train_round(
+            cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
+            expected_schema=str(schema) if schema is not None else None, policy=policy, ledger=ledger, run_id=run_id,
+        )
+    except BudgetExceededError as refusal:
+        # A refusal is the site's answer, not a failure: no update, the reason, and its budget.
+        entries = ledger.entries() if ledger is not None else []
+        response = RoundResponse(site=site, refused=str(refusal), spent=entries[-1].epsilon if entries else 0.0, budget=policy.epsilon_budget)
+        if req.secagg is not None:
+            # Inside SecAgg+: a zero update. Weight 0 takes no part in FedAvg; under client-level
+            # DP (weights of 1) it still carries its noise share, so the noise never falls short.
+            out = prepare_update(global_t, req.global_weights, cfg, weight=1 if cfg.client_dp else 0, secagg=req.secagg, site=site)
+            response.arrays, response.weight = out.arrays, int(out.weight)
+        return response
+    finally:
+        if ledger is not None:
+            ledger.close()
+    layout = layout_fingerprint(update.state_dict)
+    if req.secagg is not None and layout != req.config.get(protocol.LAYOUT):
+        # Checked before masking: once inside the sum a mismatched update cannot be taken out.
+        raise FederationError(
+            f"site {site}: trained model layout {layout!r}, the server's is {req.config.get(protocol.LAYOUT)!r}; not sending. "
+            "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
+        )
+    response = RoundResponse(site=site, layout=layout, state=state.to_json(), budget=policy.epsilon_budget)
+    if cfg.sends_deltas:  # the update (clipped under client-level DP), not the weights
+        out = prepare_update(update.state_dict, req.global_weights, cfg, weight=update.num_examples, secagg=req.secagg, site=site)
+        response.arrays, response.weight, response.clipped_values = out.arrays, int(out.weight), out.clipped_values
+    else:
+        response.arrays, response.weight = {k: v.numpy() for k, v in update.state_dict.items()}, update.num_examples
+    report, entry = update.privacy, update.ledger_entry
+    response.metrics = {
+        protocol.NUM_EXAMPLES: update.num_examples, protocol.TRAIN_LOSS: update.train_loss,
+        protocol.EPSILON: report.epsilon if report else 0.0,
+    }
+    if report is not None:
+        response.privacy = {
+            protocol.SITE: site, protocol.EPSILON: report.epsilon, protocol.DELTA: report.delta,
+            protocol.ACCOUNTANT: report.accountant, protocol.NOISE_MULTIPLIER: report.noise_multiplier,
+            protocol.SAMPLE_RATE: report.sample_rate, protocol.STEPS: report.steps,
+        }
+        if entry is not None:
+            response.privacy.update({protocol.BUDGET: entry.epsilon_budget, protocol.LEDGER_SEQ: entry.seq, protocol.LEDGER_HASH: entry.hash})
+    return response
