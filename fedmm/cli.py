@@ -8,6 +8,8 @@
   the data (per-site counts per class and modality);
 - ``fedmm plan [PRESET] [--set ...]`` prints each site's DP plan: sample rate, steps,
   the noise multiplier chosen for the budget, and the rounds each site's own budget allows;
+- ``fedmm server --pki DIR`` and ``fedmm site SITE.toml`` run a deployment: Flower's
+  SuperLink and one SuperNode per site, with TLS and SuperNode authentication (docs/deploy.md);
 - ``fedmm audit LEDGER... [--json] [--html FILE]`` checks site privacy ledgers: spend
   against budget, runs, last spend, hash chain (exit 1 on a broken chain or a spend over
   budget).
@@ -364,6 +366,29 @@ def _client_level_line(cfg: RunConfig) -> str:
     if allowed is not None:
         line += f"; client-target-epsilon={cfg.client_target_epsilon:g} allows {allowed} rounds"
     return line
+
+
+@app.command()
+def server(
+    pki: Annotated[Path, typer.Option(help="folder made by 'fedmm certs init': ca.crt, server.crt, server.key")],
+    state_dir: Annotated[Path, typer.Option(help="where the SuperLink keeps its database (registered sites, runs)")] = Path("fedmm-server"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="the SuperLink's port (Fleet, Control and Runtime APIs)")] = 9092,
+) -> None:
+    """Run the federation's server: Flower's SuperLink with TLS, SuperNode authentication, no runtime installs."""
+    from fedmm.deploy import run_server
+
+    with _exit_on_error():
+        raise typer.Exit(run_server(pki, state_dir, host=host, port=port))
+
+
+@app.command()
+def site(config: Annotated[Path, typer.Argument(help="the site's own TOML file ([site] table, see docs/deploy.md)")]) -> None:
+    """Run one data site: its SuperNode (TLS, its registered key, its own budget and data) and its worker."""
+    from fedmm.deploy import SiteSettings, run_site
+
+    with _exit_on_error():
+        raise typer.Exit(run_site(SiteSettings.load(config)))
 
 
 @app.command()

@@ -78,3 +78,10 @@ def call(state_dir: str | Path, request: Any) -> Any:
     if reply[0] == "ok":
         return reply[1]
     raise FederationError(f"site worker: {reply[1]}")
+
+
+if __name__ == "__main__":  # started by `fedmm site`: python -m fedmm.worker STATE_DIR
+    import sys
+
+    directory = Path(sys.argv[1])
+    serve(directory, ready=directory / "worker.ready")

@@ -5,6 +5,7 @@ Thin on purpose: configuration, strategy and artifacts live in ``fedmm``.
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 from typing import Any
 
@@ -94,17 +95,21 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "[fedmm] checkpoint: site %s at epsilon %.3f, ledger entry %s", site, report.epsilon, report.ledger_seq)
 
     final: dict[str, float] = {}
+    clock = {"last": time.monotonic()}
 
     def on_round(server_round: int, loss: float, accuracy: float, tasks: dict[str, float]) -> None:
         final.update(loss=loss, accuracy=accuracy, round=server_round)
         if server_round == done:
             log(INFO, "[fedmm] round %d (%s model): accuracy %.4f, loss %.4f", done, "checkpoint" if done else "initial", accuracy, loss)
+            clock["last"] = time.monotonic()
             return
         eps, client_eps = strategy.max_epsilon, strategy.client_epsilon
+        now = time.monotonic()
+        seconds, clock["last"] = now - clock["last"], now
         report = strategy.round_report
         artifacts.append_round(
             {
-                "round": server_round, "accuracy": accuracy, "loss": loss,
+                "round": server_round, "accuracy": accuracy, "loss": loss, "seconds": round(seconds, 3),
                 "train_loss": strategy.last_train_metrics.get("train-loss"),
                 "sites": strategy.sites_last_round, "max_epsilon": eps,
                 "delta": cfg.target_delta if cfg.dp else None,

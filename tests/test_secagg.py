@@ -136,6 +136,18 @@ def test_ten_sites_three_drop_out_mid_round_and_the_survivors_aggregate_is_corre
     assert strategy.threshold == 7  # round(0.67 * 10)
 
 
+@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+def test_a_site_lost_before_the_masks_exist_leaves_the_round_to_the_others(stage: str) -> None:
+    cfg = _config(3)
+    updates, weights = _updates(3, seed=7), _weights(3)
+    grid = LocalGrid(_protocol_app(cfg, updates, weights), [{}] * 3, {}, drop=lambda node, msg: node == 103 and stage_of(msg) == stage)
+
+    strategy = _run_round(cfg, grid)
+
+    assert strategy.round_report["dropped"] == 1 and strategy.sites_last_round == 2
+    assert np.max(np.abs(strategy.global_arrays["w"] - _weighted_mean(updates, weights, {101, 102}))) <= _bound(cfg, weights, {101, 102})
+
+
 def test_a_site_lost_after_sending_its_masked_vector_is_still_counted() -> None:
     cfg = _config(6)
     updates, weights = _updates(6, seed=2), _weights(6)

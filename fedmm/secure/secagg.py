@@ -121,11 +121,13 @@ class SecureFedMM(Strategy, FederationBook):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         server_round += self.round_offset
-        # num_available() refreshes Flower's node list now; wait_for alone would wait for its 5 s poll.
-        if client_manager.num_available() < self.cfg.sites and not client_manager.wait_for(self.cfg.sites, timeout=self.wait_timeout):
+        # The first round waits for every site; later ones go on with the sites still connected
+        # (a lost site is SecAgg+'s dropout case). num_available() refreshes Flower's node list now.
+        wanted = self.cfg.sites if server_round == self.round_offset + 1 else max(2, self.min_sites)
+        if client_manager.num_available() < wanted and not client_manager.wait_for(wanted, timeout=self.wait_timeout):
             raise FederationError(
-                f"round {server_round}: {client_manager.num_available()} of sites={self.cfg.sites} sites connected within "
-                f"{self.wait_timeout} s. Fix: start every site, or lower 'sites'"
+                f"round {server_round}: {client_manager.num_available()} site(s) connected within {self.wait_timeout} s, "
+                f"{wanted} needed. Fix: start every site (sites={self.cfg.sites}), or lower 'sites'"
             )
         proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
         chosen = self.sample_nodes(server_round, proxies, at_least=2)
@@ -280,7 +282,24 @@ class FedMMSecAggPlus(SecAggPlusWorkflow):
     def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         ok = super().setup_stage(grid, context, state)
         self.strategy.threshold = state.threshold
-        return ok
+        return ok and self._forget_unshared(state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        return super().share_keys_stage(grid, context, state) and self._forget_unshared(state)
+
+    def _forget_unshared(self, state: Any) -> bool:
+        """Leave out sites lost before they shared their secrets.
+
+        A site that did not answer the setup or key-sharing stage has shared no secret, and
+        no other site masks its update with it. Flower's workflow would still ask for its
+        shares when unmasking and fail the round; it is simply not part of this round.
+        """
+        answered = set(state.active_node_ids)
+        if state.sampled_node_ids - answered:
+            state.sampled_node_ids = answered
+            state.nid_to_neighbours = {n: nbrs & answered for n, nbrs in state.nid_to_neighbours.items() if n in answered}
+            return self._check_threshold(state)
+        return True
 
     def __call__(self, grid: Grid, context: Context) -> None:
         assert isinstance(context, LegacyContext)

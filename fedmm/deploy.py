@@ -1,0 +1,257 @@
+"""Deploying fedmm: one server (Flower SuperLink) and one client process per data site.
+
+``fedmm server`` and ``fedmm site`` start Flower's own ``flower-superlink`` and
+``flower-supernode`` with fedmm's settings, never a transport of fedmm's:
+
+- TLS with the certificates of ``fedmm certs`` and SuperNode authentication, always on;
+- runtime dependency installation off (the app's dependencies are installed by the
+  operator, not fetched by the SuperLink at run time);
+- the SuperLink's state (registered sites, runs) in a SQLite database, so a restarted
+  server knows its sites again.
+
+A site's own settings live in its own TOML file, which the server never sees::
+
+    [site]
+    name = "george"                              # the site's identity in ledgers and reports
+    superlink = "server.example.org:9092"
+    ca = "/etc/fedmm/ca.crt"                     # to verify the server
+    key = "/etc/fedmm/george.key"                # SuperNode key, registered by the operator
+    data = "manifest:/srv/george/manifest.csv"   # the site's own files (optional in a demo)
+    state-dir = "/srv/george/fedmm"              # ledger, worker socket
+    epsilon-budget = 8.0                         # lifetime, over every run
+    delta = 1e-5
+    min-noise-multiplier = 0.5
+    require-dp = true
+
+These become the SuperNode's ``--node-config``, which only the site sets and every round
+reads (:mod:`fedmm.privacy.policy`): the server cannot raise a budget or lower a floor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmm import protocol
+from fedmm.errors import ConfigError
+
+__all__ = ["SiteSettings", "server_command", "supernode_command", "run_site", "run_server", "flower_env", "write_connection"]
+
+_SITE_KEYS = {
+    "name", "superlink", "ca", "key", "data", "state-dir", "epsilon-budget", "delta", "min-noise-multiplier", "require-dp",
+    "clientapp-port", "worker",
+}
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """A site's own configuration (its ``[site]`` table)."""
+
+    name: str
+    superlink: str
+    ca: Path
+    key: Path
+    state_dir: Path
+    epsilon_budget: float
+    data: str = ""
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.5
+    require_dp: bool = True
+    clientapp_port: int = 9094  # the SuperNode's local port for its ClientApp processes
+    worker: bool = True  # keep PyTorch and the data loaded between rounds (fedmm.worker)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteSettings:
+        """Read and check a site's TOML file.
+
+        Raises
+        ------
+        ConfigError
+            For a missing file, invalid TOML, an unknown or missing key, a value out of
+            range, or a certificate/key file that does not exist.
+        """
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text()).get("site")
+        except OSError as err:
+            raise ConfigError("site config", f"cannot read {path} ({err.strerror})", value=str(path), fix="give the path of the site's TOML file") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError("site config", f"{path} is not valid TOML ({err})", value=str(path), fix="correct the file") from err
+        if not isinstance(table, dict):
+            raise ConfigError("site config", f"{path} has no [site] table", value=str(path), fix="put the site's keys under [site]")
+        unknown = sorted(set(table) - _SITE_KEYS)
+        if unknown:
+            raise ConfigError(f"site.{unknown[0]}", f"unknown key in {path}", value=table[unknown[0]], fix=f"known keys: {', '.join(sorted(_SITE_KEYS))}")
+        for key in ("name", "superlink", "ca", "key", "state-dir", "epsilon-budget"):
+            if key not in table:
+                raise ConfigError(f"site.{key}", f"missing in {path}", fix="see docs/deploy.md for a complete site file")
+        base = path.parent
+
+        def file(key: str) -> Path:
+            value = (base / str(table[key])).expanduser()
+            if not value.is_file():
+                raise ConfigError(f"site.{key}", f"file not found: {value}", value=table[key], fix="create it with 'fedmm certs' and copy it to this site")
+            return value.resolve()
+
+        budget = table["epsilon-budget"]
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+            raise ConfigError("site.epsilon-budget", "must be a positive number", value=budget, fix="e.g. epsilon-budget = 8.0")
+        delta = table.get("delta", 1e-5)
+        if not isinstance(delta, float) or not 0 < delta < 1:
+            raise ConfigError("site.delta", "must be in (0, 1)", value=delta, fix="e.g. delta = 1e-5")
+        name = str(table["name"])
+        if not name or any(c in name for c in "/\\'\" "):
+            raise ConfigError("site.name", "must be a plain name (no quotes, spaces or slashes)", value=name, fix="e.g. name = \"hospital-a\"")
+        data = str(table.get("data", ""))
+        if data.startswith("manifest:"):
+            manifest = (base / data.removeprefix("manifest:")).expanduser()
+            if not manifest.is_file():
+                raise ConfigError("site.data", f"manifest not found: {manifest}", value=data, fix="point data at the site's manifest CSV")
+            data = f"manifest:{manifest.resolve()}"
+        return cls(
+            name=name, superlink=str(table["superlink"]), ca=file("ca"), key=file("key"),
+            state_dir=(base / str(table["state-dir"])).expanduser().resolve(), epsilon_budget=float(budget), data=data,
+            delta=float(delta), min_noise_multiplier=float(table.get("min-noise-multiplier", 0.5)),
+            require_dp=bool(table.get("require-dp", True)), clientapp_port=int(table.get("clientapp-port", 9094)),
+            worker=bool(table.get("worker", True)),
+        )
+
+    def node_config(self) -> str:
+        """The SuperNode's ``--node-config``: the site's name, data and privacy policy."""
+        values: dict[str, Any] = {
+            protocol.NODE_SITE: self.name, protocol.NODE_STATE_DIR: str(self.state_dir),
+            protocol.NODE_EPSILON_BUDGET: self.epsilon_budget, protocol.NODE_DELTA: self.delta,
+            protocol.NODE_MIN_NOISE: self.min_noise_multiplier, protocol.NODE_REQUIRE_DP: self.require_dp,
+            protocol.NODE_WORKER: self.worker,
+        }
+        if self.data:
+            values[protocol.NODE_DATA] = self.data
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value) + "'"
+
+
+def flower_env() -> dict[str, str]:
+    """The environment for Flower's processes: fedmm's venv first on PATH (they start each other by name)."""
+    # Flower's SuperExec looks for a new task (a message to start a ClientApp for) every second by
+    # default; every SecAgg+ round has four such messages, so look every 0.1 s.
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def server_command(pki: Path, state_dir: Path, *, host: str = "0.0.0.0", port: int = 9092) -> list[str]:
+    """``flower-superlink`` with TLS, SuperNode authentication, a database and no runtime installs."""
+    for name in ("ca.crt", "server.crt", "server.key"):
+        if not (pki / name).is_file():
+            raise ConfigError("--pki", f"{pki / name} not found", value=str(pki), fix="create it with 'fedmm certs init PKI --san <server host>'")
+    return [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "server.crt"), "--ssl-keyfile", str(pki / "server.key"),
+        "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+        "--database", str(state_dir / "superlink.db"), "--host", host, "--port", str(port),
+    ]
+
+
+def supernode_command(site: SiteSettings) -> list[str]:
+    """``flower-supernode`` for one site: the CA, its own key, and its node config."""
+    return [
+        str(Path(sys.executable).parent / "flower-supernode"),
+        "--superlink", site.superlink, "--root-certificates", str(site.ca), "--auth-supernode-private-key", str(site.key),
+        "--node-config", site.node_config(), "--port", str(site.clientapp_port),
+    ]
+
+
+def _supervise(processes: Sequence[tuple[str, subprocess.Popen[bytes]]]) -> int:
+    """Wait until one process ends (or SIGTERM/SIGINT arrives), then stop them all; return an exit code."""
+    stopping = {"signal": 0}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
+    try:
+        while not stopping["signal"]:
+            ended = [(name, p) for name, p in processes if p.poll() is not None]
+            if ended:
+                name, process = ended[0]
+                code = process.returncode or 1
+                print(f"[fedmm] {name} exited with code {process.returncode}; stopping the rest", file=sys.stderr, flush=True)
+                break
+            time.sleep(0.2)
+    finally:
+        for _, process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
+
+
+def run_server(pki: Path, state_dir: Path, *, host: str, port: int) -> int:
+    """Run the SuperLink until it ends or is told to stop."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    command = server_command(pki, state_dir, host=host, port=port)
+    print("[fedmm] " + " ".join(command), flush=True)
+    return _supervise([("flower-superlink", subprocess.Popen(command, env=flower_env(), start_new_session=True))])
+
+
+def run_site(site: SiteSettings) -> int:
+    """Run a site: its worker (when enabled) and its SuperNode, until either ends or a signal arrives."""
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+    env = flower_env()
+    if site.worker:
+        ready = site.state_dir / "worker.ready"
+        ready.unlink(missing_ok=True)
+        worker = subprocess.Popen([sys.executable, "-m", "fedmm.worker", str(site.state_dir)], env=env, start_new_session=True)
+        processes.append(("site worker", worker))
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                _supervise(processes)
+                print(f"[fedmm] the site worker did not start (exit {worker.returncode})", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    command = supernode_command(site)
+    print(f"[fedmm] site {site.name}: " + " ".join(command), flush=True)
+    processes.append(("flower-supernode", subprocess.Popen(command, env=env, start_new_session=True)))
+    return _supervise(processes)
+
+
+def write_connection(flwr_home: Path, name: str, address: str, ca: Path) -> Path:
+    """Add a TLS connection for ``flwr`` (runs, ``flwr ls``, registering sites) to ``$FLWR_HOME/config.toml``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    text = path.read_text() if path.exists() else ""
+    if f"[superlink.{name}]" not in text:
+        if "[superlink]" not in text:
+            text += f'\n[superlink]\ndefault = "{name}"\n'
+        text += f'\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{ca.resolve()}"\n'
+        path.write_text(text)
+    return path
+
