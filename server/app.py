@@ -24,6 +24,7 @@ from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.preprocess import Preprocessing, standardise_site
 from fedmm.data.sources import load_source
 from fedmm.errors import ConfigError, FederationError, SitesExhausted
+from fedmm.grid import PromptGrid
 from fedmm.federation import FedMMAvg, FederationBook, make_central_evaluation
 from fedmm.privacy.client_dp import ClientDPPlan
 from fedmm.secure.secagg import SecureFedMM, make_workflow
@@ -36,6 +37,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config and write ``runs/<run-id>/``."""
     cfg = RunConfig.from_run_config(context.run_config)
+    grid = PromptGrid(grid)  # replies noticed within 0.1 s, not Flower's fixed 3 s
     artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id), resume=cfg.resume)
     log(INFO, "[fedmm] run %s: %d sites, %d rounds, dp=%s -> %s", artifacts.run_id, cfg.sites, cfg.rounds, cfg.dp, artifacts.dir)
     source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)

@@ -88,110 +88,9 @@ def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # The real thing on loopback: `fedmm server`, three `fedmm site` processes, `flwr run`.
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+from fedmm.loopback import LoopbackDeployment  # noqa: E402
 
-BIN = Path(sys.executable).parent
 SITES = ("george", "jackson", "lucas")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Deployment:
-    """Processes of one loopback deployment, each in its own session, all stopped at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.env = dict(os.environ, HOME=str(root / "home"), FLWR_HOME=str(root / "flwr"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
-        self.env["PATH"] = f"{BIN}{os.pathsep}{self.env['PATH']}"
-        self.port = _free_port()
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        (root / "home").mkdir(parents=True)
-
-    def fedmm(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "fedmm"), *args], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
-
-    def start(self, name: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (kept open by the child)
-        self.processes[name] = subprocess.Popen([str(BIN / "fedmm"), *args], cwd=self.root, env=self.env, stdout=log, stderr=log, start_new_session=True)
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill a component and everything it started (each child runs in its own session)."""
-        process = self.processes.pop(name)
-        victims = [process.pid, *_descendants(process.pid)]
-        for pid in victims:
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        process.wait(30)
-        time.sleep(0.5)
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def stop_all(self) -> None:
-        for name in list(self.processes):
-            self.kill(name, signal.SIGTERM)
-
-    def wait_for(self, what: str, check: object, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():  # type: ignore[operator]
-                return
-            time.sleep(0.3)
-        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
-
-    def online(self) -> int:
-        done = self.flwr("supernode", "ls", "fedmm", "--format", "json")
-        try:
-            return sum(n["status"] == "online" for n in json.loads(done.stdout).get("nodes", []))
-        except json.JSONDecodeError:
-            return 0
-
-    def run_status(self, run_id: str) -> str:
-        done = self.flwr("ls", "fedmm", "--run-id", run_id, "--format", "json")
-        try:
-            runs = json.loads(done.stdout).get("runs", [])
-        except json.JSONDecodeError:
-            return ""
-        return str(runs[0].get("status", "")) if runs else ""
-
-    def submit(self, run_config: str) -> str:
-        done = self.flwr("run", str(Path(__file__).resolve().parents[1]), "fedmm", "--run-config", run_config, "--format", "json", timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return str(json.loads(done.stdout)["run-id"])
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _metrics_rounds(run: Path) -> list[int]:
@@ -200,30 +99,14 @@ def _metrics_rounds(run: Path) -> list[int]:
 
 
 def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path: Path) -> None:
-    deploy = _Deployment(tmp_path)
-    pki, runs = tmp_path / "pki", tmp_path / "runs"
-    assert deploy.fedmm("certs", "init", str(pki)).returncode == 0
-    assert deploy.fedmm("certs", "site", str(pki), *SITES).returncode == 0
-    from fedmm.deploy import write_connection
-
-    write_connection(tmp_path / "flwr", "fedmm", f"127.0.0.1:{deploy.port}", pki / "ca.crt")
-    server_args = ("server", "--pki", str(pki), "--state-dir", str(tmp_path / "server"), "--host", "127.0.0.1", "--port", str(deploy.port))
+    deploy = LoopbackDeployment(tmp_path)
+    runs = tmp_path / "runs"
     run_config = (
-        f"data='synthetic:600' rounds=3 sites=3 secure-aggregation=true secagg-timeout=30.0 noise-multiplier=1.5 target-epsilon=50.0 min-sites=2 "
+        f"data='synthetic:600' rounds=3 sites=3 secure-aggregation=true secagg-timeout=20.0 noise-multiplier=1.5 target-epsilon=50.0 min-sites=2 "
         f"runs-dir='{runs}' run-name='deploy'"
     )
     try:
-        deploy.start("server", *server_args)
-        deploy.wait_for("the SuperLink", lambda: deploy.flwr("supernode", "ls", "fedmm", "--format", "json").returncode == 0 and '"success": true' in deploy.flwr("supernode", "ls", "fedmm", "--format", "json").stdout)
-        for site in SITES:
-            assert '"success": true' in deploy.flwr("supernode", "register", str(pki / "sites" / f"{site}.pub"), "fedmm", "--format", "json").stdout
-            (tmp_path / f"{site}.toml").write_text(
-                f'[site]\nname = "{site}"\nsuperlink = "127.0.0.1:{deploy.port}"\nca = "pki/ca.crt"\nkey = "pki/sites/{site}.key"\n'
-                f'state-dir = "state/{site}"\nepsilon-budget = 100.0\nclientapp-port = {_free_port()}\ndata = "synthetic:200"\n'
-            )
-            deploy.start(site, "site", f"{site}.toml")
-        deploy.wait_for("three sites online", lambda: deploy.online() == 3)
-
+        deploy.start_federation(SITES, site_lines='data = "synthetic:200"\n')  # TLS, registered keys, each site its own data
         first = deploy.submit(run_config)
         run = runs / "deploy"
         deploy.wait_for("round 1", lambda: 1 in _metrics_rounds(run))
@@ -232,7 +115,7 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
         deploy.kill("server")  # SIGKILL after round 2's checkpoint: SuperLink, ServerApp and all
         assert json.loads((run / "checkpoint.json").read_text())["round"] >= 2
 
-        deploy.start("server", *server_args)  # same database: the registered sites come back by themselves
+        deploy.start("server", *deploy.server_args)  # same database: the registered sites come back by themselves
         deploy.wait_for("two sites back online", lambda: deploy.online() >= 2)
         second = deploy.submit(run_config.replace("sites=3", "sites=2") + " resume=true")
         deploy.wait_for("the resumed run to finish", lambda: deploy.run_status(second).startswith("finished"), timeout=300)

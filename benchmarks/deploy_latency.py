@@ -1,0 +1,90 @@
+"""Deployed against simulated round time for the same work, before and after fedmm's latency work.
+
+The same federation (3 sites, synthetic data, DP-SGD, with or without SecAgg+) runs three
+ways, one after the other on this machine:
+
+- ``simulated``: ``fedmm simulate`` (Flower's simulation engine);
+- ``deployed, Flower defaults``: ``fedmm server`` + three ``fedmm site`` processes on
+  loopback with TLS and SuperNode authentication, but as Flower behaves out of the box: no
+  site worker (every message's ClientApp process imports PyTorch and loads the data), the
+  SuperExec polling for tasks every 1 s, the ServerApp's grid pulling replies every 3 s;
+- ``deployed, fedmm``: the same with the site worker, a 0.1 s SuperExec poll and a
+  0.1 s grid pull (what ``fedmm site`` / ``fedmm server`` do by default).
+
+Each figure is the median of the per-round ``seconds`` in ``metrics.jsonl`` over rounds
+2..R (round 1 includes the sites' first data load). What is left is Flower's own: every
+message starts a new ``flwr-clientapp`` process, and an idle SuperNode polls the SuperLink
+every 3 s (fixed in Flower 1.42).
+
+    python benchmarks/deploy_latency.py [--rounds 4] [--secure both|true|false]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fedmm.loopback import LoopbackDeployment
+
+SITES = ("george", "jackson", "lucas")
+RESULTS = Path(__file__).parent / "results"
+
+
+def _round_seconds(run: Path) -> list[float]:
+    return [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+
+
+def simulated(root: Path, config: str) -> list[float]:
+    settings = [a for kv in config.split() for a in ("--set", kv)]
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    done = subprocess.run([str(Path(sys.executable).parent / "fedmm"), "simulate", *settings, "--set", f"runs-dir='{root}'", "--set", "run-name='sim'"],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stdout[-3000:] + done.stderr[-3000:])
+    return _round_seconds(root / "sim")
+
+
+def deployed(root: Path, config: str, *, tuned: bool) -> list[float]:
+    env = {} if tuned else {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0", "FEDMM_GRID_POLL_INTERVAL": "3"}
+    deploy = LoopbackDeployment(root, env=env)
+    try:
+        deploy.start_federation(SITES, site_lines='data = "synthetic:200"\n' + ("" if tuned else "worker = false\n"))
+        run_id = deploy.submit(f"{config} runs-dir='{root / 'runs'}' run-name='dep'")
+        deploy.wait_for("the run", lambda: deploy.run_status(run_id).startswith("finished"), timeout=1800)
+        if deploy.run_status(run_id) != "finished:completed":
+            raise RuntimeError(f"deployed run ended {deploy.run_status(run_id)}")
+    finally:
+        deploy.stop_all()
+    return _round_seconds(root / "runs" / "dep")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--secure", choices=["both", "true", "false"], default="both")
+    args = parser.parse_args()
+    rows = []
+    for secure in ([False, True] if args.secure == "both" else [args.secure == "true"]):
+        config = f"data='synthetic:600' sites=3 rounds={args.rounds} secure-aggregation={'true' if secure else 'false'} secagg-timeout=60.0"
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            sim = statistics.median(simulated(root / "sim", config))
+            before = statistics.median(deployed(root / "before", config, tuned=False))
+            after = statistics.median(deployed(root / "after", config, tuned=True))
+        row = {"secure_aggregation": secure, "rounds": args.rounds, "simulated_s": sim, "deployed_flower_defaults_s": before, "deployed_fedmm_s": after,
+               "before_ratio": before / sim, "after_ratio": after / sim}
+        rows.append(row)
+        print(f"secure-aggregation={str(secure).lower():5}  simulated {sim:6.2f} s/round | deployed, Flower defaults {before:6.2f} s ({before / sim:4.1f}x) | "
+              f"deployed, fedmm {after:6.2f} s ({after / sim:4.1f}x)", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "deploy_latency.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

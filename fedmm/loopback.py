@@ -1,0 +1,147 @@
+"""A whole deployment on one machine's loopback: ``fedmm server``, sites, ``flwr`` (tests, benchmarks).
+
+Every process runs in its own session with its own HOME and FLWR_HOME under ``root``;
+:meth:`LoopbackDeployment.kill` takes a component down with everything it started, and
+:meth:`LoopbackDeployment.stop_all` stops what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["LoopbackDeployment", "free_port"]
+
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LoopbackDeployment:
+    """Processes of one loopback deployment, each in its own session, all stopped at the end."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.env = dict(os.environ, **(env or {}), HOME=str(root / "home"), FLWR_HOME=str(root / "flwr"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
+        self.env["PATH"] = f"{BIN}{os.pathsep}{self.env['PATH']}"
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        (root / "home").mkdir(parents=True)
+
+    def fedmm(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "fedmm"), *args], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def start(self, name: str, *args: str) -> None:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (kept open by the child)
+        self.processes[name] = subprocess.Popen([str(BIN / "fedmm"), *args], cwd=self.root, env=self.env, stdout=log, stderr=log, start_new_session=True)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a component and everything it started (each child runs in its own session)."""
+        process = self.processes.pop(name)
+        victims = [process.pid, *descendants(process.pid)]
+        for pid in victims:
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        process.wait(30)
+        time.sleep(0.5)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @property
+    def server_args(self) -> tuple[str, ...]:
+        return ("server", "--pki", str(self.root / "pki"), "--state-dir", str(self.root / "server"), "--host", "127.0.0.1", "--port", str(self.port))
+
+    def start_federation(self, sites: tuple[str, ...], *, site_lines: str = "") -> None:
+        """Certificates, the server, each site's key registered, each site started; wait until all are online."""
+        from fedmm.deploy import write_connection
+
+        pki = self.root / "pki"
+        for args in (("certs", "init", str(pki)), ("certs", "site", str(pki), *sites)):
+            done = self.fedmm(*args)
+            if done.returncode != 0:
+                raise RuntimeError(done.stdout + done.stderr)
+        write_connection(self.root / "flwr", "fedmm", f"127.0.0.1:{self.port}", pki / "ca.crt")
+        self.start("server", *self.server_args)
+        self.wait_for("the SuperLink", lambda: '"success": true' in self.flwr("supernode", "ls", "fedmm", "--format", "json").stdout)
+        for site in sites:
+            registered = self.flwr("supernode", "register", str(pki / "sites" / f"{site}.pub"), "fedmm", "--format", "json")
+            if '"success": true' not in registered.stdout:
+                raise RuntimeError(registered.stdout + registered.stderr)
+            (self.root / f"{site}.toml").write_text(
+                f'[site]\nname = "{site}"\nsuperlink = "127.0.0.1:{self.port}"\nca = "pki/ca.crt"\nkey = "pki/sites/{site}.key"\n'
+                f'state-dir = "state/{site}"\nepsilon-budget = 100.0\nclientapp-port = {free_port()}\n{site_lines}'
+            )
+            self.start(site, "site", f"{site}.toml")
+        self.wait_for(f"{len(sites)} sites online", lambda: self.online() == len(sites))
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.kill(name, signal.SIGTERM)
+
+    def wait_for(self, what: str, check: Callable[[], object], timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.3)
+        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
+        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+    def online(self) -> int:
+        done = self.flwr("supernode", "ls", "fedmm", "--format", "json")
+        try:
+            return sum(n["status"] == "online" for n in json.loads(done.stdout).get("nodes", []))
+        except json.JSONDecodeError:
+            return 0
+
+    def run_status(self, run_id: str) -> str:
+        done = self.flwr("ls", "fedmm", "--run-id", run_id, "--format", "json")
+        try:
+            runs = json.loads(done.stdout).get("runs", [])
+        except json.JSONDecodeError:
+            return ""
+        return str(runs[0].get("status", "")) if runs else ""
+
+    def submit(self, run_config: str) -> str:
+        done = self.flwr("run", str(PROJECT), "fedmm", "--run-config", run_config, "--format", "json", timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return str(json.loads(done.stdout)["run-id"])
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
