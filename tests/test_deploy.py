@@ -143,3 +143,50 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
         assert len(trained) - 3 == summary["unaggregated_spends"].get(site, 0)
         assert reported[site]["epsilon"] == pytest.approx(report.entries[-1]["epsilon"])
     assert not [p for p in deploy.processes.values() if p.poll() is None]
+
+
+def _site_file(tmp_path: Path, extra: str = "", *, drop: str = "") -> Path:
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "george.key").write_text("x")
+    lines = {
+        "name": '"george"', "superlink": '"127.0.0.1:9092"', "ca": '"ca.crt"', "key": '"george.key"',
+        "state-dir": '"state"', "epsilon-budget": "8.0",
+    }
+    text = "[site]\n" + "".join(f"{k} = {v}\n" for k, v in lines.items() if k != drop) + extra
+    path = tmp_path / "george.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
+    from fedmm.deploy import SiteSettings, supernode_command
+
+    site = SiteSettings.load(_site_file(tmp_path, "min-noise-multiplier = 0.8\nrequire-dp = false\n"))
+
+    command = supernode_command(site)
+    node_config = command[command.index("--node-config") + 1]
+    assert f"site='george' state-dir='{tmp_path / 'state'}' epsilon-budget=8.0" in node_config
+    assert "min-noise-multiplier=0.8 require-dp=false worker=true" in node_config
+    assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
+    assert "--insecure" not in command
+
+
+@pytest.mark.parametrize(
+    ("extra", "drop", "message"),
+    [
+        ("", "epsilon-budget", "site.epsilon-budget.*missing"),
+        ("budget = 3\n", "", "site.budget.*unknown key"),
+        ("", "", None),
+        ('data = "manifest:nowhere.csv"\n', "", "site.data.*manifest not found"),
+        ("delta = 2.0\n", "", "site.delta"),
+    ],
+)
+def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra: str, drop: str, message: str | None) -> None:
+    from fedmm.deploy import SiteSettings
+
+    path = _site_file(tmp_path, extra, drop=drop)
+    if message is None:  # the CA file is missing
+        (tmp_path / "ca.crt").unlink()
+        message = "site.ca.*file not found"
+    with pytest.raises(ConfigError, match=message):
+        SiteSettings.load(path)
