@@ -1,11 +1,11 @@
 """Flower ClientApp: one data site. Loads its own data, enforces its budget, trains, replies.
 
-Thin on purpose, and light: it imports Flower and fedmm's wire names only. The round
-itself is :func:`fedmm.site_round.run_round`, run here (simulation) or, when the node
-config says ``worker=true`` (``fedmm site``), in the site's long-lived worker, which keeps
-PyTorch and the data loaded between rounds (:mod:`fedmm.worker`). A SecAgg+ round arrives
-as four messages; Flower's ``secaggplus_mod`` handles the protocol's stages, none of which
-needs more than Flower, and calls :func:`_secure_fit` for the training one.
+Thin on purpose, and light to import: Flower and fedmm's wire names only; the round itself
+is :func:`fedmm.site_round.run_round`, imported when the first training message arrives. A
+SecAgg+ round arrives as four messages; Flower's ``secaggplus_mod`` handles the protocol's
+stages, none of which needs more than Flower, and calls :func:`_secure_fit` for the
+training one. Deployed with ``fedmm site``, this app runs in the site's long-lived
+executor (:mod:`fedmm.executor`), so PyTorch and the site's data stay loaded between rounds.
 """
 
 from __future__ import annotations
@@ -28,20 +28,14 @@ app = ClientApp()
 
 
 def _run(context: Context, config: dict[str, Any], global_weights: dict[str, np.ndarray], secagg: Any = None) -> Any:
-    """The site's round, in the worker when there is one, else here."""
+    """The site's round (:func:`fedmm.site_round.run_round`), with the node's saved plan."""
+    from fedmm.site_round import run_round
+
     saved = context.state.config_records.get(protocol.STATE_KEY)
-    request = RoundRequest(
+    response = run_round(RoundRequest(
         run_config=dict(context.run_config), node_config=dict(context.node_config), config=config,
         global_weights=global_weights, saved_state=str(saved["json"]) if saved else None, secagg=secagg,
-    )
-    if str(context.node_config.get(protocol.NODE_WORKER, "false")).lower() == "true":
-        from fedmm.worker import call
-
-        response = call(str(context.node_config[protocol.NODE_STATE_DIR]), request)
-    else:
-        from fedmm.site_round import run_round
-
-        response = run_round(request)
+    ))
     if response.state is not None:
         # The Flower node's copy of the plan; the spend itself is already in the site's ledger.
         context.state.config_records[protocol.STATE_KEY] = ConfigRecord({"json": response.state})

@@ -374,17 +374,21 @@ def server(
     state_dir: Annotated[Path, typer.Option(help="where the SuperLink keeps its database (registered sites, runs)")] = Path("fedmm-server"),
     host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="the SuperLink's port (Fleet, Control and Runtime APIs)")] = 9092,
+    in_memory: Annotated[bool, typer.Option(
+        "--in-memory", help="keep the SuperLink's state in memory, not its database: rounds about 2.5x faster, "
+        "but a restarted server has forgotten its registered sites and runs (see docs/deploy.md, Latency)",
+    )] = False,
 ) -> None:
     """Run the federation's server: Flower's SuperLink with TLS, SuperNode authentication, no runtime installs."""
     from fedmm.deploy import run_server
 
     with _exit_on_error():
-        raise typer.Exit(run_server(pki, state_dir, host=host, port=port))
+        raise typer.Exit(run_server(pki, state_dir, host=host, port=port, in_memory=in_memory))
 
 
 @app.command()
 def site(config: Annotated[Path, typer.Argument(help="the site's own TOML file ([site] table, see docs/deploy.md)")]) -> None:
-    """Run one data site: its SuperNode (TLS, its registered key, its own budget and data) and its worker."""
+    """Run one data site: its SuperNode (TLS, its registered key, its own budget and data) and its long-lived ClientApp executor."""
     from fedmm.deploy import SiteSettings, run_site
 
     with _exit_on_error():

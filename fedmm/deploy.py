@@ -17,7 +17,7 @@ A site's own settings live in its own TOML file, which the server never sees::
     ca = "/etc/fedmm/ca.crt"                     # to verify the server
     key = "/etc/fedmm/george.key"                # SuperNode key, registered by the operator
     data = "manifest:/srv/george/manifest.csv"   # the site's own files (optional in a demo)
-    state-dir = "/srv/george/fedmm"              # ledger, worker socket
+    state-dir = "/srv/george/fedmm"              # ledger, SuperExec secret
     epsilon-budget = 8.0                         # lifetime, over every run
     delta = 1e-5
     min-noise-multiplier = 0.5
@@ -43,13 +43,16 @@ from typing import Any
 
 from fedmm import protocol
 from fedmm.errors import ConfigError
+from fedmm.executor import SECRET_FILE, make_secret
+from fedmm.supernode import POLL_ENV
 
-__all__ = ["SiteSettings", "server_command", "supernode_command", "run_site", "run_server", "flower_env", "write_connection"]
+__all__ = ["SiteSettings", "server_command", "supernode_command", "executor_command", "run_site", "run_server", "flower_env", "write_connection"]
 
 _SITE_KEYS = {
     "name", "superlink", "ca", "key", "data", "state-dir", "epsilon-budget", "delta", "min-noise-multiplier", "require-dp",
-    "clientapp-port", "worker",
+    "clientapp-port", "runtime", "poll-interval",
 }
+_RUNTIMES = ("fedmm", "flower")
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,11 @@ class SiteSettings:
     delta: float = 1e-5
     min_noise_multiplier: float = 0.5
     require_dp: bool = True
-    clientapp_port: int = 9094  # the SuperNode's local port for its ClientApp processes
-    worker: bool = True  # keep PyTorch and the data loaded between rounds (fedmm.worker)
+    clientapp_port: int = 9094  # the SuperNode's local Runtime API port (its ClientApp executor connects there)
+    # "fedmm": one long-lived ClientApp executor (fedmm.executor) and short SuperNode waits (fedmm.supernode);
+    # "flower": Flower's defaults, a new flwr-clientapp process for every message and a 3 s idle poll.
+    runtime: str = "fedmm"
+    poll_interval: float = 0.1  # seconds the SuperNode waits between asks to the SuperLink (runtime "fedmm")
 
     @classmethod
     def load(cls, path: str | Path) -> SiteSettings:
@@ -117,12 +123,18 @@ class SiteSettings:
             if not manifest.is_file():
                 raise ConfigError("site.data", f"manifest not found: {manifest}", value=data, fix="point data at the site's manifest CSV")
             data = f"manifest:{manifest.resolve()}"
+        runtime = str(table.get("runtime", "fedmm"))
+        if runtime not in _RUNTIMES:
+            raise ConfigError("site.runtime", f"must be one of {', '.join(_RUNTIMES)}", value=runtime, fix='runtime = "fedmm" (a long-lived ClientApp process; the default)')
+        poll = table.get("poll-interval", 0.1)
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0.01 <= poll <= 3:
+            raise ConfigError("site.poll-interval", "must be a number of seconds in [0.01, 3]", value=poll, fix="e.g. poll-interval = 0.1 (larger: fewer requests to the server, slower rounds)")
         return cls(
             name=name, superlink=str(table["superlink"]), ca=file("ca"), key=file("key"),
             state_dir=(base / str(table["state-dir"])).expanduser().resolve(), epsilon_budget=float(budget), data=data,
             delta=float(delta), min_noise_multiplier=float(table.get("min-noise-multiplier", 0.5)),
             require_dp=bool(table.get("require-dp", True)), clientapp_port=int(table.get("clientapp-port", 9094)),
-            worker=bool(table.get("worker", True)),
+            runtime=runtime, poll_interval=float(poll),
         )
 
     def node_config(self) -> str:
@@ -131,7 +143,6 @@ class SiteSettings:
             protocol.NODE_SITE: self.name, protocol.NODE_STATE_DIR: str(self.state_dir),
             protocol.NODE_EPSILON_BUDGET: self.epsilon_budget, protocol.NODE_DELTA: self.delta,
             protocol.NODE_MIN_NOISE: self.min_noise_multiplier, protocol.NODE_REQUIRE_DP: self.require_dp,
-            protocol.NODE_WORKER: self.worker,
         }
         if self.data:
             values[protocol.NODE_DATA] = self.data
@@ -156,8 +167,8 @@ def flower_env() -> dict[str, str]:
     return env
 
 
-def server_command(pki: Path, state_dir: Path, *, host: str = "0.0.0.0", port: int = 9092) -> list[str]:
-    """``flower-superlink`` with TLS, SuperNode authentication, a database and no runtime installs."""
+def server_command(pki: Path, state_dir: Path, *, host: str = "0.0.0.0", port: int = 9092, in_memory: bool = False) -> list[str]:
+    """``flower-superlink`` with TLS, SuperNode authentication, a database (unless ``in_memory``) and no runtime installs."""
     for name in ("ca.crt", "server.crt", "server.key"):
         if not (pki / name).is_file():
             raise ConfigError("--pki", f"{pki / name} not found", value=str(pki), fix="create it with 'fedmm certs init PKI --san <server host>'")
@@ -165,16 +176,28 @@ def server_command(pki: Path, state_dir: Path, *, host: str = "0.0.0.0", port: i
         str(Path(sys.executable).parent / "flower-superlink"),
         "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "server.crt"), "--ssl-keyfile", str(pki / "server.key"),
         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-        "--database", str(state_dir / "superlink.db"), "--host", host, "--port", str(port),
+        *([] if in_memory else ["--database", str(state_dir / "superlink.db")]), "--host", host, "--port", str(port),
     ]
 
 
 def supernode_command(site: SiteSettings) -> list[str]:
-    """``flower-supernode`` for one site: the CA, its own key, and its node config."""
-    return [
-        str(Path(sys.executable).parent / "flower-supernode"),
+    """The SuperNode for one site: the CA, its own key, its node config, and (runtime "fedmm") process isolation."""
+    if site.runtime == "flower":
+        command = [str(Path(sys.executable).parent / "flower-supernode")]
+    else:
+        command = [sys.executable, "-m", "fedmm.supernode", "--isolation", "process",
+                   "--superexec-auth-secret-file", str(site.state_dir / SECRET_FILE)]
+    return command + [
         "--superlink", site.superlink, "--root-certificates", str(site.ca), "--auth-supernode-private-key", str(site.key),
         "--node-config", site.node_config(), "--port", str(site.clientapp_port),
+    ]
+
+
+def executor_command(site: SiteSettings) -> list[str]:
+    """The site's long-lived ClientApp executor (:mod:`fedmm.executor`), for runtime "fedmm"."""
+    return [
+        sys.executable, "-m", "fedmm.executor", "--runtime-api-address", f"127.0.0.1:{site.clientapp_port}",
+        "--secret-file", str(site.state_dir / SECRET_FILE), "--ready-file", str(site.state_dir / "executor.ready"),
     ]
 
 
@@ -212,34 +235,29 @@ def _supervise(processes: Sequence[tuple[str, subprocess.Popen[bytes]]]) -> int:
     return code
 
 
-def run_server(pki: Path, state_dir: Path, *, host: str, port: int) -> int:
+def run_server(pki: Path, state_dir: Path, *, host: str, port: int, in_memory: bool = False) -> int:
     """Run the SuperLink until it ends or is told to stop."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    command = server_command(pki, state_dir, host=host, port=port)
+    command = server_command(pki, state_dir, host=host, port=port, in_memory=in_memory)
     print("[fedmm] " + " ".join(command), flush=True)
     return _supervise([("flower-superlink", subprocess.Popen(command, env=flower_env(), start_new_session=True))])
 
 
 def run_site(site: SiteSettings) -> int:
-    """Run a site: its worker (when enabled) and its SuperNode, until either ends or a signal arrives."""
+    """Run a site: its SuperNode and (runtime "fedmm") its ClientApp executor, until either ends or a signal arrives."""
     site.state_dir.mkdir(parents=True, exist_ok=True)
-    processes: list[tuple[str, subprocess.Popen[bytes]]] = []
     env = flower_env()
-    if site.worker:
-        ready = site.state_dir / "worker.ready"
-        ready.unlink(missing_ok=True)
-        worker = subprocess.Popen([sys.executable, "-m", "fedmm.worker", str(site.state_dir)], env=env, start_new_session=True)
-        processes.append(("site worker", worker))
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            if worker.poll() is not None or time.monotonic() > deadline:
-                _supervise(processes)
-                print(f"[fedmm] the site worker did not start (exit {worker.returncode})", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+    if site.runtime == "fedmm":
+        make_secret(site.state_dir)
+        env[POLL_ENV] = str(site.poll_interval)
     command = supernode_command(site)
     print(f"[fedmm] site {site.name}: " + " ".join(command), flush=True)
     processes.append(("flower-supernode", subprocess.Popen(command, env=env, start_new_session=True)))
+    if site.runtime == "fedmm":
+        command = executor_command(site)
+        print(f"[fedmm] site {site.name}: " + " ".join(command), flush=True)
+        processes.append(("ClientApp executor", subprocess.Popen(command, env=env, start_new_session=True)))
     return _supervise(processes)
 
 

@@ -3,12 +3,15 @@
 Flower 1.42's HTTP grid (the ServerApp's link to the SuperLink) sleeps a fixed 3 s between
 pulls while it waits for replies; a SecAgg+ round waits for four sets of replies, so that
 alone adds about 6 s a round on average. :class:`PromptGrid` uses the same public Grid
-calls (``push_messages`` / ``pull_messages``) and pulls every ``interval`` seconds.
+calls (``push_messages`` / ``pull_messages``) and pulls every ``interval`` seconds. When
+the grid is Flower's HTTP grid (a deployed run), its fetching of a reply's arrays also
+retries within 20 ms rather than after 1 s (:func:`fedmm.flower_waits.quick_object_pulls`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable
 
@@ -24,8 +27,13 @@ class PromptGrid(Grid):
 
     def __init__(self, grid: Grid, interval: float | None = None) -> None:
         self._grid = grid
-        # FEDMM_GRID_POLL_INTERVAL=3 gives back Flower's own pace (the latency benchmark's "before").
-        self.interval = interval if interval is not None else float(os.environ.get("FEDMM_GRID_POLL_INTERVAL", "0.1"))
+        # FEDMM_FLOWER_WAITS=flower keeps Flower's own pace (the latency benchmark's "before").
+        flower_pace = os.environ.get("FEDMM_FLOWER_WAITS", "") == "flower"
+        self.interval = interval if interval is not None else (3.0 if flower_pace else 0.1)
+        if type(grid).__module__ == "flwr.superlink.grid.http_grid" and not flower_pace:
+            from fedmm.flower_waits import quick_object_pulls
+
+            quick_object_pulls(sys.modules[type(grid).__module__])
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)

@@ -32,8 +32,9 @@ def free_port() -> int:
 class LoopbackDeployment:
     """Processes of one loopback deployment, each in its own session, all stopped at the end."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None, *, server_options: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.server_options = server_options
         self.env = dict(os.environ, **(env or {}), HOME=str(root / "home"), FLWR_HOME=str(root / "flwr"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env['PATH']}"
         self.port = free_port()
@@ -69,7 +70,7 @@ class LoopbackDeployment:
 
     @property
     def server_args(self) -> tuple[str, ...]:
-        return ("server", "--pki", str(self.root / "pki"), "--state-dir", str(self.root / "server"), "--host", "127.0.0.1", "--port", str(self.port))
+        return ("server", "--pki", str(self.root / "pki"), "--state-dir", str(self.root / "server"), "--host", "127.0.0.1", "--port", str(self.port), *self.server_options)
 
     def start_federation(self, sites: tuple[str, ...], *, site_lines: str = "") -> None:
         """Certificates, the server, each site's key registered, each site started; wait until all are online."""
@@ -103,9 +104,14 @@ class LoopbackDeployment:
         while time.monotonic() < deadline:
             if check():
                 return
+            ended = [name for name, process in self.processes.items() if process.poll() is not None]
+            if ended:
+                raise AssertionError(f"{', '.join(ended)} ended while waiting for {what}\n{self.logs()}")
             time.sleep(0.3)
-        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
 
     def online(self) -> int:
         done = self.flwr("supernode", "ls", "fedmm", "--format", "json")

@@ -55,7 +55,6 @@ NODE_EPSILON_BUDGET = "epsilon-budget"
 NODE_DELTA = "delta"
 NODE_MIN_NOISE = "min-noise-multiplier"
 NODE_REQUIRE_DP = "require-dp"
-NODE_WORKER = "worker"  # deployment: true when `fedmm site` runs the site's long-lived worker beside the SuperNode
 
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)
 SCHEMA = "schema"

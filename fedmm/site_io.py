@@ -1,7 +1,7 @@
 """The plain data a site's round takes and gives (light: numpy only, no PyTorch).
 
-Shared by the ClientApp, which imports nothing heavy for SecAgg+'s protocol stages, the
-site's worker (:mod:`fedmm.worker`) and :func:`fedmm.site_round.run_round`.
+Shared by the ClientApp, which imports nothing heavy for SecAgg+'s protocol stages, and
+:func:`fedmm.site_round.run_round`.
 """
 
 from __future__ import annotations

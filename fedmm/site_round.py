@@ -1,10 +1,10 @@
-"""One site's round as plain data in and out: what the ClientApp (or a site's worker) runs.
+"""One site's round as plain data in and out: what the ClientApp runs.
 
 The ClientApp turns a Flower message into a :class:`RoundRequest` and the
 :class:`RoundResponse` back into a reply. Everything in between (the site's own policy
-and ledger, training, what leaves the site) is here, so it runs the same inside the
-ClientApp process (simulation) or in a long-lived site worker (:mod:`fedmm.worker`) that
-keeps the data and the imports warm between rounds (deployment).
+and ledger, training, what leaves the site) is here. A long-lived process (a simulation
+worker, or a deployed site's executor, :mod:`fedmm.executor`) keeps the site's data
+loaded between rounds.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fedmm.site import SiteState, site_data, train_round
 __all__ = ["run_round"]
 
 
-_DATA: dict[str, tuple[str, Any]] = {}  # a long-lived worker keeps each site's data between rounds
+_DATA: dict[str, tuple[str, Any]] = {}  # a long-lived process keeps each site's data between rounds
 
 
 def _data(node_config: dict[str, Any], cfg: RunConfig) -> tuple[str, Any]:

@@ -110,7 +110,7 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
         first = deploy.submit(run_config)
         run = runs / "deploy"
         deploy.wait_for("round 1", lambda: 1 in _metrics_rounds(run))
-        deploy.kill("lucas")  # SIGKILL mid-round 2: its SuperNode, worker and any ClientApp
+        deploy.kill("lucas")  # SIGKILL mid-round 2: its SuperNode and its ClientApp executor
         deploy.wait_for("round 2 without lucas", lambda: 2 in _metrics_rounds(run))
         deploy.kill("server")  # SIGKILL after round 2's checkpoint: SuperLink, ServerApp and all
         assert json.loads((run / "checkpoint.json").read_text())["round"] >= 2
@@ -159,16 +159,30 @@ def _site_file(tmp_path: Path, extra: str = "", *, drop: str = "") -> Path:
 
 
 def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
-    from fedmm.deploy import SiteSettings, supernode_command
+    from fedmm.deploy import SiteSettings, executor_command, supernode_command
 
     site = SiteSettings.load(_site_file(tmp_path, "min-noise-multiplier = 0.8\nrequire-dp = false\n"))
 
     command = supernode_command(site)
     node_config = command[command.index("--node-config") + 1]
     assert f"site='george' state-dir='{tmp_path / 'state'}' epsilon-budget=8.0" in node_config
-    assert "min-noise-multiplier=0.8 require-dp=false worker=true" in node_config
+    assert node_config.endswith("min-noise-multiplier=0.8 require-dp=false")
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert "--insecure" not in command
+    # runtime "fedmm" (the default): Flower's process isolation, served by the site's own executor
+    assert command[1:5] == ["-m", "fedmm.supernode", "--isolation", "process"]
+    secret = command[command.index("--superexec-auth-secret-file") + 1]
+    executor = executor_command(site)
+    assert executor[executor.index("--secret-file") + 1] == secret
+    assert executor[executor.index("--runtime-api-address") + 1] == f"127.0.0.1:{site.clientapp_port}"
+
+
+def test_runtime_flower_is_flowers_own_supernode(tmp_path: Path) -> None:
+    from fedmm.deploy import SiteSettings, supernode_command
+
+    command = supernode_command(SiteSettings.load(_site_file(tmp_path, 'runtime = "flower"\n')))
+    assert command[0].endswith("flower-supernode")
+    assert "--isolation" not in command and "--superexec-auth-secret-file" not in command
 
 
 @pytest.mark.parametrize(
@@ -179,6 +193,8 @@ def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
         ("", "", None),
         ('data = "manifest:nowhere.csv"\n', "", "site.data.*manifest not found"),
         ("delta = 2.0\n", "", "site.delta"),
+        ('runtime = "ray"\n', "", "site.runtime.*must be one of fedmm, flower"),
+        ("poll-interval = 0\n", "", "site.poll-interval"),
     ],
 )
 def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra: str, drop: str, message: str | None) -> None:
@@ -190,3 +206,41 @@ def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra
         message = "site.ca.*file not found"
     with pytest.raises(ConfigError, match=message):
         SiteSettings.load(path)
+
+
+def test_flowers_fixed_waits_are_still_where_fedmm_shortens_them(tmp_path: Path) -> None:
+    """The pinned Flower still has the loops fedmm.flower_waits patches; an upgrade that moves them fails here."""
+    import functools
+    import time
+    import types
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+
+    from fedmm.flower_waits import OBJECT_PULL_BACKOFF, cap_sleeps, quick_object_pulls
+
+    assert start_client_internal.time is time and "time.sleep(3)" in Path(start_client_internal.__file__).read_text()
+    for module in (start_client_internal, http_grid):
+        fresh = types.ModuleType("copy")
+        fresh.pull_objects = module.pull_objects
+        assert quick_object_pulls(fresh) and quick_object_pulls(fresh)  # idempotent
+        assert isinstance(fresh.pull_objects, functools.partial) and fresh.pull_objects.keywords == OBJECT_PULL_BACKOFF
+    fresh = types.ModuleType("copy")
+    fresh.time = time
+    assert cap_sleeps(fresh, 0.05)
+    started = time.monotonic()
+    fresh.time.sleep(3)
+    assert time.monotonic() - started < 1.0
+    assert fresh.time.time() > 0  # everything else is the time module
+    assert not quick_object_pulls(types.ModuleType("unrelated")) and not cap_sleeps(types.ModuleType("unrelated"), 0.1)
+    with pytest.raises(ValueError, match="between 0.01 and 3"):
+        cap_sleeps(fresh, 0)
+
+
+def test_the_executor_secret_is_the_sites_alone(tmp_path: Path) -> None:
+    from fedmm.executor import make_secret
+
+    path = make_secret(tmp_path / "state")
+    secret = path.read_bytes()
+    assert path.stat().st_mode & 0o777 == 0o600 and len(secret) == 64
+    assert make_secret(tmp_path / "state").read_bytes() == secret  # kept across restarts

@@ -1,0 +1,220 @@
+"""A site's long-lived ClientApp executor, in place of a fresh process for every message.
+
+Out of the box a Flower 1.42 SuperNode (``--isolation subprocess``) starts Flower's SuperExec,
+which starts a new ``flwr-clientapp`` process for each message it receives. Each one pays
+for starting Python and importing Flower (about 2.7 s of CPU here), and a training message
+also pays for importing PyTorch and loading the site's data; a SecAgg+ round has four
+messages.
+
+Flower's other isolation mode, ``--isolation process``, leaves running the ClientApp to a
+process the operator starts. ``fedmm site`` starts this one: it asks the SuperNode's
+Runtime API for work (``AcquireTask``, signed with the SuperExec HMAC secret only the
+site's user can read), and runs each task in this same, already warm process, with
+Flower's own task protocol (``pull_task_input``, ``push_message``, ``push_task_output``
+from ``flwr.supernode.runtime.run_clientapp``, which ``flwr-clientapp`` itself runs). What
+the ClientApp does is unchanged; only the process it runs in stays alive. PyTorch, fedmm
+and the site's data (:mod:`fedmm.site_round` keeps them) are loaded once.
+
+    python -m fedmm.executor --runtime-api-address 127.0.0.1:9094 --secret-file STATE/superexec.secret
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import time
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
+
+__all__ = ["make_secret", "serve", "run_task", "main"]
+
+SECRET_FILE = "superexec.secret"
+
+
+def make_secret(state_dir: Path) -> Path:
+    """Create (once) the site's SuperExec secret, readable by the site's user only; return its path."""
+    path = Path(state_dir) / SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_hex(32).encode())
+    return path
+
+
+class _Apps:
+    """The installed app bundle (FAB) and its loaded ClientApp, installed and imported once per FAB hash.
+
+    A run with another bundle (new app code) replaces the previous one: its modules are
+    dropped from ``sys.modules`` first, so the new code is what runs, not a cached import.
+    """
+
+    def __init__(self) -> None:
+        self._hash = ""
+        self._dir: Path | None = None
+        self._app: Any = None
+
+    def get(self, run: Any, fab: Any) -> Any:
+        from flwr.cli.install import install_from_fab
+        from flwr.clientapp.utils import get_load_client_app_fn
+        from flwr.common.config import get_project_dir
+
+        if fab.hash_str != self._hash:
+            if self._dir is not None:
+                for name, module in list(sys.modules.items()):
+                    if Path(getattr(module, "__file__", None) or "/").is_relative_to(self._dir):
+                        del sys.modules[name]
+                if str(self._dir) in sys.path:
+                    sys.path.remove(str(self._dir))
+            install_from_fab(fab.content, skip_prompt=True)
+            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            self._app = load(run.fab_id, run.fab_version, fab.hash_str)
+            self._hash, self._dir = fab.hash_str, Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str)).absolute()
+        return self._app
+
+
+def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+    """Flower's ``pull_task_input``, retrying the message's objects within 20 ms rather than after 1 s.
+
+    The SuperNode hands out a task as soon as a message's header has arrived and is still
+    fetching its arrays from the SuperLink; a ``flwr-clientapp`` process that takes seconds
+    to start rarely notices, but a warm executor asks at once, and Flower's pull then backs
+    off 1 s, 2 s, ... (:mod:`fedmm.flower_waits`).
+    """
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import Message
+
+    from fedmm.flower_waits import OBJECT_PULL_BACKOFF
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode gave a task without a message")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, **OBJECT_PULL_BACKOFF,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: the deflated message lacks its own id
+    return message, context, run, fab
+
+
+def run_task(address: str, token: str, apps: _Apps) -> str:
+    """Run one ClientApp task in this process, as ``flwr-clientapp --token`` would; return its status."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore import log
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None, retry_invoker=retry,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+    )
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    marks = [("start", time.monotonic())]
+    try:
+        heartbeat.start()
+        message, context, run, fab = _pull_task_input(client)
+        app = apps.get(run, fab)
+        marks.append(("pull", time.monotonic()))
+        reply = app(message=message, context=context)
+        marks.append(("app", time.monotonic()))
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as err:  # the site's error goes back to the server as Flower's Error reply
+        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        details = f"{type(err)}:<'{err}'>"
+        log(ERROR, "ClientApp raised an exception", exc_info=err)
+        if message is not None:
+            reply = Message(Error(code=code, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+                marks.append(("push", time.monotonic()))
+        except Exception as err:  # noqa: BLE001 (reported like flwr-clientapp does, then the task's status)
+            log(ERROR, "Failed to push reply message", exc_info=err)
+            status, details = SubStatus.FAILED, f"could not push the reply: {err}"
+        retry.max_tries = 1
+        push_task_output(client, context, status, details)
+        marks.append(("output", time.monotonic()))
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+        marks.append(("close", time.monotonic()))
+    steps = ", ".join(f"{name} {end - begin:.2f}" for (_, begin), (name, end) in zip(marks, marks[1:]))
+    log(INFO, "[fedmm executor] task %s in %.2f s (%s)", status, marks[-1][1] - marks[0][1], steps)
+    return str(status)
+
+
+def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, ready: Path | None = None, warm: bool = True) -> None:
+    """Acquire and run the SuperNode's ClientApp tasks, one at a time, until killed."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    if warm:
+        import fedmm.site_round  # noqa: F401  PyTorch and fedmm, before the first round rather than in it
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None, retry_invoker=make_simple_http_retry_invoker(),
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})),
+        ],
+    )
+    apps = _Apps()
+    if ready is not None:
+        ready.write_text(str(os.getpid()))
+    try:
+        while True:
+            acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if acquired.HasField("task") and acquired.token:
+                run_task(address, acquired.token, apps)
+                continue  # the next message of a round is often already waiting
+            time.sleep(poll_interval)
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedmm.executor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port, loopback)")
+    parser.add_argument("--secret-file", required=True, type=Path, help="the SuperExec secret the SuperNode was given")
+    parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between asks for a task when idle")
+    parser.add_argument("--ready-file", type=Path, default=None, help="written once warm")
+    args = parser.parse_args(argv)
+    if not 0.005 <= args.poll_interval <= 10:
+        parser.error(f"--poll-interval must be between 0.005 and 10 seconds, got {args.poll_interval}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    serve(args.runtime_api_address, args.secret_file.read_bytes(), poll_interval=args.poll_interval, ready=args.ready_file)
+
+
+if __name__ == "__main__":
+    main()
