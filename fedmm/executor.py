@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from logging import ERROR, INFO
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 __all__ = ["make_secret", "serve", "run_task", "main"]
 
 SECRET_FILE = "superexec.secret"
+PULL_MAX_TIME = 900.0  # seconds before a task gives up waiting for its message's arrays
 
 
 def make_secret(state_dir: Path) -> Path:
@@ -109,7 +111,7 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         tree,
         make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, **OBJECT_PULL_BACKOFF,
+        return_type=Message, **{**OBJECT_PULL_BACKOFF, "max_time": PULL_MAX_TIME},
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: the deflated message lacks its own id
     return message, context, run, fab
@@ -196,7 +198,11 @@ def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, ready: Pat
         while True:
             acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if acquired.HasField("task") and acquired.token:
-                run_task(address, acquired.token, apps)
+                # The SuperNode hands out one message at a time and waits for its reply, so tasks do
+                # not overlap in normal work. A thread each keeps a task whose message the SuperNode
+                # dropped (it could not fetch the arrays: e.g. a message of a run that ended with a
+                # restarted server) from blocking the next one; it waits out its pull and ends.
+                threading.Thread(target=run_task, args=(address, acquired.token, apps), daemon=True).start()
                 continue  # the next message of a round is often already waiting
             time.sleep(poll_interval)
     finally:
@@ -212,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0.005 <= args.poll_interval <= 10:
         parser.error(f"--poll-interval must be between 0.005 and 10 seconds, got {args.poll_interval}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    def stop(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not interrupt the exit
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     serve(args.runtime_api_address, args.secret_file.read_bytes(), poll_interval=args.poll_interval, ready=args.ready_file)
 
 
