@@ -56,8 +56,12 @@ def cap_sleeps(module: ModuleType, cap: float) -> bool:
     return True
 
 
-def quick_object_pulls(module: ModuleType) -> bool:
-    """Make ``module``'s ``pull_objects`` retry an object that is not there yet every 20 ms to 0.5 s."""
+def quick_object_pulls(module: ModuleType, *, max_time: float | None = None) -> bool:
+    """Make ``module``'s ``pull_objects`` retry an object that is not there yet every 20 ms to 0.5 s.
+
+    ``max_time`` (seconds) gives up on a message whose arrays never arrive, e.g. a message the
+    ServerApp was killed while sending, which a restarted SuperLink still hands out.
+    """
     from flwr.supercore.inflatable import inflatable_utils
 
     current = getattr(module, "pull_objects", None)
@@ -65,5 +69,6 @@ def quick_object_pulls(module: ModuleType) -> bool:
         return True
     if current is not inflatable_utils.pull_objects:
         return False
-    module.pull_objects = functools.partial(inflatable_utils.pull_objects, **OBJECT_PULL_BACKOFF)  # type: ignore[attr-defined]
+    extra = {} if max_time is None else {"max_time": max_time}
+    module.pull_objects = functools.partial(inflatable_utils.pull_objects, **OBJECT_PULL_BACKOFF, **extra)  # type: ignore[attr-defined]
     return True

@@ -27,7 +27,9 @@ def main() -> None:
     from fedmm.flower_waits import cap_sleeps, quick_object_pulls
 
     raw = os.environ.get(POLL_ENV, "")
-    patched = quick_object_pulls(start_client_internal) and (not raw or cap_sleeps(start_client_internal, float(raw)))
+    # A SuperNode that waits for a message's arrays cannot receive anything else: give up after
+    # 30 s (the server pushes them right after the message; Flower's own limit is 2 h).
+    patched = quick_object_pulls(start_client_internal, max_time=30.0) and (not raw or cap_sleeps(start_client_internal, float(raw)))
     if not patched:
         warnings.warn("this Flower's SuperNode loop is not the one fedmm knows (1.42); its own waits apply", RuntimeWarning, stacklevel=1)
     sys.argv[0] = "flower-supernode"

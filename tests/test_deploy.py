@@ -102,7 +102,7 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
     deploy = LoopbackDeployment(tmp_path)
     runs = tmp_path / "runs"
     run_config = (
-        f"data='synthetic:600' rounds=3 sites=3 secure-aggregation=true secagg-timeout=20.0 noise-multiplier=1.5 target-epsilon=50.0 min-sites=2 "
+        f"data='synthetic:600' rounds=3 sites=3 secure-aggregation=true secagg-timeout=60.0 noise-multiplier=1.5 target-epsilon=50.0 min-sites=2 "
         f"runs-dir='{runs}' run-name='deploy'"
     )
     try:
@@ -225,6 +225,9 @@ def test_flowers_fixed_waits_are_still_where_fedmm_shortens_them(tmp_path: Path)
         fresh.pull_objects = module.pull_objects
         assert quick_object_pulls(fresh) and quick_object_pulls(fresh)  # idempotent
         assert isinstance(fresh.pull_objects, functools.partial) and fresh.pull_objects.keywords == OBJECT_PULL_BACKOFF
+    fresh = types.ModuleType("copy")
+    fresh.pull_objects = start_client_internal.pull_objects
+    assert quick_object_pulls(fresh, max_time=30.0) and fresh.pull_objects.keywords["max_time"] == 30.0
     fresh = types.ModuleType("copy")
     fresh.time = time
     assert cap_sleeps(fresh, 0.05)
