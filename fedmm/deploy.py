@@ -46,7 +46,7 @@ from fedmm.errors import ConfigError
 from fedmm.executor import SECRET_FILE, make_secret
 from fedmm.supernode import POLL_ENV
 
-__all__ = ["SiteSettings", "server_command", "supernode_command", "executor_command", "run_site", "run_server", "flower_env", "write_connection"]
+__all__ = ["SiteSettings", "executor_command", "flower_env", "run_server", "run_site", "server_command", "supernode_command", "write_connection"]
 
 _SITE_KEYS = {
     "name", "superlink", "ca", "key", "data", "state-dir", "epsilon-budget", "delta", "min-noise-multiplier", "require-dp",
@@ -197,7 +197,7 @@ def executor_command(site: SiteSettings) -> list[str]:
     """The site's long-lived ClientApp executor (:mod:`fedmm.executor`), for runtime "fedmm"."""
     return [
         sys.executable, "-m", "fedmm.executor", "--runtime-api-address", f"127.0.0.1:{site.clientapp_port}",
-        "--secret-file", str(site.state_dir / SECRET_FILE), "--ready-file", str(site.state_dir / "executor.ready"),
+        "--secret-file", str(site.state_dir / SECRET_FILE),
     ]
 
 

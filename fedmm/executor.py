@@ -21,17 +21,18 @@ and the site's data (:mod:`fedmm.site_round` keeps them) are loaded once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import secrets
 import signal
 import sys
 import threading
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-__all__ = ["make_secret", "serve", "run_task", "main"]
+__all__ = ["main", "make_secret", "run_task", "serve"]
 
 SECRET_FILE = "superexec.secret"
 PULL_MAX_TIME = 900.0  # seconds before a task gives up waiting for its message's arrays
@@ -87,6 +88,7 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     to start rarely notices, but a warm executor asks at once, and Flower's pull then backs
     off 1 s, 2 s, ... (:mod:`fedmm.flower_waits`).
     """
+    from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
@@ -94,9 +96,10 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
     )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.inflatable.inflatable_utils import (
+        pull_and_inflate_object_from_tree,
+    )
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.app import Message
 
     from fedmm.flower_waits import OBJECT_PULL_BACKOFF
 
@@ -117,6 +120,57 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     return message, context, run, fab
 
 
+def _task_retry_invoker() -> Any:
+    """Flower's HTTP retries for a task's requests, except that a revoked task token ends the task.
+
+    Flower's invoker answers ``401 Unauthorized`` by sending SIGINT to its own process: right for
+    ``flwr-clientapp``, which runs one task, but here it would stop the whole executor (and every
+    other task) when the SuperNode drops one message. The task's request raises instead.
+    """
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    retry = make_simple_http_retry_invoker()
+    flower_giveup = retry.should_giveup
+
+    def should_giveup(err: Exception) -> bool:
+        return _is_revoked(err) or (bool(flower_giveup(err)) if flower_giveup is not None else False)
+
+    retry.should_giveup = should_giveup
+    return retry
+
+
+def _is_revoked(err: BaseException) -> bool:
+    """Whether a Runtime API request failed because the SuperNode no longer knows the task's token."""
+    import httpx
+
+    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code == httpx.codes.UNAUTHORIZED
+
+
+def _task_heartbeat_fn(client: Any, revoked: threading.Event) -> Any:
+    """Flower's task heartbeat, except that a task the SuperNode no longer knows is marked, not SIGINTed."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore import log
+
+    def heartbeat() -> bool:
+        if revoked.is_set():
+            return True
+        try:
+            ok = client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
+        except httpx.TransportError:
+            return False  # retried by the heartbeat sender
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
+                return False
+            ok = False
+        if not ok:
+            revoked.set()
+            log(WARNING, "[fedmm executor] the SuperNode dropped this task; its reply will be refused")
+        return True
+
+    return heartbeat
+
+
 def run_task(address: str, token: str, apps: _Apps) -> str:
     """Run one ClientApp task in this process, as ``flwr-clientapp --token`` would; return its status."""
     from flwr.app import Message
@@ -124,18 +178,21 @@ def run_task(address: str, token: str, apps: _Apps) -> str:
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore import log
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-    retry = make_simple_http_retry_invoker()
+    retry = _task_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None, retry_invoker=retry,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
     )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    revoked = threading.Event()  # the SuperNode dropped this task: it takes no reply and no output
+    heartbeat = HeartbeatSender(_task_heartbeat_fn(client, revoked))
     message = context = reply = None
     status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     marks = [("start", time.monotonic())]
@@ -147,37 +204,53 @@ def run_task(address: str, token: str, apps: _Apps) -> str:
         reply = app(message=message, context=context)
         marks.append(("app", time.monotonic()))
         status, details = SubStatus.COMPLETED, ""
-    except Exception as err:  # the site's error goes back to the server as Flower's Error reply
-        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-        details = f"{type(err)}:<'{err}'>"
-        log(ERROR, "ClientApp raised an exception", exc_info=err)
-        if message is not None:
-            reply = Message(Error(code=code, reason=details), reply_to=message)
+    except Exception as err:  # noqa: BLE001 (the site's error goes back to the server as Flower's Error reply)
+        if _is_revoked(err):
+            revoked.set()
+            log(WARNING, "[fedmm executor] the SuperNode dropped this task (%s); going on with the next", str(err).splitlines()[0])
+            reply = None
+        else:
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            details = f"{type(err)}:<'{err}'>"
+            log(ERROR, "ClientApp raised an exception", exc_info=err)
+            if message is not None:
+                reply = Message(Error(code=code, reason=details), reply_to=message)
     finally:
         try:
-            if reply is not None and context is not None:
+            if reply is not None and context is not None and not revoked.is_set():
                 push_message(client, reply, context)
                 marks.append(("push", time.monotonic()))
         except Exception as err:  # noqa: BLE001 (reported like flwr-clientapp does, then the task's status)
-            log(ERROR, "Failed to push reply message", exc_info=err)
+            if _is_revoked(err):
+                revoked.set()
+                log(WARNING, "[fedmm executor] the SuperNode dropped this task before its reply was sent; going on with the next")
+            else:
+                log(ERROR, "Failed to push reply message", exc_info=err)
             status, details = SubStatus.FAILED, f"could not push the reply: {err}"
         retry.max_tries = 1
-        push_task_output(client, context, status, details)
-        marks.append(("output", time.monotonic()))
+        if not revoked.is_set():
+            push_task_output(client, context, status, details)
+            marks.append(("output", time.monotonic()))
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
         marks.append(("close", time.monotonic()))
-    steps = ", ".join(f"{name} {end - begin:.2f}" for (_, begin), (name, end) in zip(marks, marks[1:]))
+    if revoked.is_set():
+        status = SubStatus.FAILED
+    steps = ", ".join(f"{name} {end - begin:.2f}" for (_, begin), (name, end) in itertools.pairwise(marks))
     log(INFO, "[fedmm executor] task %s in %.2f s (%s)", status, marks[-1][1] - marks[0][1], steps)
     return str(status)
 
 
-def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, ready: Path | None = None, warm: bool = True) -> None:
+def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, warm: bool = True) -> None:
     """Acquire and run the SuperNode's ClientApp tasks, one at a time, until killed."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore import log
     from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
@@ -192,8 +265,7 @@ def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, ready: Pat
         ],
     )
     apps = _Apps()
-    if ready is not None:
-        ready.write_text(str(os.getpid()))
+    log(INFO, "[fedmm executor] ready (pid %d): asking %s for ClientApp tasks every %.2f s when idle", os.getpid(), address, poll_interval)
     try:
         while True:
             acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
@@ -214,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port, loopback)")
     parser.add_argument("--secret-file", required=True, type=Path, help="the SuperExec secret the SuperNode was given")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between asks for a task when idle")
-    parser.add_argument("--ready-file", type=Path, default=None, help="written once warm")
     args = parser.parse_args(argv)
     if not 0.005 <= args.poll_interval <= 10:
         parser.error(f"--poll-interval must be between 0.005 and 10 seconds, got {args.poll_interval}")
@@ -223,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    serve(args.runtime_api_address, args.secret_file.read_bytes(), poll_interval=args.poll_interval, ready=args.ready_file)
+    serve(args.runtime_api_address, args.secret_file.read_bytes(), poll_interval=args.poll_interval)
 
 
 if __name__ == "__main__":

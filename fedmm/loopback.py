@@ -11,10 +11,12 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 __all__ = ["LoopbackDeployment", "free_port"]
@@ -113,6 +115,20 @@ class LoopbackDeployment:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.root.glob("*.log")))
 
+    def server_log(self, run_id: str) -> str:
+        """The ServerApp's log of one run, as the SuperLink stored it (empty if the database has none)."""
+        db = self.root / "server" / "superlink.db"
+        if not db.exists():
+            return ""
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as con:
+            try:
+                rows = con.execute(
+                    "SELECT l.log FROM task_logs l JOIN task t ON t.task_id = l.task_id WHERE t.run_id = ? ORDER BY l.timestamp", (_signed(int(run_id)),)
+                ).fetchall()
+            except sqlite3.Error as e:
+                return f"(cannot read the ServerApp log from {db}: {e})"
+        return "".join(str(r[0]) for r in rows)
+
     def online(self) -> int:
         done = self.flwr("supernode", "ls", "fedmm", "--format", "json")
         try:
@@ -132,6 +148,11 @@ class LoopbackDeployment:
         done = self.flwr("run", str(PROJECT), "fedmm", "--run-config", run_config, "--format", "json", timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         return str(json.loads(done.stdout)["run-id"])
+
+
+def _signed(run_id: int) -> int:
+    """Flower stores its unsigned 64-bit run ids as SQLite's signed integers."""
+    return run_id - (1 << 64) if run_id >= 1 << 63 else run_id
 
 
 def descendants(pid: int) -> list[int]:

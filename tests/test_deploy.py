@@ -88,7 +88,7 @@ def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # The real thing on loopback: `fedmm server`, three `fedmm site` processes, `flwr run`.
 
-from fedmm.loopback import LoopbackDeployment  # noqa: E402
+from fedmm.loopback import LoopbackDeployment
 
 SITES = ("george", "jackson", "lucas")
 
@@ -119,7 +119,8 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
         deploy.wait_for("two sites back online", lambda: deploy.online() >= 2)
         second = deploy.submit(run_config.replace("sites=3", "sites=2") + " resume=true")
         deploy.wait_for("the resumed run to finish", lambda: deploy.run_status(second).startswith("finished"), timeout=300)
-        assert deploy.run_status(second) == "finished:completed"
+        status = deploy.run_status(second)
+        assert status == "finished:completed", f"resumed run {status}\n--- ServerApp\n{deploy.server_log(second)[-6000:]}\n{deploy.logs()}"
         assert deploy.run_status(first) != "finished:completed"  # the first run died with its server
     finally:
         deploy.stop_all()
@@ -247,3 +248,42 @@ def test_the_executor_secret_is_the_sites_alone(tmp_path: Path) -> None:
     secret = path.read_bytes()
     assert path.stat().st_mode & 0o777 == 0o600 and len(secret) == 64
     assert make_secret(tmp_path / "state").read_bytes() == secret  # kept across restarts
+
+
+def test_a_task_the_supernode_dropped_ends_that_task_not_the_executor() -> None:
+    """Flower's own retries SIGINT their process on ``401``; in the long-lived executor that would stop every task."""
+    import signal
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
+
+    from fedmm.executor import _Apps, _task_heartbeat_fn, run_task
+
+    class RevokedToken(BaseHTTPRequestHandler):  # a SuperNode that no longer knows the task's token
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: interrupted.append(number))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RevokedToken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status = run_task(f"127.0.0.1:{server.server_address[1]}", "a-dropped-token", _Apps())
+        assert status == "failed" and not interrupted  # only this task ended; nothing signalled the process
+
+        class Client:
+            def SendTaskHeartbeat(self, _request: object) -> SendTaskHeartbeatResponse:
+                return SendTaskHeartbeatResponse(success=False)
+
+        dropped = threading.Event()
+        assert _task_heartbeat_fn(Client(), dropped)() and dropped.is_set() and not interrupted
+    finally:
+        server.shutdown()
+        signal.signal(signal.SIGINT, previous)
