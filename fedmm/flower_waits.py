@@ -24,7 +24,7 @@ import time
 from types import ModuleType
 from typing import Any
 
-__all__ = ["cap_sleeps", "quick_object_pulls", "OBJECT_PULL_BACKOFF"]
+__all__ = ["OBJECT_PULL_BACKOFF", "cap_sleeps", "quick_object_pulls"]
 
 OBJECT_PULL_BACKOFF: dict[str, Any] = {"initial_backoff": 0.02, "backoff_cap": 0.5, "max_tries_per_object": None}  # Flower's max_time (2 h) still bounds it
 
