@@ -140,35 +140,54 @@ def _task_retry_invoker() -> Any:
 
 
 def _is_revoked(err: BaseException) -> bool:
-    """Whether a Runtime API request failed because the SuperNode no longer knows the task's token."""
-    import httpx
+    """Whether a Runtime API request failed because the SuperNode dropped the task.
 
-    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code == httpx.codes.UNAUTHORIZED
+    ``401``: the SuperNode no longer knows the task's token; Flower's ``RunNotRunningException``
+    (its retries raise it on ``403``): the task's run is over. Either way nothing is left to reply to.
+    """
+    import httpx
+    from flwr.supercore.run import RunNotRunningException
+
+    if isinstance(err, RunNotRunningException):
+        return True
+    return (
+        isinstance(err, httpx.HTTPStatusError)
+        and err.response.status_code == httpx.codes.UNAUTHORIZED
+        and err.request.url.path.startswith("/v1/runtime/")  # the SuperNode's, not a 401 from the app's own calls
+    )
 
 
 def _task_heartbeat_fn(client: Any, revoked: threading.Event) -> Any:
-    """Flower's task heartbeat, except that a task the SuperNode no longer knows is marked, not SIGINTed."""
+    """Flower's task heartbeat, except that a task the SuperNode dropped is marked, not SIGINTed."""
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
     from flwr.supercore import log
+    from flwr.supercore.run import RunNotRunningException
 
     def heartbeat() -> bool:
         if revoked.is_set():
             return True
         try:
             ok = client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
-        except httpx.TransportError:
-            return False  # retried by the heartbeat sender
-        except httpx.HTTPStatusError as err:
-            if err.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
-                return False
+        except (httpx.HTTPStatusError, RunNotRunningException) as err:
+            if not _is_revoked(err):
+                return False  # any other answer (a 500, say) is retried by the heartbeat sender, as a lost connection is
             ok = False
+        except httpx.TransportError:
+            return False
         if not ok:
             revoked.set()
-            log(WARNING, "[fedmm executor] the SuperNode dropped this task; its reply will be refused")
+            log(WARNING, "[fedmm executor] the SuperNode dropped this task; its reply will not be sent")
         return True
 
     return heartbeat
+
+
+def _stop(heartbeat: Any) -> None:
+    try:
+        heartbeat.stop()
+    except RuntimeError:  # its thread had already ended
+        pass
 
 
 def run_task(address: str, token: str, apps: _Apps) -> str:
@@ -183,6 +202,7 @@ def run_task(address: str, token: str, apps: _Apps) -> str:
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
     )
+    from flwr.supercore.run import RunNotRunningException
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -204,10 +224,10 @@ def run_task(address: str, token: str, apps: _Apps) -> str:
         reply = app(message=message, context=context)
         marks.append(("app", time.monotonic()))
         status, details = SubStatus.COMPLETED, ""
-    except Exception as err:  # noqa: BLE001 (the site's error goes back to the server as Flower's Error reply)
+    except (Exception, RunNotRunningException) as err:  # noqa: BLE001 (the site's error goes back to the server as Flower's Error reply)
         if _is_revoked(err):
             revoked.set()
-            log(WARNING, "[fedmm executor] the SuperNode dropped this task (%s); going on with the next", str(err).splitlines()[0])
+            log(WARNING, "[fedmm executor] the SuperNode dropped this task (%s); going on with the next", str(err).splitlines()[0] or type(err).__name__)
             reply = None
         else:
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -220,21 +240,24 @@ def run_task(address: str, token: str, apps: _Apps) -> str:
             if reply is not None and context is not None and not revoked.is_set():
                 push_message(client, reply, context)
                 marks.append(("push", time.monotonic()))
-        except Exception as err:  # noqa: BLE001 (reported like flwr-clientapp does, then the task's status)
+        except (Exception, RunNotRunningException) as err:  # noqa: BLE001 (reported like flwr-clientapp does, then the task's status)
             if _is_revoked(err):
                 revoked.set()
                 log(WARNING, "[fedmm executor] the SuperNode dropped this task before its reply was sent; going on with the next")
             else:
                 log(ERROR, "Failed to push reply message", exc_info=err)
             status, details = SubStatus.FAILED, f"could not push the reply: {err}"
-        retry.max_tries = 1
-        if not revoked.is_set():
-            push_task_output(client, context, status, details)
-            marks.append(("output", time.monotonic()))
-        if heartbeat.is_running:
-            heartbeat.stop()
-        client.close()
-        marks.append(("close", time.monotonic()))
+        try:
+            retry.max_tries = 1
+            if not revoked.is_set():
+                push_task_output(client, context, status, details)
+                marks.append(("output", time.monotonic()))
+        except RunNotRunningException:
+            revoked.set()
+        finally:
+            _stop(heartbeat)
+            client.close()
+            marks.append(("close", time.monotonic()))
     if revoked.is_set():
         status = SubStatus.FAILED
     steps = ", ".join(f"{name} {end - begin:.2f}" for (_, begin), (name, end) in itertools.pairwise(marks))

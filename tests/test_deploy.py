@@ -256,6 +256,7 @@ def test_a_task_the_supernode_dropped_ends_that_task_not_the_executor() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
 
     from fedmm.executor import _Apps, _task_heartbeat_fn, run_task
@@ -279,11 +280,20 @@ def test_a_task_the_supernode_dropped_ends_that_task_not_the_executor() -> None:
         assert status == "failed" and not interrupted  # only this task ended; nothing signalled the process
 
         class Client:
+            def __init__(self, answer: int) -> None:
+                self.answer = answer
+
             def SendTaskHeartbeat(self, _request: object) -> SendTaskHeartbeatResponse:
+                if self.answer != 200:
+                    request = httpx.Request("POST", "http://127.0.0.1:1/v1/runtime/send-task-heartbeat")
+                    httpx.Response(self.answer, request=request).raise_for_status()
                 return SendTaskHeartbeatResponse(success=False)
 
-        dropped = threading.Event()
-        assert _task_heartbeat_fn(Client(), dropped)() and dropped.is_set() and not interrupted
+        for answer, is_dropped in ((200, True), (401, True), (500, False)):  # a server error is retried, the task kept
+            dropped = threading.Event()
+            assert _task_heartbeat_fn(Client(answer), dropped)() is is_dropped
+            assert dropped.is_set() is is_dropped and not interrupted
     finally:
         server.shutdown()
+        server.server_close()
         signal.signal(signal.SIGINT, previous)
