@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,17 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One feature cache for the whole suite (the simulations' processes inherit it), not the user's."""
+    if "FEDMM_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["FEDMM_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    os.environ.pop("FEDMM_CACHE_DIR", None)
 
 
 @pytest.fixture(scope="session")

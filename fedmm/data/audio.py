@@ -7,6 +7,9 @@ crosses from one site to another.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import inspect
 from pathlib import Path
 
 import librosa
@@ -15,7 +18,7 @@ import soundfile as sf
 
 from fedmm.errors import DataError
 
-__all__ = ["SAMPLE_RATE", "CLIP_SAMPLES", "N_MELS", "read_clip", "log_mel"]
+__all__ = ["CLIP_SAMPLES", "LOG_MEL_PARAMS", "N_MELS", "SAMPLE_RATE", "log_mel", "read_clip"]
 
 SAMPLE_RATE = 8_000
 CLIP_SAMPLES = SAMPLE_RATE  # one second: FSDD's 99th percentile length is 0.93 s
@@ -63,3 +66,18 @@ def log_mel(clips: np.ndarray) -> np.ndarray:
     mean = logmel.mean(axis=(-2, -1), keepdims=True)
     std = logmel.std(axis=(-2, -1), keepdims=True) + 1e-6
     return ((logmel - mean) / std)[:, None].astype(np.float32)
+
+
+def _source_digest(function: object) -> str:
+    try:
+        return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return "unknown"
+
+
+# Everything that shapes log_mel's output, for fedmm.data.cache's key: a change to any of them
+# (its code included) makes a new cache entry rather than serving an old one.
+LOG_MEL_PARAMS = {
+    "sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "n_mels": N_MELS,
+    "librosa": importlib.metadata.version("librosa"), "numpy": np.__version__, "code": _source_digest(log_mel),
+}

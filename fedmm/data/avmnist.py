@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmm.data.audio import CLIP_SAMPLES, HOP_LENGTH, N_MELS, log_mel, read_clip
+from fedmm.data.audio import CLIP_SAMPLES, HOP_LENGTH, LOG_MEL_PARAMS, N_MELS, log_mel, read_clip
+from fedmm.data.cache import cached_features
 from fedmm.data.idx import read_idx
 from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
 from fedmm.errors import ConfigError, DataError
@@ -163,7 +164,7 @@ def _load(root: Path, speakers: tuple[str, ...], test: bool) -> MultimodalDatase
     pixels = images[image_id].astype(np.float32)[:, None] / 255.0
     arrays = MultimodalDataset(
         SCHEMA,
-        {"image": (pixels - IMAGE_MEAN) / IMAGE_STD, "audio": log_mel(clips)},
+        {"image": (pixels - IMAGE_MEAN) / IMAGE_STD, "audio": cached_features("avmnist-log-mel", clips, LOG_MEL_PARAMS, log_mel)},
         np.ones((len(recordings), 2), dtype=bool),
         np.array([r.digit for r in recordings], dtype=np.int64),
         {"speaker": np.array([r.speaker for r in recordings]), "image_id": image_id},
