@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedmm.loopback import LoopbackDeployment
+from fedmm.loopback import CLI_POLL, LoopbackDeployment
 
 SITES = ("george", "jackson", "lucas")
 RESULTS = Path(__file__).parent / "results"
@@ -72,7 +72,7 @@ def deployed(root: Path, config: str, *, tuned: bool, in_memory: bool = False) -
             return deploy.run_status(run_id).startswith("finished")
 
         deploy.wait_for("the run", ended, timeout=1800)
-        deploy.wait_for("the run to end", lambda: deploy.run_status(run_id).startswith("finished"), timeout=120)
+        deploy.wait_for("the run to end", lambda: deploy.run_status(run_id).startswith("finished"), timeout=120, interval=CLI_POLL)
         if deploy.run_status(run_id) != "finished:completed":
             raise RuntimeError(f"deployed run ended {deploy.run_status(run_id)}")
     finally:

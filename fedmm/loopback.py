@@ -25,6 +25,9 @@ BIN = Path(sys.executable).parent
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+CLI_POLL = 1.5  # seconds between checks that start a `flwr` process
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,6 +58,9 @@ class LoopbackDeployment:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a component and everything it started (each child runs in its own session)."""
+        self._reap([self._signal(name, sig)])
+
+    def _signal(self, name: str, sig: int) -> tuple[subprocess.Popen[bytes], list[int]]:
         process = self.processes.pop(name)
         victims = [process.pid, *descendants(process.pid)]
         for pid in victims:
@@ -62,13 +68,23 @@ class LoopbackDeployment:
                 os.killpg(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        process.wait(30)
-        time.sleep(0.5)
-        for pid in victims:
+        return process, victims
+
+    @staticmethod
+    def _reap(signalled: list[tuple[subprocess.Popen[bytes], list[int]]]) -> None:
+        """Wait for signalled components, then SIGKILL whatever of theirs is left."""
+        for process, _ in signalled:
             try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                process.wait(30)
+            except subprocess.TimeoutExpired:
                 pass
+        time.sleep(0.5)
+        for _, victims in signalled:
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     @property
     def server_args(self) -> tuple[str, ...]:
@@ -85,7 +101,7 @@ class LoopbackDeployment:
                 raise RuntimeError(done.stdout + done.stderr)
         write_connection(self.root / "flwr", "fedmm", f"127.0.0.1:{self.port}", pki / "ca.crt")
         self.start("server", *self.server_args)
-        self.wait_for("the SuperLink", lambda: '"success": true' in self.flwr("supernode", "ls", "fedmm", "--format", "json").stdout)
+        self.wait_for("the SuperLink", lambda: '"success": true' in self.flwr("supernode", "ls", "fedmm", "--format", "json").stdout, interval=CLI_POLL)
         for site in sites:
             registered = self.flwr("supernode", "register", str(pki / "sites" / f"{site}.pub"), "fedmm", "--format", "json")
             if '"success": true' not in registered.stdout:
@@ -95,13 +111,15 @@ class LoopbackDeployment:
                 f'state-dir = "state/{site}"\nepsilon-budget = 100.0\nclientapp-port = {free_port()}\n{site_lines}'
             )
             self.start(site, "site", f"{site}.toml")
-        self.wait_for(f"{len(sites)} sites online", lambda: self.online() == len(sites))
+        self.wait_for(f"{len(sites)} sites online", lambda: self.online() == len(sites), interval=CLI_POLL)
 
     def stop_all(self) -> None:
-        for name in list(self.processes):
-            self.kill(name, signal.SIGTERM)
+        """SIGTERM every component at once (they shut down side by side), then reap them."""
+        self._reap([self._signal(name, signal.SIGTERM) for name in list(self.processes)])
 
-    def wait_for(self, what: str, check: Callable[[], object], timeout: float = 180) -> None:
+    def wait_for(self, what: str, check: Callable[[], object], timeout: float = 180, *, interval: float = 0.3) -> None:
+        """Poll ``check`` until true. A check that runs the ``flwr`` CLI should use ``interval=CLI_POLL``:
+        each call is a new Python process, and polling it back to back takes a core from the federation."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if check():
@@ -109,7 +127,7 @@ class LoopbackDeployment:
             ended = [name for name, process in self.processes.items() if process.poll() is not None]
             if ended:
                 raise AssertionError(f"{', '.join(ended)} ended while waiting for {what}\n{self.logs()}")
-            time.sleep(0.3)
+            time.sleep(interval)
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
     def logs(self) -> str:

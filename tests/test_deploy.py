@@ -88,7 +88,7 @@ def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # The real thing on loopback: `fedmm server`, three `fedmm site` processes, `flwr run`.
 
-from fedmm.loopback import LoopbackDeployment
+from fedmm.loopback import CLI_POLL, LoopbackDeployment
 
 SITES = ("george", "jackson", "lucas")
 
@@ -116,9 +116,9 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
         assert json.loads((run / "checkpoint.json").read_text())["round"] >= 2
 
         deploy.start("server", *deploy.server_args)  # same database: the registered sites come back by themselves
-        deploy.wait_for("two sites back online", lambda: deploy.online() >= 2)
+        deploy.wait_for("two sites back online", lambda: deploy.online() >= 2, interval=CLI_POLL)
         second = deploy.submit(run_config.replace("sites=3", "sites=2") + " resume=true")
-        deploy.wait_for("the resumed run to finish", lambda: deploy.run_status(second).startswith("finished"), timeout=300)
+        deploy.wait_for("the resumed run to finish", lambda: deploy.run_status(second).startswith("finished"), timeout=300, interval=CLI_POLL)
         status = deploy.run_status(second)
         assert status == "finished:completed", f"resumed run {status}\n--- ServerApp\n{deploy.server_log(second)[-6000:]}\n{deploy.logs()}"
         assert deploy.run_status(first) != "finished:completed"  # the first run died with its server
