@@ -11,7 +11,7 @@ exactly the same records:
   1 s, the SuperNode idling 3 s between polls, objects retried after 1 s, 2 s ..., the
   ServerApp's grid pulling replies every 3 s;
 - ``fedmm``: the same with fedmm's defaults: one long-lived ClientApp executor per site
-  (:mod:`fedmm.executor`), 0.1 s polls and 20 ms object retries (:mod:`fedmm.flower_waits`);
+  (:mod:`fedmm.runtime.executor`), 0.1 s polls and 20 ms object retries (:mod:`fedmm.runtime.flower_waits`);
 - ``fedmm, in-memory server``: as ``fedmm``, with ``fedmm server --in-memory`` (no SuperLink
   database; a restarted server forgets its registered sites).
 
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedmm.loopback import CLI_POLL, LoopbackDeployment
+from fedmm.runtime.loopback import CLI_POLL, LoopbackDeployment
 
 SITES = ("george", "jackson", "lucas")
 RESULTS = Path(__file__).parent / "results"

@@ -27,7 +27,7 @@ from fedmm.data.schema import MultimodalDataset
 from fedmm.data.synthetic import make_synthetic
 from fedmm.models import ModelOptions, ModelRecipe
 from fedmm.privacy.accounting import SiteAccountant
-from fedmm.training import DPSettings, train
+from fedmm.site.training import DPSettings, train
 
 
 def epoch_seconds(recipe: ModelRecipe, data: MultimodalDataset, mode: GradSampleMode | None, batch: int, seed: int, epochs: int = 1) -> float:

@@ -33,8 +33,8 @@ from fedmm.config import RunConfig
 from fedmm.data.avmnist import builtin_root, load_site
 from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import SiteAccountant
-from fedmm.simulation import run_simulation
-from fedmm.training import DPSettings, train
+from fedmm.runtime.simulation import run_simulation
+from fedmm.site.training import DPSettings, train
 
 HALF_AUDIO = {"missing-modality-sites": "audio:0.5"}
 CASES: list[tuple[str, dict[str, object]]] = [

@@ -3,7 +3,7 @@
 Both sides run the same Flower legacy workflow, the same FedAvg strategy and the same
 site function (which returns a fixed random update instead of training); the SecAgg+
 side adds Flower's ``SecAggPlusWorkflow`` and ``secaggplus_mod`` exactly as fedmm uses
-them. Sites run in this process (:class:`fedmm.secure.local.LocalGrid`), one after the
+them. Sites run in this process (:class:`fedmm.runtime.local.LocalGrid`), one after the
 other, so the script reports three figures per setting:
 
 - ``serial``: wall time of one round, every site's work done in turn on this machine;
@@ -43,7 +43,7 @@ from flwr.server import LegacyContext, ServerConfig  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: E402
 
-from fedmm.secure.local import LocalGrid  # noqa: E402
+from fedmm.runtime.local import LocalGrid  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

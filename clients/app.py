@@ -1,11 +1,11 @@
 """Flower ClientApp: one data site. Loads its own data, enforces its budget, trains, replies.
 
 Thin on purpose, and light to import: Flower and fedmm's wire names only; the round itself
-is :func:`fedmm.site_round.run_round`, imported when the first training message arrives. A
+is :func:`fedmm.site.runner.run_round`, imported when the first training message arrives. A
 SecAgg+ round arrives as four messages; Flower's ``secaggplus_mod`` handles the protocol's
 stages, none of which needs more than Flower, and calls :func:`_secure_fit` for the
 training one. Deployed with ``fedmm site``, this app runs in the site's long-lived
-executor (:mod:`fedmm.executor`), so PyTorch and the site's data stay loaded between rounds.
+executor (:mod:`fedmm.runtime.executor`), so PyTorch and the site's data stay loaded between rounds.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedmm import protocol
-from fedmm.site_io import RoundRequest, SecAggParams
+from fedmm.secure.params import SecAggParams
+from fedmm.site.io import RoundRequest
 
 app = ClientApp()
 
 
 def _run(context: Context, config: dict[str, Any], global_weights: dict[str, np.ndarray], secagg: Any = None) -> Any:
-    """The site's round (:func:`fedmm.site_round.run_round`), with the node's saved plan."""
-    from fedmm.site_round import run_round
+    """The site's round (:func:`fedmm.site.runner.run_round`), with the node's saved plan."""
+    from fedmm.site.runner import run_round
 
     saved = context.state.config_records.get(protocol.STATE_KEY)
     response = run_round(RoundRequest(

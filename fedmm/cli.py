@@ -27,17 +27,20 @@ import sys
 import tomllib
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmm.artifacts import new_run_id
+from fedmm.federation.artifacts import new_run_id
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, FedMMError
 from fedmm.secure.certs_cli import certs_app
+
+if TYPE_CHECKING:
+    from fedmm.plan import RunPlan
 
 __all__ = ["app", "main", "parse_overrides"]
 
@@ -139,7 +142,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's whole log")] = False,
 ) -> None:
     """Run a federated simulation offline and write runs/<run-id>/."""
-    from fedmm.simulation import run_simulation  # imported late: keeps `fedmm --help` fast
+    from fedmm.runtime.simulation import run_simulation  # imported late: keeps `fedmm --help` fast
 
     with _exit_on_error():
         values = {**_load_preset(preset), **parse_overrides(set_ or [])}
@@ -148,7 +151,8 @@ def simulate(
             run_name=cfg.run_name or new_run_id(), data=_absolute_data(cfg.data),
             image_weights=str(Path(cfg.image_weights).expanduser().resolve()) if cfg.image_weights else "",
         )
-        federation = _federation(cfg)  # bad data or a bad split fails here, before Flower starts
+        run_plan = _run_plan(cfg)
+        federation = _federation(run_plan)  # bad data or a bad split fails here, before Flower starts
     if len(federation.names) != cfg.sites:
         console.print(f"[red]error:[/red] the federation has {len(federation.names)} sites, sites={cfg.sites}. Fix: set sites={len(federation.names)}")
         raise typer.Exit(2)
@@ -157,7 +161,7 @@ def simulate(
     console.print(f"fedmm: simulating {cfg.sites} sites x {cfg.rounds} rounds, dp={cfg.dp}, data={cfg.data} (run {cfg.run_name})")
     if cfg.dp:
         with _exit_on_error():
-            console.print(_plan_table(cfg, federation))
+            console.print(_plan_table(run_plan, federation))
 
     shown: set[str] = set()
 
@@ -184,6 +188,13 @@ def simulate(
     _print_summary(outcome.run_dir)
 
 
+def _run_plan(cfg: RunConfig) -> RunPlan:
+    """The run's parts, every key checked (imported late: data and model libraries are slow to load)."""
+    from fedmm.plan import RunPlan
+
+    return RunPlan.from_config(cfg)
+
+
 def _absolute_data(spec: str) -> str:
     """Make a relative data path absolute: Flower's processes do not share this working folder.
 
@@ -196,20 +207,18 @@ def _absolute_data(spec: str) -> str:
     return f"{name}:{Path(location).expanduser().resolve()}"
 
 
-def _federation(cfg: RunConfig) -> Any:
+def _federation(run_plan: RunPlan) -> Any:
     """Load and split the data as the sites will, and check the model and augmentation fit it."""
-    from fedmm.data.augment import Augmenter, parse_augment
-    from fedmm.data.partition import FederationPlan, build_federation
-    from fedmm.data.preprocess import Preprocessing
+    from fedmm.data.augment import Augmenter
+    from fedmm.data.partition import build_federation
     from fedmm.data.sources import load_source
-    from fedmm.models import ModelRecipe
-    from fedmm.site import class_weights
+    from fedmm.site.data import class_weights
 
-    source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
-    federation = build_federation(source, FederationPlan.from_config(cfg))
-    recipe = ModelRecipe.from_config(cfg)
+    cfg, recipe = run_plan.config, run_plan.model
+    source = load_source(cfg.data, run_plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    federation = build_federation(source, run_plan.federation)
     test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test()))
-    Augmenter(test.schema, parse_augment(cfg.augment), seed=0)
+    Augmenter(test.schema, run_plan.augment, seed=0)
     class_weights(cfg, test)
     if cfg.dp:
         recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, test.schema)
@@ -241,11 +250,11 @@ def data_check(
 ) -> None:
     """Validate a manifest: load every row as training would; print counts per modality, class and site."""
     from fedmm.data.manifest import load_manifest
-    from fedmm.data.preprocess import Preprocessing
 
     with _exit_on_error():
-        cfg = RunConfig.from_run_config(parse_overrides(set_ or []))
-        ds = load_manifest(manifest, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=lenient)
+        run_plan = _run_plan(RunConfig.from_run_config(parse_overrides(set_ or [])))
+        cfg = run_plan.config
+        ds = load_manifest(manifest, run_plan.preprocessing, classes=cfg.class_list, lenient=lenient)
     schema = ds.schema
     mods = Table(title=f"{manifest}: {len(ds)} samples")
     for column in ("modality", "kind", "shape", "present", "missing"):
@@ -279,7 +288,7 @@ def data_split(
     """Show how the configured simulated federation splits the data across sites."""
     with _exit_on_error():
         cfg = RunConfig.from_run_config({**_load_preset(preset), **parse_overrides(set_ or [])})
-        federation = _federation(cfg)
+        federation = _federation(_run_plan(cfg))
     summary = federation.summary()
     schema = federation.sites[0].schema
     title = f"{cfg.data}: {federation.partitioner} partition into {len(federation.names)} sites (seed {cfg.seed})"
@@ -294,15 +303,11 @@ def data_split(
             console.print(f"{name}: {extra}")
 
 
-def _plan_table(cfg: RunConfig, federation: Any) -> Table:
+def _plan_table(run_plan: RunPlan, federation: Any) -> Table:
     """Per site: records, sample rate, steps, the noise for the run's target, and what its own budget allows."""
     import warnings
 
-    from fedmm.models import ModelRecipe
-    from fedmm.privacy.policy import parse_site_budgets
-
-    budgets = parse_site_budgets(cfg.site_budgets, cfg.target_epsilon)
-    recipe = ModelRecipe.from_config(cfg)
+    cfg, budgets, recipe = run_plan.config, run_plan.site_budgets, run_plan.model
     table = Table(title=f"DP plan: target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g} ({cfg.accountant}) over {cfg.rounds} rounds")
     for column in ("site", "records", "sample rate", "steps/round", "noise multiplier", "planned epsilon", "site budget", "rounds within budget"):
         table.add_column(column)
@@ -316,7 +321,7 @@ def _plan_table(cfg: RunConfig, federation: Any) -> Table:
 
 def _plan_row(cfg: RunConfig, name: str, records: int, budget: float) -> list[str]:
     from fedmm.privacy.accounting import SiteAccountant
-    from fedmm.site import plan_site
+    from fedmm.site.round import plan_site
 
     plan = plan_site(cfg, records)
     accountant, affordable = SiteAccountant(cfg.accountant), 0
@@ -341,12 +346,13 @@ def plan(
     with _exit_on_error():
         cfg = RunConfig.from_run_config({**_load_preset(preset), **parse_overrides(set_ or [])})
         cfg = cfg.replace(data=_absolute_data(cfg.data))
+        run_plan = _run_plan(cfg)
         if cfg.client_dp:
             console.print(_client_level_line(cfg))
         if not cfg.dp:
             console.print("dp=false: no sample-level privacy plan (the sites' records are not protected by DP-SGD)")
             return
-        console.print(_plan_table(cfg, _federation(cfg)))
+        console.print(_plan_table(run_plan, _federation(run_plan)))
 
 
 def _client_level_line(cfg: RunConfig) -> str:
@@ -380,7 +386,7 @@ def server(
     )] = False,
 ) -> None:
     """Run the federation's server: Flower's SuperLink with TLS, SuperNode authentication, no runtime installs."""
-    from fedmm.deploy import run_server
+    from fedmm.runtime.deploy import run_server
 
     with _exit_on_error():
         raise typer.Exit(run_server(pki, state_dir, host=host, port=port, in_memory=in_memory))
@@ -389,7 +395,7 @@ def server(
 @app.command()
 def site(config: Annotated[Path, typer.Argument(help="the site's own TOML file ([site] table, see docs/deploy.md)")]) -> None:
     """Run one data site: its SuperNode (TLS, its registered key, its own budget and data) and its long-lived ClientApp executor."""
-    from fedmm.deploy import SiteSettings, run_site
+    from fedmm.runtime.deploy import SiteSettings, run_site
 
     with _exit_on_error():
         raise typer.Exit(run_site(SiteSettings.load(config)))

@@ -26,9 +26,27 @@ from typing import Any
 
 from fedmm.errors import ConfigError
 
-__all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO"]
+__all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO", "SECTIONS", "key"]
 
 AUTO = "auto"
+# The groups of keys in docs/configuration.md, each named by the field it starts with.
+SECTIONS = {
+    "rounds": "The run",
+    "dp": "Sample-level DP (DP-SGD at each site)",
+    "site_budgets": "Simulated sites' own policy (a deployed site sets its own in its site file)",
+    "secure_aggregation": "Secure aggregation (Flower's SecAgg+): the server sees only the sum",
+    "client_dp": "Client-level DP (DP-FedAvg): protects whole sites",
+    "lenient": "Data loading",
+    "image_size": "Preprocessing",
+    "partitioner": "Simulated federations",
+    "class_weights": "Imbalance",
+    "encoder_width": "Model",
+}
+
+
+def key(default: Any, help: str, *, range: str = "") -> Any:
+    """A run-config key: its default, its help text (the only copy) and the range it is checked against."""
+    return dataclasses.field(default=default, metadata={"help": help, "range": range})
 
 
 class AccountantKind(StrEnum):
@@ -50,90 +68,85 @@ class GradSampleMode(StrEnum):
 class RunConfig:
     """Everything one federated run needs, typed and range-checked.
 
-    Field names are the run-config keys with ``-`` replaced by ``_``.
+    Field names are the run-config keys with ``-`` replaced by ``_``. Each field's help
+    text, and the range it is checked against, is its ``metadata`` (read by
+    ``scripts/write_config_docs.py`` into ``docs/configuration.md``). The checks here
+    need nothing but the values; what needs other parts of fedmm (the data sources,
+    the model registry) is checked when :class:`fedmm.plan.RunPlan` builds the run.
     """
 
-    rounds: int = 20
-    sites: int = 6
-    data: str = "avmnist"
-    model: str = "auto"  # the fusion: concat | gated | attention | late | embedding (auto: concat)
-    local_epochs: int = 1
-    batch_size: int = 64
-    learning_rate: float | None = None  # None ("auto"): the model's tuned rate (fedmm.models)
-    momentum: float = 0.0
-    dp: bool = True
-    target_epsilon: float = 8.0
-    target_delta: float = 1e-5
-    noise_multiplier: float | None = None  # None: calibrated from target_epsilon
-    max_grad_norm: float = 2.0
-    accountant: AccountantKind = AccountantKind.RDP
-    grad_sample_mode: GradSampleMode = GradSampleMode.GHOST
-    seed: int = 0
-    runs_dir: str = "runs"
-    run_name: str = ""  # empty: a new id from the time and Flower's run id
-    resume: bool = False  # continue run-name from its last checkpoint (after a server crash or restart)
-    min_sites: int = 1  # stop cleanly when fewer sites than this still have budget
-    # --- simulated sites' own policy (fedmm.privacy.policy; a deployed site sets its own in --node-config)
-    site_budgets: str = ""  # lifetime epsilon per site, e.g. "george:2,*:8"; empty: target-epsilon each
-    site_min_noise_multiplier: float = 0.5  # a site refuses less noise than this
-    site_state_dir: str = ""  # where simulated sites keep their ledgers; empty: runs/<run-id>/sites
-    # --- secure aggregation (Flower's SecAgg+, fedmm.secure.secagg): the server sees only the sum
-    secure_aggregation: bool = False
-    secagg_shares: float = 1.0  # <= 1: fraction of a round's sites each site shares its keys with; > 2: a count
-    secagg_threshold: float = 0.67  # <= 1: fraction of the shares needed to unmask; >= 2: a count
-    secagg_clip_range: float = 8.0  # every weighted value is clipped to +-this before quantisation (counted)
-    secagg_max_weight: float = 1000.0  # weights (num-examples) are divided by this before quantisation
-    secagg_timeout: float = 0.0  # seconds to wait for each protocol stage; 0: wait for every site
-    # --- client-level DP (DP-FedAvg, fedmm.privacy.client_dp): protects whole sites
-    client_dp: bool = False
-    client_clip_norm: float = 1.0  # each site clips its update (the change to the global model) to this L2 norm
-    client_noise_multiplier: float = 1.0  # noise std on the sum of updates = this x client-clip-norm
-    client_noise: str = "central"  # central (the server adds it) | distributed (each site adds a share; needs SecAgg)
-    client_fraction: float = 1.0  # Poisson sampling rate of sites per round (privacy amplification)
-    client_delta: float = 1e-5
-    client_target_epsilon: float = 0.0  # > 0: the server stops before a round that would exceed it
-    # --- data loading (fedmm.data.sources, fedmm.data.manifest)
-    lenient: bool = False  # skip bad samples (counted per reason) instead of stopping
-    classes: str = ""  # comma-separated class names; empty: the labels found in the data
-    test_fraction: float = 0.2  # manifests without a split column: rows held out for the server
-    # --- preprocessing (fedmm.data.preprocess)
-    image_size: int = 28
-    image_mode: str = "L"
-    audio_rate: int = 8000
-    audio_seconds: float = 1.0
-    audio_resample: bool = False
-    audio_features: str = "log-mel"
-    text_length: int = 32
-    text_buckets: int = 4096
-    text_features: str = "hashed"  # hashed | minilm (frozen sentence embeddings, optional extra)
-    sensor_length: int = 100
-    # --- augmentation at training time (fedmm.data.augment), e.g. "image:shift+rotate,audio:specaugment"
-    augment: str = ""
-    # --- simulated federations (fedmm.data.partition)
-    partitioner: str = "auto"
-    partition_by: str = ""
-    dirichlet_alpha: float = 0.5
-    classes_per_site: int = 2
-    missing_modality_site_p: float = 0.0
-    missing_modality_sample_p: float = 0.0
-    missing_modality_sites: str = ""  # e.g. "audio:0.5": exactly that share of the sites lacks audio
-    missing_label_p: float = 0.0
-    label_noise: float = 0.0
-    # --- imbalance (fedmm.training)
-    class_weights: str = "none"  # none | balanced (dp=false only) | w1,w2,... (fixed in advance)
-    balanced_sampler: bool = False  # dp=false only: DP-SGD's accounting needs Poisson sampling
-    # --- model (fedmm.models.recipe.ModelOptions)
-    encoder_width: int = 64
-    image_encoder: str = "auto"  # auto (scattering on AV-MNIST, else cnn) | cnn | scattering | pretrained
-    image_weights: str = ""  # image-encoder=pretrained: the frozen encoder's weights file
-    audio_encoder: str = "pooled"  # pooled | cnn
-    text_encoder: str = "bag"  # bag | gru | transformer
-    sensor_encoder: str = "cnn"  # cnn | gru
-    modalities: str = ""  # train on these modalities only (comma-separated); empty: all
-    tasks: str = ""  # auxiliary tasks from group columns with loss weights, e.g. "speaker:0.5"
-    contrastive: str = "none"  # none | align | clip (dp=false only)
-    contrastive_weight: float = 0.1
-    modality_dropout: float = 0.0  # per-sample chance of hiding each present modality in training
+    rounds: int = key(20, "federated rounds", range=">= 1")
+    sites: int = key(6, "number of sites; AV-MNIST has six speakers", range=">= 1")
+    data: str = key("avmnist", "the data source: `avmnist[:ROOT]`, `basicmotions[:ROOT]`, `manifest:PATH`, `synthetic[:N]` (docs/data.md)")
+    model: str = key(AUTO, "the fusion: `concat` (auto), `gated`, `attention`, `late`, `embedding`, or one you registered (docs/models.md)")
+    local_epochs: int = key(1, "local epochs per round", range=">= 1")
+    batch_size: int = key(64, "expected batch size; with Poisson sampling the sample rate is 1 / ceil(n / batch-size)", range=">= 1")
+    learning_rate: float | None = key(None, "SGD learning rate; `auto`: the fusion's tuned rate (0.5 with linear encoders over fixed features, 0.2 with CNN, GRU or transformer encoders)", range="> 0 or auto")
+    momentum: float = key(0.0, "SGD momentum at the sites", range="[0, 1)")
+    seed: int = key(0, "seed of the model initialisation, the partition and augmentation (DP sampling and noise use OS randomness)")
+    runs_dir: str = key("runs", "folder that holds the run folders")
+    run_name: str = key("", "the run's folder name; empty: a new id from the time and Flower's run id")
+    resume: bool = key(False, "continue `run-name` from its last checkpoint (after a server crash or restart)")
+    min_sites: int = key(1, "stop cleanly when fewer sites than this still have budget", range=">= 1")
+    dp: bool = key(True, "DP-SGD (Opacus) at every site")
+    target_epsilon: float = key(8.0, "each site's epsilon for this run: the noise is calibrated so that no site spends more", range="> 0")
+    target_delta: float = key(1e-5, "the delta epsilon is stated at; well below 1 / records per site", range="(0, 1)")
+    noise_multiplier: float | None = key(None, "noise std / max-grad-norm; `auto`: calibrated per site from target-epsilon (recorded in privacy.json)", range=">= 0 or auto")
+    max_grad_norm: float = key(2.0, "per-sample clipping bound (L2)", range="> 0")
+    accountant: AccountantKind = key(AccountantKind.RDP, "Opacus accountant: `rdp` (fast) or `prv` (tighter, about 0.5 s an evaluation)")
+    grad_sample_mode: GradSampleMode = key(GradSampleMode.GHOST, "per-sample gradient norms: `ghost` (one pass for Linear-only models), `hooks`, `functorch`")
+    site_budgets: str = key("", "simulation only: each site's lifetime epsilon, e.g. `george:2,*:8`; empty: target-epsilon each")
+    site_min_noise_multiplier: float = key(0.5, "simulation only: the least noise multiplier a site accepts", range=">= 0")
+    site_state_dir: str = key("", "simulation only: where sites keep their ledgers; empty: `runs/<run-id>/sites`; a lasting folder makes spends compose across runs")
+    secure_aggregation: bool = key(False, "Flower's SecAgg+: the server sees only the (weighted) sum of the sites' updates (docs/secure-aggregation.md)")
+    secagg_shares: float = key(1.0, "SecAgg+ neighbourhood: a fraction of the round's sites each site shares its keys with, or a count > 2", range="(0, 1] or a whole number > 2")
+    secagg_threshold: float = key(0.67, "shares needed to unmask: a fraction of secagg-shares, or a count >= 2; fewer survivors fail the round", range="(0, 1] or a whole number >= 2")
+    secagg_clip_range: float = key(8.0, "every weighted value is clipped to +-this before quantisation (the sites clip first and count it)", range="> 0")
+    secagg_max_weight: float = key(1000.0, "weights (num-examples) are divided by this before quantisation", range="> 0")
+    secagg_timeout: float = key(0.0, "seconds to wait for each protocol stage before a site counts as dropped; 0: wait for every site", range=">= 0")
+    client_dp: bool = key(False, "client-level DP (DP-FedAvg): clipped updates, Gaussian noise on their sum")
+    client_clip_norm: float = key(1.0, "each site clips its update (the change to the global model) to this L2 norm", range="> 0")
+    client_noise_multiplier: float = key(1.0, "noise std on the sum of updates = this x client-clip-norm", range="> 0")
+    client_noise: str = key("central", "`central` (the server adds the noise) or `distributed` (each site adds a share; needs secure-aggregation)")
+    client_fraction: float = key(1.0, "Poisson sampling rate of sites per round (privacy amplification)", range="(0, 1]")
+    client_delta: float = key(1e-5, "the delta of the client-level guarantee", range="(0, 1)")
+    client_target_epsilon: float = key(0.0, "> 0: the server stops before a round that would exceed this client-level epsilon; 0: no limit", range=">= 0")
+    lenient: bool = key(False, "skip bad samples (counted per reason) instead of stopping at the first")
+    classes: str = key("", "comma-separated class names; empty: the sorted labels found in the data")
+    test_fraction: float = key(0.2, "manifests without a `split` column: share of rows held out for the server", range="[0, 1)")
+    image_size: int = key(28, "images are resized to this square size")
+    image_mode: str = key("L", "`L` (grayscale) or `RGB`")
+    audio_rate: int = key(8000, "expected audio sample rate (Hz)")
+    audio_seconds: float = key(1.0, "audio clip length: clips are padded or cut to it")
+    audio_resample: bool = key(False, "resample other rates instead of refusing them")
+    audio_features: str = key("log-mel", "`log-mel` (32 bands) or `mfcc` (20)")
+    text_length: int = key(32, "tokens per text")
+    text_buckets: int = key(4096, "size of the hashed token space")
+    text_features: str = key("hashed", "`hashed` token ids, or `minilm`: frozen all-MiniLM-L6-v2 sentence embeddings (the `text` extra)")
+    sensor_length: int = key(100, "sensor series are padded or trimmed to this many steps")
+    augment: str = key("", "training-time augmentation, e.g. `image:shift+rotate,audio:specaugment` (docs/data.md)")
+    partitioner: str = key(AUTO, "`auto` (natural if the source has sites, else iid), `natural`, `iid`, `dirichlet`, `pathological`, `linear`, `exponential`; the one used is in federation.json")
+    partition_by: str = key("", "the group column a natural partition splits by (`speaker`, `site`, `meta:subject`, ...); empty: the source's")
+    dirichlet_alpha: float = key(0.5, "label skew of the `dirichlet` partitioner (smaller: more skew)")
+    classes_per_site: int = key(2, "classes per site of the `pathological` partitioner")
+    missing_modality_site_p: float = key(0.0, "chance that a site loses each modality")
+    missing_modality_sample_p: float = key(0.0, "chance that a sample loses each modality")
+    missing_modality_sites: str = key("", "exact shares instead, e.g. `audio:0.5`: half the sites (drawn with the seed) have no audio")
+    missing_label_p: float = key(0.0, "share of labels hidden at the sites")
+    label_noise: float = key(0.0, "share of labels flipped through a per-site class-transition matrix")
+    class_weights: str = key("none", "`none`, `balanced` (dp=false only: computed from the site's labels) or fixed weights `w1,w2,...` in class order")
+    balanced_sampler: bool = key(False, "class-balanced sampling (dp=false only: DP-SGD's accounting needs Poisson sampling)")
+    encoder_width: int = key(64, "every modality encoder's output width", range="[4, 4096]")
+    image_encoder: str = key(AUTO, "`cnn` on pixels, `scattering` (fixed 2-D scattering features) or `pretrained` (frozen, from image-weights); `auto`: scattering on AV-MNIST, else cnn")
+    image_weights: str = key("", "image-encoder=pretrained: the frozen encoder's weights file")
+    audio_encoder: str = key("pooled", "`pooled` (linear over a pooled spectrogram) or `cnn`")
+    text_encoder: str = key("bag", "`bag` (mean of hashed-token embeddings), `gru` (Opacus DPGRU) or `transformer` (pre-LN, DP attention)")
+    sensor_encoder: str = key("cnn", "`cnn` (1-D) or `gru`")
+    modalities: str = key("", "train on these modalities only, comma-separated (single-modality baselines); empty: all")
+    tasks: str = key("", "auxiliary tasks from group columns with loss weights, e.g. `speaker:0.5` (multi-task heads)")
+    contrastive: str = key("none", "auxiliary loss: `none`, `align` (a sample's modalities agree; DP-safe) or `clip` (in-batch negatives; dp=false only)")
+    contrastive_weight: float = key(0.1, "weight of the contrastive loss", range=">= 0")
+    modality_dropout: float = key(0.0, "per-sample chance of hiding each present modality while training (one is always kept)", range="[0, 1)")
 
     def __post_init__(self) -> None:
         _at_least("rounds", self.rounds, 1, "run at least one round")
@@ -150,9 +163,6 @@ class RunConfig:
             raise ConfigError("resume", "needs the run to continue: set run-name too", value=True, fix="e.g. resume=true run-name='hospital-study-1'")
         if not (math.isfinite(self.site_min_noise_multiplier) and self.site_min_noise_multiplier >= 0):
             raise ConfigError("site-min-noise-multiplier", "must be a finite number >= 0", value=self.site_min_noise_multiplier, fix="e.g. site-min-noise-multiplier=0.5")
-        from fedmm.privacy.policy import parse_site_budgets
-
-        parse_site_budgets(self.site_budgets, self.target_epsilon)  # refuses a malformed list up front
         if not 0.0 < self.target_delta < 1.0:
             raise ConfigError(
                 "target-delta", "must be in the open interval (0, 1)", value=self.target_delta,
@@ -172,16 +182,6 @@ class RunConfig:
             raise ConfigError("data", "must not be empty", value=self.data, fix="use data='avmnist'")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError("test-fraction", "must be in [0, 1)", value=self.test_fraction, fix="e.g. test-fraction=0.2")
-        # The sub-configurations validate their own keys.
-        from fedmm.data.augment import parse_augment
-        from fedmm.data.partition import FederationPlan
-        from fedmm.data.preprocess import Preprocessing
-        from fedmm.models.recipe import ModelRecipe
-
-        Preprocessing.from_config(self)
-        ModelRecipe.from_config(self)  # the fusion name and the model options
-        FederationPlan.from_config(self)
-        parse_augment(self.augment)
         self.fixed_class_weights()
         if self.dp and self.class_weights.strip() == "balanced":
             raise ConfigError(
@@ -310,7 +310,7 @@ class RunConfig:
 def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
     """Check and convert one raw value to the field's declared type."""
     kind = field.type
-    if field.name in ("noise_multiplier", "learning_rate"):
+    if field.default is None:  # "auto" or a number
         if isinstance(raw, str) and raw.strip().lower() == AUTO:
             return None
         kind = "float"

@@ -59,7 +59,7 @@ NODE_REQUIRE_DP = "require-dp"
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)
 SCHEMA = "schema"
 
-# Secure aggregation (legacy FitIns config / FitRes metrics, fedmm.secure.secagg)
+# Secure aggregation (legacy FitIns config / FitRes metrics, fedmm.federation.secagg)
 TENSOR_NAMES = "tensor-names"  # JSON list: the names of the global model's tensors, in the order sent
 CLIPPED_VALUES = "clipped-values"  # values a site clipped to the SecAgg+ quantisation range this round
 

@@ -17,18 +17,18 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedmm.artifacts import RunArtifacts, new_run_id
-from fedmm.config import RunConfig
 from fedmm import protocol
-from fedmm.data.partition import FederationPlan, build_federation
-from fedmm.data.preprocess import Preprocessing, standardise_site
+from fedmm.data.partition import build_federation
+from fedmm.data.preprocess import standardise_site
 from fedmm.data.sources import load_source
 from fedmm.errors import ConfigError, FederationError, SitesExhausted
-from fedmm.grid import PromptGrid
-from fedmm.federation import FedMMAvg, FederationBook, make_central_evaluation
-from fedmm.privacy.client_dp import ClientDPPlan
-from fedmm.secure.secagg import SecureFedMM, make_workflow
-from fedmm.models import ModelRecipe, layout_fingerprint
+from fedmm.federation.artifacts import RunArtifacts, new_run_id
+from fedmm.federation.book import FederationBook
+from fedmm.federation.secagg import SecureFedMM, make_workflow
+from fedmm.federation.strategy import FedMMAvg, make_central_evaluation
+from fedmm.models import layout_fingerprint
+from fedmm.plan import RunPlan
+from fedmm.runtime.grid import PromptGrid
 
 app = ServerApp()
 
@@ -36,19 +36,22 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config and write ``runs/<run-id>/``."""
-    cfg = RunConfig.from_run_config(context.run_config)
+    plan = RunPlan.from_run_config(context.run_config)
+    cfg, recipe = plan.config, plan.model
     grid = PromptGrid(grid)  # replies noticed within 0.1 s, not Flower's fixed 3 s
     artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id), resume=cfg.resume)
     log(INFO, "[fedmm] run %s: %d sites, %d rounds, dp=%s -> %s", artifacts.run_id, cfg.sites, cfg.rounds, cfg.dp, artifacts.dir)
-    source = load_source(cfg.data, Preprocessing.from_config(cfg), classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     if source.pool.synthetic:
         log(INFO, "[fedmm] data: SYNTHETIC (%s), not real data", cfg.data)
     # The server's own held-out set, normalised as the sites normalise theirs.
     test = standardise_site(source.require_test(), site_statistics=not cfg.dp)
+    partitioner = None
     if len(source.pool):
         # In simulation the server can rebuild the federation the sites see (same seed) and
         # record its per-site counts; this reads only what the simulation itself made up.
-        federation = build_federation(source, FederationPlan.from_config(cfg))
+        federation = build_federation(source, plan.federation)
+        partitioner = federation.partitioner
         if not cfg.resume:
             artifacts.save_federation(federation.summary())
         for name, ds in zip(federation.names, federation.sites):
@@ -60,7 +63,6 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "[fedmm] lenient loading skipped %s", federation.skipped)
     else:
         log(INFO, "[fedmm] no training data here: the sites bring their own")
-    recipe = ModelRecipe.from_config(cfg)
     # The server names the auxiliary tasks' classes for every site, from its own held-out set
     # only: a list taken from the sites' training records would publish who is in them.
     schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
@@ -77,6 +79,7 @@ def main(grid: Grid, context: Context) -> None:
         initial = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         log(INFO, "[fedmm] resuming run %s after round %d of %d, from its checkpoint", artifacts.run_id, done, cfg.rounds)
     else:
+        artifacts.save_config(plan.resolved(schema=schema, partitioner=partitioner))  # every "auto" as this run resolved it
         artifacts.save_model_card(recipe.card(model, schema))
     train_config: dict[str, Any] = {protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: artifacts.run_id}
     strategy: FederationBook
@@ -89,7 +92,7 @@ def main(grid: Grid, context: Context) -> None:
         reference = {k: tuple(v.shape) for k, v in initial.items() if not cfg.client_dp or v.is_floating_point()}
         strategy = FedMMAvg(
             dp=cfg.dp, sites=cfg.sites, layout=layout, min_sites=cfg.min_sites, reference=reference,
-            client_dp=ClientDPPlan.from_config(cfg),
+            client_dp=plan.client_dp,
         )
     if saved_state is not None:
         strategy.restore(saved_state, rounds_done=done)

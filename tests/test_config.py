@@ -9,6 +9,7 @@ import pytest
 
 from fedmm.config import AccountantKind, RunConfig
 from fedmm.errors import ConfigError
+from fedmm.plan import RunPlan
 
 
 def test_pyproject_defaults_are_the_runconfig_defaults() -> None:
@@ -71,7 +72,7 @@ def test_every_preset_is_a_valid_run_config() -> None:
     presets = sorted((Path(__file__).resolve().parents[1] / "simulations").glob("*.toml"))
     assert len(presets) >= 6
     for preset in presets:
-        RunConfig.from_run_config(tomllib.loads(preset.read_text()))
+        RunPlan.from_run_config(tomllib.loads(preset.read_text()))
 
 
 @pytest.mark.parametrize(

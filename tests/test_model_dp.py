@@ -20,7 +20,7 @@ from fedmm.errors import ConfigError
 from fedmm.models import ModelOptions, ModelRecipe, model_names, save_image_encoder
 from fedmm.models.encoders import ConvImageEncoder
 from fedmm.privacy.accounting import SiteAccountant
-from fedmm.training import DPSettings, train
+from fedmm.site.training import DPSettings, train
 
 DEFAULT = ModelRecipe.from_config(RunConfig())  # what `fedmm simulate` trains on AV-MNIST
 
@@ -134,7 +134,7 @@ def test_the_default_model_takes_a_dp_step_in_every_grad_sample_mode(mode: GradS
 
 def _reference_clipped_mean(model: nn.Module, objective: nn.Module, arrays: MultimodalDataset, max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:
     """Per-sample gradients one sample at a time, each clipped to max_grad_norm, averaged."""
-    from fedmm.training import make_dataset
+    from fedmm.site.training import make_dataset
 
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]

@@ -17,11 +17,12 @@ from fedmm.data.preprocess import Preprocessing
 from fedmm.data.sources import load_source
 from fedmm.data.synthetic import make_synthetic
 from fedmm.errors import ConfigError
+from fedmm.plan import RunPlan
 from fedmm.models import ModelOptions, ModelRecipe, OutputLayout, Objective, save_image_encoder
 from fedmm.models.encoders import ConvImageEncoder
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.site import SiteState, train_round
-from fedmm.training import drop_modalities
+from fedmm.site.training import drop_modalities
 
 
 def _weights(path: Path, seed: int) -> Path:
@@ -50,7 +51,7 @@ def _weights(path: Path, seed: int) -> Path:
 )
 def test_bad_model_settings_are_config_errors(settings: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as error:
-        ModelRecipe.from_config(RunConfig.from_run_config(settings))
+        RunPlan.from_run_config(settings)  # every part of the run, as the server and each site build it
     assert error.value.key == key
 
 
@@ -62,7 +63,7 @@ def test_the_earlier_default_name_still_builds_the_same_model() -> None:
 def test_dp_noise_and_sampling_do_not_follow_the_public_seed() -> None:
     # With the seed known to the server, seeded noise could be regenerated and subtracted.
     from fedmm.config import AccountantKind, GradSampleMode
-    from fedmm.training import DPSettings, train
+    from fedmm.site.training import DPSettings, train
 
     recipe = ModelRecipe()
     data = recipe.prepare(make_synthetic(32, seed=0))

@@ -13,6 +13,7 @@ from fedmm.data.schema import UNLABELLED
 from fedmm.data.sources import load_source
 from fedmm.data.synthetic import make_synthetic
 from fedmm.errors import ConfigError
+from fedmm.plan import RunPlan
 from fedmm.models import Objective, OutputLayout
 
 PREP = Preprocessing()
@@ -133,7 +134,7 @@ def test_basicmotions_gives_two_sensor_modalities() -> None:
 )
 def test_settings_that_break_the_dp_claim_or_are_malformed_are_refused(settings: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        RunConfig.from_run_config(settings)
+        RunPlan.from_run_config(settings)
 
 
 def test_imbalance_options_are_allowed_without_dp() -> None:

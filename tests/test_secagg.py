@@ -1,7 +1,7 @@
 """Secure aggregation with Flower's SecAgg+: what the server holds, dropouts, client-level DP noise.
 
 Every test runs Flower's own SecAgg+ server workflow and client mod, with real keys and
-masks, through :class:`fedmm.secure.local.LocalGrid` (ClientApps called in-process).
+masks, through :class:`fedmm.runtime.local.LocalGrid` (ClientApps called in-process).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from flwr.server.workflow import DefaultWorkflow
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError, PrivacyError
-from fedmm.secure.local import LocalGrid, stage_of
-from fedmm.secure.secagg import SecureFedMM, make_workflow, secagg_params, secure_fit_reply
+from fedmm.runtime.local import LocalGrid, stage_of
+from fedmm.federation.secagg import SecureFedMM, make_workflow, secagg_params, secure_fit_reply
 from fedmm.secure.update import prepare_update
 
 SIZE = 4000

@@ -65,6 +65,9 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
     assert rounds[0]["max_epsilon"] < rounds[1]["max_epsilon"]
     resolved = RunConfig.from_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
     assert resolved.rounds == 2 and resolved.sites == 3
+    # every "auto" as the run resolved it (fedmm.plan.RunPlan.resolved)
+    assert (resolved.model, resolved.image_encoder, resolved.learning_rate, resolved.partitioner) == ("concat", "scattering", 0.5, "natural")
+    assert resolved.noise_multiplier is None  # decided per site, from its data: privacy.json has each
     recipe = ModelRecipe.from_config(resolved)
     recipe.build(recipe.prepare(load_test(builtin_root())).schema).load_state_dict(torch.load(run_dir / "model.pt"))
     card = json.loads((run_dir / "model_card.json").read_text())

@@ -6,7 +6,8 @@
 - ``fedmm.data.preprocess`` / ``fedmm.data.augment``: per-modality preprocessing and augmentation;
 - ``fedmm.data.partition``: simulated federations with flwr-datasets partitioners.
 
-Submodules are imported on first use (audio and partitioning libraries are slow to import).
+May import ``fedmm.config``, ``fedmm.errors`` and ``fedmm.protocol`` only: data knows no
+model, no privacy mechanism and no Flower app. Submodules are imported on first use (audio and partitioning libraries are slow to import).
 """
 
 from __future__ import annotations

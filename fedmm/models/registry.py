@@ -20,7 +20,6 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,10 +34,9 @@ from fedmm.models.encoders import (
     SensorEncoder,
     TabularEncoder,
 )
+from fedmm.models.options import ModelOptions
 from fedmm.models.fusion import AttentionFusionNet, ConcatFusionNet, EmbeddingFusionNet, FusionNet, GatedFusionNet, LateFusionNet
 
-if TYPE_CHECKING:
-    from fedmm.models.recipe import ModelOptions
 
 __all__ = ["ModelSpec", "register_model", "model_names", "model_spec", "encoder_for", "is_pretrained", "layout_fingerprint", "model_card"]
 
@@ -89,8 +87,6 @@ def is_pretrained(m: Modality) -> bool:
 
 def encoder_for(m: Modality, options: ModelOptions | None = None) -> nn.Module:
     """The encoder of a (prepared) modality, by its kind, representation and the options."""
-    from fedmm.models.recipe import ModelOptions
-
     options = options or ModelOptions()
     width = options.width
     if is_pretrained(m):  # frozen upstream: a trainable projection

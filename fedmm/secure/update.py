@@ -27,7 +27,7 @@ import torch
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
 from fedmm.privacy.client_dp import ClientDPPlan, clip_update, gaussian_noise, noise_share_std
-from fedmm.site_io import SecAggParams
+from fedmm.secure.params import SecAggParams
 
 __all__ = ["OutgoingUpdate", "prepare_update", "weight_ratio"]
 

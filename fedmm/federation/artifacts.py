@@ -68,6 +68,10 @@ class RunArtifacts:
                 )
             return
         self.dir.mkdir(parents=True, exist_ok=False)
+        self.save_config(cfg)
+
+    def save_config(self, cfg: RunConfig) -> None:
+        """Write ``config.toml``: the run's configuration (the server rewrites it with every ``auto`` resolved)."""
         _write_atomic(self.dir / "config.toml", tomli_w.dumps(cfg.to_run_config()).encode())
 
     def save_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:

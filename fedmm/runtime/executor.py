@@ -13,9 +13,9 @@ site's user can read), and runs each task in this same, already warm process, wi
 Flower's own task protocol (``pull_task_input``, ``push_message``, ``push_task_output``
 from ``flwr.supernode.runtime.run_clientapp``, which ``flwr-clientapp`` itself runs). What
 the ClientApp does is unchanged; only the process it runs in stays alive. PyTorch, fedmm
-and the site's data (:mod:`fedmm.site_round` keeps them) are loaded once.
+and the site's data (:mod:`fedmm.site.runner` keeps them) are loaded once.
 
-    python -m fedmm.executor --runtime-api-address 127.0.0.1:9094 --secret-file STATE/superexec.secret
+    python -m fedmm.runtime.executor --runtime-api-address 127.0.0.1:9094 --secret-file STATE/superexec.secret
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     The SuperNode hands out a task as soon as a message's header has arrived and is still
     fetching its arrays from the SuperLink; a ``flwr-clientapp`` process that takes seconds
     to start rarely notices, but a warm executor asks at once, and Flower's pull then backs
-    off 1 s, 2 s, ... (:mod:`fedmm.flower_waits`).
+    off 1 s, 2 s, ... (:mod:`fedmm.runtime.flower_waits`).
     """
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
@@ -101,7 +101,7 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     )
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedmm.flower_waits import OBJECT_PULL_BACKOFF
+    from fedmm.runtime.flower_waits import OBJECT_PULL_BACKOFF
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
@@ -278,7 +278,7 @@ def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, warm: bool
     from flwr.supercore.runtime import RuntimeHttpClient
 
     if warm:
-        import fedmm.site_round  # noqa: F401  PyTorch and fedmm, before the first round rather than in it
+        import fedmm.site.runner  # noqa: F401  PyTorch and fedmm, before the first round rather than in it
 
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None, retry_invoker=make_simple_http_retry_invoker(),
@@ -305,7 +305,7 @@ def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, warm: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedmm.executor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m fedmm.runtime.executor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port, loopback)")
     parser.add_argument("--secret-file", required=True, type=Path, help="the SuperExec secret the SuperNode was given")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between asks for a task when idle")

@@ -5,7 +5,7 @@ pulls while it waits for replies; a SecAgg+ round waits for four sets of replies
 alone adds about 6 s a round on average. :class:`PromptGrid` uses the same public Grid
 calls (``push_messages`` / ``pull_messages``) and pulls every ``interval`` seconds. When
 the grid is Flower's HTTP grid (a deployed run), its fetching of a reply's arrays also
-retries within 20 ms rather than after 1 s (:func:`fedmm.flower_waits.quick_object_pulls`).
+retries within 20 ms rather than after 1 s (:func:`fedmm.runtime.flower_waits.quick_object_pulls`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class PromptGrid(Grid):
         flower_pace = os.environ.get("FEDMM_FLOWER_WAITS", "") == "flower"
         self.interval = interval if interval is not None else (3.0 if flower_pace else 0.1)
         if type(grid).__module__ == "flwr.superlink.grid.http_grid" and not flower_pace:
-            from fedmm.flower_waits import quick_object_pulls
+            from fedmm.runtime.flower_waits import quick_object_pulls
 
             quick_object_pulls(sys.modules[type(grid).__module__])
 

@@ -1,6 +1,6 @@
-"""Flower's ``flower-supernode``, with its fixed waits shortened (:mod:`fedmm.flower_waits`).
+"""Flower's ``flower-supernode``, with its fixed waits shortened (:mod:`fedmm.runtime.flower_waits`).
 
-``fedmm site`` runs the site's SuperNode as ``python -m fedmm.supernode ARGS``: Flower's own
+``fedmm site`` runs the site's SuperNode as ``python -m fedmm.runtime.supernode ARGS``: Flower's own
 ``flower-supernode`` entry point with the same arguments, TLS, authentication and protocol.
 Before it starts, its idle poll of the SuperLink (3 s in Flower 1.42) and its wait for the
 ClientApp's reply (0.5 s) are capped at ``FEDMM_SUPERNODE_POLL_INTERVAL`` seconds (the site
@@ -24,7 +24,7 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from fedmm.flower_waits import cap_sleeps, quick_object_pulls
+    from fedmm.runtime.flower_waits import cap_sleeps, quick_object_pulls
 
     raw = os.environ.get(POLL_ENV, "")
     # A SuperNode that waits for a message's arrays cannot receive anything else: give up after

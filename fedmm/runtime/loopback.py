@@ -22,7 +22,7 @@ from pathlib import Path
 __all__ = ["LoopbackDeployment", "free_port"]
 
 BIN = Path(sys.executable).parent
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 CLI_POLL = 1.5  # seconds between checks that start a `flwr` process
@@ -92,7 +92,7 @@ class LoopbackDeployment:
 
     def start_federation(self, sites: tuple[str, ...], *, site_lines: str = "") -> None:
         """Certificates, the server, each site's key registered, each site started; wait until all are online."""
-        from fedmm.deploy import write_connection
+        from fedmm.runtime.deploy import write_connection
 
         pki = self.root / "pki"
         for args in (("certs", "init", str(pki)), ("certs", "site", str(pki), *sites)):

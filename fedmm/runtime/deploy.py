@@ -43,8 +43,8 @@ from typing import Any
 
 from fedmm import protocol
 from fedmm.errors import ConfigError
-from fedmm.executor import SECRET_FILE, make_secret
-from fedmm.supernode import POLL_ENV
+from fedmm.runtime.executor import SECRET_FILE, make_secret
+from fedmm.runtime.supernode import POLL_ENV
 
 __all__ = ["SiteSettings", "executor_command", "flower_env", "run_server", "run_site", "server_command", "supernode_command", "write_connection"]
 
@@ -70,7 +70,7 @@ class SiteSettings:
     min_noise_multiplier: float = 0.5
     require_dp: bool = True
     clientapp_port: int = 9094  # the SuperNode's local Runtime API port (its ClientApp executor connects there)
-    # "fedmm": one long-lived ClientApp executor (fedmm.executor) and short SuperNode waits (fedmm.supernode);
+    # "fedmm": one long-lived ClientApp executor (fedmm.runtime.executor) and short SuperNode waits (fedmm.runtime.supernode);
     # "flower": Flower's defaults, a new flwr-clientapp process for every message and a 3 s idle poll.
     runtime: str = "fedmm"
     poll_interval: float = 0.1  # seconds the SuperNode waits between asks to the SuperLink (runtime "fedmm")
@@ -185,7 +185,7 @@ def supernode_command(site: SiteSettings) -> list[str]:
     if site.runtime == "flower":
         command = [str(Path(sys.executable).parent / "flower-supernode")]
     else:
-        command = [sys.executable, "-m", "fedmm.supernode", "--isolation", "process",
+        command = [sys.executable, "-m", "fedmm.runtime.supernode", "--isolation", "process",
                    "--superexec-auth-secret-file", str(site.state_dir / SECRET_FILE)]
     return command + [
         "--superlink", site.superlink, "--root-certificates", str(site.ca), "--auth-supernode-private-key", str(site.key),
@@ -194,9 +194,9 @@ def supernode_command(site: SiteSettings) -> list[str]:
 
 
 def executor_command(site: SiteSettings) -> list[str]:
-    """The site's long-lived ClientApp executor (:mod:`fedmm.executor`), for runtime "fedmm"."""
+    """The site's long-lived ClientApp executor (:mod:`fedmm.runtime.executor`), for runtime "fedmm"."""
     return [
-        sys.executable, "-m", "fedmm.executor", "--runtime-api-address", f"127.0.0.1:{site.clientapp_port}",
+        sys.executable, "-m", "fedmm.runtime.executor", "--runtime-api-address", f"127.0.0.1:{site.clientapp_port}",
         "--secret-file", str(site.state_dir / SECRET_FILE),
     ]
 

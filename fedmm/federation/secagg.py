@@ -52,9 +52,9 @@ from flwr.serverapp import Grid
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError, SitesExhausted
-from fedmm.federation import FederationBook, SitePrivacy, check_update
+from fedmm.federation.book import FederationBook, SitePrivacy, check_update
 from fedmm.privacy.client_dp import ClientDPPlan
-from fedmm.site_io import SecAggParams
+from fedmm.secure.params import SecAggParams
 
 __all__ = ["SecureFedMM", "FedMMSecAggPlus", "secagg_params", "make_workflow"]
 

@@ -57,7 +57,7 @@ class SimulationOutcome:
 
 def find_app_dir() -> Path:
     """The folder holding fedmm's ``pyproject.toml`` (the Flower App)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file() or not (root / "server" / "app.py").is_file():
         raise FederationError(
             f"cannot find the fedmm Flower App next to {root}: `fedmm simulate` runs from a checkout of the "

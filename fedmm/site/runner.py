@@ -3,7 +3,7 @@
 The ClientApp turns a Flower message into a :class:`RoundRequest` and the
 :class:`RoundResponse` back into a reply. Everything in between (the site's own policy
 and ledger, training, what leaves the site) is here. A long-lived process (a simulation
-worker, or a deployed site's executor, :mod:`fedmm.executor`) keeps the site's data
+worker, or a deployed site's executor, :mod:`fedmm.runtime.executor`) keeps the site's data
 loaded between rounds.
 """
 
@@ -23,8 +23,10 @@ from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.privacy.policy import site_policy
 from fedmm.secure.update import prepare_update
-from fedmm.site_io import RoundRequest, RoundResponse
-from fedmm.site import SiteState, site_data, train_round
+from fedmm.site.io import RoundRequest, RoundResponse
+from fedmm.plan import RunPlan
+from fedmm.site.data import site_data
+from fedmm.site.round import SiteState, train_round
 
 __all__ = ["run_round"]
 
@@ -43,7 +45,7 @@ def _data(node_config: dict[str, Any], cfg: RunConfig) -> tuple[str, Any]:
 def run_round(req: RoundRequest) -> RoundResponse:
     """Train this site for the round ``req.config`` describes; the site's own policy and ledger decide."""
     torch.set_num_threads(1)
-    cfg = RunConfig.from_run_config(req.run_config)
+    cfg = RunPlan.from_run_config(req.run_config).config  # every part checked, before any data is read
     site, data = _data(req.node_config, cfg)
     state = SiteState.from_json(req.saved_state) if req.saved_state else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
     server_round = req.config.get(protocol.SERVER_ROUND)

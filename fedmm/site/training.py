@@ -31,16 +31,17 @@ import numpy as np
 import torch
 from opacus.data_loader import DPDataLoader
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from fedmm.config import GradSampleMode
 from fedmm.data.augment import Augmenter
 from fedmm.data.schema import MultimodalDataset
-from fedmm.models.objective import Objective, OutputLayout
+from fedmm.models.evaluation import evaluate, make_dataset, output_layout, task_accuracies
+from fedmm.models.objective import Objective
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ghost import PrivacyEngine
 
-__all__ = ["DPSettings", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]
+__all__ = ["DPSettings", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,22 +68,6 @@ def poisson_steps_per_epoch(num_examples: int, batch_size: int) -> int:
     (93, 92)
     """
     return int(1 / (1 / steps_per_epoch(num_examples, batch_size)))
-
-
-def make_dataset(ds: MultimodalDataset) -> TensorDataset:
-    """Wrap aligned arrays as ``(*modalities, present, label, *task_labels)`` tensors.
-
-    An auxiliary task's labels index its classes in ``ds.schema.tasks``; a value the
-    schema does not list (a speaker the server has never seen) is -1, which the
-    objective ignores.
-    """
-    tensors = [torch.from_numpy(np.array(ds.features[name])) for name in ds.schema.names]
-    tasks = []
-    for name, classes in ds.schema.tasks:
-        index = {c: i for i, c in enumerate(classes)}
-        values = ds.groups.get(name, np.full(len(ds), None))
-        tasks.append(torch.tensor([index.get(str(v), -1) for v in values], dtype=torch.long))
-    return TensorDataset(*tensors, torch.from_numpy(ds.present.astype(np.float32)), torch.from_numpy(np.array(ds.label)), *tasks)
 
 
 def drop_modalities(inputs: list[torch.Tensor], p: float, generator: torch.Generator) -> list[torch.Tensor]:
@@ -159,7 +144,7 @@ def train(
     else:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    criterion: nn.Module = objective if objective is not None else Objective(_layout(model, ds), class_weights=class_weights)
+    criterion: nn.Module = objective if objective is not None else Objective(output_layout(model, ds), class_weights=class_weights)
     modality_count = len(ds.schema.modalities)
     dropout_rng = torch.Generator().manual_seed(seed + 1)  # its own stream: the sampler's draws stay as they were
     trained: nn.Module = model
@@ -231,47 +216,3 @@ def _unwrap(wrapped: nn.Module) -> None:
     remove = getattr(wrapped, "_close", None)
     if callable(remove):
         remove()
-
-
-def _layout(model: nn.Module, ds: MultimodalDataset) -> OutputLayout:
-    """The model's output layout (set by ModelRecipe.build), or a plain classifier's."""
-    layout = getattr(model, "output_layout", None)
-    return layout if layout is not None else OutputLayout((("label", ds.schema.num_classes, 1.0),), len(ds.schema.modalities))
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, ds: MultimodalDataset, batch_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The model's outputs on ``ds`` and its labels (main, then auxiliary tasks)."""
-    model.eval()
-    m = len(ds.schema.modalities)
-    outputs, labels = [], []
-    for batch in DataLoader(make_dataset(ds), batch_size=batch_size):
-        outputs.append(model(*batch[: m + 1]))
-        labels.append(batch[m + 1 :])
-    if not outputs:
-        return torch.zeros(0, _layout(model, ds).width), [torch.zeros(0, dtype=torch.long) for _ in range(1 + len(ds.schema.tasks))]
-    return torch.cat(outputs), [torch.cat(column) for column in zip(*labels)]
-
-
-def evaluate(model: nn.Module, ds: MultimodalDataset, *, batch_size: int = 512) -> tuple[float, float]:
-    """Return ``(mean cross-entropy, accuracy)`` of the main task on the labelled samples of ``ds``."""
-    ds = ds.labelled()
-    output, labels = _predict(model, ds, batch_size)
-    logits = _layout(model, ds).logits(output)
-    n = max(1, len(ds))
-    loss = float(nn.functional.cross_entropy(logits, labels[0], reduction="sum")) if len(ds) else 0.0
-    return loss / n, int((logits.argmax(dim=1) == labels[0]).sum()) / n
-
-
-def task_accuracies(model: nn.Module, ds: MultimodalDataset, *, batch_size: int = 512) -> dict[str, float]:
-    """Accuracy of each auxiliary task on the samples whose task label is known."""
-    if not ds.schema.tasks:
-        return {}
-    output, labels = _predict(model, ds, batch_size)
-    layout = _layout(model, ds)
-    out = {}
-    for t, (name, _) in enumerate(ds.schema.tasks, start=1):
-        known = labels[t] >= 0
-        hits = (layout.logits(output, t).argmax(dim=1) == labels[t]) & known
-        out[name] = int(hits.sum()) / max(1, int(known.sum()))
-    return out

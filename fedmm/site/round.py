@@ -6,7 +6,6 @@ ClientApp only translates Flower messages to and from :func:`train_round`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import zlib
@@ -16,18 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.data.augment import Augmenter, parse_augment
+from fedmm.data.augment import Augmenter
 from fedmm.data.schema import MultimodalDataset, Schema
-from fedmm.errors import BudgetExceededError, ConfigError, FederationError, PrivacyError
-from fedmm.models import ModelRecipe
+from fedmm.errors import BudgetExceededError, FederationError, PrivacyError
 from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
 from fedmm.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedmm.privacy.policy import SitePolicy
-from fedmm.training import DPSettings, balanced_class_weights, poisson_steps_per_epoch, steps_per_epoch, train
+from fedmm.plan import RunPlan
+from fedmm.site.data import class_weights
+from fedmm.site.training import DPSettings, poisson_steps_per_epoch, steps_per_epoch, train
 
-__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "site_data", "class_weights", "train_round", "data_digest"]
+__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "train_round", "data_digest"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,8 @@ def train_round(
         )
     if cfg.dp and (policy is None) != (ledger is None):
         raise PrivacyError(f"site {site}: a site policy needs its ledger and a ledger its policy; got only one")
-    recipe = ModelRecipe.from_config(cfg)
+    run_plan = RunPlan.from_config(cfg)
+    recipe = run_plan.model
     server_schema = Schema.from_json(expected_schema) if expected_schema is not None else None
     arrays = recipe.prepare(data, tasks_from=server_schema).labelled()
     if expected_schema is not None and expected_schema != arrays.schema.to_json():
@@ -195,11 +195,10 @@ def train_round(
         )
     steps_before = state.accountant.steps
     round_seed = zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode())
-    plan_aug = parse_augment(cfg.augment)
-    augmenter = Augmenter(arrays.schema, plan_aug, seed=round_seed) if plan_aug else None
+    augmenter = Augmenter(arrays.schema, run_plan.augment, seed=round_seed) if run_plan.augment else None
     loss = train(
         model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate if cfg.learning_rate is not None else recipe.learning_rate(arrays.schema),
+        learning_rate=run_plan.learning_rate(arrays.schema),
         momentum=cfg.momentum, seed=round_seed, dp=dp, augmenter=augmenter,
         balanced_sampler=cfg.balanced_sampler, objective=recipe.objective(arrays.schema, class_weights(cfg, arrays)),
         modality_dropout=recipe.options.modality_dropout,
@@ -234,69 +233,3 @@ def data_digest(ds: MultimodalDataset) -> str:
         digest.update(np.ascontiguousarray(ds.features[name]).tobytes())
     digest.update(np.ascontiguousarray(ds.label).tobytes())
     return digest.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=2)
-def _site_data_cache(source: object, dp: bool) -> MultimodalDataset:
-    from fedmm.data.preprocess import standardise_site
-
-    return standardise_site(source.pool, site_statistics=not dp)  # type: ignore[attr-defined]
-
-
-def class_weights(cfg: RunConfig, data: MultimodalDataset) -> torch.Tensor | None:
-    """The loss's class weights: fixed ones from the config (checked against the classes),
-    ``balanced`` from the site's own labels (RunConfig refuses that under DP), or None."""
-    fixed = cfg.fixed_class_weights()
-    if fixed is not None:
-        if len(fixed) != data.schema.num_classes:
-            raise ConfigError(
-                "class-weights", f"has {len(fixed)} weights for {data.schema.num_classes} classes {list(data.schema.classes)}",
-                value=cfg.class_weights, fix="give one weight per class, in class order",
-            )
-        return torch.tensor(fixed, dtype=torch.float32)
-    if cfg.class_weights.strip() == "balanced":
-        return balanced_class_weights(data.label, data.schema.num_classes)
-    return None
-
-
-def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, MultimodalDataset]:
-    """Which site this node is, and its training data.
-
-    - ``data`` in the node config (deployment): the site's own source, e.g.
-      ``data='manifest:/srv/site/manifest.csv'``, trained on whole; its name is the
-      node config's ``site`` (or the source's);
-    - ``site`` alone: that site of the federation simulated from the run config;
-    - ``partition-id`` (simulation): the site with that index.
-
-    >>> site_data({"partition-id": 1, "num-partitions": 6}, RunConfig())[0]
-    'jackson'
-    """
-    from fedmm.data.partition import FederationPlan, build_federation
-    from fedmm.data.preprocess import Preprocessing
-    from fedmm.data.sources import load_source
-
-    prep = Preprocessing.from_config(cfg)
-    if protocol.NODE_DATA in node_config:
-        spec = str(node_config[protocol.NODE_DATA])
-        source = load_source(spec, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=0.0)
-        name = str(node_config.get(protocol.NODE_SITE, spec))
-        if len(source.pool) == 0:
-            raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
-        return name, _site_data_cache(source, cfg.dp)
-    source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
-    federation = build_federation(source, FederationPlan.from_config(cfg))
-    if protocol.NODE_SITE in node_config:
-        name = str(node_config[protocol.NODE_SITE])
-        if name not in federation.names:
-            raise ConfigError("node-config site", f"not a site of {cfg.data}", value=name, fix=f"use one of {', '.join(federation.names)}")
-        return name, federation.site(name)
-    if protocol.NODE_PARTITION_ID not in node_config:
-        raise ConfigError("node-config", "has neither 'site', 'data' nor 'partition-id'", value=dict(node_config), fix="start the SuperNode with --node-config \"site='george'\"")
-    partition = int(node_config[protocol.NODE_PARTITION_ID])  # type: ignore[call-overload]
-    available = len(federation.names)
-    if not 0 <= partition < available:
-        raise ConfigError(
-            "sites", f"simulation node with partition-id {partition}, but only {available} sites are configured",
-            value=cfg.sites, fix=f"run with as many supernodes as sites, e.g. --federation-config \"num-supernodes={available}\"",
-        )
-    return federation.names[partition], federation.sites[partition]

@@ -1,38 +1,19 @@
 """The plain data a site's round takes and gives (light: numpy only, no PyTorch).
 
 Shared by the ClientApp, which imports nothing heavy for SecAgg+'s protocol stages, and
-:func:`fedmm.site_round.run_round`.
+:func:`fedmm.site.runner.run_round`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["SecAggParams", "RoundRequest", "RoundResponse"]
+from fedmm.secure.params import SecAggParams
 
-
-@dataclass(frozen=True)
-class SecAggParams:
-    """The SecAgg+ quantisation settings of a round, as the protocol's setup stage gave them."""
-
-    clip_range: float
-    max_weight: float
-    target_range: int
-    threshold: int  # the fewest updates a completed round can aggregate
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any] | None) -> SecAggParams:
-        """Read them from the node state Flower's ``secaggplus_mod`` keeps (``secaggplus_state``)."""
-        if state is None:
-            raise ValueError("no SecAgg+ state at this site: the setup stage did not run before training")
-        return cls(
-            clip_range=float(state["clipping_range"]), max_weight=float(state["max_weight"]),
-            target_range=int(state["target_range"]), threshold=int(state["threshold"]),
-        )
+__all__ = ["SecAggParams", "RoundRequest", "RoundResponse"]  # SecAggParams: from fedmm.secure.params
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""The server's side of a federation, testable without a running Flower server.
+
+- ``fedmm.federation.book``: :class:`FederationBook` (per-site privacy reports as a
+  maximum, refusals, rejected updates, min-sites, client-level DP) and
+  :func:`check_update`, the checks an update passes before anything is summed;
+- ``fedmm.federation.strategy``: :class:`FedMMAvg` (plain aggregation) and the central
+  evaluation on the server's held-out set;
+- ``fedmm.federation.secagg``: the same book on Flower's SecAgg+ (legacy) workflow;
+- ``fedmm.federation.artifacts``: a run's folder (config, metrics, checkpoints, model,
+  summary, privacy witness).
+
+May import: ``fedmm.config``/``errors``/``protocol``, ``fedmm.data``, ``fedmm.models``,
+``fedmm.privacy``, ``fedmm.secure``, ``fedmm.plan`` and ``fedmm.site``; never
+``fedmm.runtime`` or the top-level ``server``/``clients``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SitePrivacy": "fedmm.federation.book",
+    "FederationBook": "fedmm.federation.book",
+    "check_update": "fedmm.federation.book",
+    "aggregate_train_metrics": "fedmm.federation.book",
+    "FedMMAvg": "fedmm.federation.strategy",
+    "make_central_evaluation": "fedmm.federation.strategy",
+    "SecureFedMM": "fedmm.federation.secagg",
+    "FedMMSecAggPlus": "fedmm.federation.secagg",
+    "make_workflow": "fedmm.federation.secagg",
+    "RunArtifacts": "fedmm.federation.artifacts",
+    "new_run_id": "fedmm.federation.artifacts",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fedmm.federation' has no attribute {name!r}")

@@ -1,0 +1,100 @@
+"""A run's parts, built once from its configuration: the one place that resolves ``auto``.
+
+:class:`fedmm.config.RunConfig` checks each value on its own. :class:`RunPlan` builds
+what the run is made of from it, and so checks everything that needs the rest of
+fedmm: the preprocessing of each modality, the model recipe (fusion and encoders), the
+simulated federation, the augmentation, the simulated sites' budgets and client-level
+DP. The server and every site build the same plan from the same run config.
+
+:meth:`RunPlan.resolved` is the configuration with every ``auto`` replaced by what
+the run uses; the server writes it to ``config.toml``, so a run replays with the same
+values even if a later fedmm changes a default. Two values depend on more than the
+configuration and are recorded where they are decided: the noise multiplier (per
+site, from its data size; ``privacy.json``) and the partitioner a natural split uses
+(``federation.json``, and ``config.toml`` when the server holds the data).
+
+>>> plan = RunPlan.from_run_config({"rounds": 3})
+>>> plan.model.fusion, plan.model.options.image_encoder
+('concat', 'scattering')
+>>> RunPlan.from_run_config({"model": "fusion-of-everything"})
+Traceback (most recent call last):
+...
+fedmm.errors.ConfigError: config key 'model': unknown model (got 'fusion-of-everything'). Fix: use auto or one of: attention, concat, embedding, gated, late
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedmm.config import RunConfig
+from fedmm.data.augment import parse_augment
+from fedmm.data.partition import FederationPlan
+from fedmm.data.preprocess import Preprocessing
+from fedmm.data.schema import ModalityKind, Schema
+from fedmm.models.recipe import ModelRecipe
+from fedmm.privacy.client_dp import ClientDPPlan
+from fedmm.privacy.policy import parse_site_budgets
+
+__all__ = ["RunPlan"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run is made of, checked together.
+
+    Build it with :meth:`from_config` (or :meth:`from_run_config` from Flower's flat
+    mapping); the fields are the parts each consumer needs.
+    """
+
+    config: RunConfig
+    preprocessing: Preprocessing
+    model: ModelRecipe
+    federation: FederationPlan
+    augment: Mapping[ModalityKind, tuple[str, ...]]
+    site_budgets: Mapping[str, float]  # simulated sites' lifetime budgets ("*": every other site)
+    client_dp: ClientDPPlan | None
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> RunPlan:
+        """Build and check every part of the run described by ``cfg``.
+
+        Raises
+        ------
+        fedmm.errors.ConfigError
+            Naming the key, the value and the fix, for anything a part refuses.
+        """
+        return cls(
+            config=cfg,
+            preprocessing=Preprocessing.from_config(cfg),
+            model=ModelRecipe.from_config(cfg),
+            federation=FederationPlan.from_config(cfg),
+            augment=parse_augment(cfg.augment),
+            site_budgets=parse_site_budgets(cfg.site_budgets, cfg.target_epsilon),
+            client_dp=ClientDPPlan.from_config(cfg),
+        )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunPlan:
+        """:meth:`from_config` of :meth:`RunConfig.from_run_config` (unknown keys, types, ranges first)."""
+        return cls.from_config(RunConfig.from_run_config(run_config))
+
+    def learning_rate(self, schema: Schema) -> float:
+        """The sites' SGD learning rate: ``learning-rate``, or the model's tuned rate for ``auto``."""
+        if self.config.learning_rate is not None:
+            return self.config.learning_rate
+        return self.model.learning_rate(schema)
+
+    def resolved(self, *, schema: Schema | None = None, partitioner: str | None = None) -> RunConfig:
+        """The configuration with every ``auto`` this plan can decide replaced by its value.
+
+        ``schema`` (the model's input schema) decides ``learning-rate=auto``;
+        ``partitioner`` is the one the federation used (``Federation.partitioner``).
+        """
+        changes: dict[str, Any] = {"model": self.model.fusion, "image_encoder": self.model.options.image_encoder}
+        if schema is not None:
+            changes["learning_rate"] = self.learning_rate(schema)
+        if partitioner is not None:
+            changes["partitioner"] = partitioner
+        return self.config.replace(**changes)
