@@ -103,15 +103,15 @@ def _load_preset(path: Path | None) -> dict[str, Any]:
 def _print_summary(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
-    table = Table(title=f"fedmm run {summary['run_id']}")
-    for column in ("site", "epsilon", "budget", "delta", "accountant", "noise multiplier", "sample rate", "steps", "status"):
-        table.add_column(column)
+    table = Table(title=f"fedmm run {summary['run_id']} (q: sample rate, noise: noise multiplier)", show_edge=False)  # 80 columns
+    for column in ("site", "epsilon", "budget", "delta", "acct", "noise", "q", "steps", "status"):
+        table.add_column(column, overflow="fold", no_wrap=column == "site")
     for site in privacy:
         budget = site.get("epsilon_budget")
         table.add_row(
             site["site"], f"{site['epsilon']:.3f}", "" if budget is None else f"{budget:g}", f"{site['delta']:g}", site["accountant"],
             f"{site['noise_multiplier']:.3f}", f"{site['sample_rate']:.4f}", str(site["steps"]),
-            "stopped: budget/policy" if site.get("refused") else "trained every round",
+            "stopped" if site.get("refused") else "trained",
         )
     if privacy:
         console.print(table)
@@ -308,9 +308,9 @@ def _plan_table(run_plan: RunPlan, federation: Any) -> Table:
     import warnings
 
     cfg, budgets, recipe = run_plan.config, run_plan.site_budgets, run_plan.model
-    table = Table(title=f"DP plan: target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g} ({cfg.accountant}) over {cfg.rounds} rounds")
-    for column in ("site", "records", "sample rate", "steps/round", "noise multiplier", "planned epsilon", "site budget", "rounds within budget"):
-        table.add_column(column)
+    table = Table(title=f"DP plan: target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g} ({cfg.accountant}) over {cfg.rounds} rounds; q: sample rate, noise: noise multiplier")
+    for column in ("site", "records", "q", "steps/rd", "noise", "epsilon", "budget", "rounds"):
+        table.add_column(column, overflow="fold")
     for name, ds in zip(federation.names, federation.sites):
         with warnings.catch_warnings():
             # Opacus notes when RDP's best order is its largest (a looser bound, still valid); the table names the accountant.

@@ -162,4 +162,5 @@ def main(grid: Grid, context: Context) -> None:
         final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped,
         client_epsilon=strategy.client_epsilon, rejected=strategy.rejected, unaggregated_spends=strategy.unaggregated_spends,
     )
-    log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], summary["max_epsilon"], artifacts.dir)
+    eps = summary["max_epsilon"]
+    log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], "none" if eps is None else f"{eps:.3f}", artifacts.dir)
