@@ -1,0 +1,37 @@
+"""The ``fedmm`` command (one module per group of commands; ``common`` holds what they share).
+
+- ``fedmm simulate [PRESET] [--set key=value ...]`` runs a federation offline and
+  writes ``runs/<run-id>/``; it exits 0 only when the run completed;
+- ``fedmm data check MANIFEST [--lenient]`` validates a manifest and prints counts per
+  modality, class and site (exit 1 on a strict failure);
+- ``fedmm data split [PRESET] [--set ...]`` shows how a simulated federation splits
+  the data (per-site counts per class and modality);
+- ``fedmm plan [PRESET] [--set ...]`` prints each site's DP plan: sample rate, steps,
+  the noise multiplier chosen for the budget, and the rounds each site's own budget allows;
+- ``fedmm server --pki DIR`` and ``fedmm site SITE.toml`` run a deployment: Flower's
+  SuperLink and one SuperNode per site, with TLS and SuperNode authentication (docs/deploy.md);
+- ``fedmm audit LEDGER... [--json] [--html FILE]`` checks site privacy ledgers: spend
+  against budget, runs, last spend, hash chain (exit 1 on a broken chain or a spend over
+  budget).
+- ``fedmm certs init|site|show`` makes a private CA, the SuperLink's TLS certificate
+  and the sites' SuperNode keys, and lists them with expiry (see docs/transport.md).
+
+Exit codes: 0 success, 1 failed run or bad data, 2 bad configuration.
+
+The top floor: may import every part of fedmm (lazily where a library is slow to load,
+so ``fedmm --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fedmm.cli import run, data, privacy  # noqa: F401, I001  each registers its commands on ``app``, in help order
+from fedmm.cli.common import app, parse_overrides
+
+__all__ = ["app", "main", "parse_overrides"]
+
+
+def main() -> None:
+    """Entry point of the ``fedmm`` console script."""
+    sys.exit(app())

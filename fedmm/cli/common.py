@@ -1,0 +1,112 @@
+"""What every ``fedmm`` command shares: the Typer apps, the console, errors to exit codes, run-config input."""
+
+from __future__ import annotations
+
+import contextlib
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+
+from fedmm.config import RunConfig
+from fedmm.errors import ConfigError, FedMMError
+from fedmm.secure.certs_cli import certs_app
+
+if TYPE_CHECKING:
+    from fedmm.plan import RunPlan
+
+__all__ = ["app", "data_app", "console", "exit_on_error", "parse_overrides", "load_preset", "build_plan", "absolute_data", "load_federation"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedmm: private multimodal federated learning.")
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check data and inspect simulated federations.")
+app.add_typer(data_app, name="data")
+app.add_typer(certs_app, name="certs")
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """fedmm: private multimodal federated learning on Flower and Opacus."""
+
+
+@contextlib.contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Print a fedmm error and exit: 2 for configuration, 1 for data and anything else."""
+    try:
+        yield
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except FedMMError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` pairs; values are TOML literals, else plain strings.
+
+    >>> parse_overrides(["dp=false", "rounds=3", "data=avmnist:/data", "target-epsilon=4"])
+    {'dp': False, 'rounds': 3, 'data': 'avmnist:/data', 'target-epsilon': 4}
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(pair, "is not of the form key=value", fix="e.g. --set rounds=3")
+        try:
+            out[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw.strip()
+    return out
+
+
+def load_preset(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError("PRESET", f"preset file {path} not found", fix="give a TOML file such as simulations/avmnist-dp.toml")
+    try:
+        return dict(tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("PRESET", f"{path} is not valid TOML ({err})", fix="correct the file") from err
+
+
+def build_plan(cfg: RunConfig) -> RunPlan:
+    """The run's parts, every key checked (imported late: data and model libraries are slow to load)."""
+    from fedmm.plan import RunPlan
+
+    return RunPlan.from_config(cfg)
+
+
+def absolute_data(spec: str) -> str:
+    """Make a relative data path absolute: Flower's processes do not share this working folder.
+
+    >>> absolute_data("avmnist"), absolute_data("synthetic:100"), absolute_data("manifest:/srv/m.csv")
+    ('avmnist', 'synthetic:100', 'manifest:/srv/m.csv')
+    """
+    name, sep, location = spec.partition(":")
+    if not sep or name == "synthetic" or not location:
+        return spec
+    return f"{name}:{Path(location).expanduser().resolve()}"
+
+
+def load_federation(run_plan: RunPlan) -> Any:
+    """Load and split the data as the sites will, and check the model and augmentation fit it."""
+    from fedmm.data.augment import Augmenter
+    from fedmm.data.partition import build_federation
+    from fedmm.data.sources import load_source
+    from fedmm.site.data import class_weights
+
+    cfg, recipe = run_plan.config, run_plan.model
+    source = load_source(cfg.data, run_plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    federation = build_federation(source, run_plan.federation)
+    test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test()))
+    Augmenter(test.schema, run_plan.augment, seed=0)
+    class_weights(cfg, test)
+    if cfg.dp:
+        recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, test.schema)
+    return federation

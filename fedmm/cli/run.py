@@ -1,0 +1,136 @@
+"""``fedmm simulate``, ``fedmm server`` and ``fedmm site``: the commands that run a federation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, load_federation, load_preset, parse_overrides
+from fedmm.config import RunConfig
+from fedmm.errors import FedMMError
+from fedmm.federation.artifacts import new_run_id
+
+__all__ = ["simulate", "server", "site"]
+
+_MARK = "[fedmm] "
+
+
+def _print_summary(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
+    table = Table(title=f"fedmm run {summary['run_id']} (q: sample rate, noise: noise multiplier)", show_edge=False)  # 80 columns
+    for column in ("site", "epsilon", "budget", "delta", "acct", "noise", "q", "steps", "status"):
+        table.add_column(column, overflow="fold", no_wrap=column == "site")
+    for site in privacy:
+        budget = site.get("epsilon_budget")
+        table.add_row(
+            site["site"], f"{site['epsilon']:.3f}", "" if budget is None else f"{budget:g}", f"{site['delta']:g}", site["accountant"],
+            f"{site['noise_multiplier']:.3f}", f"{site['sample_rate']:.4f}", str(site["steps"]),
+            "stopped" if site.get("refused") else "trained",
+        )
+    if privacy:
+        console.print(table)
+    eps = summary["max_epsilon"]
+    privacy_text = f"max epsilon {eps:.3f} at delta {summary['delta']:g} ({summary['accountant']})" if eps is not None else "no sample-level DP"
+    if summary.get("client_epsilon") is not None:
+        privacy_text += f", client-level epsilon {summary['client_epsilon']:.3f} at delta {summary['client_delta']:g} (rdp)"
+    if summary.get("secure_aggregation"):
+        privacy_text += ", secure aggregation (SecAgg+)"
+    if summary.get("rejected_updates"):
+        console.print(f"[yellow]updates rejected:[/yellow] {summary['rejected_updates']}")
+    if summary.get("stopped"):
+        console.print(f"[yellow]stopped early:[/yellow] {summary['stopped']}")
+    for site in privacy:
+        if site.get("refused"):
+            console.print(f"{site['site']}: {site['refused']}", markup=False, highlight=False)
+    console.print(
+        f"[bold]final accuracy {summary['final_accuracy']:.4f}[/bold] after {summary['rounds']} rounds, "
+        f"{summary['sites']} sites, {privacy_text}; {summary['wall_seconds']:.0f} s in the ServerApp\n"
+        f"artifacts: {run_dir}"
+    )
+
+
+@app.command()
+def simulate(
+    preset: Annotated[Path | None, typer.Argument(help="TOML file of run-config keys (see simulations/)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a run-config key: --set rounds=3")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's whole log")] = False,
+) -> None:
+    """Run a federated simulation offline and write runs/<run-id>/."""
+    from fedmm.runtime.simulation import run_simulation  # imported late: keeps `fedmm --help` fast
+
+    with exit_on_error():
+        values = {**load_preset(preset), **parse_overrides(set_ or [])}
+        cfg = RunConfig.from_run_config(values)
+        cfg = cfg.replace(
+            run_name=cfg.run_name or new_run_id(), data=absolute_data(cfg.data),
+            image_weights=str(Path(cfg.image_weights).expanduser().resolve()) if cfg.image_weights else "",
+        )
+        run_plan = build_plan(cfg)
+        federation = load_federation(run_plan)  # bad data or a bad split fails here, before Flower starts
+    if len(federation.names) != cfg.sites:
+        console.print(f"[red]error:[/red] the federation has {len(federation.names)} sites, sites={cfg.sites}. Fix: set sites={len(federation.names)}")
+        raise typer.Exit(2)
+    if federation.skipped:
+        console.print(f"lenient: skipped {federation.skipped} (see `fedmm data check`)")
+    console.print(f"fedmm: simulating {cfg.sites} sites x {cfg.rounds} rounds, dp={cfg.dp}, data={cfg.data} (run {cfg.run_name})")
+    if cfg.dp:
+        with exit_on_error():
+            from fedmm.cli.privacy import plan_table  # a sibling module: commands register in help order
+
+            console.print(plan_table(run_plan, federation))
+
+    shown: set[str] = set()
+
+    def on_line(line: str) -> None:
+        if verbose:
+            console.print(line, markup=False, highlight=False)
+        elif _MARK in line:
+            text = line.split(_MARK, 1)[1]
+            if text not in shown:  # Flower's log stream can repeat a line
+                shown.add(text)
+                console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        outcome = run_simulation(cfg, on_line=on_line)
+    except FedMMError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+    if not outcome.ok:
+        console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.details}")
+        tail = outcome.log_file.read_text(errors="replace").splitlines()[-30:] if outcome.log_file.is_file() else []
+        console.print("\n".join(tail), markup=False, highlight=False)
+        console.print(f"full log: {outcome.log_file}")
+        raise typer.Exit(1)
+    _print_summary(outcome.run_dir)
+
+
+@app.command()
+def server(
+    pki: Annotated[Path, typer.Option(help="folder made by 'fedmm certs init': ca.crt, server.crt, server.key")],
+    state_dir: Annotated[Path, typer.Option(help="where the SuperLink keeps its database (registered sites, runs)")] = Path("fedmm-server"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="the SuperLink's port (Fleet, Control and Runtime APIs)")] = 9092,
+    in_memory: Annotated[bool, typer.Option(
+        "--in-memory", help="keep the SuperLink's state in memory, not its database: rounds about 2.5x faster, "
+        "but a restarted server has forgotten its registered sites and runs (see docs/deploy.md, Latency)",
+    )] = False,
+) -> None:
+    """Run the federation's server: Flower's SuperLink with TLS, SuperNode authentication, no runtime installs."""
+    from fedmm.runtime.deploy import run_server
+
+    with exit_on_error():
+        raise typer.Exit(run_server(pki, state_dir, host=host, port=port, in_memory=in_memory))
+
+
+@app.command()
+def site(config: Annotated[Path, typer.Argument(help="the site's own TOML file ([site] table, see docs/deploy.md)")]) -> None:
+    """Run one data site: its SuperNode (TLS, its registered key, its own budget and data) and its long-lived ClientApp executor."""
+    from fedmm.runtime.deploy import SiteSettings, run_site
+
+    with exit_on_error():
+        raise typer.Exit(run_site(SiteSettings.load(config)))
