@@ -159,6 +159,7 @@ class RunConfig:
             raise ConfigError("momentum", "must be in [0, 1)", value=self.momentum, fix="e.g. momentum=0.9")
         _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
         _at_least("min-sites", self.min_sites, 1, "e.g. min-sites=1")
+        self._check_min_sites()
         if self.resume and not self.run_name:
             raise ConfigError("resume", "needs the run to continue: set run-name too", value=True, fix="e.g. resume=true run-name='hospital-study-1'")
         if not (math.isfinite(self.site_min_noise_multiplier) and self.site_min_noise_multiplier >= 0):
@@ -194,6 +195,14 @@ class RunConfig:
                 "balanced-sampler", "DP-SGD's accounting assumes Poisson sampling of every record with the same rate; "
                 "a class-balanced sampler breaks the privacy claim", value=True,
                 fix="use fixed class-weights instead, or set dp=false",
+            )
+
+    def _check_min_sites(self) -> None:
+        # Every round would train every site (each spending its budget) and then discard the updates.
+        if self.min_sites > self.sites:
+            raise ConfigError(
+                "min-sites", f"is above sites={self.sites}: no round could ever aggregate, yet every site would train and "
+                "spend its privacy budget first", value=self.min_sites, fix=f"use min-sites <= {self.sites}, e.g. min-sites=1",
             )
 
     def _check_secure_aggregation(self) -> None:

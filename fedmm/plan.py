@@ -4,7 +4,9 @@
 what the run is made of from it, and so checks everything that needs the rest of
 fedmm: the preprocessing of each modality, the model recipe (fusion and encoders), the
 simulated federation, the augmentation, the simulated sites' budgets and client-level
-DP. The server and every site build the same plan from the same run config.
+DP (with distributed noise: that ``secagg-clip-range`` leaves every site's noise share
+whole, :class:`fedmm.privacy.client_dp.ShareCheck`). The server and every site build the
+same plan from the same run config.
 
 :meth:`RunPlan.resolved` is the configuration with every ``auto`` replaced by what
 the run uses; the server writes it to ``config.toml``, so a run replays with the same

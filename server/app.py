@@ -6,7 +6,7 @@ Thin on purpose: configuration, strategy and artifacts live in ``fedmm``.
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -156,6 +156,16 @@ def main(grid: Grid, context: Context) -> None:
         stopped = str(stop)
         log(INFO, "[fedmm] stopped early: %s", stopped)
         final_arrays = strategy.latest_arrays or ArrayRecord(initial)
+    except Exception:
+        # A failed run has no summary, but what its sites spent (every report received) is on record.
+        privacy = sorted(strategy.site_privacy.values(), key=lambda p: p.site)
+        try:
+            artifacts.save_privacy(privacy, rounds=int(final.get("round", done)), client_epsilon=strategy.client_epsilon)
+        except OSError as err:  # the run's own error matters more; say why the record is missing
+            log(WARNING, "[fedmm] could not write privacy.json of the failed run: %s", err)
+        eps = strategy.max_epsilon
+        log(INFO, "[fedmm] run failed; privacy.json records %d site report(s), max epsilon %s", len(privacy), "none" if eps is None else f"{eps:.3f}")
+        raise
     artifacts.save_model(final_arrays.to_torch_state_dict())
     summary = artifacts.finish(
         rounds=int(final["round"]), sites=strategy.sites_last_round, final_accuracy=final["accuracy"],

@@ -94,3 +94,13 @@ def test_every_preset_is_a_valid_run_config() -> None:
 def test_secure_aggregation_and_client_dp_settings_are_range_checked(settings: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         RunConfig.from_run_config(settings)
+
+
+def test_min_sites_above_sites_is_refused_before_any_site_spends() -> None:
+    # Every site would train (and spend its budget) and every update be discarded below min-sites.
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({"sites": 3, "min-sites": 4})
+
+    message = str(err.value)
+    assert "'min-sites'" in message and "(got 4)" in message and "sites=3" in message and "Fix:" in message
+    assert RunConfig.from_run_config({"sites": 3, "min-sites": 3}).min_sites == 3

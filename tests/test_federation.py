@@ -109,7 +109,8 @@ def test_bad_updates_are_rejected_and_counted(bad: np.ndarray, kind: str) -> Non
 
     assert np.allclose(arrays["w"].numpy(), 1.0)  # the two good updates only
     assert strategy.rejected == {kind: 1} and strategy.sites_last_round == 2
-    assert "b" not in strategy.site_privacy  # a rejected update's report is not taken either
+    # The site trained and spent its budget before its update was found unusable: the spend is reported.
+    assert strategy.site_privacy["b"].epsilon == 1.0 and strategy.max_epsilon == 1.0
 
 
 def test_client_dp_rejects_norms_beyond_the_clip_and_noises_the_sum() -> None:
@@ -172,3 +173,42 @@ def test_sites_that_refused_are_not_asked_again(monkeypatch: pytest.MonkeyPatch)
     messages = strategy.configure_train(2, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord({}), None)  # type: ignore[arg-type]
 
     assert [m.metadata.dst_node_id for m in messages] == [8]
+
+
+def test_a_round_that_stops_below_min_sites_still_reports_what_its_sites_spent() -> None:
+    strategy = FedMMAvg(dp=True, sites=3, min_sites=3)
+    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 2.5), _site_reply(2, "b", np.ones(2), 10, 1.0, 3.5), _refusal(3, "c", "site c refuses round 1")]
+
+    with pytest.raises(FederationError, match="fewer than min-sites=3"):
+        strategy.aggregate_train(1, replies)
+
+    assert strategy.max_epsilon == 3.5 and sorted(strategy.site_privacy) == ["a", "b"]
+
+
+def test_a_round_that_fails_still_reports_what_the_other_sites_spent() -> None:
+    strategy = FedMMAvg(dp=True, sites=3)
+    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 4.0), _reply(2, error="site b crashed"), _site_reply(3, "c", np.ones(2), 10, 1.0, 1.0)]
+
+    with pytest.raises(FederationError, match="1 of 3 sites failed"):
+        strategy.aggregate_train(1, replies)
+
+    assert strategy.max_epsilon == 4.0 and sorted(strategy.site_privacy) == ["a", "c"]
+
+
+def test_a_malformed_report_fails_the_round_after_every_good_report_is_kept() -> None:
+    strategy = FedMMAvg(dp=True, sites=3)
+    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, float("nan")), _site_reply(2, "b", np.ones(2), 10, 1.0, 6.0)]
+
+    with pytest.raises(FederationError, match="'epsilon'"):
+        strategy.aggregate_train(1, replies)
+
+    assert strategy.max_epsilon == 6.0
+
+
+def test_a_sites_epsilon_on_record_never_falls() -> None:
+    strategy = FedMMAvg(dp=True, sites=1)
+    strategy.aggregate_train(1, [_site_reply(1, "a", np.ones(2), 10, 1.0, 3.0)])
+
+    strategy.aggregate_train(2, [_site_reply(1, "a", np.ones(2), 10, 1.0, 2.0)])  # a lower report (another delta, a stale copy)
+
+    assert strategy.max_epsilon == 3.0

@@ -54,6 +54,11 @@ def _protocol_app(cfg: RunConfig, updates: dict[int, np.ndarray], weights: dict[
         weight = (1 if cfg.client_dp else 0) if refused else weights[node]
         out = prepare_update(local, {"w": global_w}, cfg, weight=weight, secagg=secagg_params(context))
         metrics = {protocol.TRAIN_LOSS: 1.0, protocol.LAYOUT: LAYOUT, protocol.NUM_EXAMPLES: weights[node], protocol.CLIPPED_VALUES: out.clipped_values}
+        if cfg.dp:  # the site's privacy report rides in its plain metrics, as fedmm's ClientApp sends it
+            metrics.update({
+                protocol.SITE: f"site-{node}", protocol.EPSILON: node / 100, protocol.DELTA: 1e-5, protocol.ACCOUNTANT: "rdp",
+                protocol.NOISE_MULTIPLIER: 1.0, protocol.SAMPLE_RATE: 0.1, protocol.STEPS: 10,
+            })
         if refused:
             metrics = {protocol.SITE: f"site-{node}", protocol.REASON: "out of budget", protocol.EPSILON: 1.0, protocol.BUDGET: 1.0}
         reply = secure_fit_reply(arrays=list(out.arrays.values()), weight=out.weight, metrics=metrics)
@@ -67,8 +72,15 @@ def _protocol_app(cfg: RunConfig, updates: dict[int, np.ndarray], weights: dict[
     return app
 
 
+_STRATEGIES: dict[int, SecureFedMM] = {}  # id(grid) -> the strategy of its last round, for rounds that raise
+
+
+def grid_strategy(grid: LocalGrid) -> SecureFedMM:
+    return _STRATEGIES[id(grid)]
+
+
 def _run_round(cfg: RunConfig, grid: LocalGrid, initial: np.ndarray | None = None) -> SecureFedMM:
-    strategy = SecureFedMM(
+    strategy = _STRATEGIES[id(grid)] = SecureFedMM(
         cfg, initial={"w": np.zeros(SIZE, np.float32) if initial is None else initial}, train_config={}, layout=LAYOUT,
         evaluate_fn=lambda r, arrays: MetricRecord({"loss": 0.0, "accuracy": 0.0}),
     )
@@ -79,7 +91,7 @@ def _run_round(cfg: RunConfig, grid: LocalGrid, initial: np.ndarray | None = Non
 
 
 def _config(sites: int, **changes: object) -> RunConfig:
-    return RunConfig(sites=sites, dp=False, secure_aggregation=True, **changes)  # type: ignore[arg-type]
+    return RunConfig(**{"sites": sites, "dp": False, "secure_aggregation": True, **changes})  # type: ignore[arg-type]
 
 
 def _weighted_mean(updates: dict[int, np.ndarray], weights: dict[int, int], nodes: set[int]) -> np.ndarray:
@@ -192,6 +204,53 @@ def test_a_masked_vector_of_the_wrong_shape_is_rejected_before_the_sum() -> None
     assert np.max(np.abs(strategy.global_arrays["w"] - _weighted_mean(updates, weights, {101, 102, 103}))) <= _bound(cfg, weights, {101, 102, 103})
 
 
+def test_a_rejected_masked_vector_still_reports_what_its_site_spent() -> None:
+    cfg = _config(4, dp=True)
+    app = _protocol_app(cfg, _updates(4, seed=4), _weights(4))
+    grid = LocalGrid(app, [{}] * 4, {})
+    original = grid.app
+
+    def truncating_app(msg: Message, context: Context) -> Message:
+        stage = stage_of(msg)
+        reply = original(msg, context)
+        if context.node_id == 104 and stage == "collect_masked_vectors":
+            record = reply.content.config_records[RECORD_KEY_CONFIGS]
+            record[Key.MASKED_PARAMETERS] = list(record[Key.MASKED_PARAMETERS])[:1]
+        return reply
+
+    grid.app = truncating_app  # type: ignore[assignment]
+
+    strategy = _run_round(cfg, grid)
+
+    assert strategy.rejected == {"shape": 1} and strategy.sites_last_round == 3
+    assert strategy.max_epsilon == 1.04 and sorted(strategy.site_privacy) == ["site-101", "site-102", "site-103", "site-104"]
+
+
+def test_a_round_stopped_before_unmasking_still_reports_what_its_sites_spent() -> None:
+    from fedmm.errors import SitesExhausted
+
+    cfg = _config(3, dp=True, min_sites=3)
+    grid = LocalGrid(_protocol_app(cfg, _updates(3, seed=6), _weights(3), refuse={101}), [{}] * 3, {})
+
+    with pytest.raises(SitesExhausted, match="2 site.* trained.*min-sites=3"):
+        _run_round(cfg, grid)
+
+    strategy = grid_strategy(grid)
+    assert strategy.max_epsilon == 1.03 and sorted(strategy.site_privacy) == ["site-102", "site-103"]
+
+
+def test_a_round_that_cannot_be_unmasked_still_reports_what_its_sites_spent() -> None:
+    cfg = _config(10, dp=True)
+    gone = {101, 102, 103, 104}
+    grid = LocalGrid(_protocol_app(cfg, _updates(10, seed=3), _weights(10)), [{}] * 10, {}, drop=lambda node, msg: node in gone and stage_of(msg) == "unmask")
+
+    with pytest.raises(FederationError, match="secure aggregation could not finish"):
+        _run_round(cfg, grid)
+
+    strategy = grid_strategy(grid)
+    assert strategy.max_epsilon == 1.1 and len(strategy.site_privacy) == 10  # every masked vector came with its report
+
+
 def test_values_beyond_the_quantisation_range_are_clipped_on_purpose_and_counted() -> None:
     cfg = _config(3, secagg_clip_range=0.01)
     updates, weights = _updates(3, seed=5), _weights(3)
@@ -294,3 +353,14 @@ def test_a_private_secure_run_end_to_end_with_fedmm_sites(tmp_path: Path) -> Non
     for path in ledgers:
         report = audit_ledger(path)
         assert report.ok and len(report.entries) == 3, report
+
+
+@pytest.mark.parametrize(("sites", "shares", "threshold"), [(2, 1.0, 0.67), (3, 1.0, 0.67), (5, 1.0, 0.67), (7, 0.5, 0.8), (7, 5.0, 3.0)])
+def test_the_plans_threshold_is_flowers(sites: int, shares: float, threshold: float) -> None:
+    # fedmm.privacy.client_dp mirrors the threshold Flower's SecAgg+ sets, to bound each site's noise share.
+    from fedmm.privacy.client_dp import secagg_threshold
+
+    cfg = _config(sites, secagg_shares=shares, secagg_threshold=threshold)
+    strategy = _run_round(cfg, LocalGrid(_protocol_app(cfg, _updates(sites), _weights(sites)), [{}] * sites, {}))
+
+    assert strategy.threshold == secagg_threshold(shares, threshold, sites)

@@ -107,8 +107,11 @@ def test_a_failing_site_fails_the_run_with_its_reason(tmp_path: Path) -> None:
     done = _simulate(tmp_path, "rounds=1", "sites=2", f"site-state-dir={json.dumps(str(blocker))}", 'run-name="failing"')
 
     assert done.returncode == 1
-    assert "cannot create the privacy ledger's folder" in done.stdout and str(blocker) in done.stdout
+    # a lasting site-state-dir holds ledgers made with `fedmm ledger init`; none can be there (it is a file)
+    assert "no privacy ledger at" in done.stdout and "fedmm ledger init" in done.stdout and str(blocker) in done.stdout
     assert not (tmp_path / "failing" / "summary.json").exists()
+    # A failed run still records what its sites spent: here nothing (no site could keep a ledger).
+    assert json.loads((tmp_path / "failing" / "privacy.json").read_text())["sites"] == []
     assert _flower_processes() <= before
 
 

@@ -13,6 +13,8 @@
 - ``fedmm audit LEDGER... [--json] [--html FILE]`` checks site privacy ledgers: spend
   against budget, runs, last spend, hash chain (exit 1 on a broken chain or a spend over
   budget).
+- ``fedmm ledger init STATE_DIR --site NAME`` makes a site's first privacy ledger (once,
+  logged); ``--replace-lost`` replaces one lost for good, carrying its spend over;
 - ``fedmm certs init|site|show`` makes a private CA, the SuperLink's TLS certificate
   and the sites' SuperNode keys, and lists them with expiry (see docs/transport.md).
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-from fedmm.cli import run, data, privacy  # noqa: F401, I001  each registers its commands on ``app``, in help order
+from fedmm.cli import run, data, privacy, ledger  # noqa: F401, I001  each registers its commands on ``app``, in help order
 from fedmm.cli.common import app, parse_overrides
 
 __all__ = ["app", "main", "parse_overrides"]

@@ -65,6 +65,8 @@ def plan(
         run_plan = build_plan(cfg)
         if cfg.client_dp:
             console.print(_client_level_line(cfg))
+        if run_plan.client_dp is not None and run_plan.client_dp.share is not None:
+            console.print(_share_line(run_plan.client_dp.share), markup=False, highlight=False)
         if not cfg.dp:
             console.print("dp=false: no sample-level privacy plan (the sites' records are not protected by DP-SGD)")
             return
@@ -90,24 +92,45 @@ def _client_level_line(cfg: RunConfig) -> str:
     return line
 
 
+def _share_line(share: Any) -> str:
+    """Distributed noise against secagg-clip-range (:class:`fedmm.privacy.client_dp.ShareCheck`): the check the plan passed."""
+    from fedmm.privacy.client_dp import SHARE_TRUNCATION_Z, share_truncation_probability
+
+    return (
+        f"distributed noise share: std up to {share.std:.4g} (for {share.parties} parties: the smallest SecAgg+ threshold of a round that can be unmasked); "
+        f"needs secagg-clip-range >= client-clip-norm + {SHARE_TRUNCATION_Z:g} x std = {share.bound:.4g} "
+        f"(a value clipped with probability < {share_truncation_probability():.1e}); secagg-clip-range {share.clip_range:g}: "
+        + ("ok" if share.ok else "TOO SMALL")
+    )
+
+
 @app.command()
 def audit(
     ledgers: Annotated[list[Path], typer.Argument(help="site ledgers (ledger.sqlite), or folders to search for them")],
     as_json: Annotated[bool, typer.Option("--json", help="print the audit as JSON: every entry and its recomputed epsilon")] = False,
     html_file: Annotated[Path | None, typer.Option("--html", help="also write an HTML report with a plot of epsilon over spends")] = None,
+    witness: Annotated[list[Path] | None, typer.Option(
+        "--witness", help="a run's privacy.json (the server's record of each site's ledger head): every site it names must match",
+    )] = None,
 ) -> None:
-    """Check site privacy ledgers: spend against budget, runs, last spend, and the hash chain.
+    """Check site privacy ledgers (read-only): spend against budget, runs, last spend, the hash chain, and witnesses.
 
-    Exit 0 when every ledger is intact and within budget, 1 otherwise, 2 when no ledger is found.
+    Exit 0 when every ledger is intact, within budget and agrees with every witness; 1 otherwise;
+    2 when no ledger is found.
     """
-    from fedmm.privacy.audit import audit_ledger, render_html
+    from fedmm.privacy.audit import audit_ledger, load_witness, render_html
     from fedmm.privacy.ledger import find_ledgers
 
     with exit_on_error():
         paths = find_ledgers(ledgers)
         if not paths:
             raise ConfigError("LEDGER", "no ledger.sqlite found", value=[str(p) for p in ledgers], fix="give a site's ledger file or its state directory")
-        audits = [audit_ledger(p) for p in paths]
+        witnesses = {str(w): load_witness(w) for w in witness or []}
+        audits = [audit_ledger(p, witnesses=witnesses) for p in paths]
+    audited = {a.site for a in audits}
+    for source, heads in witnesses.items():
+        for missing in sorted(set(heads) - audited):
+            audits.append(audit_ledger(Path(f"(no ledger given for site {missing}, named by {source})")))
     ok = all(a.ok for a in audits)
     if html_file is not None:
         html_file.write_text(render_html(audits), encoding="utf-8")
@@ -127,6 +150,8 @@ def audit(
         for a in audits:
             for problem in a.problems:
                 console.print(f"[red]{a.site}:[/red] {problem}  ({a.path})")
+            for note in a.notes:
+                console.print(f"[yellow]{a.site}:[/yellow] {note}")
         console.print("[green]every ledger intact and within budget[/green]" if ok else "[red]audit failed[/red]")
         if html_file is not None:
             console.print(f"HTML report: {html_file}")

@@ -35,7 +35,10 @@ def _print_summary(run_dir: Path) -> None:
     if privacy:
         console.print(table)
     eps = summary["max_epsilon"]
-    privacy_text = f"max epsilon {eps:.3f} at delta {summary['delta']:g} ({summary['accountant']})" if eps is not None else "no sample-level DP"
+    if eps is not None:
+        privacy_text = f"max epsilon {eps:.3f} at delta {summary['delta']:g} ({summary['accountant']})"
+    else:  # with dp=true every report received is in privacy.json: none means no site trained
+        privacy_text = "sample-level DP, but no site trained (no budget spent)" if summary.get("dp") else "no sample-level DP"
     if summary.get("client_epsilon") is not None:
         privacy_text += f", client-level epsilon {summary['client_epsilon']:.3f} at delta {summary['client_delta']:g} (rdp)"
     if summary.get("secure_aggregation"):

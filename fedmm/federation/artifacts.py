@@ -136,6 +136,23 @@ class RunArtifacts:
         torch.save(dict(state_dict), tmp)
         os.replace(tmp, self.dir / "model.pt")
 
+    def save_privacy(self, privacy: Iterable[Any], *, rounds: int, client_epsilon: float | None = None) -> list[dict[str, Any]]:
+        """Write ``privacy.json``: every site report the server received, and the client-level guarantee.
+
+        :meth:`finish` writes it with the summary; a run that fails writes it alone, so what
+        its sites spent is on record even without a summary. Returns the site reports.
+        """
+        site_reports = [{"site": p.site, **{k: v for k, v in dataclasses.asdict(p).items() if k != "site"}} for p in privacy]
+        client_level = None
+        if self.cfg.client_dp:
+            client_level = {
+                "epsilon": client_epsilon, "delta": self.cfg.client_delta, "accountant": "rdp",
+                "noise_multiplier": self.cfg.client_noise_multiplier, "clip_norm": self.cfg.client_clip_norm,
+                "sample_rate": self.cfg.client_fraction, "rounds": rounds, "noise": self.cfg.client_noise,
+            }
+        _write_atomic(self.dir / "privacy.json", json.dumps({"sites": site_reports, "client_level": client_level}, indent=2).encode())
+        return site_reports
+
     def finish(
         self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None,
         client_epsilon: float | None = None, rejected: Mapping[str, int] | None = None, unaggregated_spends: Mapping[str, int] | None = None,
@@ -147,15 +164,7 @@ class RunArtifacts:
         client-level (DP-FedAvg) epsilon at ``client-delta``; ``rejected`` counts the
         updates left out of the aggregate, per reason.
         """
-        site_reports = [{"site": p.site, **{k: v for k, v in dataclasses.asdict(p).items() if k != "site"}} for p in privacy]
-        client_level = None
-        if self.cfg.client_dp:
-            client_level = {
-                "epsilon": client_epsilon, "delta": self.cfg.client_delta, "accountant": "rdp",
-                "noise_multiplier": self.cfg.client_noise_multiplier, "clip_norm": self.cfg.client_clip_norm,
-                "sample_rate": self.cfg.client_fraction, "rounds": rounds, "noise": self.cfg.client_noise,
-            }
-        _write_atomic(self.dir / "privacy.json", json.dumps({"sites": site_reports, "client_level": client_level}, indent=2).encode())
+        site_reports = self.save_privacy(privacy, rounds=rounds, client_epsilon=client_epsilon)
         summary = {
             "run_id": self.run_id,
             "rounds": rounds,

@@ -6,6 +6,11 @@
 - :class:`FederationBook`: privacy reports (aggregated as a maximum), refusals, rejected
   updates, min-sites, and client-level DP (sampling, noise and its accountant). Shared by
   :class:`fedmm.federation.strategy.FedMMAvg` and :class:`fedmm.federation.secagg.SecureFedMM`.
+
+The reporting rule: a site spends its budget before its reply leaves it, so every privacy
+report the server receives is kept (:meth:`FederationBook.keep_reports`), first thing, in
+any reply: also one whose update is then rejected or discarded, and one of a round that
+stops below min-sites or fails. What was spent always reaches ``privacy.json``.
 """
 from __future__ import annotations
 
@@ -78,11 +83,14 @@ class SitePrivacy(PrivacyReport):
 def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
     """Average the training loss weighted by examples; take the maximum epsilon.
 
+    Under DP the sites send no training loss (it is not covered by DP-SGD's guarantee);
+    the average is then left out, never made up.
+
     >>> from flwr.app import MetricRecord, RecordDict
     >>> a = RecordDict({"metrics": MetricRecord({"num-examples": 1, "train-loss": 1.0, "epsilon": 2.0})})
     >>> b = RecordDict({"metrics": MetricRecord({"num-examples": 3, "train-loss": 3.0, "epsilon": 5.0})})
     >>> dict(aggregate_train_metrics([a, b], "num-examples"))
-    {'num-examples': 4, 'train-loss': 2.5, 'epsilon': 5.0}
+    {'num-examples': 4, 'epsilon': 5.0, 'train-loss': 2.5}
     """
     metrics = [rec.metric_records[protocol.METRICS] for rec in records]
 
@@ -94,13 +102,10 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
 
     weights = [number(m, weighting_metric_name) for m in metrics]
     total = sum(weights)
-    return MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: int(total),
-            protocol.TRAIN_LOSS: sum(w * number(m, protocol.TRAIN_LOSS) for w, m in zip(weights, metrics)) / total,
-            protocol.EPSILON: max(number(m, protocol.EPSILON) for m in metrics),
-        }
-    )
+    out: dict[str, int | float | list[int] | list[float]] = {protocol.NUM_EXAMPLES: int(total), protocol.EPSILON: max(number(m, protocol.EPSILON) for m in metrics)}
+    if all(protocol.TRAIN_LOSS in m for m in metrics):
+        out[protocol.TRAIN_LOSS] = sum(w * number(m, protocol.TRAIN_LOSS) for w, m in zip(weights, metrics)) / total
+    return MetricRecord(out)
 
 
 def check_update(
@@ -198,7 +203,35 @@ class FederationBook:
             self.unaggregated_spends[report.site] += lost
             log(WARNING, "[fedmm] round %d: site %s's ledger holds %d spend(s) of round(s) the server never aggregated "
                 "(lost to a server restart); they count in its epsilon %.3f", server_round, report.site, lost, report.epsilon)
+        if known is not None and report.epsilon < known.epsilon:
+            # A site's lifetime epsilon never falls; a lower report (a stale copy, two nodes under one name) loses.
+            log(WARNING, "[fedmm] round %d: site %s reported epsilon %.3f, below the %.3f on record; the larger stays",
+                server_round, report.site, report.epsilon, known.epsilon)
+            return
         self.site_privacy[report.site] = report
+
+    def keep_reports(self, server_round: int, reports: Iterable[tuple[int, Mapping[str, object]]]) -> None:
+        """Keep every privacy report received, ``(node, report)``, whatever becomes of the updates.
+
+        Called before any check can stop the round: the sites spent this budget already. A
+        malformed report fails the round (its site's privacy cannot be stated), after every
+        well-formed one is kept. Nothing is kept without sample-level DP.
+
+        Raises
+        ------
+        FederationError
+            For the first report with a value missing, of the wrong type or not finite.
+        """
+        if not self.dp:
+            return
+        problems: list[FederationError] = []
+        for node, record in reports:
+            try:
+                self.record_privacy(server_round, SitePrivacy.from_mapping(record, node=node))
+            except FederationError as problem:
+                problems.append(problem)
+        if problems:
+            raise problems[0]
 
     def note_refusal(self, server_round: int, node: int, site: str, reason: str) -> None:
         """A site declined the round (budget or policy): keep its last report, do not ask it again."""

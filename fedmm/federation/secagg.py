@@ -5,7 +5,8 @@ server on that path rather than writing a protocol of its own:
 
 - :class:`SecureFedMM` is a legacy ``flwr.server.strategy.Strategy`` with the same
   bookkeeping as :class:`fedmm.federation.FedMMAvg` (:class:`FederationBook`: privacy
-  reports as a maximum, refusals, min-sites, client-level DP and its accountant).
+  reports as a maximum, refusals, min-sites, client-level DP and its accountant). Each
+  site's privacy report is kept as its masked vector arrives, before any check.
 - :class:`FedMMSecAggPlus` is Flower's :class:`SecAggPlusWorkflow` with two additions: it
   rejects (and counts) masked vectors whose shapes are not the model's before they are
   summed, and it stops the run with a clear error when a round cannot be unmasked (more
@@ -29,7 +30,6 @@ send any values inside the quantisation range: each weighted value is bounded by
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any, cast
@@ -52,7 +52,7 @@ from flwr.serverapp import Grid
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError, SitesExhausted
-from fedmm.federation.book import FederationBook, SitePrivacy, check_update
+from fedmm.federation.book import FederationBook, check_update
 from fedmm.privacy.client_dp import ClientDPPlan
 from fedmm.secure.params import SecAggParams
 
@@ -68,12 +68,12 @@ def _fraction_or_count(value: float) -> int | float:
 
 
 def make_workflow(cfg: RunConfig, strategy: SecureFedMM) -> FedMMSecAggPlus:
-    """The SecAgg+ fit workflow for ``cfg`` (weights of 1 under client-level DP, else num-examples)."""
+    """The SecAgg+ fit workflow for ``cfg`` (weights of 1 under sample- or client-level DP, else num-examples)."""
     return FedMMSecAggPlus(
         strategy,
         num_shares=_fraction_or_count(cfg.secagg_shares),
         reconstruction_threshold=_fraction_or_count(cfg.secagg_threshold),
-        max_weight=1.0 if cfg.client_dp else cfg.secagg_max_weight,
+        max_weight=1.0 if cfg.client_dp or cfg.dp else cfg.secagg_max_weight,  # weights of 1 under DP (no exact record counts leave a site)
         clipping_range=cfg.secagg_clip_range,
         timeout=cfg.secagg_timeout or None,
     )
@@ -146,6 +146,8 @@ class SecureFedMM(Strategy, FederationBook):
         """Apply the unmasked mean update; every result carries the same aggregate, and its own metrics."""
         server_round += self.round_offset
         self.aggregated_round = server_round
+        # What the sites spent, before any check can stop the round (kept already as the masked vectors came in).
+        self.keep_reports(server_round, ((proxy.node_id, res.metrics) for proxy, res in results if protocol.REASON not in res.metrics))
         dropped = self.round_report.get("asked", len(results)) - len(results)
         self.round_report["dropped"] = dropped
         if dropped:
@@ -186,14 +188,13 @@ class SecureFedMM(Strategy, FederationBook):
             step = {k: v.astype(np.float64) for k, v in aggregate.items()}
         for name, value in step.items():
             self.global_arrays[name] = (self.global_arrays[name].astype(np.float64) + value).astype(self.global_arrays[name].dtype)
-        for proxy, res in taking_part:
-            if self.dp:
-                self.record_privacy(server_round, SitePrivacy.from_mapping(res.metrics, node=proxy.node_id))
         self.sites_last_round = len(taking_part)
         self.latest_arrays = ArrayRecord({k: torch.from_numpy(self.global_arrays[k].copy()) for k in self.names})
-        losses = [(float(cast(float, res.metrics.get(protocol.NUM_EXAMPLES, 1))), float(cast(float, res.metrics[protocol.TRAIN_LOSS]))) for _, res in taking_part]
+        # Under DP the sites send no training loss (outside DP-SGD's guarantee): then none is reported.
+        losses = [(float(cast(float, res.metrics.get(protocol.NUM_EXAMPLES, 1))), float(cast(float, res.metrics[protocol.TRAIN_LOSS])))
+                  for _, res in taking_part if protocol.TRAIN_LOSS in res.metrics]
         total = sum(n for n, _ in losses)
-        self.last_train_metrics = {protocol.TRAIN_LOSS: sum(n * loss for n, loss in losses) / total if total else math.nan}
+        self.last_train_metrics = {protocol.TRAIN_LOSS: sum(n * loss for n, loss in losses) / total} if total and len(losses) == len(taking_part) else {}
         if self.dp:
             self.last_train_metrics[protocol.EPSILON] = max(p.epsilon for p in self.site_privacy.values())
         return ndarrays_to_parameters([self.global_arrays[k] for k in self.names]), dict(self.last_train_metrics)
@@ -233,16 +234,23 @@ class _CheckingGrid:
         server_round = int(strategy.round_report.get("round", 0))
         expected = [(1,)] + [strategy.global_arrays[k].shape for k in strategy.update_names]
         kept, masked = [], False
+        reports: list[tuple[int, Mapping[str, Any]]] = []
         for reply in replies:
             record = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
             if record is not None and Key.MASKED_PARAMETERS in record:
                 masked = True
+                metrics: Mapping[str, Any] = reply.content.config_records.get(_FITRES_METRICS) or {}
+                if protocol.REASON not in metrics:
+                    reports.append((reply.metadata.src_node_id, metrics))
                 shapes = [bytes_to_ndarray(cast(bytes, b)).shape for b in cast(list[bytes], record[Key.MASKED_PARAMETERS])]
                 if shapes != expected:
                     strategy.reject(server_round, reply.metadata.src_node_id, "shape", f"masked vector shapes {shapes[:4]}..., expected {expected[:4]}...")
                     continue
             kept.append(reply)
         if masked:
+            # The site trained (and spent its budget) before masking: its report is kept even if its
+            # vector was rejected above, the round stops below, or it can never be unmasked.
+            strategy.keep_reports(server_round, reports)
             self._check_contributors(server_round, kept)
         return kept
 

@@ -6,7 +6,8 @@ silently over fewer sites); an update that is not finite, has other tensors or
 shapes than the global model, another model layout, or (client-level DP) a norm
 beyond the agreed clip is rejected and counted; the privacy loss is aggregated
 as a maximum, never an average; each site's privacy report is kept for the run's
-artifacts; and with client-level DP the server adds the noise and accounts it.
+artifacts, from every reply (also one rejected, or of a round that then stops or
+fails); and with client-level DP the server adds the noise and accounts it.
 Secure aggregation runs on Flower's legacy path instead
 (:mod:`fedmm.federation.secagg`), with the same :class:`FederationBook`.
 """
@@ -69,6 +70,11 @@ class FedMMAvg(FedAvg, FederationBook):
         """Aggregate the acceptable updates, or raise :class:`FederationError` if a site failed or none replied."""
         server_round += self.round_offset
         replies = list(replies)
+        # First of all, what the sites spent: every report received, whatever becomes of its update.
+        answered = [m for m in replies if not m.has_error()]
+        self.keep_reports(server_round, (
+            (m.metadata.src_node_id, m.content.config_records[protocol.PRIVACY]) for m in answered if protocol.PRIVACY in m.content.config_records
+        ))
         failed = [m for m in replies if m.has_error()]
         if failed:
             reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
@@ -81,6 +87,9 @@ class FedMMAvg(FedAvg, FederationBook):
                 site = str(refusal.get(protocol.SITE, f"node-{reply.metadata.src_node_id}"))
                 self.note_refusal(server_round, reply.metadata.src_node_id, site, str(refusal.get(protocol.REASON, "no reason given")))
         accepted = [m for m in replies if protocol.REFUSED not in m.content.config_records and self._acceptable(server_round, m)]
+        if self.dp:
+            for reply in accepted:  # an update without its privacy report is not aggregated: the run stops
+                SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id)
         self.require_sites(server_round, len(accepted))
         arrays: ArrayRecord | None
         metrics: MetricRecord | None
@@ -90,9 +99,6 @@ class FedMMAvg(FedAvg, FederationBook):
             arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is None or metrics is None:
             raise FederationError(f"round {server_round}: the replies could not be aggregated (see the log above)")
-        for reply in accepted:
-            if self.dp:
-                self.record_privacy(server_round, SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id))
         self.sites_last_round = len(accepted)
         self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]

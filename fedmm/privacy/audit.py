@@ -3,7 +3,11 @@
 Nothing a ledger states is taken on trust: every entry's epsilon is recomputed from
 the events (Opacus' accountant named in the entry, over all events up to it), the
 hash chain and head anchor are verified, and each spend is checked against the
-budget the site held when it made it. ``fedmm audit`` prints this as a table, as
+budget the site held when it made it. Ledgers are opened read-only, and a file that is not a
+fedmm ledger is reported, never initialised. With witnesses (runs' ``privacy.json``, which
+hold each site's ledger head as the server received it) a chain rewritten consistently
+(hashes and anchor recomputed) is caught too: the witnessed entry is gone or differs.
+A tolerance used (an anchor one entry behind) is stated as a note. ``fedmm audit`` prints this as a table, as
 JSON (``--json``) or as an HTML report with a plot of epsilon over spends (``--html``).
 """
 
@@ -12,7 +16,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ from fedmm.errors import PrivacyError
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
 
-__all__ = ["SiteAudit", "audit_ledger", "render_html"]
+__all__ = ["SiteAudit", "audit_ledger", "load_witness", "render_html"]
 
 _TOLERANCE = 1e-6  # relative: the recomputation runs the same accountant on the same events
 
@@ -46,6 +52,7 @@ class SiteAudit:
     chain_ok: bool
     over_budget: bool
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # tolerances used and carried spends, stated with the verdict
 
     @property
     def ok(self) -> bool:
@@ -55,12 +62,46 @@ class SiteAudit:
         return {**asdict(self), "ok": self.ok}
 
 
-def audit_ledger(path: str | Path) -> SiteAudit:
-    """Read, verify and recompute one ledger (opened read-only in spirit: nothing is written)."""
-    with PrivacyLedger(path, create=False) as ledger:
-        entries, verdict = ledger.entries(), ledger.verify()
-        seq, digest = ledger.head()
+def load_witness(path: str | Path) -> dict[str, tuple[int, str]]:
+    """Each site's ledger head as a run's ``privacy.json`` recorded it: ``{site: (seq, hash)}``.
+
+    Raises
+    ------
+    PrivacyError
+        When the file is not a fedmm ``privacy.json`` (what, where and the fix).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        sites = data["sites"]
+        heads = {str(s["site"]): (int(s["ledger_seq"]), str(s["ledger_hash"])) for s in sites if s.get("ledger_seq") is not None}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PrivacyError(f"{path} is not a run's privacy.json witness ({type(err).__name__}: {err}). Fix: give runs/<run-id>/privacy.json") from err
+    return heads
+
+
+def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple[int, str]]] | None = None) -> SiteAudit:
+    """Read (read-only), verify and recompute one ledger; check it against each witness that names its site."""
+    try:
+        with PrivacyLedger.read(path) as ledger:
+            verdict = ledger.verify()
+            entries = ledger.entries() if verdict.entries or verdict.ok else []
+            seq, digest = ledger.head()
+            site, carried = ledger.site, ledger.carried
+    except PrivacyError as err:
+        return SiteAudit(
+            site="?", path=str(Path(path).resolve()), entries=[], runs=0, accountant=None, delta=None, epsilon=0.0,
+            epsilon_budget=None, remaining=None, last_spend=None, ledger_seq=0, ledger_hash="", chain_ok=False,
+            over_budget=False, problems=[str(err)],
+        )
     problems = list(verdict.problems)
+    stored = {e.seq: e.hash for e in entries}
+    for source, heads in (witnesses or {}).items():
+        if site in heads:
+            w_seq, w_hash = heads[site]
+            if stored.get(w_seq) != w_hash:
+                found = f"entry {w_seq} has hash {stored[w_seq][:12]}" if w_seq in stored else f"the ledger ends at entry {len(entries)}"
+                problems.append(f"witness {source} recorded this site's ledger head as entry {w_seq} with hash {w_hash[:12]}; {found}: the ledger was rewritten or cut")
+    carried_epsilon = carried.epsilon if carried else 0.0
     rows: list[dict[str, Any]] = []
     over = False
     for i, entry in enumerate(entries):
@@ -72,22 +113,25 @@ def audit_ledger(path: str | Path) -> SiteAudit:
             recomputed = math.inf
         if not math.isclose(recomputed, entry.epsilon, rel_tol=_TOLERANCE, abs_tol=1e-9):
             problems.append(f"entry {entry.seq}: the ledger states epsilon {entry.epsilon:.6g}, its events give {recomputed:.6g}")
-        if recomputed > entry.epsilon_budget * (1 + _TOLERANCE):
+        total = carried_epsilon + max(recomputed, entry.epsilon)  # the larger of stated and recomputed: never the kinder one
+        if total > entry.epsilon_budget * (1 + _TOLERANCE):
             over = True
-            problems.append(f"entry {entry.seq} (run {entry.run_id}, round {entry.round}): epsilon {recomputed:.4f} is over the budget {entry.epsilon_budget:g}")
+            problems.append(f"entry {entry.seq} (run {entry.run_id}, round {entry.round}): epsilon {total:.4f} is over the budget {entry.epsilon_budget:g}")
         rows.append({
             "seq": entry.seq, "run_id": entry.run_id, "round": entry.round, "mechanism": entry.mechanism,
             "noise_multiplier": entry.noise_multiplier, "sample_rate": entry.sample_rate, "steps": entry.steps,
-            "delta": entry.delta, "accountant": entry.accountant, "epsilon": recomputed, "epsilon_stated": entry.epsilon,
-            "epsilon_budget": entry.epsilon_budget, "data": entry.data, "created": entry.created,
+            "delta": entry.delta, "accountant": entry.accountant, "epsilon": total, "epsilon_recomputed": recomputed,
+            "epsilon_stated": entry.epsilon, "epsilon_budget": entry.epsilon_budget, "data": entry.data, "created": entry.created,
         })
     last = rows[-1] if rows else None
     return SiteAudit(
-        site=ledger.site, path=str(Path(path).resolve()), entries=rows, runs=len({r["run_id"] for r in rows}),
-        accountant=last["accountant"] if last else None, delta=last["delta"] if last else None,
-        epsilon=last["epsilon"] if last else 0.0, epsilon_budget=last["epsilon_budget"] if last else None,
+        site=site, path=str(Path(path).resolve()), entries=rows, runs=len({r["run_id"] for r in rows}),
+        accountant=last["accountant"] if last else None, delta=(last["delta"] + (carried.delta if carried else 0.0)) if last else None,
+        epsilon=last["epsilon"] if last else carried_epsilon, epsilon_budget=last["epsilon_budget"] if last else None,
         remaining=(last["epsilon_budget"] - last["epsilon"]) if last else None, last_spend=last["created"] if last else None,
         ledger_seq=seq, ledger_hash=digest, chain_ok=verdict.ok, over_budget=over, problems=problems,
+        notes=list(verdict.notes) + ([f"carries epsilon {carried.epsilon:g} at delta {carried.delta:g} from a ledger lost for good ({carried.reason}); "
+                                      "its spends are added by basic composition"] if carried else []),
     )
 
 
@@ -130,6 +174,7 @@ def render_html(audits: list[SiteAudit]) -> str:
         for a in audits
     )
     problems = "".join(f"<li>{e(a.site)}: {e(p)}</li>" for a in audits for p in a.problems) or "<li>none</li>"
+    notes = "".join(f"<li>{e(a.site)}: {e(n)}</li>" for a in audits for n in a.notes) or "<li>none</li>"
     image = base64.b64encode(plot_png(audits)).decode()
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>fedmm privacy audit</title>"
@@ -139,5 +184,5 @@ def render_html(audits: list[SiteAudit]) -> str:
         "<table><tr><th>site</th><th>epsilon</th><th>budget</th><th>remaining</th><th>delta</th><th>accountant</th><th>runs</th>"
         f"<th>spends</th><th>last spend (UTC)</th><th>hash chain</th><th>over budget</th></tr>{rows}</table>"
         f"<h2>Epsilon over spends</h2><img alt='cumulative epsilon per site' src='data:image/png;base64,{image}'>"
-        f"<h2>Problems</h2><ul>{problems}</ul></body></html>"
+        f"<h2>Problems</h2><ul>{problems}</ul><h2>Notes</h2><ul>{notes}</ul></body></html>"
     )

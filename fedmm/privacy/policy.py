@@ -41,6 +41,7 @@ class SitePolicy:
     delta: float = 1e-5
     min_noise_multiplier: float = DEFAULT_MIN_NOISE
     require_dp: bool = True
+    fresh_state: bool = False  # a simulation's own per-run folder: its first ledger is made on first use
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0):
@@ -82,6 +83,7 @@ def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str,
         return SitePolicy(
             state_dir=root.resolve() / site, epsilon_budget=budgets.get(site, budgets["*"]), delta=cfg.target_delta,
             min_noise_multiplier=cfg.site_min_noise_multiplier, require_dp=False,  # the simulation's owner chose dp
+            fresh_state=not cfg.site_state_dir,  # a lasting folder's ledgers are made with `fedmm ledger init`
         )
     example = "--node-config \"state-dir='/srv/fedmm' epsilon-budget=8 data='manifest:/srv/site/manifest.csv'\""
 

@@ -245,7 +245,11 @@ def run_server(pki: Path, state_dir: Path, *, host: str, port: int, in_memory: b
 
 def run_site(site: SiteSettings) -> int:
     """Run a site: its SuperNode and (runtime "fedmm") its ClientApp executor, until either ends or a signal arrives."""
+    from fedmm.privacy.ledger import PrivacyLedger
+
     site.state_dir.mkdir(parents=True, exist_ok=True)
+    # The site's ledger must be there (made once with `fedmm ledger init`), intact and not in use by another site process.
+    PrivacyLedger.open(site.state_dir / "ledger.sqlite", site=site.name, wait=0.0).close()
     env = flower_env()
     processes: list[tuple[str, subprocess.Popen[bytes]]] = []
     if site.runtime == "fedmm":

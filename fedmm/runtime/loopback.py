@@ -92,6 +92,7 @@ class LoopbackDeployment:
 
     def start_federation(self, sites: tuple[str, ...], *, site_lines: str = "") -> None:
         """Certificates, the server, each site's key registered, each site started; wait until all are online."""
+        from fedmm.privacy.ledger import PrivacyLedger
         from fedmm.runtime.deploy import write_connection
 
         pki = self.root / "pki"
@@ -106,6 +107,8 @@ class LoopbackDeployment:
             registered = self.flwr("supernode", "register", str(pki / "sites" / f"{site}.pub"), "fedmm", "--format", "json")
             if '"success": true' not in registered.stdout:
                 raise RuntimeError(registered.stdout + registered.stderr)
+            # the site's ledger, made once as its operator would with `fedmm ledger init` (a site never makes one itself)
+            PrivacyLedger.create(self.root / "state" / site / "ledger.sqlite", site=site, reason="loopback deployment").close()
             (self.root / f"{site}.toml").write_text(
                 f'[site]\nname = "{site}"\nsuperlink = "127.0.0.1:{self.port}"\nca = "pki/ca.crt"\nkey = "pki/sites/{site}.key"\n'
                 f'state-dir = "state/{site}"\nepsilon-budget = 100.0\nclientapp-port = {free_port()}\n{site_lines}'

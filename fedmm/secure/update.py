@@ -8,7 +8,9 @@ In order, before anything is masked:
 
 1. the update is computed and checked (finite, the global model's shapes);
 2. client-level DP: it is clipped to ``client-clip-norm`` (L2, whole model), and with
-   ``client-noise=distributed`` the site adds its Gaussian share of the noise;
+   ``client-noise=distributed`` the site adds its Gaussian share of the noise, after
+   checking that the round's quantisation range leaves the share whole (at least
+   ``client-clip-norm + 6 x`` its std; :class:`fedmm.privacy.client_dp.ShareCheck`);
 3. secure aggregation: Flower's SecAgg+ multiplies it by ``weight / max_weight`` and
    clips every value to ``+-clip_range`` before quantising, silently. The site clips to
    exactly that range itself first, on purpose, and counts the values it clipped, so
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 
 from fedmm.config import RunConfig
-from fedmm.errors import FederationError
-from fedmm.privacy.client_dp import ClientDPPlan, clip_update, gaussian_noise, noise_share_std
+from fedmm.errors import FederationError, PrivacyError
+from fedmm.privacy.client_dp import SHARE_TRUNCATION_Z, ClientDPPlan, clip_update, gaussian_noise, noise_share_std, share_clip_bound
 from fedmm.secure.params import SecAggParams
 
 __all__ = ["OutgoingUpdate", "prepare_update", "weight_ratio"]
@@ -48,6 +50,24 @@ def weight_ratio(weight: float, params: SecAggParams) -> float:
     return round(weight / params.max_weight * params.target_range) / params.target_range
 
 
+def _check_share_range(plan: ClientDPPlan, secagg: SecAggParams, site: str) -> None:
+    """Refuse to send a noise share the round's quantisation range would truncate (the plan's check, at the site).
+
+    The server's SecAgg+ setup decides the range and threshold a site sees; a site whose
+    share would be clipped there adds less noise than the federation accounts.
+    """
+    ratio = weight_ratio(1.0, secagg)  # client-level DP weighs every update 1
+    effective = secagg.clip_range / ratio if ratio > 0 else math.inf
+    needed = share_clip_bound(plan, secagg.threshold)
+    if effective < needed:
+        raise PrivacyError(
+            f"site {site}: this round's SecAgg+ clip range {effective:.4g} would truncate the site's noise share (share std "
+            f"{noise_share_std(plan, secagg.threshold):.3g} for threshold {secagg.threshold}; it needs at least client-clip-norm + "
+            f"{SHARE_TRUNCATION_Z:g} x share std = {needed:.4g}); the update is not sent. Fix: run with the server's own config "
+            "(fedmm plan checks secagg-clip-range), or raise secagg-clip-range"
+        )
+
+
 def prepare_update(
     local: Mapping[str, torch.Tensor], global_weights: Mapping[str, np.ndarray], cfg: RunConfig, *,
     weight: float, secagg: SecAggParams | None = None, site: str = "site",
@@ -58,6 +78,8 @@ def prepare_update(
     ------
     FederationError
         When the trained weights do not match the global model's names or shapes, or are not finite.
+    fedmm.errors.PrivacyError
+        With distributed noise, when the round's clip range would truncate the site's noise share.
     """
     if set(local) != set(global_weights):
         raise FederationError(
@@ -89,6 +111,7 @@ def prepare_update(
             if secagg is None:
                 raise FederationError(f"site {site}: client-noise=distributed needs secure aggregation, and this round has none")
             noise_std = noise_share_std(plan, secagg.threshold)
+            _check_share_range(plan, secagg, site)
             noise = gaussian_noise({k: v.shape for k, v in update.items()}, noise_std)
             update = {k: v + noise[k] for k, v in update.items()}
     clipped = 0

@@ -55,7 +55,8 @@ def run_round(req: RoundRequest) -> RoundResponse:
     run_id = str(req.config.get(protocol.RUN_ID, "run"))
     # The site's own limits (its node config in a deployment) and its durable ledger.
     policy = site_policy(req.node_config, cfg, site=site, run_id=run_id)
-    ledger = PrivacyLedger(policy.ledger_path, site=site) if cfg.dp else None
+    # Locked for this process from the budget check through the append; a missing ledger is an error, not a fresh start.
+    ledger = PrivacyLedger.open(policy.ledger_path, site=site, create_if_new=policy.fresh_state) if cfg.dp else None
     global_t = {k: torch.from_numpy(np.array(v)) for k, v in req.global_weights.items()}
     try:
         update = train_round(
@@ -83,14 +84,18 @@ def run_round(req: RoundRequest) -> RoundResponse:
             "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
         )
     response = RoundResponse(site=site, layout=layout, state=state.to_json(), budget=policy.epsilon_budget)
+    # Under DP nothing derived from the records leaves the site outside DP-SGD's guarantee: not the exact
+    # number of records (FedAvg weighs every site equally instead, the weight agreed in advance) and not
+    # the un-noised training loss. Without DP both are sent (no guarantee is claimed then).
+    weight = 1 if cfg.dp else update.num_examples
     if cfg.sends_deltas:  # the update (clipped under client-level DP), not the weights
-        out = prepare_update(update.state_dict, req.global_weights, cfg, weight=update.num_examples, secagg=req.secagg, site=site)
+        out = prepare_update(update.state_dict, req.global_weights, cfg, weight=weight, secagg=req.secagg, site=site)
         response.arrays, response.weight, response.clipped_values = out.arrays, int(out.weight), out.clipped_values
     else:
-        response.arrays, response.weight = {k: v.numpy() for k, v in update.state_dict.items()}, update.num_examples
+        response.arrays, response.weight = {k: v.numpy() for k, v in update.state_dict.items()}, weight
     report, entry = update.privacy, update.ledger_entry
     response.metrics = {
-        protocol.NUM_EXAMPLES: update.num_examples, protocol.TRAIN_LOSS: update.train_loss,
+        protocol.NUM_EXAMPLES: weight, **({} if cfg.dp else {protocol.TRAIN_LOSS: update.train_loss}),
         protocol.EPSILON: report.epsilon if report else 0.0,
     }
     if report is not None:

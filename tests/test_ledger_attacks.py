@@ -1,0 +1,212 @@
+"""Attacks on a site's ledger by careless operators, crashes and curious servers (issue 16).
+
+Each test reproduces what a reviewer did to the ledger of fedmm 0.1 and checks that it now
+fails closed with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedmm.cli import app
+from fedmm.config import RunConfig
+from fedmm.data.synthetic import make_synthetic
+from fedmm.errors import BudgetExceededError, PrivacyError
+from fedmm.models import ModelRecipe
+from fedmm.privacy.accounting import SiteAccountant
+from fedmm.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedmm.privacy.ledger_files import write_anchor
+from fedmm.privacy.policy import SitePolicy
+from fedmm.site.round import SiteState, data_digest, train_round
+
+CFG = RunConfig(data="synthetic", modalities="tabular", batch_size=16, noise_multiplier=1.0, target_epsilon=1000.0, rounds=100)
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "240"})
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def site_data():
+    data = make_synthetic(64, seed=0)
+    recipe = ModelRecipe.from_config(CFG)
+    return data, recipe.build(recipe.prepare(data).schema, seed=CFG.seed).state_dict()
+
+
+def _round(policy: SitePolicy, site_data, *, server_round: int, run: str = "r1", create_if_new: bool = True):
+    data, weights = site_data
+    with PrivacyLedger.open(policy.ledger_path, site="george", create_if_new=create_if_new) as ledger:
+        return train_round(
+            cfg=CFG, site="george", data=data, global_weights=weights, server_round=server_round,
+            state=SiteState(plan=None, accountant=SiteAccountant(CFG.accountant)), policy=policy, ledger=ledger, run_id=run,
+        )
+
+
+def _spent_ledger(path: Path, rounds: int = 3) -> list[LedgerEntry]:
+    accountant = SiteAccountant(CFG.accountant)
+    with PrivacyLedger.create(path, site="george") as ledger:
+        for r in range(1, rounds + 1):
+            accountant.record(noise_multiplier=1.0, sample_rate=0.25, steps=4)
+            ledger.append(run_id="r1", round=r, noise_multiplier=1.0, sample_rate=0.25, steps=4, delta=1e-5, accountant="rdp",
+                          epsilon=accountant.epsilon(1e-5), epsilon_budget=20.0, data="d")
+        return ledger.entries()
+
+
+def _witness(path: Path, entry: LedgerEntry) -> Path:
+    path.write_text(json.dumps({"sites": [{"site": "george", "epsilon": entry.epsilon, "ledger_seq": entry.seq, "ledger_hash": entry.hash}]}))
+    return path
+
+
+# 1. A deleted ledger reset the budget.
+def test_a_deleted_ledger_is_not_silently_remade(tmp_path: Path, site_data) -> None:
+    policy = SitePolicy(state_dir=tmp_path / "george", epsilon_budget=50.0, fresh_state=True)
+    _round(policy, site_data, server_round=1)
+    policy.ledger_path.unlink()  # rm <state-dir>/ledger.sqlite; the anchor and the log stay
+
+    with pytest.raises(PrivacyError, match="is missing, but ledger.sqlite.head, ledger.sqlite.log .* refuses to start a new one") as err:
+        _round(policy, site_data, server_round=2)
+
+    assert "--replace-lost --carried-epsilon" in str(err.value) and not policy.ledger_path.exists()
+    assert _cli("ledger", "init", str(policy.state_dir), "--site", "george")[0] == 1  # nor by the plain init command
+
+
+def test_a_site_without_a_ledger_is_told_to_make_one_explicitly(tmp_path: Path, site_data) -> None:
+    policy = SitePolicy(state_dir=tmp_path / "george", epsilon_budget=50.0)  # a deployed site (or a lasting folder)
+
+    with pytest.raises(PrivacyError, match=r"no privacy ledger .* Fix: run `fedmm ledger init .*george --site george`"):
+        _round(policy, site_data, server_round=1, create_if_new=False)
+
+    code, output = _cli("ledger", "init", str(policy.state_dir), "--site", "george")
+    assert code == 0 and "new ledger" in output
+    assert _round(policy, site_data, server_round=1, create_if_new=False).ledger_entry.seq == 1
+    log = [json.loads(line) for line in (policy.state_dir / "ledger.sqlite.log").read_text().splitlines()]
+    assert [e["event"] for e in log] == ["created"] and log[0]["site"] == "george" and log[0]["user"]
+
+
+def test_a_ledger_lost_for_good_is_replaced_only_with_its_spend_carried_over(tmp_path: Path, site_data) -> None:
+    policy = SitePolicy(state_dir=tmp_path / "george", epsilon_budget=10.0, fresh_state=True)
+    spent = _round(policy, site_data, server_round=1).privacy.epsilon
+    policy.ledger_path.unlink()
+
+    code, output = _cli("ledger", "init", str(policy.state_dir), "--site", "george", "--replace-lost", "--carried-epsilon", "9.9",
+                        "--carried-delta", "1e-5", "--reason", "disk failure, no backup")
+    assert code == 0 and "carrying epsilon 9.9" in output
+    with pytest.raises(BudgetExceededError, match="carried over"):  # 9.9 + one more round is over 10
+        _round(policy, site_data, server_round=2)
+    assert spent < 9.9
+    code, output = _cli("audit", str(policy.state_dir), "--json")
+    audit = json.loads(output)["sites"][0]
+    assert audit["epsilon"] == pytest.approx(9.9) and "lost for good" in " ".join(audit["notes"])
+
+
+# 2. Two site processes on one state dir overspent.
+def test_one_process_per_ledger_and_the_other_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with PrivacyLedger.create(path, site="george"):
+        with pytest.raises(PrivacyError, match=rf"in use by another process \(pid {os.getpid()} .*only one process may check a site's budget"):
+            PrivacyLedger.open(path, site="george", wait=0.2)
+        with pytest.raises(PrivacyError, match="in use by another process"):  # not sqlite's "database is locked"
+            PrivacyLedger.create(tmp_path / "ledger.sqlite", site="george")
+    PrivacyLedger.open(path, site="george", wait=0.2).close()  # free again once the holder closes
+
+
+# 3. The anchor tolerance hid a removed newest entry; a consistent rewrite passed the audit.
+def test_a_removed_newest_entry_with_its_anchor_is_stated_and_caught_by_the_witness(tmp_path: Path) -> None:
+    path = tmp_path / "george" / "ledger.sqlite"
+    entries = _spent_ledger(path)
+    witness = _witness(tmp_path / "privacy.json", entries[-1])
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM entries WHERE seq = 3")
+    db.commit()
+    db.close()
+    write_anchor(path.with_name("ledger.sqlite.head"), 1, entries[0].hash)  # the anchor one behind, as after a crash
+
+    code, output = _cli("audit", str(path))
+    assert code == 0 and "tolerated: the head anchor is one entry behind" in output and "only a witness" in output
+
+    code, output = _cli("audit", str(path), "--witness", str(witness))
+    assert code == 1 and "recorded this site's ledger head as entry 3" in output
+
+
+def test_a_consistently_rewritten_chain_fails_against_the_witness(tmp_path: Path) -> None:
+    path = tmp_path / "george" / "ledger.sqlite"
+    entries = _spent_ledger(path)
+    witness = _witness(tmp_path / "privacy.json", entries[-1])
+    # The rewrite: noise x10 (a smaller spend), epsilons recomputed, every hash redone, a new anchor.
+    accountant, prev, forged = SiteAccountant(CFG.accountant), "0" * 64, []
+    for e in entries:
+        accountant.record(noise_multiplier=10.0, sample_rate=e.sample_rate, steps=e.steps)
+        draft = LedgerEntry(**{**asdict(e), "noise_multiplier": 10.0, "epsilon": accountant.epsilon(1e-5), "prev_hash": prev, "hash": ""})
+        forged.append(LedgerEntry(**{**asdict(draft), "hash": draft.expected_hash()}))
+        prev = forged[-1].hash
+    db = sqlite3.connect(path)
+    db.executemany("UPDATE entries SET noise_multiplier = ?, epsilon = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                   [(f.noise_multiplier, f.epsilon, f.prev_hash, f.hash, f.seq) for f in forged])
+    db.commit()
+    db.close()
+    write_anchor(path.with_name("ledger.sqlite.head"), forged[-1].seq, forged[-1].hash)
+
+    assert _cli("audit", str(path))[0] == 0  # self-consistent: only a witness held elsewhere can tell
+    code, output = _cli("audit", str(path), "--witness", str(witness))
+    assert code == 1 and "rewritten or cut" in output
+
+
+# 4. fedmm audit wrote to what it audited.
+@pytest.mark.parametrize("kind", ["other-schema", "empty-file", "text-noise"])
+def test_the_audit_reads_only_and_refuses_what_is_not_a_ledger(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "ledger.sqlite"
+    if kind == "other-schema":
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE patients (name TEXT, diagnosis TEXT)")
+        db.execute("INSERT INTO patients VALUES ('x', 'y')")
+        db.commit()
+        db.close()
+    elif kind == "empty-file":
+        path.write_bytes(b"")
+    else:
+        _spent_ledger(path)
+        db = sqlite3.connect(path)
+        db.execute("UPDATE entries SET noise_multiplier = 'lots' WHERE seq = 2")
+        db.commit()
+        db.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    code, output = _cli("audit", str(path))
+
+    assert code == 1 and "Traceback" not in output
+    expected = {"other-schema": "is not a fedmm privacy ledger: its tables are ['patients']", "empty-file": "is not a fedmm privacy ledger: its tables are none",
+                "text-noise": "field noise_multiplier holds 'lots', not a number"}[kind]
+    assert expected in output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, no -wal, no tables added
+
+
+# 5. The ledger hash sent to the server identified the dataset.
+def test_the_ledger_head_the_server_sees_cannot_be_matched_against_candidate_datasets(tmp_path: Path, site_data) -> None:
+    policy = SitePolicy(state_dir=tmp_path / "george", epsilon_budget=50.0, fresh_state=True)
+    entry = _round(policy, site_data, server_round=1).ledger_entry
+    data, _ = site_data
+    recipe = ModelRecipe.from_config(CFG)
+    trained_on = recipe.prepare(data).labelled()
+
+    # The server's guess: every field it knows (or can enumerate), and the digest of its candidate dataset.
+    unkeyed = hashlib.sha256()
+    for name in trained_on.schema.names:
+        unkeyed.update(name.encode())
+        unkeyed.update(trained_on.features[name].tobytes())
+    unkeyed.update(trained_on.label.tobytes())
+    guess = LedgerEntry(**{**asdict(entry), "data": unkeyed.hexdigest()[:16], "hash": ""})
+
+    assert guess.expected_hash() != entry.hash
+    with PrivacyLedger.read(policy.ledger_path) as ledger:
+        key = ledger.data_key
+    assert entry.data == data_digest(trained_on, key) != data_digest(trained_on, b"another site's key")
+    assert len(key) == 32
