@@ -182,12 +182,22 @@ def _break(folder: Path, kind: str, rows: list[dict[str, str]]) -> tuple[str, st
     if kind == "bad number":
         r["tabular:age"] = "thirty"
         return SkipReason.BAD_NUMBER, "'thirty'"
+    if kind == "huge number":  # finite as a Python float, inf as a float32 model input
+        r["tabular:age"] = "1e39"
+        return SkipReason.NON_FINITE, "'1e39'"
+    if kind == "huge sensor":
+        series = np.load(folder / rows[0]["sensor"]).astype(np.float64)
+        series[2, 7] = -1e39
+        np.save(folder / "sensors" / "huge.npy", series)
+        r["sensor"] = "sensors/huge.npy"
+        return SkipReason.NON_FINITE, "huge.npy"
     raise AssertionError(kind)
 
 
 BREAKS = [
     "missing file", "undecodable image", "corrupt png", "undecodable audio", "nan audio", "sample rate", "nan sensor",
     "npz sensor", "empty sensor", "wrong channels", "unknown label", "missing label", "bad number", "missing site",
+    "huge number", "huge sensor",
 ]
 
 
@@ -205,6 +215,46 @@ def test_strict_names_row_column_and_file_lenient_counts_the_skip(kind: str, sit
 
     ds = load_manifest(path, PREP, classes=classes, lenient=True)
     assert len(ds) == 5 and ds.skipped == {reason: 1}  # skipped, counted, never silently dropped
+
+
+def test_values_beyond_float32_are_refused_with_row_column_and_value(site_folder: Path, tmp_path: Path) -> None:
+    # 1e39 is finite in float64 and becomes inf as a float32 model input (then NaN in training)
+    rows = _rows(site_folder)
+    rows[3]["tabular:age"] = "-1e39"
+    path = _write(site_folder, rows)
+    with pytest.raises(DataError, match=r"row 5, column 'tabular:age'.*'-1e39' is beyond float32's range.*Fix:"):
+        load_manifest(path, PREP, classes=("no", "yes"))
+    ds = load_manifest(path, PREP, classes=("no", "yes"), lenient=True)
+    assert len(ds) == 5 and ds.skipped == {SkipReason.NON_FINITE: 1} and np.isfinite(ds.features["tabular"]).all()
+
+    np.save(tmp_path / "huge.npy", np.full((3, 100), 1e39))
+    with pytest.raises(DataError, match=r"huge.npy: holds 300 values beyond float32's range \(largest magnitude 1e\+39"):
+        load_sensor(tmp_path / "huge.npy", PREP, channels=3)
+    series = tmp_path / "huge.ts"
+    series.write_text("@problemName huge\n@dimensions 1\n@seriesLength 3\n@classLabel true a b\n@data\n0.5,1e39,0.1:a\n")
+    from fedmm.data.sensors import read_ts
+
+    with pytest.raises(DataError, match=r"huge.ts:6: dimension 0 holds 1 value\(s\) beyond float32's range"):
+        read_ts(series)
+
+
+def test_extreme_but_float32_values_give_finite_features(site_folder: Path) -> None:
+    # within float32's range, yet their squares (power spectrum, variance) overflow float32
+    samples, _ = sf.read(site_folder / _rows(site_folder)[0]["audio"], dtype="float32")
+    sf.write(site_folder / "audio" / "loud.wav", samples * np.float32(1e30), 8000, subtype="FLOAT")
+    series = np.load(site_folder / _rows(site_folder)[0]["sensor"]) * np.float32(1e37)
+    np.save(site_folder / "sensors" / "loud.npy", series.astype(np.float32))
+    rows = _rows(site_folder)
+    rows[1].update(audio="audio/loud.wav", sensor="sensors/loud.npy")
+    rows[2]["tabular:age"] = "3e38"
+    path = _write(site_folder, rows)
+
+    ds = load_manifest(path, PREP)
+    assert ds.features["audio"].dtype == np.float32 and np.isfinite(ds.features["audio"]).all()
+    assert ds.features["tabular"][2, 0] == np.float32(3e38)
+    _, data = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes", dp=False))
+    assert all(np.isfinite(v).all() for v in data.features.values())  # standardised in float64
+    assert np.allclose(data.features["sensor"][1], data.features["sensor"][0], atol=1e-4)  # the same series, scaled
 
 
 def test_an_empty_modality_column_and_an_unknown_column_are_refused(site_folder: Path) -> None:

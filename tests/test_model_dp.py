@@ -348,3 +348,51 @@ def test_one_pass_clipping_equals_per_sample_clipping_on_awkward_linear_models()
     model(x)
     with pytest.raises(NotImplementedError, match="tying"):  # a layer used twice in one step is refused, as Opacus does
         module.clipped_backward(nn.functional.cross_entropy(module(x), y, reduction="none"))
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.first(x))
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks", "functorch"])
+def test_a_huge_but_finite_record_is_clipped_exactly_not_dropped(mode: str) -> None:
+    # One record's inputs are 1e32: its per-sample norm (~1e33) overflows float32's squares, so
+    # fedmm takes norms in float64 and the clipped sum in float64 (fedmm.privacy.ghost.WIDE);
+    # the record must still count as one gradient clipped to max_grad_norm, as computed in float64.
+    from fedmm.privacy.ghost import PrivacyEngine
+
+    torch.manual_seed(0)
+    model, clip, lr = _TwoLinears(), 0.5, 1000.0
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    x[2] *= 1e32
+    reference = _TwoLinears().double()
+    reference.load_state_dict(model.state_dict())
+    expected = [torch.zeros_like(p) for p in reference.parameters()]
+    for i in range(len(x)):
+        grads = torch.autograd.grad(nn.functional.cross_entropy(reference(x[i : i + 1].double()), y[i : i + 1]), list(reference.parameters()))
+        norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
+        for e, g in zip(expected, grads):
+            e += g * min(1.0, clip / (norm + 1e-6))
+    before = [p.detach().double().clone() for p in model.parameters()]
+
+    wrapped = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x)),
+        noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode, poisson_sampling=False,
+    )
+    module, optimizer = wrapped[0], wrapped[1]
+    criterion = wrapped[2] if mode == "ghost" else nn.CrossEntropyLoss()
+    optimizer.zero_grad()
+    criterion(module(x), y).backward()
+    optimizer.step()
+
+    summed = torch.cat([((b - p.detach().double()) * len(x) / lr).flatten() for b, p in zip(before, model.parameters())])
+    flat_expected = torch.cat([e.flatten() for e in expected])
+    assert float((summed - flat_expected).norm() / flat_expected.norm()) <= 1e-5
+    assert optimizer.nonfinite_records == 0  # type: ignore[attr-defined]

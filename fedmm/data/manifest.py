@@ -21,7 +21,11 @@ closest known name.
 
 Strict loading (the default) stops at the first bad row, naming the row, the
 column and the file. Lenient loading skips bad rows and counts them per reason
-(:class:`~fedmm.data.preprocess.SkipReason`); nothing is dropped silently.
+(:class:`~fedmm.data.preprocess.SkipReason`); nothing is dropped silently. A number
+(tabular cell, sensor or audio value) that is not finite, or beyond float32's range
+(about 3.4e38, which a model input cannot hold), is a bad row. Training bounds every
+input to +-1e6 (:data:`fedmm.models.evaluation.INPUT_BOUND`), with a warning: rescale
+tabular columns whose raw values go beyond that.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmm.data.preprocess import (
+    FLOAT32_MAX,
     Preprocessing,
     SampleError,
     SkipReason,
@@ -289,6 +294,11 @@ def _load_row(
                     ) from None
                 if not math.isfinite(value):
                     raise SampleError(f"{where}, column {c!r}", f"value {text!r} is not finite", reason=SkipReason.NON_FINITE, fix="write a finite number")
+                if abs(value) > FLOAT32_MAX:  # finite here, inf once a float32 model input
+                    raise SampleError(
+                        f"{where}, column {c!r}", f"value {text!r} is beyond float32's range (|x| <= {FLOAT32_MAX:.8g})",
+                        reason=SkipReason.NON_FINITE, fix="rescale the column (e.g. other units), or leave the row's tabular cells empty",
+                    )
                 values.append(value)
             sample["tabular"] = np.array(values, np.float32)
             anything = True

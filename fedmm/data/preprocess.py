@@ -20,6 +20,11 @@
 Every statistic is either a fixed constant or a property of one sample; the one
 exception (tabular columns with dp=false) is computed from one site's own data at that
 site. Nothing raw crosses sites, and under DP no record's features depend on another's.
+
+Model inputs are float32: a value that is not finite, or beyond float32's range
+(``|x| > FLOAT32_MAX``, about 3.4e38, which the cast would turn into inf), is refused
+like a NaN (:attr:`SkipReason.NON_FINITE`), and statistics are taken in float64 so that
+large finite values cannot overflow them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from fedmm.config import RunConfig
 
 __all__ = [
+    "FLOAT32_MAX",
     "Preprocessing",
     "SkipReason",
     "SampleError",
@@ -50,6 +56,9 @@ __all__ = [
     "load_sensor",
     "standardise_site",
 ]
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e38: any larger magnitude becomes inf as a model input
 
 
 class SkipReason:
@@ -195,14 +204,15 @@ def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
     if not path.is_file():
         raise SampleError(path, "audio file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
     try:
-        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+        samples, rate = sf.read(path, dtype="float64", always_2d=True)  # float64: a 64-bit float file's values as written
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
         raise SampleError(path, f"cannot decode audio ({err})", reason=SkipReason.UNDECODABLE_AUDIO, fix="replace the corrupt file, or remove its row") from err
     if samples.shape[0] == 0:
         raise SampleError(path, "holds no samples", reason=SkipReason.EMPTY_AUDIO, fix="replace the empty recording, or remove its row")
     if not np.isfinite(samples).all():
         raise SampleError(path, f"holds {int((~np.isfinite(samples)).sum())} NaN or infinite samples", reason=SkipReason.NON_FINITE, fix="re-export the recording, or remove its row")
-    mono = samples.mean(axis=1)
+    _check_range(samples, path, "samples", fix="re-export the recording (samples in [-1, 1]), or remove its row")
+    mono = samples.mean(axis=1).astype(np.float32)
     if rate != prep.audio_rate:
         if not prep.audio_resample:
             raise SampleError(
@@ -220,19 +230,29 @@ def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
 
 def audio_features(clips: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Clips ``[N, samples]`` to standardised log-mel or MFCC maps ``[N, 1, bins, frames]`` (per clip)."""
-    import librosa
-
     clips = np.asarray(clips, dtype=np.float32)
     if clips.shape[0] == 0:
         m = prep.modality("audio", ModalityKind.AUDIO)
         return np.zeros((0, *m.shape), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found below, and that clip redone
+        maps = _audio_maps(clips, prep)
+    loud = ~np.isfinite(maps).all(axis=(-2, -1))
+    if loud.any():  # a clip loud enough (|x| >~ 1e18) to overflow float32's power spectrum: those clips in float64
+        maps[loud] = _audio_maps(clips[loud].astype(np.float64), prep)
+    return maps[:, None]
+
+
+def _audio_maps(clips: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Log-mel or MFCC maps ``[N, bins, frames]``, each standardised by its own mean and deviation."""
+    import librosa
+
     mel = librosa.feature.melspectrogram(y=clips, sr=prep.audio_rate, n_fft=prep.n_fft, hop_length=prep.hop_length, n_mels=prep.n_mels)
     maps = np.log(mel + 1e-6)
     if prep.audio_features == "mfcc":
         maps = librosa.feature.mfcc(S=maps, n_mfcc=prep.n_mfcc)
     mean = maps.mean(axis=(-2, -1), keepdims=True)
     std = maps.std(axis=(-2, -1), keepdims=True) + 1e-6
-    return ((maps - mean) / std)[:, None].astype(np.float32)
+    return ((maps - mean) / std).astype(np.float32)
 
 
 # ---------------------------------------------------------------- text
@@ -317,10 +337,24 @@ def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None, set_by
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise SampleError(path, f"holds {bad} NaN or infinite values", reason=SkipReason.NON_FINITE, fix="impute or drop them before saving, or remove the row")
+    _check_range(array, path, "values", fix="rescale the series before saving, or remove the row")
     out = np.zeros((array.shape[0], prep.sensor_length), dtype=np.float32)
     n = min(prep.sensor_length, array.shape[1])
     out[:, :n] = array[:, :n]
     return out
+
+
+def _check_range(values: np.ndarray, path: Path, what: str, *, fix: str) -> None:
+    """Refuse finite values that float32 cannot hold (the cast to a model input would make them inf)."""
+    if np.issubdtype(values.dtype, np.integer):
+        return  # every int64 is within float32's range
+    outside = np.abs(values) > FLOAT32_MAX
+    if outside.any():
+        largest = float(np.abs(values).max())
+        raise SampleError(
+            path, f"holds {int(outside.sum())} {what} beyond float32's range (largest magnitude {largest:.6g} > {FLOAT32_MAX:.8g})",
+            reason=SkipReason.NON_FINITE, fix=fix,
+        )
 
 
 def standardise_site(dataset: MultimodalDataset, *, site_statistics: bool) -> MultimodalDataset:
@@ -334,16 +368,19 @@ def standardise_site(dataset: MultimodalDataset, *, site_statistics: bool) -> Mu
       would make every record's features depend on the others, outside the guarantee.
 
     Call it on one site's data at that site, or on the server's own test set, with the
-    same ``site_statistics`` as the sites.
+    same ``site_statistics`` as the sites. Statistics are taken in float64: float32 ones
+    overflow (inf, then NaN) for values beyond about 1e19.
     """
     features = dict(dataset.features)
     for j, m in enumerate(dataset.schema.modalities):
         rows = dataset.present[:, j]
         values = features[m.name]
         if m.kind is ModalityKind.SENSOR:
+            values = values.astype(np.float64)
             mean = values.mean(axis=2, keepdims=True)
             std = values.std(axis=2, keepdims=True) + 1e-6
         elif m.kind is ModalityKind.TABULAR and site_statistics and rows.any():
+            values = values.astype(np.float64)
             mean = values[rows].mean(axis=0, keepdims=True)
             std = values[rows].std(axis=0, keepdims=True) + 1e-6
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmm.data.preprocess import FLOAT32_MAX
 from fedmm.errors import DataError
 
 __all__ = ["SensorSeries", "read_ts", "load_basicmotions", "BASICMOTIONS_MODALITIES"]
@@ -45,7 +46,8 @@ def read_ts(path: str | Path) -> SensorSeries:
     DataError
         Naming the file and line: a missing header or ``@data``, a line whose
         dimension count or length differs from the header, a value that is not a
-        finite number, or a label not declared in ``@classLabel``.
+        finite number or is beyond float32's range (the series are float32), or a
+        label not declared in ``@classLabel``.
     """
     path = Path(path)
     if not path.is_file():
@@ -81,11 +83,18 @@ def read_ts(path: str | Path) -> SensorSeries:
                 if len(parts) != length:
                     raise DataError(where, f"dimension {channel} has {len(parts)} values, the header declares {length}", fix="fix or remove the line")
                 try:
-                    series[channel] = [float(part) for part in parts]
+                    values = [float(part) for part in parts]
                 except ValueError as err:
                     raise DataError(where, f"dimension {channel} holds a value that is not a number ({err})", fix="fix the value") from err
-                if not all(math.isfinite(v) for v in series[channel]):
+                if not all(math.isfinite(v) for v in values):
                     raise DataError(where, f"dimension {channel} holds NaN or infinite values", fix="impute or remove the series")
+                beyond = [v for v in values if abs(v) > FLOAT32_MAX]  # finite, but inf as float32
+                if beyond:
+                    raise DataError(
+                        where, f"dimension {channel} holds {len(beyond)} value(s) beyond float32's range (e.g. {beyond[0]:g}; |x| <= {FLOAT32_MAX:.8g})",
+                        fix="rescale or remove the series",
+                    )
+                series[channel] = values
             rows.append(series)
             labels.append(label)
     if not in_data:

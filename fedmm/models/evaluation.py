@@ -11,6 +11,8 @@ True
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
@@ -19,7 +21,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedmm.data.schema import MultimodalDataset
 from fedmm.models.objective import OutputLayout
 
-__all__ = ["make_dataset", "output_layout", "predict", "evaluate", "task_accuracies"]
+__all__ = ["INPUT_BOUND", "make_dataset", "output_layout", "predict", "evaluate", "task_accuracies"]
+
+INPUT_BOUND = 1e6
+"""Every float model input is clamped to ``[-INPUT_BOUND, INPUT_BOUND]`` (see :func:`make_dataset`)."""
+
+logger = logging.getLogger(__name__)
 
 
 def make_dataset(ds: MultimodalDataset) -> TensorDataset:
@@ -28,14 +35,41 @@ def make_dataset(ds: MultimodalDataset) -> TensorDataset:
     An auxiliary task's labels index its classes in ``ds.schema.tasks``; a value the
     schema does not list (a speaker the server has never seen) is -1, which the
     objective ignores.
+
+    Every float input is clamped to ``[-INPUT_BOUND, INPUT_BOUND]`` (1e6) and a NaN, which
+    no loader lets through, becomes 0: no record's forward pass can then overflow float32
+    (an overflow to inf, then NaN, would poison a whole batch's update under Opacus'
+    two-pass ghost clipping). Preprocessed features (pixels in [-1, 1], standardised
+    spectrograms and series, embeddings) lie far inside the bound; raw tabular values
+    beyond it are clamped, with a warning naming the modalities. The clamp is a fixed
+    function of each value on its own, the same at every site and independent of any data,
+    so it is part of the model's input map: it changes no record's influence on another,
+    nor DP-SGD's sensitivity, nor its guarantee.
     """
-    tensors = [torch.from_numpy(np.array(ds.features[name])) for name in ds.schema.names]
+    tensors = [torch.from_numpy(np.array(ds.features[name])) for name in ds.schema.names]  # copies: bounded in place
+    bounded = {name: n for name, t in zip(ds.schema.names, tensors) if (n := _bounded(t))}
+    if bounded:
+        logger.warning(
+            "input values that are NaN or beyond +-%g were bounded to that range (NaN to 0), so that no forward pass "
+            "overflows: %s. Fix: rescale or standardise these columns if that was not meant", INPUT_BOUND,
+            ", ".join(f"{n} in {name!r}" for name, n in bounded.items()),
+        )
     tasks = []
     for name, classes in ds.schema.tasks:
         index = {c: i for i, c in enumerate(classes)}
         values = ds.groups.get(name, np.full(len(ds), None))
         tasks.append(torch.tensor([index.get(str(v), -1) for v in values], dtype=torch.long))
     return TensorDataset(*tensors, torch.from_numpy(ds.present.astype(np.float32)), torch.from_numpy(np.array(ds.label)), *tasks)
+
+
+def _bounded(values: torch.Tensor) -> int:
+    """Clamp ``values`` in place to +-INPUT_BOUND, NaN to 0 (see :func:`make_dataset`); return how many changed."""
+    if not values.is_floating_point():
+        return 0  # token ids
+    outside = int((~(values.abs() <= INPUT_BOUND)).sum())  # NaN counts too
+    if outside:
+        torch.nan_to_num_(values, nan=0.0).clamp_(-INPUT_BOUND, INPUT_BOUND)
+    return outside
 
 
 def output_layout(model: nn.Module, ds: MultimodalDataset) -> OutputLayout:

@@ -27,10 +27,28 @@ Poisson sampling and accounting stay Opacus' own:
   "book-keeping" idea of Bu et al., "Differentially private optimization on large model at
   small cost", ICML 2023). Every other model keeps Opacus' own two-pass module;
 - ``PrivacyEngine`` is Opacus' engine that hands out that optimizer, that module and the
-  matching loss wrapper for ghost clipping.
+  matching loss wrapper for ghost clipping, and ``GradSampleClippingOptimizer`` for the
+  per-sample gradient modes (``hooks``, ``functorch``).
+
+No record can make an update NaN or infinite (which the server would then reject, every
+round: the record's presence would show whatever the noise). Per-record norms are taken
+in float64 (a float32 input of 1e19 already overflows its square; the per-sample gradient
+modes keep Opacus' float32 norms for a batch where none overflowed, as a float64 pass
+over every per-sample gradient costs more). The clipped sums are taken in float32 while
+every record's ``|g_i| |a_i|`` stays below ``WIDE`` (1e30: no product can overflow, no
+clipping factor underflow), in float64 otherwise. A record whose norm is still not
+finite (its forward pass overflowed: inf, then NaN) has its rows set to zero before any
+product (never ``0 * NaN``) and contributes exactly zero, within the clipping bound, so
+the sensitivity and the guarantee are unchanged. Such records are counted in the
+optimizer's ``nonfinite_records`` (and the one-pass module's), which the site's training
+loop logs; the count is data-derived and never leaves the site. Opacus' two-pass module
+cannot leave such a record out (its NaN reaches the whole batch through the second
+backward pass); fedmm bounds every model input instead
+(:data:`fedmm.models.evaluation.INPUT_BOUND`), so that no forward pass overflows.
 
 ``tests/test_model_dp.py`` checks the result against per-sample clipped gradients
-computed without Opacus, and the noise's standard deviation.
+computed without Opacus, and the noise's standard deviation; ``tests/test_sensitivity.py``
+that one extreme record moves a step by at most ``max_grad_norm``, in every mode.
 """
 
 from __future__ import annotations
@@ -50,28 +68,48 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.module_utils import trainable_modules
 from torch import nn
 
-__all__ = ["GhostClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "linear_norm_sample"]
+__all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
+
+WIDE = 1e30  # a record's |g_i| |a_i| (or norm) above this takes the float64 path: float32 products could overflow
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Each record's (row's) Euclidean norm over all its other dimensions, in float64 (no overflow)."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64)
+
+
+def _zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` with the rows (records) where ``keep`` is False set to 0 (selected, never multiplied by 0)."""
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @register_norm_sampler(nn.Linear)
 def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample gradient norms of ``layer`` (Opacus' ghost norm sampler, faster for 2-D inputs).
 
-    Sample i's weight gradient is the outer product ``g_i a_i^T``, whose norm is ``|g_i| |a_i|``.
+    Sample i's weight gradient is the outer product ``g_i a_i^T``, whose norm is ``|g_i| |a_i|``,
+    computed in float64 (a norm beyond float32's range comes back as inf, never NaN from ``0 * inf``).
     """
     if backprops.dim() != 2:
-        return compute_linear_norm_sample(layer, activations, backprops)
-    grad_sq = backprops.square().sum(dim=1)
-    norms: dict[torch.Tensor, torch.Tensor] = {}
+        norms = compute_linear_norm_sample(layer, activations, backprops)
+        if all(bool(torch.isfinite(n).all()) for n in norms.values()):
+            return norms
+        wide = compute_linear_norm_sample(layer, [activations[0].double()], backprops.double())  # float32 overflowed
+        return {p: n.to(backprops.dtype) for p, n in wide.items()}
+    grad = _row_norms(backprops)
+    norms = {}
     if layer.weight.requires_grad:
-        norms[layer.weight] = torch.sqrt(grad_sq * activations[0].to(backprops.dtype).square().sum(dim=1))
+        norms[layer.weight] = (grad * _row_norms(activations[0])).to(backprops.dtype)
     if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = torch.sqrt(grad_sq)
+        norms[layer.bias] = grad.to(backprops.dtype)
     return norms
 
 
 class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
-    """``DPOptimizerFastGradientClipping`` with cheaper ``accumulate`` and ``add_noise`` (no new state)."""
+    """``DPOptimizerFastGradientClipping`` with cheaper ``accumulate`` and ``add_noise``; its only
+    new state is ``nonfinite_records``, the records the one-pass module left out (site-local)."""
+
+    nonfinite_records: int = 0
 
     def accumulate(self) -> None:
         # The parent deep-copies each gradient (copy.deepcopy), about 10x slower than clone.
@@ -97,6 +135,49 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
             _mark_as_processed(p.summed_grad)
 
 
+class GradSampleClippingOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` (``hooks``, ``functorch``) whose per-sample clipping cannot overflow.
+
+    Opacus takes each record's norm in float32, where a gradient entry of 1e19 already
+    overflows (inf, then ``0 * inf``); here a batch whose float32 norms are not all finite
+    has them taken again in float64, a record whose norm is still not finite is zeroed and
+    counted in ``nonfinite_records`` (never sent), and the clipped sum is float64 when a norm
+    exceeds ``WIDE``. Otherwise (every common batch) the same arithmetic as the parent.
+    """
+
+    nonfinite_records: int = 0
+
+    def clip_and_accumulate(self) -> None:
+        grad_samples = self.grad_samples
+        if len(grad_samples[0]) == 0:
+            super().clip_and_accumulate()  # an empty batch: nothing to clip
+            return
+        # Opacus' float32 norms (a float64 reduction of these tensors is several times slower); a norm
+        # that overflowed (inf: entries beyond ~1e19) or is NaN is taken again in float64
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples], dim=1).norm(2, dim=1).double()
+        if not bool(torch.isfinite(norms).all()):
+            norms = torch.stack([_row_norms(g) for g in grad_samples], dim=1).norm(2, dim=1)
+        finite = torch.isfinite(norms)
+        left_out = int((~finite).sum())
+        self.nonfinite_records += left_out
+        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping factor
+        if left_out:
+            coef = torch.where(finite, coef, torch.zeros_like(coef))
+        wide = left_out < len(norms) and float((norms[finite] if left_out else norms).max()) > WIDE
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            if left_out:
+                grad_sample = _zero_rows(grad_sample, finite)
+            dtype = torch.float64 if wide else p.dtype
+            grad = torch.einsum("i,i...", coef.to(device=grad_sample.device, dtype=dtype), grad_sample.to(dtype)).to(p.dtype)
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            _mark_as_processed(p.grad_sample)
+
+
 def _keep_gradient(record: list[Any], grad: torch.Tensor) -> None:
     record[1] = grad.detach()
 
@@ -107,6 +188,8 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
 
     Everything else (validation, wrapping, ``_close``) is Opacus' own.
     """
+
+    nonfinite_records: int = 0  # records left out so far (their norm was not finite); site-local
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
         if hasattr(self._module, "autograd_grad_sample_hooks"):
@@ -131,12 +214,14 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         # rewrites its history and the hook never fires. The layer's users get a copy instead.
         return output.clone() if output._base is not None else None
 
-    def clipped_backward(self, loss_per_sample: torch.Tensor) -> None:
-        """Set each parameter's ``.grad`` to the sum over records of their gradients clipped to ``max_grad_norm``."""
+    def clipped_backward(self, loss_per_sample: torch.Tensor) -> int:
+        """Set each parameter's ``.grad`` to the sum over records of their gradients clipped to
+        ``max_grad_norm``; return how many records were left out (norm not finite, see the module)."""
         # The sum of per-record losses: the gradient reaching each output row is that record's own.
         loss_per_sample.sum().backward()
         records, self._records = self._records, {}
-        squared = loss_per_sample.new_zeros(loss_per_sample.shape[0]).detach()
+        squared = torch.zeros(loss_per_sample.shape[0], dtype=torch.float64, device=loss_per_sample.device)
+        largest = torch.zeros_like(squared)  # each record's largest |g_i| |a_i| or |g_i| over the layers
         captured: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
         for layer in self._layers:
             seen = records.get(layer, [])
@@ -150,24 +235,42 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
                 continue
             activations, backprops = seen[0]
             captured.append((layer, activations, backprops))
+            grad, inputs = _row_norms(backprops), _row_norms(activations)
+            product = grad * inputs  # the weight gradient's norm (for sequences, a bound on it)
+            largest = torch.maximum(largest, torch.maximum(product, grad))
             if backprops.dim() == 2:
-                grad_sq = backprops.square().sum(dim=1)
                 if layer.weight.requires_grad:
-                    squared += grad_sq * activations.to(backprops).square().sum(dim=1)
+                    squared += product.square()
                 if layer.bias is not None and layer.bias.requires_grad:
-                    squared += grad_sq
+                    squared += grad.square()
             else:
-                for norm in compute_linear_norm_sample(layer, [activations], backprops).values():
-                    squared += norm.square()
+                # Opacus' sum over position pairs, in float32 when no term can overflow (each <= |g_i|^2 |a_i|^2)
+                safe = bool((torch.maximum(product, torch.maximum(grad, inputs)) <= 1e18).all())
+                pair = (activations, backprops) if safe else (activations.double(), backprops.double())
+                for norm in compute_linear_norm_sample(layer, [pair[0]], pair[1]).values():
+                    squared += norm.double().square()
         norms = squared.sqrt()
         self.per_sample_gradient_norms = norms
+        finite = torch.isfinite(norms)
+        left_out = int((~finite).sum())
+        self.nonfinite_records += left_out
         coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' get_clipping_coef
+        if left_out:
+            coef = torch.where(finite, coef, torch.zeros_like(coef))
+        # float32 is exact enough, and cannot overflow, while every |g_i| |a_i| and |g_i| <= WIDE: then
+        # no c_i g_ij a_ik exceeds WIDE, and c_i >= max_grad_norm / (2 WIDE sqrt(layers)) is a normal float
+        wide = left_out < len(norms) and float((largest[finite] if left_out else largest).max()) > WIDE
         for layer, activations, backprops in captured:
-            scaled = (backprops * coef.view(-1, *[1] * (backprops.dim() - 1))).reshape(-1, backprops.shape[-1])
+            if left_out:
+                backprops, activations = _zero_rows(backprops, finite), _zero_rows(activations, finite)
+            dtype = torch.float64 if wide else backprops.dtype
+            factor = coef.to(dtype).view(-1, *[1] * (backprops.dim() - 1))
+            scaled = (backprops.to(dtype) * factor).reshape(-1, backprops.shape[-1])
             if layer.weight.requires_grad:
                 layer.weight.grad = (scaled.t() @ activations.reshape(-1, activations.shape[-1]).to(scaled)).to(layer.weight.dtype)
             if layer.bias is not None and layer.bias.requires_grad:
                 layer.bias.grad = scaled.sum(dim=0).to(layer.bias.dtype)
+        return left_out
 
 
 class _ClippedLoss(DPTensorFastGradientClipping):
@@ -177,7 +280,9 @@ class _ClippedLoss(DPTensorFastGradientClipping):
         if not isinstance(self.module, OnePassGradSampleModule):
             super().backward()
             return
-        self.module.clipped_backward(self.loss_per_sample)
+        left_out = self.module.clipped_backward(self.loss_per_sample)
+        if isinstance(self.optimizer, GhostClippingOptimizer):
+            self.optimizer.nonfinite_records += left_out
         # Opacus' two-pass backward zeroes the optimizer's gradients between passes, which also
         # drops its summed gradient unless the last step was skipped; the same here (every
         # ``.grad`` was just replaced).
@@ -212,8 +317,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
     def _prepare_optimizer(self, **kwargs: Any) -> DPOptimizer:
         optimizer = super()._prepare_optimizer(**kwargs)
         if type(optimizer) is DPOptimizerFastGradientClipping:
-            # Same object and state; only the two methods above differ (the subclass adds no fields).
+            # Same object and state; only the methods above differ (the subclasses' one new field,
+            # nonfinite_records, defaults to 0 on the class).
             optimizer.__class__ = GhostClippingOptimizer
+        elif type(optimizer) is DPOptimizer:
+            optimizer.__class__ = GradSampleClippingOptimizer
         return optimizer
 
     def _prepare_criterion(self, **kwargs: Any) -> DPLossFastGradientClipping:

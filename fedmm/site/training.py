@@ -18,10 +18,16 @@ Modality dropout hides modalities per sample after sampling, like augmentation.
 Under DP, which records a step samples and its noise come from the operating
 system's randomness, never from the run's seed (which the server hands out), so a
 DP run is not bit-for-bit repeatable; everything else follows the seed.
+Every model input is bounded (:func:`fedmm.models.evaluation.make_dataset`), and a record
+whose clipped gradient would still not be finite is left out of its step
+(:mod:`fedmm.privacy.ghost`): no record can turn an update into NaN, which the server
+would reject and so see the record. How many were left out is logged here, at the site,
+and never sent.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -42,6 +48,8 @@ from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ghost import PrivacyEngine
 
 __all__ = ["DPSettings", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,6 +216,14 @@ def train(
     if dp is not None:
         trained.eval()
         _unwrap(trained)
+        left_out = getattr(optimizer, "nonfinite_records", 0)
+        if left_out:
+            # data-derived: logged at the site only, never part of the update or its metrics
+            logger.warning(
+                "%d record gradient(s) of this round were not finite (a forward pass overflowed float32) and were left out "
+                "of their DP-SGD step; the update and its DP guarantee are unaffected. Fix: check the site's data "
+                "(`fedmm data check`) for extreme values", left_out,
+            )
     return total / max(1, batches)
 
 
