@@ -104,3 +104,13 @@ def test_min_sites_above_sites_is_refused_before_any_site_spends() -> None:
     message = str(err.value)
     assert "'min-sites'" in message and "(got 4)" in message and "sites=3" in message and "Fix:" in message
     assert RunConfig.from_run_config({"sites": 3, "min-sites": 3}).min_sites == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("seed", -1), ("seed", 2**40), ("image-size", 200000), ("learning-rate", 1e308), ("audio-seconds", 1e9), ("sensor-length", 10**9), ("text-buckets", 2**40)],
+)
+def test_values_that_would_crash_a_run_are_refused_up_front(key: str, value: object) -> None:
+    """Issue 17: seed=-1 gave a 4451-line ValueError, image-size=200000 a MemoryError, learning-rate=1e308 a failure inside Ray."""
+    with pytest.raises(ConfigError, match=f"config key '{key}': must be in"):
+        RunConfig.from_run_config({key: value})

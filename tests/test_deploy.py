@@ -196,6 +196,11 @@ def test_runtime_flower_is_flowers_own_supernode(tmp_path: Path) -> None:
         ("delta = 2.0\n", "", "site.delta"),
         ('runtime = "ray"\n', "", "site.runtime.*must be one of fedmm, flower"),
         ("poll-interval = 0\n", "", "site.poll-interval"),
+        # issue 17: these loaded and failed only at round time, or read "false" as true
+        ("min-noise-multiplier = -5.0\n", "", "site.min-noise-multiplier.*must be a number >= 0"),
+        ('require-dp = "false"\n', "", "site.require-dp.*without quotes"),
+        ('clientapp-port = "9094"\n', "", "site.clientapp-port.*an integer"),
+        ("clientapp-port = 70000\n", "", "site.clientapp-port.*port number"),
     ],
 )
 def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra: str, drop: str, message: str | None) -> None:

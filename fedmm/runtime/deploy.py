@@ -114,6 +114,18 @@ class SiteSettings:
         delta = table.get("delta", 1e-5)
         if not isinstance(delta, float) or not 0 < delta < 1:
             raise ConfigError("site.delta", "must be in (0, 1)", value=delta, fix="e.g. delta = 1e-5")
+        floor = table.get("min-noise-multiplier", 0.5)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
+            raise ConfigError("site.min-noise-multiplier", "must be a number >= 0", value=floor, fix="e.g. min-noise-multiplier = 0.5")
+        require_dp = table.get("require-dp", True)
+        if not isinstance(require_dp, bool):  # "false" (a string) would read as true
+            raise ConfigError("site.require-dp", "must be true or false, without quotes", value=require_dp, fix="e.g. require-dp = true")
+        for key, kind in (("name", str), ("superlink", str), ("data", str), ("clientapp-port", int)):
+            if key in table and (isinstance(table[key], bool) or not isinstance(table[key], kind)):
+                raise ConfigError(f"site.{key}", f"must be {'text' if kind is str else 'an integer'}", value=table[key], fix=f"see docs/deploy.md for {key}")
+        port = table.get("clientapp-port", 9094)
+        if not 1 <= port <= 65535:
+            raise ConfigError("site.clientapp-port", "must be a port number in [1, 65535]", value=port, fix="e.g. clientapp-port = 9094")
         name = str(table["name"])
         if not name or any(c in name for c in "/\\'\" "):
             raise ConfigError("site.name", "must be a plain name (no quotes, spaces or slashes)", value=name, fix="e.g. name = \"hospital-a\"")
@@ -132,8 +144,8 @@ class SiteSettings:
         return cls(
             name=name, superlink=str(table["superlink"]), ca=file("ca"), key=file("key"),
             state_dir=(base / str(table["state-dir"])).expanduser().resolve(), epsilon_budget=float(budget), data=data,
-            delta=float(delta), min_noise_multiplier=float(table.get("min-noise-multiplier", 0.5)),
-            require_dp=bool(table.get("require-dp", True)), clientapp_port=int(table.get("clientapp-port", 9094)),
+            delta=float(delta), min_noise_multiplier=float(floor),
+            require_dp=require_dp, clientapp_port=int(port),
             runtime=runtime, poll_interval=float(poll),
         )
 
