@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = (
-    ("ground", ("fedmm", "fedmm._moved", "fedmm.config", "fedmm.errors", "fedmm.protocol")),
+    ("ground", ("fedmm", "fedmm._moved", "fedmm._lazy", "fedmm.config", "fedmm.errors", "fedmm.protocol")),
     ("data", ("fedmm.data",)),
     ("models", ("fedmm.models",)),
     ("privacy", ("fedmm.privacy",)),

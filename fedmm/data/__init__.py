@@ -12,8 +12,7 @@ model, no privacy mechanism and no Flower app. Submodules are imported on first 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedmm._lazy import lazy_exports
 
 _EXPORTS = {
     "SPEAKERS": "fedmm.data.avmnist",
@@ -38,8 +37,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fedmm.data' has no attribute {name!r}")
+__getattr__ = lazy_exports("fedmm.data", _EXPORTS)

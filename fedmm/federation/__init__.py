@@ -16,8 +16,7 @@ May import: ``fedmm.config``/``errors``/``protocol``, ``fedmm.data``, ``fedmm.mo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedmm._lazy import lazy_exports
 
 _EXPORTS = {
     "SitePrivacy": "fedmm.federation.book",
@@ -34,8 +33,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fedmm.federation' has no attribute {name!r}")
+__getattr__ = lazy_exports("fedmm.federation", _EXPORTS)

@@ -19,8 +19,7 @@ so importing ``fedmm.site.io`` stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedmm._lazy import lazy_exports
 
 _EXPORTS = {
     "SitePlan": "fedmm.site.round",
@@ -39,8 +38,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'fedmm.site' has no attribute {name!r}")
+__getattr__ = lazy_exports("fedmm.site", _EXPORTS)
