@@ -35,14 +35,33 @@ class ConfigError(FedMMError, ValueError):
 
 
 class DataError(FedMMError):
-    """A data file is missing, unreadable, corrupt or of an unexpected shape."""
+    """A data file is missing, unreadable, corrupt or of an unexpected shape.
 
-    def __init__(self, path: object, problem: str, *, fix: str = "") -> None:
+    ``str(err)`` is ``"{path}: {problem}. Fix: {fix}"``. A raiser whose error may travel to
+    the server (a deployed site's data) gives a ``path`` that names no local file (e.g.
+    ``"manifest row 3, column 'image'"``) and puts local paths and values read from files
+    in ``detail``: ``str(err)`` is then what the site may send, while ``err.detail`` and
+    ``err.local_message`` (the message with the detail) are for the site's own log and
+    terminal only.
+    """
+
+    def __init__(self, path: object, problem: str, *, fix: str = "", detail: str = "") -> None:
         self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        self.detail = detail
         message = f"{path}: {problem}"
         if fix:
             message += f". Fix: {fix}"
         super().__init__(message)
+
+    @property
+    def local_message(self) -> str:
+        """The message with the local detail (paths, values): for the site's own log, never to send."""
+        if not self.detail:
+            return str(self)
+        message = f"{self.path}: {self.problem} [{self.detail}]"
+        return message + (f". Fix: {self.fix}" if self.fix else "")
 
 
 class PrivacyError(FedMMError):

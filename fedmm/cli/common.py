@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, FedMMError
@@ -41,7 +42,8 @@ def exit_on_error() -> Iterator[None]:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     except FedMMError as err:
-        console.print(f"[red]error:[/red] {err}")
+        # The CLI runs where the data is: print the local detail (paths, values) a site never sends to the server.
+        console.print("[red]error:[/red] " + escape(str(getattr(err, "local_message", err))))
         raise typer.Exit(1) from err
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedmm.cli.common import console, data_app, exit_on_error, build_plan, load_federation, load_preset, parse_overrides
@@ -32,19 +34,40 @@ def _counts_table(title: str, rows: dict[str, dict[str, Any]], classes: tuple[st
     return table
 
 
+MAX_LISTED = 50  # bad rows printed by `fedmm data check`; --skipped-csv writes them all
+CSV_FIELDS = ("row", "column", "file", "reason", "problem", "fix", "detail")
+
+
 @data_app.command("check")
 def data_check(
     manifest: Annotated[Path, typer.Argument(help="a .csv or .parquet manifest")],
-    lenient: Annotated[bool, typer.Option("--lenient", help="skip bad rows (counted per reason) instead of stopping at the first")] = False,
+    lenient: Annotated[bool, typer.Option("--lenient", help="skip bad rows (listed, and counted per reason) instead of failing")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="a preprocessing key: --set image-size=64")] = None,
+    skipped_csv: Annotated[Path | None, typer.Option("--skipped-csv", help="write every bad row (row, column, file, reason, fix) to this CSV")] = None,
+    root: Annotated[list[Path] | None, typer.Option("--root", help="a folder the manifest's files may lie in (repeatable; default: the manifest's folder)")] = None,
 ) -> None:
-    """Validate a manifest: load every row as training would; print counts per modality, class and site."""
-    from fedmm.data.manifest import load_manifest
+    """Validate a manifest: load every row as training would; list every bad row; print counts per modality, class and site."""
+    from fedmm.data.manifest import check_manifest
+    from fedmm.errors import DataError
 
     with exit_on_error():
         run_plan = build_plan(RunConfig.from_run_config(parse_overrides(set_ or [])))
         cfg = run_plan.config
-        ds = load_manifest(manifest, run_plan.preprocessing, classes=cfg.class_list, lenient=lenient)
+        try:
+            report = check_manifest(manifest, run_plan.preprocessing, classes=cfg.class_list, lenient=lenient, roots=tuple(root or ()))
+        except DataError as err:  # this terminal is the site's own: the local detail (paths, values) helps here
+            console.print(f"[red]error:[/red] {escape(err.local_message)}", soft_wrap=True)
+            raise typer.Exit(1) from err
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+    if skipped_csv is not None:
+        _write_problems(skipped_csv, report.problems)
+    ds = report.dataset
+    if ds is None:
+        what = "bad rows" if not lenient else "bad rows and no usable row"
+        console.print(f"[red]error:[/red] {len(report.problems)} {what} in {escape(str(manifest))}:", soft_wrap=True)
+        _list_problems(report.problems, skipped_csv)
+        raise typer.Exit(1)
     schema = ds.schema
     mods = Table(title=f"{manifest}: {len(ds)} samples")
     for column in ("modality", "kind", "shape", "present", "missing"):
@@ -67,7 +90,31 @@ def data_check(
         for reason, n in sorted(ds.skipped.items()):
             skips.add_row(reason, str(n))
         console.print(skips)
+        _list_problems(report.problems, skipped_csv)
     console.print(f"[green]ok[/green]: {len(ds)} samples usable" + (f", {sum(ds.skipped.values())} skipped" if ds.skipped else ""))
+
+
+def _list_problems(problems: tuple[Any, ...], written: Path | None) -> None:
+    """One line a bad row (its local detail included: this is the site's own terminal), up to MAX_LISTED."""
+    for problem in problems[:MAX_LISTED]:
+        console.print(f"  {escape(problem.local_message)}", soft_wrap=True, highlight=False)
+    if len(problems) > MAX_LISTED:
+        where = f"all are in {written}" if written else "--skipped-csv PATH writes them all"
+        console.print(f"  ... and {len(problems) - MAX_LISTED} more ({escape(where)})", soft_wrap=True)
+
+
+def _write_problems(path: Path, problems: tuple[Any, ...]) -> None:
+    """Every bad row as a CSV for the data manager; a cell that a spreadsheet would run as a formula is quoted with '."""
+    def safe(value: object) -> str:
+        text = "" if value is None else str(value)
+        return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_FIELDS)
+        for p in problems:
+            writer.writerow([safe(v) for v in (p.row, p.column, p.file, p.reason, p.problem, p.fix, p.detail)])
+    console.print(f"{len(problems)} bad rows written to {escape(str(path))}", soft_wrap=True)
 
 
 @data_app.command("split")

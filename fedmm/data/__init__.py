@@ -2,7 +2,10 @@
 
 - ``fedmm.data.schema``: modalities, :class:`MultimodalDataset` (features, presence mask, labels);
 - ``fedmm.data.sources``: what ``data=`` can name (avmnist, basicmotions, manifest, synthetic);
-- ``fedmm.data.manifest``: a site's own files described by a CSV/Parquet manifest;
+- ``fedmm.data.manifest`` (``manifest_table``, ``labels``): a site's own files described by a
+  CSV/Parquet manifest, its rows numbered as a spreadsheet does, its labels in one canonical form;
+- ``fedmm.data.decoders`` / ``fedmm.data.checks``: decoding one image, recording or ``.npy``
+  file, within size limits checked from the header; the skip reasons and row-level errors;
 - ``fedmm.data.preprocess`` / ``fedmm.data.augment``: per-modality preprocessing and augmentation;
 - ``fedmm.data.partition``: simulated federations with flwr-datasets partitioners.
 
@@ -27,6 +30,8 @@ _EXPORTS = {
     "Source": "fedmm.data.sources",
     "load_source": "fedmm.data.sources",
     "load_manifest": "fedmm.data.manifest",
+    "check_manifest": "fedmm.data.manifest",
+    "canonical_label": "fedmm.data.labels",
     "Preprocessing": "fedmm.data.preprocess",
     "Federation": "fedmm.data.partition",
     "FederationPlan": "fedmm.data.partition",

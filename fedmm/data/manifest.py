@@ -1,6 +1,7 @@
 """Manifests: a site's own multimodal data, described in one CSV or Parquet file.
 
-One row is one sample. Columns (paths are relative to the manifest's folder):
+One row is one sample. Columns (paths are relative to the manifest's folder, and must stay
+inside it, symbolic links followed, unless the caller allows other ``roots``):
 
 ============================  =====================================================
 ``image``, ``image:NAME``     path to an image Pillow reads (PNG, JPEG, ...)
@@ -19,9 +20,14 @@ modalities. An empty cell means that sample lacks that modality: it travels as a
 ``False`` in the presence mask. Any other column name is refused, with the
 closest known name.
 
-Strict loading (the default) stops at the first bad row, naming the row, the
-column and the file. Lenient loading skips bad rows and counts them per reason
-(:class:`~fedmm.data.preprocess.SkipReason`); nothing is dropped silently. A number
+Strict loading (the default) stops at the first bad row, naming the row (as a
+spreadsheet numbers it: the header is row 1, blank lines count), the column and the file.
+Lenient loading skips bad rows and counts them per reason
+(:class:`~fedmm.data.checks.SkipReason`); nothing is dropped silently.
+:func:`check_manifest` (``fedmm data check``) collects every bad row instead of stopping.
+An error's message names the row and column but no local path and no cell's value: those
+are in its ``detail``, for the site's own log (see :class:`~fedmm.errors.DataError`).
+Labels are compared in one canonical form (:mod:`fedmm.data.labels`). A number
 (tabular cell, sensor or audio value) that is not finite, or beyond float32's range
 (about 3.4e38, which a model input cannot hold), is a bad row. Training bounds every
 input to +-1e6 (:data:`fedmm.models.evaluation.INPUT_BOUND`), with a warning: rescale
@@ -30,164 +36,133 @@ tabular columns whose raw values go beyond that.
 
 from __future__ import annotations
 
-import difflib
 import functools
+import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedmm.data.preprocess import (
-    FLOAT32_MAX,
-    Preprocessing,
-    SampleError,
-    SkipReason,
-    audio_features,
-    load_audio,
-    load_image,
-    load_sensor,
-    sentence_embeddings,
-    tokenize,
-)
+from fedmm.data.checks import FLOAT32_MAX, SampleError, SkipReason
+from fedmm.data.decoders import load_audio, load_image, load_sensor
+from fedmm.data.labels import canonical_classes, canonical_label, spelling_notes
+from fedmm.data.manifest_table import RESERVED, WHERE, ManifestColumns, TableRow, read_manifest_table, write_manifest
+from fedmm.data.preprocess import Preprocessing, audio_features, sentence_embeddings, tokenize
 from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
 from fedmm.errors import DataError
 
-__all__ = ["ManifestColumns", "read_manifest_table", "write_manifest", "load_manifest", "RESERVED"]
+__all__ = [
+    "ManifestColumns", "ManifestReport", "read_manifest_table", "write_manifest", "load_manifest", "check_manifest", "RESERVED",
+]
 
-RESERVED = ("label", "site", "split")
-_PATH_KINDS = (ModalityKind.IMAGE, ModalityKind.AUDIO, ModalityKind.SENSOR)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ManifestColumns:
-    """The manifest's columns sorted into modalities, tabular features and metadata."""
+class ManifestReport:
+    """What :func:`check_manifest` found: the data (None when nothing is usable, or when strict
+    loading found a bad row), every bad row in row order, and notes (label spellings merged)."""
 
-    modalities: tuple[tuple[str, ModalityKind], ...]  # (column, kind), tabular excluded
-    tabular: tuple[str, ...]
-    meta: tuple[str, ...]
-    has_site: bool
-    has_split: bool
-
-    @classmethod
-    def parse(cls, columns: list[str], where: Path) -> ManifestColumns:
-        kinds = {k.value: k for k in ModalityKind}
-        modalities: list[tuple[str, ModalityKind]] = []
-        tabular, meta = [], []
-        if "label" not in columns:
-            raise DataError(where, f"has no 'label' column (columns: {', '.join(columns)})", fix="add a 'label' column with each row's class name")
-        for col in columns:
-            prefix, sep, rest = col.partition(":")
-            if col in RESERVED:
-                continue
-            if prefix == "meta" and sep and rest:
-                meta.append(col)
-            elif prefix == "tabular" and sep and rest:
-                tabular.append(col)
-            elif prefix in kinds and prefix != "tabular" and (not sep or rest):
-                modalities.append((col, kinds[prefix]))
-            else:
-                known = [*RESERVED, *(k.value for k in ModalityKind if k is not ModalityKind.TABULAR), "tabular:NAME", "meta:NAME"]
-                close = difflib.get_close_matches(prefix, [*RESERVED, *kinds], n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise DataError(
-                    where, f"unknown column {col!r}",
-                    fix=f"{hint}Columns are {', '.join(known)} (KIND:NAME for several of one kind); put other information in 'meta:NAME'",
-                )
-        if not modalities and not tabular:
-            raise DataError(where, "has no modality column", fix="add at least one of image, audio, text, sensor or tabular:NAME")
-        return cls(tuple(modalities), tuple(tabular), tuple(meta), "site" in columns, "split" in columns)
+    dataset: MultimodalDataset | None
+    problems: tuple[SampleError, ...]
+    notes: tuple[str, ...]
 
 
-def read_manifest_table(path: Path) -> list[dict[str, str]]:
-    """Read a CSV or Parquet manifest as rows of strings ('' for an empty cell)."""
-    import pandas as pd
-
-    if not path.is_file():
-        raise DataError(path, "manifest not found", fix="pass the path of a .csv or .parquet manifest")
-    try:
-        if path.suffix.lower() == ".parquet":
-            frame = pd.read_parquet(path)
-        elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix.lower() == ".tsv" else ",")
-        else:
-            raise DataError(path, f"unknown manifest format {path.suffix!r}", fix="use a .csv or .parquet file")
-    except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise DataError(path, f"cannot parse the manifest ({err})", fix="check it opens as a table (quotes, separators)") from err
-    rows = []
-    for record in frame.to_dict(orient="records"):
-        rows.append({str(k): _cell(v) for k, v in record.items()})
-    if not rows:
-        raise DataError(path, "has no rows", fix="add one row a sample")
-    return rows
-
-
-def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
-    """Write rows (one dict a sample, columns as above) as a CSV manifest; return its path."""
-    import csv
-
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def _cell(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value).strip()
-
-
-def load_manifest(path: str | Path, prep: Preprocessing, *, classes: tuple[str, ...] = (), lenient: bool = False) -> MultimodalDataset:
+def load_manifest(
+    path: str | Path, prep: Preprocessing, *, classes: Sequence[str] = (), lenient: bool = False, roots: Sequence[str | Path] = (),
+) -> MultimodalDataset:
     """Load every row of a manifest into one :class:`MultimodalDataset`.
 
     ``classes`` fixes the class list (a label outside it is bad input); empty means the
-    sorted labels found. Groups carry ``site``, ``split`` and ``meta:*`` columns.
+    sorted labels found. Groups carry ``site``, ``split`` and ``meta:*`` columns. File
+    paths must resolve inside one of ``roots`` (default: the manifest's folder).
 
     Raises
     ------
     DataError
-        Strict mode: the first bad row (row number as in a spreadsheet, column, file, fix).
-        Both modes: a bad header, an empty modality column, or no usable row.
+        Strict mode: the first bad row (row number as in a spreadsheet, column, fix; the
+        file and the manifest's path in its ``detail``). Both modes: a bad header, an empty
+        modality column, or no usable row.
+    ConfigError
+        When two of ``classes`` are one class, or one is a missing label's spelling.
     """
-    return _load_manifest(Path(path).expanduser().resolve(), prep, tuple(classes), lenient)
+    report = _load_manifest(*_arguments(path, classes, roots), prep, lenient, False)
+    if report.dataset is None:
+        skipped = dict(Counter(p.reason for p in report.problems))
+        raise DataError(WHERE, f"has no usable row ({skipped} skipped)", fix="fix the rows listed by `fedmm data check`", detail=f"manifest {path}")
+    return report.dataset
+
+
+def check_manifest(
+    path: str | Path, prep: Preprocessing, *, classes: Sequence[str] = (), lenient: bool = False, roots: Sequence[str | Path] = (),
+) -> ManifestReport:
+    """Load a manifest as :func:`load_manifest` does, but collect every bad row instead of
+    stopping at the first (strict: then no dataset) or only counting them (lenient)."""
+    return _load_manifest(*_arguments(path, classes, roots), prep, lenient, True)
+
+
+def _arguments(path: str | Path, classes: Sequence[str], roots: Sequence[str | Path]) -> tuple[Path, tuple[str, ...], tuple[Path, ...]]:
+    manifest = Path(path).expanduser().resolve()
+    allowed = tuple(Path(r).expanduser().resolve() for r in roots) or (manifest.parent,)
+    return manifest, canonical_classes(classes), allowed
+
+
+@dataclass(frozen=True)
+class _Context:
+    path: Path
+    roots: tuple[Path, ...]
+    prep: Preprocessing
+    cols: ManifestColumns
+    class_index: dict[str, int]
 
 
 @functools.lru_cache(maxsize=4)
-def _load_manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient: bool) -> MultimodalDataset:
-    rows = read_manifest_table(path)
-    cols = ManifestColumns.parse(list(rows[0]), path)
-    folder = path.parent
-    skipped: Counter[str] = Counter()
-
-    for col, _ in cols.modalities:
-        if all(not r[col] for r in rows):
-            raise DataError(path, f"column {col!r} is empty in every row", fix="fill it or remove the column")
-    for col in cols.tabular:
-        if all(not r[col] for r in rows):
-            raise DataError(path, f"column {col!r} is empty in every row", fix="fill it or remove the column")
-    labels_found = sorted({r["label"] for r in rows if r["label"]})
-    class_list = classes or tuple(labels_found)
+def _load_manifest(
+    path: Path, classes: tuple[str, ...], roots: tuple[Path, ...], prep: Preprocessing, lenient: bool, collect: bool,
+) -> ManifestReport:
+    table = read_manifest_table(path)
+    cols, rows = table.columns, table.rows
+    for col in [c for c, _ in cols.modalities] + list(cols.tabular):
+        if all(not r.cells[col] for r in rows):
+            raise DataError(WHERE, f"column {col!r} is empty in every row", fix="fill it or remove the column", detail=f"manifest {path}")
+    spellings: dict[str, set[str]] = {}
+    for r in rows:
+        label = canonical_label(r.cells["label"])
+        if label is not None:
+            spellings.setdefault(label, set()).add(r.cells["label"])
+    notes = spelling_notes(spellings)
+    for note in notes:
+        log.warning("%s: %s", path, note)
+    class_list = classes or tuple(sorted(spellings))
     if not class_list:
-        raise DataError(path, "no row has a label", fix="fill the 'label' column")
-    class_index = {c: i for i, c in enumerate(class_list)}
+        raise DataError(WHERE, "no row has a label", fix="fill the 'label' column", detail=f"manifest {path}")
+    ctx = _Context(path, roots, prep, cols, {c: i for i, c in enumerate(class_list)})
 
     # channels of each sensor column, fixed by the first *accepted* row that has it (and that row)
     sensor_channels: dict[str, tuple[int, str] | None] = {col: None for col, kind in cols.modalities if kind is ModalityKind.SENSOR}
     kept: list[dict[str, object]] = []
-    for number, row in enumerate(rows, start=2):  # row 1 is the header, as a spreadsheet shows it
-        where = f"{path}: row {number}"
+    problems: list[SampleError] = []
+    for row in rows:
         try:
-            kept.append(_load_row(row, cols, folder, prep, class_index, sensor_channels, where))
+            kept.append(_load_row(row, ctx, sensor_channels))
         except SampleError as err:
-            if not lenient:
+            if not (lenient or collect):
                 raise
-            skipped[err.reason] += 1
-    if not kept:
-        raise DataError(path, f"no usable row ({dict(skipped)} skipped)", fix="fix the rows listed by `fedmm data check`")
+            problems.append(err.with_traceback(None))
+    if not kept or (problems and not lenient):
+        return ManifestReport(None, tuple(problems), notes)
+    skipped = dict(Counter(p.reason for p in problems))
+    return ManifestReport(_dataset(kept, ctx, class_list, sensor_channels, skipped), tuple(problems), notes)
 
+
+def _dataset(
+    kept: list[dict[str, object]], ctx: _Context, class_list: tuple[str, ...], sensor_channels: dict[str, tuple[int, str] | None],
+    skipped: dict[str, int],
+) -> MultimodalDataset:
+    cols, prep = ctx.cols, ctx.prep
     modalities: list[Modality] = []
     features: dict[str, np.ndarray] = {}
     present_cols = []
@@ -232,7 +207,7 @@ def _load_manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], le
     groups = {name: np.array([str(s["groups"][name]) for s in kept]) for name in _group_names(cols)}  # type: ignore[index]
     return MultimodalDataset(
         Schema(tuple(modalities), class_list), features, np.stack(present_cols, axis=1),
-        np.array([s["label"] for s in kept], dtype=np.int64), groups, tuple(str(s["id"]) for s in kept), dict(skipped),
+        np.array([s["label"] for s in kept], dtype=np.int64), groups, tuple(str(s["id"]) for s in kept), skipped,
     )
 
 
@@ -240,74 +215,111 @@ def _group_names(cols: ManifestColumns) -> list[str]:
     return (["site"] if cols.has_site else []) + (["split"] if cols.has_split else []) + list(cols.meta)
 
 
-def _load_row(
-    row: dict[str, str], cols: ManifestColumns, folder: Path, prep: Preprocessing,
-    class_index: dict[str, int], sensor_channels: dict[str, tuple[int, str] | None], where: str,
-) -> dict[str, object]:
-    label = row["label"]
-    if not label:
-        raise SampleError(where, "has no label", reason=SkipReason.MISSING_LABEL, fix="fill the 'label' cell, or remove the row")
-    if label not in class_index:
-        raise SampleError(
-            where, f"label {label!r} is not one of the classes {list(class_index)}", reason=SkipReason.UNKNOWN_LABEL,
-            fix="correct the label, or add it to the run config's 'classes'",
+
+
+def _row_error(row: TableRow, ctx: _Context, column: str | None, problem: str, *, reason: str, fix: str, detail: str = "", file: str | None = None) -> SampleError:
+    """A bad row: row and column in the message; the file, cell values and paths only in the detail."""
+    where = f"manifest row {row.number}" + (f", column {column!r}" if column else "")
+    local = "; ".join(part for part in (f"file {file!r}" if file else "", detail, f"manifest {ctx.path}") if part)
+    return SampleError(where, problem, reason=reason, fix=fix, detail=local, row=row.number, column=column, file=file)
+
+
+def _inside(cell: str, ctx: _Context, column: str, row: TableRow) -> Path:
+    """The cell's file, resolved (symbolic links followed), if it lies inside an allowed root."""
+    try:
+        resolved = (ctx.path.parent / cell).resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, a name too long, a symlink loop
+        raise _row_error(row, ctx, column, "the file's path cannot be resolved", reason=SkipReason.MISSING_FILE, file=cell,
+                         detail=f"{type(err).__name__}: {err}", fix="write the file's path relative to the manifest's folder") from None
+    if not any(resolved.is_relative_to(root) for root in ctx.roots):
+        default = ctx.roots == (ctx.path.parent,)
+        raise _row_error(
+            row, ctx, column, "the file's path leads outside the " + ("manifest's folder" if default else "allowed folders"),
+            reason=SkipReason.OUTSIDE_FOLDER, file=cell, detail=f"resolves to {resolved}; allowed: {', '.join(map(str, ctx.roots))}",
+            fix="keep the files in the manifest's folder (paths relative to it, no '..', no links out), or allow their folder in the site's config",
         )
-    if cols.has_split and row["split"] not in ("", "train", "test"):
-        raise SampleError(where, f"split {row['split']!r} is neither 'train' nor 'test'", reason=SkipReason.BAD_SPLIT, fix="use train or test, or leave it empty (train)")
-    sample: dict[str, object] = {"label": class_index[label], "id": where.rsplit(": ", 1)[1]}
+    return resolved
+
+
+def _load_row(row: TableRow, ctx: _Context, sensor_channels: dict[str, tuple[int, str] | None]) -> dict[str, object]:
+    cells, cols, prep = row.cells, ctx.cols, ctx.prep
+    if row.width > len(cells):
+        raise _row_error(row, ctx, None, f"has {row.width} cells, the header has {len(cells)}", reason=SkipReason.BAD_ROW,
+                         fix="quote cells that hold the separator, or remove the extra cells")
+    raw = cells["label"]
+    label = canonical_label(raw)
+    if label is None:
+        raise _row_error(row, ctx, "label", "has no label", reason=SkipReason.MISSING_LABEL, detail=f"cell {raw!r}" if raw else "",
+                         fix="fill the 'label' cell, or remove the row")
+    if label not in ctx.class_index:
+        shown = list(ctx.class_index)[:20]
+        raise _row_error(
+            row, ctx, "label", f"the label is not one of the {len(ctx.class_index)} classes {shown}" + (" ..." if len(ctx.class_index) > 20 else ""),
+            reason=SkipReason.UNKNOWN_LABEL, detail=f"label {raw!r}", fix="correct the label, or add it to the run config's 'classes'",
+        )
+    if cols.has_split and cells["split"] not in ("", "train", "test"):
+        raise _row_error(row, ctx, "split", "the split is neither 'train' nor 'test'", reason=SkipReason.BAD_SPLIT,
+                         detail=f"cell {cells['split']!r}", fix="use train or test, or leave it empty (train)")
+    sample: dict[str, object] = {"label": ctx.class_index[label], "id": f"row {row.number}"}
     anything = False
     for col, kind in cols.modalities:
-        cell = row[col]
+        cell = cells[col]
         if not cell:
             sample[col] = None
             continue
         anything = True
+        if kind is ModalityKind.TEXT:
+            sample[col] = cell  # tokenized or embedded for all rows at once, by _dataset
+            continue
+        file = _inside(cell, ctx, col, row)
         try:
             if kind is ModalityKind.IMAGE:
-                sample[col] = load_image(folder / cell, prep)
+                sample[col] = load_image(file, prep)
             elif kind is ModalityKind.AUDIO:
-                sample[col] = load_audio(folder / cell, prep)
-            elif kind is ModalityKind.SENSOR:
-                fixed = sensor_channels[col]
-                series = load_sensor(
-                    folder / cell, prep, channels=fixed[0] if fixed else None,
-                    set_by=f"the first accepted row ({fixed[1]}) has" if fixed else "",
-                )
-                sample[col] = series
+                sample[col] = load_audio(file, prep)
             else:
-                sample[col] = cell  # tokenized or embedded for all rows at once, below
+                fixed = sensor_channels[col]
+                set_by = f"the first accepted row ({fixed[1]}) has" if fixed else ""
+                sample[col] = load_sensor(file, prep, channels=fixed[0] if fixed else None, set_by=set_by)
         except SampleError as err:
-            raise SampleError(f"{where}, column {col!r}, {err.path}", err.problem, reason=err.reason, fix=err.fix) from err
+            raise _row_error(row, ctx, col, err.problem, reason=err.reason, fix=err.fix, file=cell, detail=err.detail) from None
+        except MemoryError:
+            raise _row_error(row, ctx, col, "cannot be loaded: out of memory", reason=SkipReason.TOO_LARGE, file=cell,
+                             fix="make the file smaller (fewer pixels, a shorter recording), or remove its row") from None
     if cols.tabular:
-        cells = [row[c] for c in cols.tabular]
-        if not any(cells):
-            sample["tabular"] = None
-        else:
-            values = []
-            for c, text in zip(cols.tabular, cells):
-                try:
-                    value = float(text)
-                except ValueError:
-                    raise SampleError(
-                        f"{where}, column {c!r}", f"{text!r} is not a number" if text else "is empty while other tabular cells are filled",
-                        reason=SkipReason.BAD_NUMBER, fix="write a number, or leave every tabular cell of the row empty to mark the modality missing",
-                    ) from None
-                if not math.isfinite(value):
-                    raise SampleError(f"{where}, column {c!r}", f"value {text!r} is not finite", reason=SkipReason.NON_FINITE, fix="write a finite number")
-                if abs(value) > FLOAT32_MAX:  # finite here, inf once a float32 model input
-                    raise SampleError(
-                        f"{where}, column {c!r}", f"value {text!r} is beyond float32's range (|x| <= {FLOAT32_MAX:.8g})",
-                        reason=SkipReason.NON_FINITE, fix="rescale the column (e.g. other units), or leave the row's tabular cells empty",
-                    )
-                values.append(value)
-            sample["tabular"] = np.array(values, np.float32)
-            anything = True
+        sample["tabular"] = _tabular(row, ctx)
+        anything = anything or sample["tabular"] is not None
     if not anything:
-        raise SampleError(where, "has no modality (every modality cell is empty)", reason=SkipReason.NO_MODALITY, fix="fill at least one modality, or remove the row")
-    if cols.has_site and not row["site"]:
-        raise SampleError(where, "has an empty 'site' cell", reason=SkipReason.MISSING_SITE, fix="name the site that holds the row")
+        raise _row_error(row, ctx, None, "has no modality (every modality cell is empty)", reason=SkipReason.NO_MODALITY,
+                         fix="fill at least one modality, or remove the row")
+    if cols.has_site and not cells["site"]:
+        raise _row_error(row, ctx, "site", "has an empty 'site' cell", reason=SkipReason.MISSING_SITE, fix="name the site that holds the row")
     for col, kind in cols.modalities:  # the row is accepted: it may fix a sensor column's channels
         if kind is ModalityKind.SENSOR and sample[col] is not None and sensor_channels[col] is None:
-            sensor_channels[col] = (sample[col].shape[0], where.rsplit(": ", 1)[1])  # type: ignore[attr-defined]
-    sample["groups"] = {name: row[name] for name in _group_names(cols)}
+            sensor_channels[col] = (sample[col].shape[0], f"row {row.number}")  # type: ignore[attr-defined]
+    sample["groups"] = {name: cells[name] for name in _group_names(cols)}
     return sample
+
+
+def _tabular(row: TableRow, ctx: _Context) -> np.ndarray | None:
+    texts = [row.cells[c] for c in ctx.cols.tabular]
+    if not any(texts):
+        return None
+    values = []
+    for c, text in zip(ctx.cols.tabular, texts):
+        try:
+            value = float(text)
+        except ValueError:
+            raise _row_error(
+                row, ctx, c, "is not a number" if text else "is empty while other tabular cells are filled", reason=SkipReason.BAD_NUMBER,
+                detail=f"cell {text!r}" if text else "", fix="write a number, or leave every tabular cell of the row empty to mark the modality missing",
+            ) from None
+        if not math.isfinite(value):
+            raise _row_error(row, ctx, c, "the value is not finite", reason=SkipReason.NON_FINITE, detail=f"cell {text!r}", fix="write a finite number")
+        if abs(value) > FLOAT32_MAX:  # finite here, inf once a float32 model input
+            raise _row_error(
+                row, ctx, c, f"the value is beyond float32's range (|x| <= {FLOAT32_MAX:.8g})", reason=SkipReason.NON_FINITE,
+                detail=f"cell {text!r}", fix="rescale the column (e.g. other units), or leave the row's tabular cells empty",
+            )
+        values.append(value)
+    return np.array(values, np.float32)

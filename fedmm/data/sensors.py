@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmm.data.preprocess import FLOAT32_MAX
+from fedmm.data.checks import FLOAT32_MAX
 from fedmm.errors import DataError
 
 __all__ = ["SensorSeries", "read_ts", "load_basicmotions", "BASICMOTIONS_MODALITIES"]
@@ -47,11 +47,12 @@ def read_ts(path: str | Path) -> SensorSeries:
         Naming the file and line: a missing header or ``@data``, a line whose
         dimension count or length differs from the header, a value that is not a
         finite number or is beyond float32's range (the series are float32), or a
-        label not declared in ``@classLabel``.
+        label not declared in ``@classLabel``. The message names the file by its name;
+        its path and the line's values are in the error's ``detail`` only.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "file not found", fix="point the data root at a folder laid out like shared/data/basicmotions")
+        raise DataError(path.name, "file not found", fix="point the data root at a folder laid out like shared/data/basicmotions", detail=str(path))
     header: dict[str, str] = {}
     rows: list[np.ndarray] = []
     labels: list[str] = []
@@ -61,7 +62,7 @@ def read_ts(path: str | Path) -> SensorSeries:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            where = f"{path}:{number}"
+            where = f"{path.name}:{number}"
             if not in_data:
                 if line.lower() == "@data":
                     in_data = True
@@ -70,51 +71,52 @@ def read_ts(path: str | Path) -> SensorSeries:
                     key, _, value = line[1:].partition(" ")
                     header[key.lower()] = value.strip()
                 else:
-                    raise DataError(where, "data before the @data line", fix="put the header (@dimensions, @seriesLength, @classLabel) and @data first")
+                    raise DataError(where, "data before the @data line", fix="put the header (@dimensions, @seriesLength, @classLabel) and @data first", detail=str(path))
                 continue
             *channels, label = line.split(":")
             if len(channels) != dims:
-                raise DataError(where, f"has {len(channels)} dimensions, the header declares {dims}", fix="fix or remove the line")
+                raise DataError(where, f"has {len(channels)} dimensions, the header declares {dims}", fix="fix or remove the line", detail=str(path))
             if label not in names:
-                raise DataError(where, f"label {label!r} is not declared in @classLabel {names}", fix="declare it in @classLabel or fix the line")
+                raise DataError(where, f"the label is not one of the {len(names)} declared in @classLabel", fix="declare it in @classLabel or fix the line",
+                                detail=f"label {label!r}, declared {names}; {path}")
             series = np.empty((dims, length), dtype=np.float32)
             for channel, text in enumerate(channels):
                 parts = text.split(",")
                 if len(parts) != length:
-                    raise DataError(where, f"dimension {channel} has {len(parts)} values, the header declares {length}", fix="fix or remove the line")
+                    raise DataError(where, f"dimension {channel} has {len(parts)} values, the header declares {length}", fix="fix or remove the line", detail=str(path))
                 try:
                     values = [float(part) for part in parts]
                 except ValueError as err:
-                    raise DataError(where, f"dimension {channel} holds a value that is not a number ({err})", fix="fix the value") from err
+                    raise DataError(where, f"dimension {channel} holds a value that is not a number", fix="fix the value", detail=f"{err}; {path}") from None
                 if not all(math.isfinite(v) for v in values):
-                    raise DataError(where, f"dimension {channel} holds NaN or infinite values", fix="impute or remove the series")
+                    raise DataError(where, f"dimension {channel} holds NaN or infinite values", fix="impute or remove the series", detail=str(path))
                 beyond = [v for v in values if abs(v) > FLOAT32_MAX]  # finite, but inf as float32
                 if beyond:
                     raise DataError(
                         where, f"dimension {channel} holds {len(beyond)} value(s) beyond float32's range (e.g. {beyond[0]:g}; |x| <= {FLOAT32_MAX:.8g})",
-                        fix="rescale or remove the series",
+                        fix="rescale or remove the series", detail=str(path),
                     )
                 series[channel] = values
             rows.append(series)
             labels.append(label)
     if not in_data:
-        raise DataError(path, "no @data line", fix="is this a .ts file? It needs a header and an @data section")
+        raise DataError(path.name, "no @data line", fix="is this a .ts file? It needs a header and an @data section", detail=str(path))
     if not rows:
-        raise DataError(path, "no series after @data", fix="add data or remove the file")
+        raise DataError(path.name, "no series after @data", fix="add data or remove the file", detail=str(path))
     return SensorSeries(np.stack(rows), tuple(labels), names)
 
 
 def _check_header(path: Path, header: dict[str, str]) -> tuple[int, int, tuple[str, ...]]:
     if header.get("equallength", "true").lower() != "true":
-        raise DataError(path, "series of unequal length are not supported", fix="resample or pad the series to one length")
+        raise DataError(path.name, "series of unequal length are not supported", fix="resample or pad the series to one length", detail=str(path))
     try:
         dims = int(header.get("dimensions", "1"))
         length = int(header["serieslength"])
     except (KeyError, ValueError) as err:
-        raise DataError(path, f"header needs integer @dimensions and @seriesLength ({err!r})", fix="add them to the header") from err
+        raise DataError(path.name, "header needs integer @dimensions and @seriesLength", fix="add them to the header", detail=f"{err!r}; {path}") from None
     label_spec = header.get("classlabel", "").split()
     if not label_spec or label_spec[0].lower() != "true" or len(label_spec) < 2:
-        raise DataError(path, "header must declare '@classLabel true <names...>'", fix="list the class names in the header")
+        raise DataError(path.name, "header must declare '@classLabel true <names...>'", fix="list the class names in the header", detail=str(path))
     return dims, length, tuple(label_spec[1:])
 
 

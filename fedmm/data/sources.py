@@ -57,8 +57,13 @@ class Source:
         return self.pool.schema
 
 
-def load_source(spec: str, prep: Preprocessing, *, classes: tuple[str, ...] = (), lenient: bool = False, test_fraction: float = 0.2) -> Source:
+def load_source(
+    spec: str, prep: Preprocessing, *, classes: tuple[str, ...] = (), lenient: bool = False, test_fraction: float = 0.2,
+    roots: tuple[str, ...] = (),
+) -> Source:
     """Resolve and load the run config's ``data`` value (cached per process).
+
+    ``roots``: the folders a manifest's file paths may lead into (default: the manifest's own).
 
     Raises
     ------
@@ -67,11 +72,11 @@ def load_source(spec: str, prep: Preprocessing, *, classes: tuple[str, ...] = ()
     DataError
         For missing or bad files (see each loader).
     """
-    return _load_source(spec, prep, tuple(classes), lenient, test_fraction)
+    return _load_source(spec, prep, tuple(classes), lenient, test_fraction, tuple(str(r) for r in roots))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float) -> Source:
+def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float, roots: tuple[str, ...]) -> Source:
     name, sep, location = spec.partition(":")
     if name == "avmnist":
         from fedmm.data.avmnist import load_pool, load_test, resolve_root
@@ -83,7 +88,7 @@ def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenie
     if name == "manifest":
         if not location:
             raise ConfigError("data", "a manifest source needs a path", value=spec, fix="data='manifest:/path/to/manifest.csv'")
-        return _manifest(Path(location).expanduser(), prep, classes, lenient, test_fraction)
+        return _manifest(Path(location).expanduser(), prep, classes, lenient, test_fraction, roots)
     if name == "synthetic":
         from fedmm.data.synthetic import make_synthetic
 
@@ -123,10 +128,10 @@ def _basicmotions(location: str) -> Source:
     return Source("basicmotions", dataset(train, "train"), dataset(test, "test"), None)
 
 
-def _manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float) -> Source:
+def _manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float, roots: tuple[str, ...]) -> Source:
     from fedmm.data.manifest import load_manifest
 
-    rows = load_manifest(path, prep, classes=classes, lenient=lenient)
+    rows = load_manifest(path, prep, classes=classes, lenient=lenient, roots=roots)
     if "split" in rows.groups and (rows.groups["split"] == "test").any():
         test_rows = rows.groups["split"] == "test"
     else:
