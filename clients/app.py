@@ -35,7 +35,7 @@ def _run(context: Context, config: dict[str, Any], global_weights: dict[str, np.
     saved = context.state.config_records.get(protocol.STATE_KEY)
     response = run_round(RoundRequest(
         run_config=dict(context.run_config), node_config=dict(context.node_config), config=config,
-        global_weights=global_weights, saved_state=str(saved["json"]) if saved else None, secagg=secagg,
+        global_weights=global_weights, saved_state=str(saved["json"]) if saved else None, secagg=secagg, node_id=context.node_id,
     ))
     if response.state is not None:
         # The Flower node's copy of the plan; the spend itself is already in the site's ledger.
@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = {k: v.numpy() for k, v in msg.content.array_records[protocol.ARRAYS].items()}
     response = _run(context, config, global_weights)
     if response.refused is not None:
-        reply = ConfigRecord({protocol.SITE: response.site, protocol.REASON: response.refused, protocol.EPSILON: response.spent, protocol.BUDGET: response.budget})
+        reply = ConfigRecord({protocol.SITE: response.site, protocol.REASON: response.refused, protocol.EPSILON: response.spent, protocol.BUDGET: response.budget, protocol.PROOF: response.proof})
         return Message(content=RecordDict({protocol.REFUSED: reply}), reply_to=msg)
     content = RecordDict(
         {
@@ -61,8 +61,8 @@ def train(msg: Message, context: Context) -> Message:
             protocol.MODEL: ConfigRecord({protocol.LAYOUT: response.layout}),
         }
     )
-    if response.privacy:
-        content[protocol.PRIVACY] = ConfigRecord(response.privacy)
+    if response.privacy:  # with the site's signed claim to its name (a deployment's; empty in simulation)
+        content[protocol.PRIVACY] = ConfigRecord({**response.privacy, protocol.PROOF: response.proof})
     return Message(content=content, reply_to=msg)
 
 
@@ -79,5 +79,6 @@ def _secure_fit(msg: Message, context: Context) -> Message:
         metrics: dict[str, Any] = {protocol.SITE: response.site, protocol.REASON: response.refused, protocol.EPSILON: response.spent, protocol.BUDGET: response.budget}
     else:
         metrics = {**response.metrics, protocol.LAYOUT: response.layout, protocol.CLIPPED_VALUES: response.clipped_values, **response.privacy}
+    metrics[protocol.PROOF] = response.proof
     reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(response.arrays.values())), num_examples=response.weight, metrics=metrics)
     return Message(compat.fitres_to_recorddict(reply, keep_input=False), reply_to=msg)

@@ -88,6 +88,10 @@ class RunConfig:
     run_name: str = key("", "the run's folder name; empty: a new id from the time and Flower's run id")
     resume: bool = key(False, "continue `run-name` from its last checkpoint (after a server crash or restart)")
     min_sites: int = key(1, "stop cleanly when fewer sites than this still have budget", range=">= 1")
+    aggregation: str = key("fedavg", "how accepted updates are combined: `fedavg` (weighted by num-examples), or for sites not all trusted `trimmed-mean`, `median` or `krum` (unweighted; plain path only; docs/privacy.md#what-the-server-sees)")
+    malicious_sites: int = key(1, "bad sites `trimmed-mean` (cut from each end), `median` and `krum` must tolerate: a round needs 2f+1 accepted updates (krum 2f+3)", range=">= 0")
+    max_site_weight: int = key(1_000_000, "largest FedAvg weight (num-examples) a site may send without DP (under dp=true every weight is exactly 1); also the largest site, in records, the `auto` update-norm bound allows for", range=">= 1")
+    max_update_norm: float | None = key(None, "an update whose L2 norm (site weights minus global weights) is above this is rejected; `auto`: derived from the plan (docs/privacy.md#what-the-server-sees)", range="> 0 or auto")
     dp: bool = key(True, "DP-SGD (Opacus) at every site")
     target_epsilon: float = key(8.0, "each site's epsilon for this run: the noise is calibrated so that no site spends more", range="> 0")
     target_delta: float = key(1e-5, "the delta epsilon is stated at; well below 1 / records per site", range="(0, 1)")
@@ -160,6 +164,31 @@ class RunConfig:
         _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
         _at_least("min-sites", self.min_sites, 1, "e.g. min-sites=1")
         self._check_min_sites()
+        robust = ("trimmed-mean", "median", "krum")
+        if self.aggregation not in ("fedavg", *robust):
+            raise ConfigError("aggregation", f"must be one of fedavg, {', '.join(robust)}", value=self.aggregation, fix="e.g. aggregation='fedavg', or 'median' when some sites may be malicious")
+        _at_least("malicious-sites", self.malicious_sites, 0, "e.g. malicious-sites=1")
+        _at_least("max-site-weight", self.max_site_weight, 1, "set it near the largest site's record count, e.g. max-site-weight=100000")
+        if self.max_update_norm is not None:
+            _positive("max-update-norm", self.max_update_norm, "e.g. max-update-norm=100, or 'auto'")
+        if self.aggregation in robust and self.secure_aggregation:
+            raise ConfigError(
+                "aggregation", "a robust rule needs each site's update, and under secure aggregation the server sees only their sum",
+                value=self.aggregation, fix="use aggregation='fedavg' with secure-aggregation=true, or secure-aggregation=false",
+            )
+        if self.aggregation in robust and self.client_dp:
+            raise ConfigError(
+                "aggregation", "client-level DP's noise is calibrated for the sum of clipped updates (one site moves it by at most "
+                "client-clip-norm); a median, trimmed mean or Krum's choice has another sensitivity, so the accounted epsilon would "
+                "not hold", value=self.aggregation, fix="use aggregation='fedavg' with client-dp=true, or client-dp=false",
+            )
+        least = 2 * self.malicious_sites + (3 if self.aggregation == "krum" else 1)
+        if self.aggregation in robust and self.sites < least:
+            raise ConfigError(
+                "malicious-sites", f"{self.aggregation} tolerates {self.malicious_sites} bad site(s) only with at least {least} "
+                f"updates a round, and there are sites={self.sites}", value=self.malicious_sites,
+                fix=f"use sites >= {least}, or lower malicious-sites",
+            )
         if self.resume and not self.run_name:
             raise ConfigError("resume", "needs the run to continue: set run-name too", value=True, fix="e.g. resume=true run-name='hospital-study-1'")
         if not (math.isfinite(self.site_min_noise_multiplier) and self.site_min_noise_multiplier >= 0):

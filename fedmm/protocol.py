@@ -10,7 +10,7 @@ __all__ = [
     "ARRAYS", "METRICS", "PRIVACY", "CONFIG",
     "NUM_EXAMPLES", "TRAIN_LOSS", "EPSILON",
     "SITE", "DELTA", "ACCOUNTANT", "NOISE_MULTIPLIER", "SAMPLE_RATE", "STEPS",
-    "SERVER_ROUND", "STATE_KEY", "NODE_SITE", "NODE_PARTITION_ID",
+    "SERVER_ROUND", "STATE_KEY", "NODE_SITE", "NODE_PARTITION_ID", "NODE_KEY", "PROOF",
 ]
 
 # RecordDict keys of a train message and its reply
@@ -55,6 +55,7 @@ NODE_EPSILON_BUDGET = "epsilon-budget"
 NODE_DELTA = "delta"
 NODE_MIN_NOISE = "min-noise-multiplier"
 NODE_REQUIRE_DP = "require-dp"
+NODE_KEY = "key"  # deployment: the site's SuperNode key, which signs its claim to its name (fedmm.secure.identity)
 
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)
 SCHEMA = "schema"
@@ -66,3 +67,4 @@ CLIPPED_VALUES = "clipped-values"  # values a site clipped to the SecAgg+ quanti
 # Reply ConfigRecord describing the model the site trained
 MODEL = "model"
 LAYOUT = "layout"  # fedmm.models.layout_fingerprint of the update's state_dict
+PROOF = "site-proof"  # a deployed site's signature over (run, round, node, its name) with its enrolled key

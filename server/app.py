@@ -5,6 +5,7 @@ Thin on purpose: configuration, strategy and artifacts live in ``fedmm``.
 
 from __future__ import annotations
 
+import os
 import time
 from logging import INFO, WARNING
 from typing import Any
@@ -29,6 +30,7 @@ from fedmm.federation.strategy import FedMMAvg, make_central_evaluation
 from fedmm.models import layout_fingerprint
 from fedmm.plan import RunPlan
 from fedmm.runtime.grid import PromptGrid
+from fedmm.secure.identity import KEYS_ENV, EnrolledKeys
 
 app = ServerApp()
 
@@ -89,11 +91,13 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=lambda r, arrays: evaluate_fn(r, arrays),
         )
     else:
-        reference = {k: tuple(v.shape) for k, v in initial.items() if not cfg.client_dp or v.is_floating_point()}
-        strategy = FedMMAvg(
-            dp=cfg.dp, sites=cfg.sites, layout=layout, min_sites=cfg.min_sites, reference=reference,
-            client_dp=plan.client_dp,
-        )
+        strategy = FedMMAvg.from_plan(plan, initial=initial, layout=layout, learning_rate=plan.learning_rate(schema))
+    # Every report is checked against the server's own account of its site; in a deployment (`fedmm server`
+    # names the enrolled keys) it must also prove the site's name with that site's key.
+    keys_dir = os.environ.get(KEYS_ENV)
+    keys = EnrolledKeys.load(keys_dir) if keys_dir else None
+    strategy.expect_identities(accountant=cfg.accountant.value, delta=cfg.target_delta, local_epochs=cfg.local_epochs, run_id=artifacts.run_id, keys=keys)
+    log(INFO, "[fedmm] site identity: %s", f"every report proves its site's name with one of {len(keys.keys)} enrolled keys" if keys else "names from the simulation's partition (no enrolled keys)")
     if saved_state is not None:
         strategy.restore(saved_state, rounds_done=done)
         for site, report in sorted(strategy.site_privacy.items()):
@@ -119,7 +123,7 @@ def main(grid: Grid, context: Context) -> None:
                 "sites": strategy.sites_last_round, "max_epsilon": eps,
                 "delta": cfg.target_delta if cfg.dp else None,
                 **({"client_epsilon": client_eps, "client_delta": cfg.client_delta} if client_eps is not None else {}),
-                "rejected": report.get("rejected", 0),
+                "rejected": report.get("rejected", 0), "rejected_by": strategy.rejected_in(server_round),
                 **({"dropped": report.get("dropped", 0), "clipped_values": report.get("clipped_values", 0)} if cfg.secure_aggregation else {}),
                 **{f"accuracy_{name}": value for name, value in tasks.items()},
             }
@@ -171,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
         rounds=int(final["round"]), sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
         final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped,
         client_epsilon=strategy.client_epsilon, rejected=strategy.rejected, unaggregated_spends=strategy.unaggregated_spends,
+        rejected_by_site=strategy.rejected_by_site, max_update_norm=getattr(strategy, "max_update_norm", None),
     )
     eps = summary["max_epsilon"]
     log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], "none" if eps is None else f"{eps:.3f}", artifacts.dir)

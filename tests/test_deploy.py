@@ -121,6 +121,8 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
         deploy.wait_for("the resumed run to finish", lambda: deploy.run_status(second).startswith("finished"), timeout=300, interval=CLI_POLL)
         status = deploy.run_status(second)
         assert status == "finished:completed", f"resumed run {status}\n--- ServerApp\n{deploy.server_log(second)[-6000:]}\n{deploy.logs()}"
+        # The deployed server checked every report's claim to its site's name against the enrolled keys.
+        assert "every report proves its site's name with one of 3 enrolled keys" in deploy.server_log(second)
         assert deploy.run_status(first) != "finished:completed"  # the first run died with its server
     finally:
         deploy.stop_all()
@@ -167,7 +169,7 @@ def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
     command = supernode_command(site)
     node_config = command[command.index("--node-config") + 1]
     assert f"site='george' state-dir='{tmp_path / 'state'}' epsilon-budget=8.0" in node_config
-    assert node_config.endswith("min-noise-multiplier=0.8 require-dp=false")
+    assert f"min-noise-multiplier=0.8 require-dp=false key='{tmp_path / 'george.key'}'" in node_config
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert "--insecure" not in command
     # runtime "fedmm" (the default): Flower's process isolation, served by the site's own executor

@@ -35,12 +35,12 @@ def _site_reply(node: int, site: str, weight: np.ndarray, n: int, loss: float, e
     }))
 
 
-def test_weighted_average_and_maximum_epsilon() -> None:
-    strategy = FedMMAvg(dp=True, sites=3)
+def test_weighted_average_without_dp() -> None:
+    strategy = FedMMAvg(dp=False, sites=3)
     replies = [
-        _site_reply(1, "a", np.array([1.0, 0.0]), 100, 1.0, 2.0),
-        _site_reply(2, "b", np.array([3.0, 1.0]), 300, 2.0, 7.5),
-        _site_reply(3, "c", np.array([0.0, 4.0]), 100, 3.0, 3.0),
+        _site_reply(1, "a", np.array([1.0, 0.0]), 100, 1.0, 0.0),
+        _site_reply(2, "b", np.array([3.0, 1.0]), 300, 2.0, 0.0),
+        _site_reply(3, "c", np.array([0.0, 4.0]), 100, 3.0, 0.0),
     ]
 
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -48,6 +48,20 @@ def test_weighted_average_and_maximum_epsilon() -> None:
     expected = (100 * np.array([1.0, 0.0]) + 300 * np.array([3.0, 1.0]) + 100 * np.array([0.0, 4.0])) / 500
     assert np.allclose(arrays["w"].numpy(), expected)
     assert metrics[protocol.TRAIN_LOSS] == pytest.approx((100 * 1.0 + 300 * 2.0 + 100 * 3.0) / 500)
+    assert strategy.max_epsilon is None
+
+
+def test_under_dp_every_weight_is_one_and_epsilon_is_a_maximum() -> None:
+    strategy = FedMMAvg(dp=True, sites=3)
+    replies = [
+        _site_reply(1, "a", np.array([1.0, 0.0]), 1, 1.0, 2.0),
+        _site_reply(2, "b", np.array([3.0, 1.0]), 1, 2.0, 7.5),
+        _site_reply(3, "c", np.array([0.0, 4.0]), 1, 3.0, 3.0),
+    ]
+
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert np.allclose(arrays["w"].numpy(), [4 / 3, 5 / 3])
     assert metrics[protocol.EPSILON] == 7.5
     assert strategy.max_epsilon == 7.5
     assert sorted(strategy.site_privacy) == ["a", "b", "c"]
@@ -55,7 +69,7 @@ def test_weighted_average_and_maximum_epsilon() -> None:
 
 def test_a_failed_site_stops_the_round_with_its_reason() -> None:
     strategy = FedMMAvg(dp=True, sites=2)
-    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 1.0), _reply(2, error="site b refuses round 1: budget")]
+    replies = [_site_reply(1, "a", np.ones(2), 1, 1.0, 1.0), _reply(2, error="site b refuses round 1: budget")]
 
     with pytest.raises(FederationError, match="1 of 2 sites failed.*site b refuses round 1"):
         strategy.aggregate_train(1, replies)
@@ -69,7 +83,7 @@ def test_no_reply_is_an_error() -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_epsilon_is_refused(bad: float) -> None:
     strategy = FedMMAvg(dp=True, sites=2)
-    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 1.0), _site_reply(2, "b", np.ones(2), 10, 1.0, bad)]
+    replies = [_site_reply(1, "a", np.ones(2), 1, 1.0, 1.0), _site_reply(2, "b", np.ones(2), 1, 1.0, bad)]
 
     with pytest.raises(FederationError, match="'epsilon'"):
         strategy.aggregate_train(1, replies)
@@ -80,7 +94,7 @@ def test_an_update_with_another_model_layout_is_refused() -> None:
 
     mine = layout_fingerprint({"w": torch.zeros(2)})
     strategy = FedMMAvg(dp=True, sites=2, layout=mine)
-    good, odd = _site_reply(1, "a", np.ones(2), 10, 1.0, 1.0), _site_reply(2, "b", np.ones(2), 10, 1.0, 1.0)
+    good, odd = _site_reply(1, "a", np.ones(2), 1, 1.0, 1.0), _site_reply(2, "b", np.ones(2), 1, 1.0, 1.0)
     good.content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: mine})
     odd.content[protocol.MODEL] = ConfigRecord({protocol.LAYOUT: layout_fingerprint({"w": torch.zeros(3)})})
 
@@ -103,7 +117,7 @@ def test_an_update_with_another_model_layout_is_refused() -> None:
 )
 def test_bad_updates_are_rejected_and_counted(bad: np.ndarray, kind: str) -> None:
     strategy = FedMMAvg(dp=True, sites=3, reference={"w": (2,)})
-    replies = [_site_reply(1, "a", np.zeros(2), 10, 1.0, 1.0), _site_reply(2, "b", bad, 10, 1.0, 1.0), _site_reply(3, "c", np.full(2, 2.0), 10, 1.0, 1.0)]
+    replies = [_site_reply(1, "a", np.zeros(2), 1, 1.0, 1.0), _site_reply(2, "b", bad, 1, 1.0, 1.0), _site_reply(3, "c", np.full(2, 2.0), 1, 1.0, 1.0)]
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
@@ -121,11 +135,11 @@ def test_client_dp_rejects_norms_beyond_the_clip_and_noises_the_sum() -> None:
     strategy.configure_train = lambda *a: None  # type: ignore[method-assign]
     strategy._global = {"w": np.zeros(20000, dtype=np.float32)}
     strategy.round_report = {"eligible": 3}
-    within = np.zeros(20000)
+    within = np.zeros(20000, np.float32)  # the global model's dtype: sites send float32 updates
     within[0] = 0.9
-    beyond = np.zeros(20000)
+    beyond = np.zeros(20000, np.float32)
     beyond[0] = 1.5
-    replies = [_site_reply(1, "a", within, 10, 1.0, 1.0), _site_reply(2, "b", within, 10, 1.0, 1.0), _site_reply(3, "c", beyond, 10, 1.0, 1.0)]
+    replies = [_site_reply(1, "a", within, 1, 1.0, 1.0), _site_reply(2, "b", within, 1, 1.0, 1.0), _site_reply(3, "c", beyond, 1, 1.0, 1.0)]
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
@@ -144,10 +158,10 @@ def _refusal(node: int, site: str, reason: str) -> Message:
 
 def test_a_site_out_of_budget_drops_out_and_the_others_go_on() -> None:
     strategy = FedMMAvg(dp=True, sites=3, min_sites=2)
-    strategy.aggregate_train(1, [_site_reply(n, s, np.ones(2), 10, 1.0, 1.5) for n, s in ((1, "a"), (2, "b"), (3, "c"))])
+    strategy.aggregate_train(1, [_site_reply(n, s, np.ones(2), 1, 1.0, 1.5) for n, s in ((1, "a"), (2, "b"), (3, "c"))])
 
     arrays, _ = strategy.aggregate_train(2, [
-        _site_reply(1, "a", np.zeros(2), 10, 1.0, 1.9), _site_reply(2, "b", np.full(2, 2.0), 10, 1.0, 1.9),
+        _site_reply(1, "a", np.zeros(2), 1, 1.0, 1.9), _site_reply(2, "b", np.full(2, 2.0), 1, 1.0, 1.9),
         _refusal(3, "c", "site c refuses round 2: over its budget"),
     ])
 
@@ -155,7 +169,7 @@ def test_a_site_out_of_budget_drops_out_and_the_others_go_on() -> None:
     assert strategy.refused_nodes == {3} and strategy.site_privacy["c"].refused == "site c refuses round 2: over its budget"
     assert strategy.site_privacy["c"].epsilon == 1.5  # its last reported spend stays on record
     with pytest.raises(FederationError, match="fewer than min-sites=2"):  # then one more leaves: too few
-        strategy.aggregate_train(3, [_site_reply(1, "a", np.zeros(2), 10, 1.0, 2.5), _refusal(2, "b", "site b refuses round 3")])
+        strategy.aggregate_train(3, [_site_reply(1, "a", np.zeros(2), 1, 1.0, 2.5), _refusal(2, "b", "site b refuses round 3")])
 
 
 def test_sites_that_refused_are_not_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,7 +191,7 @@ def test_sites_that_refused_are_not_asked_again(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_round_that_stops_below_min_sites_still_reports_what_its_sites_spent() -> None:
     strategy = FedMMAvg(dp=True, sites=3, min_sites=3)
-    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 2.5), _site_reply(2, "b", np.ones(2), 10, 1.0, 3.5), _refusal(3, "c", "site c refuses round 1")]
+    replies = [_site_reply(1, "a", np.ones(2), 1, 1.0, 2.5), _site_reply(2, "b", np.ones(2), 1, 1.0, 3.5), _refusal(3, "c", "site c refuses round 1")]
 
     with pytest.raises(FederationError, match="fewer than min-sites=3"):
         strategy.aggregate_train(1, replies)
@@ -187,7 +201,7 @@ def test_a_round_that_stops_below_min_sites_still_reports_what_its_sites_spent()
 
 def test_a_round_that_fails_still_reports_what_the_other_sites_spent() -> None:
     strategy = FedMMAvg(dp=True, sites=3)
-    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, 4.0), _reply(2, error="site b crashed"), _site_reply(3, "c", np.ones(2), 10, 1.0, 1.0)]
+    replies = [_site_reply(1, "a", np.ones(2), 1, 1.0, 4.0), _reply(2, error="site b crashed"), _site_reply(3, "c", np.ones(2), 1, 1.0, 1.0)]
 
     with pytest.raises(FederationError, match="1 of 3 sites failed"):
         strategy.aggregate_train(1, replies)
@@ -197,7 +211,7 @@ def test_a_round_that_fails_still_reports_what_the_other_sites_spent() -> None:
 
 def test_a_malformed_report_fails_the_round_after_every_good_report_is_kept() -> None:
     strategy = FedMMAvg(dp=True, sites=3)
-    replies = [_site_reply(1, "a", np.ones(2), 10, 1.0, float("nan")), _site_reply(2, "b", np.ones(2), 10, 1.0, 6.0)]
+    replies = [_site_reply(1, "a", np.ones(2), 1, 1.0, float("nan")), _site_reply(2, "b", np.ones(2), 1, 1.0, 6.0)]
 
     with pytest.raises(FederationError, match="'epsilon'"):
         strategy.aggregate_train(1, replies)
@@ -207,8 +221,8 @@ def test_a_malformed_report_fails_the_round_after_every_good_report_is_kept() ->
 
 def test_a_sites_epsilon_on_record_never_falls() -> None:
     strategy = FedMMAvg(dp=True, sites=1)
-    strategy.aggregate_train(1, [_site_reply(1, "a", np.ones(2), 10, 1.0, 3.0)])
+    strategy.aggregate_train(1, [_site_reply(1, "a", np.ones(2), 1, 1.0, 3.0)])
 
-    strategy.aggregate_train(2, [_site_reply(1, "a", np.ones(2), 10, 1.0, 2.0)])  # a lower report (another delta, a stale copy)
+    strategy.aggregate_train(2, [_site_reply(1, "a", np.ones(2), 1, 1.0, 2.0)])  # a lower report (another delta, a stale copy)
 
     assert strategy.max_epsilon == 3.0

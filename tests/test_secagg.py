@@ -41,8 +41,13 @@ def _weights(sites: int) -> dict[int, int]:
     return {101 + i: 50 + 25 * i for i in range(sites)}
 
 
-def _protocol_app(cfg: RunConfig, updates: dict[int, np.ndarray], weights: dict[int, int], refuse: set[int] = frozenset()) -> ClientApp:
-    """Sites whose training is replaced by a known update; everything after training is fedmm's and Flower's."""
+def _protocol_app(
+    cfg: RunConfig, updates: dict[int, np.ndarray], weights: dict[int, int], refuse: set[int] = frozenset(), claims: dict[int, object] | None = None,
+) -> ClientApp:
+    """Sites whose training is replaced by a known update; everything after training is fedmm's and Flower's.
+
+    ``claims``: the weight a site declares in its plain metrics, where it is not the one it masks.
+    """
     app = ClientApp()
 
     def fit(msg: Message, context: Context) -> Message:
@@ -51,9 +56,10 @@ def _protocol_app(cfg: RunConfig, updates: dict[int, np.ndarray], weights: dict[
         node = context.node_id
         refused = node in refuse
         local = {"w": torch.from_numpy(global_w + (0.0 if refused else updates[node]))}
-        weight = (1 if cfg.client_dp else 0) if refused else weights[node]
+        weight = (1 if cfg.client_dp else 0) if refused else (1 if cfg.dp else weights[node])  # under DP every site weighs 1, as fedmm's do
         out = prepare_update(local, {"w": global_w}, cfg, weight=weight, secagg=secagg_params(context))
-        metrics = {protocol.TRAIN_LOSS: 1.0, protocol.LAYOUT: LAYOUT, protocol.NUM_EXAMPLES: weights[node], protocol.CLIPPED_VALUES: out.clipped_values}
+        claim = (claims or {}).get(node, weight)
+        metrics = {protocol.TRAIN_LOSS: 1.0, protocol.LAYOUT: LAYOUT, protocol.NUM_EXAMPLES: claim, protocol.CLIPPED_VALUES: out.clipped_values}
         if cfg.dp:  # the site's privacy report rides in its plain metrics, as fedmm's ClientApp sends it
             metrics.update({
                 protocol.SITE: f"site-{node}", protocol.EPSILON: node / 100, protocol.DELTA: 1e-5, protocol.ACCOUNTANT: "rdp",
@@ -364,3 +370,70 @@ def test_the_plans_threshold_is_flowers(sites: int, shares: float, threshold: fl
     strategy = _run_round(cfg, LocalGrid(_protocol_app(cfg, _updates(sites), _weights(sites)), [{}] * sites, {}))
 
     assert strategy.threshold == secagg_threshold(shares, threshold, sites)
+
+
+# ---------------------------------------------------------------- issue 17: what the server checks of a dishonest site
+
+@pytest.mark.parametrize(("claim", "dp"), [(0, False), (-99, False), (10**12, False), (1.5, False), (100, True)])
+def test_a_declared_weight_out_of_the_agreed_range_is_rejected_before_the_sum(claim: object, dp: bool) -> None:
+    cfg = _config(4, dp=dp)
+    updates, weights = _updates(4, seed=8), _weights(4)
+    grid = LocalGrid(_protocol_app(cfg, updates, weights, claims={104: claim}), [{}] * 4, {})
+
+    strategy = _run_round(cfg, grid)
+
+    site = "site-104" if dp else "node-104"  # the name a reply gives (its privacy report), else its node
+    assert strategy.rejected == {"weight": 1} and strategy.rejected_by_site == {site: {"weight": 1}}
+    assert strategy.sites_last_round == 3 and strategy.round_report["dropped"] == 1
+    if not dp:
+        assert np.max(np.abs(strategy.global_arrays["w"] - _weighted_mean(updates, weights, {101, 102, 103}))) <= _bound(cfg, weights, {101, 102, 103})
+
+
+def test_a_masked_vector_of_another_dtype_is_rejected_before_the_sum() -> None:
+    from flwr.common import ndarray_to_bytes
+
+    cfg = _config(4)
+    grid = LocalGrid(_protocol_app(cfg, _updates(4, seed=9), _weights(4)), [{}] * 4, {})
+    original = grid.app
+
+    def float_app(msg: Message, context: Context) -> Message:
+        stage = stage_of(msg)
+        reply = original(msg, context)
+        if context.node_id == 102 and stage == "collect_masked_vectors":
+            record = reply.content.config_records[RECORD_KEY_CONFIGS]
+            record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(bytes_to_ndarray(b).astype(np.float64)) for b in record[Key.MASKED_PARAMETERS]]
+        return reply
+
+    grid.app = float_app  # type: ignore[assignment]
+
+    strategy = _run_round(cfg, grid)
+
+    assert strategy.rejected == {"dtype": 1} and [r.node for r in strategy.rejections] == [102] and strategy.sites_last_round == 3
+
+
+def test_masked_weights_that_sum_to_zero_stop_the_run_clearly() -> None:
+    cfg = _config(3)
+    updates = _updates(3, seed=10)
+    weights = {101: 50, 102: 75, 103: -125}  # site 103 masks a weight that cancels the others', and declares 100
+
+    grid = LocalGrid(_protocol_app(cfg, updates, weights, claims={103: 100}), [{}] * 3, {})
+
+    with pytest.raises(FederationError, match="unmasked aggregate is unusable.*NaN or infinite.*summed weight of zero.*not applied"):
+        _run_round(cfg, grid)
+    assert grid_strategy(grid).latest_arrays is None  # nothing was applied
+
+
+def test_a_mean_update_beyond_the_norm_bound_is_not_applied() -> None:
+    cfg = _config(3, max_update_norm=0.1)  # the updates here have norm ~3.2
+    grid = LocalGrid(_protocol_app(cfg, _updates(3, seed=11), _weights(3)), [{}] * 3, {})
+
+    with pytest.raises(FederationError, match="mean update's L2 norm .* above max-update-norm 0.1"):
+        _run_round(cfg, grid)
+    assert grid_strategy(grid).latest_arrays is None
+
+
+def test_robust_rules_are_refused_with_secure_aggregation() -> None:
+    from fedmm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="aggregation.*only their sum"):
+        _config(5, aggregation="median")

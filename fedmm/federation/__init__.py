@@ -5,6 +5,10 @@
   :func:`check_update`, the checks an update passes before anything is summed;
 - ``fedmm.federation.strategy``: :class:`FedMMAvg` (plain aggregation) and the central
   evaluation on the server's held-out set;
+- ``fedmm.federation.robust``: the update-norm bound and the robust aggregation rules
+  (trimmed mean, median, Krum: Flower's own);
+- ``fedmm.federation.identity``: the server's own account of each site (one node per name,
+  ledgers and epsilons that never go back, its own accountant over the reported mechanism);
 - ``fedmm.federation.secagg``: the same book on Flower's SecAgg+ (legacy) workflow;
 - ``fedmm.federation.artifacts``: a run's folder (config, metrics, checkpoints, model,
   summary, privacy witness).
@@ -29,6 +33,8 @@ _EXPORTS = {
     "FedMMSecAggPlus": "fedmm.federation.secagg",
     "make_workflow": "fedmm.federation.secagg",
     "RunArtifacts": "fedmm.federation.artifacts",
+    "SiteAccount": "fedmm.federation.identity",
+    "Aggregation": "fedmm.federation.robust",
     "new_run_id": "fedmm.federation.artifacts",
 }
 __all__ = sorted(_EXPORTS)

@@ -156,6 +156,7 @@ class RunArtifacts:
     def finish(
         self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None,
         client_epsilon: float | None = None, rejected: Mapping[str, int] | None = None, unaggregated_spends: Mapping[str, int] | None = None,
+        rejected_by_site: Mapping[str, Mapping[str, int]] | None = None, max_update_norm: float | None = None,
     ) -> dict[str, Any]:
         """Write ``privacy.json`` and ``summary.json``; return the summary.
 
@@ -177,6 +178,8 @@ class RunArtifacts:
             "client_epsilon": client_epsilon,
             "client_delta": self.cfg.client_delta if self.cfg.client_dp else None,
             "rejected_updates": dict(rejected or {}),
+            "rejected_by_site": {site: dict(kinds) for site, kinds in (rejected_by_site or {}).items()},
+            "max_update_norm": max_update_norm,
             "unaggregated_spends": dict(unaggregated_spends or {}),
             "final_accuracy": final_accuracy,
             "final_loss": final_loss,

@@ -1,10 +1,12 @@
 """The server's book of its sites, whichever aggregation runs (testable without Flower's server).
 
 - :class:`SitePrivacy`: one site's privacy report as it sent it after a round;
-- :func:`check_update`: the checks an update passes before anything is summed (finite,
-  the global model's tensors and shapes, the agreed layout, client-level DP's norm);
+- :func:`check_update` and :func:`check_weight`: the checks an update passes before anything
+  is summed (the global model's tensors, exact dtypes and shapes, finite, its norm within
+  ``max-update-norm`` or client-level DP's clip; its weight an integer in the agreed range);
 - :class:`FederationBook`: privacy reports (aggregated as a maximum), refusals, rejected
-  updates, min-sites, and client-level DP (sampling, noise and its accountant). Shared by
+  updates (per reason and per site), min-sites, the global model's finiteness, and
+  client-level DP (sampling, noise and its accountant). Shared by
   :class:`fedmm.federation.strategy.FedMMAvg` and :class:`fedmm.federation.secagg.SecureFedMM`.
 
 The reporting rule: a site spends its budget before its reply leaves it, so every privacy
@@ -18,7 +20,7 @@ import dataclasses
 import math
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from logging import INFO, WARNING
@@ -30,10 +32,12 @@ from flwr.common.logger import log
 
 from fedmm import protocol
 from fedmm.errors import FederationError, PrivacyError, SitesExhausted
+from fedmm.federation.identity import SiteAccount
 from fedmm.privacy.accounting import PrivacyReport
 from fedmm.privacy.client_dp import ClientAccountant, ClientDPPlan, gaussian_noise, update_norm
+from fedmm.secure.identity import EnrolledKeys
 
-__all__ = ["SitePrivacy", "FederationBook", "check_update", "aggregate_train_metrics"]
+__all__ = ["SitePrivacy", "Rejection", "FederationBook", "check_update", "check_weight", "aggregate_train_metrics"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +49,8 @@ class SitePrivacy(PrivacyReport):
     ledger_seq: int | None = None  # the site's ledger head after its last update: a witness for audits
     ledger_hash: str | None = None
     refused: str | None = None  # why the site stopped taking part, if it did
+    epsilon_site: float | None = None  # what the site stated (``epsilon`` is the larger of this and the server's figure)
+    epsilon_server: float | None = None  # the server's own accountant over this run's rounds of the site (fedmm.federation.identity)
 
     @classmethod
     def from_record(cls, content: RecordDict, *, node: int) -> SitePrivacy:
@@ -109,33 +115,81 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
 
 
 def check_update(
-    arrays: Mapping[str, np.ndarray], reference: Mapping[str, tuple[int, ...]] | None, *, clip_norm: float | None = None,
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray | tuple[int, ...]] | None, *,
+    clip_norm: float | None = None, max_norm: float | None = None, base: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[str, str] | None:
     """Why an update cannot be aggregated, as ``(kind, detail)``, or None when it can.
 
-    ``kind`` is one of ``tensors``, ``shape``, ``non-finite``, ``norm``; ``reference`` maps
-    each expected tensor to its shape; ``clip_norm`` is the agreed client-level clip (with a
-    relative tolerance of 1e-4 for float32 rounding).
+    ``kind`` is one of ``tensors``, ``dtype``, ``shape``, ``non-finite``, ``norm``.
+    ``reference`` maps each expected tensor to the global model's tensor (its dtype must be
+    matched exactly: nothing is ever cast) or to its shape alone; any dtype other than a real
+    number (bool, complex, object) is refused whatever the reference. The norm is that of
+    ``arrays - base`` (``base``: the global weights, when a site sends weights; None when it
+    sends its update); ``clip_norm`` is the agreed client-level clip and ``max_norm`` the
+    run's ``max-update-norm``, each with a relative tolerance of 1e-4 for float32 rounding.
 
     >>> check_update({"w": np.array([np.nan])}, {"w": (1,)})
     ('non-finite', "tensor 'w' holds 1 NaN or infinite value(s)")
     >>> check_update({"w": np.ones(4)}, {"w": (4,)}, clip_norm=1.0)
     ('norm', 'L2 norm 2 is above the agreed client-clip-norm 1')
+    >>> check_update({"w": np.ones(4)}, {"w": np.zeros(4, np.float32)})
+    ('dtype', "tensor 'w' is float64, the global model's is float32 (never cast)")
     """
-    if reference is not None:
-        if set(arrays) != set(reference):
-            return "tensors", f"tensors {sorted(set(arrays) ^ set(reference))} differ from the global model's"
-        for name, value in arrays.items():
-            if tuple(value.shape) != tuple(reference[name]):
-                return "shape", f"tensor '{name}' has shape {tuple(value.shape)}, the global model {tuple(reference[name])}"
+    if reference is not None and set(arrays) != set(reference):
+        return "tensors", f"tensors {sorted(set(arrays) ^ set(reference))} differ from the global model's"
     for name, value in arrays.items():
-        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+        expected = reference[name] if reference is not None else None
+        if isinstance(expected, np.ndarray) and value.dtype != expected.dtype:
+            return "dtype", f"tensor '{name}' is {value.dtype}, the global model's is {expected.dtype} (never cast)"
+        if value.dtype.kind not in "fiu":
+            return "dtype", f"tensor '{name}' is {value.dtype}; only real numbers are aggregated"
+    for name, value in arrays.items():
+        expected = reference[name] if reference is not None else None
+        shape = expected.shape if isinstance(expected, np.ndarray) else expected
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            return "shape", f"tensor '{name}' has shape {tuple(value.shape)}, the global model {tuple(shape)}"
+    for name, value in arrays.items():
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             return "non-finite", f"tensor '{name}' holds {int(np.sum(~np.isfinite(value)))} NaN or infinite value(s)"
-    if clip_norm is not None:
-        norm = update_norm(arrays)
-        if norm > clip_norm * (1 + 1e-4):
-            return "norm", f"L2 norm {norm:.6g} is above the agreed client-clip-norm {clip_norm:g}"
+    if clip_norm is None and max_norm is None:
+        return None
+    with np.errstate(over="ignore"):  # a norm that overflows float64 is inf, and refused
+        norm = update_norm([np.asarray(v, np.float64) - np.asarray(base[k], np.float64) for k, v in arrays.items()] if base is not None else arrays)
+    for bound, name in ((clip_norm, "client-clip-norm"), (max_norm, "max-update-norm")):
+        if bound is not None and not norm <= bound * (1 + 1e-4):
+            return "norm", f"L2 norm {norm:.6g} is above the agreed {name} {bound:g}"
     return None
+
+
+def check_weight(value: object, *, dp: bool, max_weight: int) -> tuple[str, str] | None:
+    """Why a reply's FedAvg weight (``num-examples``) is not an agreed one, as ``(kind, detail)``, or None.
+
+    Under ``dp=true`` every site sends exactly 1 (its record count is not released);
+    without DP an integer in ``[1, max-site-weight]``.
+
+    >>> check_weight(-99, dp=False, max_weight=10**6)
+    ('weight', 'num-examples -99 is outside the agreed [1, max-site-weight=1000000]')
+    >>> check_weight(1.5, dp=False, max_weight=10**6)
+    ('weight', 'num-examples is 1.5; the agreed weight is an integer')
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "weight", f"num-examples is {value!r}; the agreed weight is an integer"
+    if dp and value != 1:
+        return "weight", f"num-examples is {value}; under dp=true every site sends exactly 1 (no record count leaves a site)"
+    if not 1 <= value <= max_weight:
+        return "weight", f"num-examples {value} is outside the agreed [1, max-site-weight={max_weight}]"
+    return None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One update the server left out of the aggregate: when, whose, and why."""
+
+    round: int
+    node: int
+    site: str  # the name the reply gives (its privacy report), else ``node-<id>``
+    reason: str  # check_update's or check_weight's kind, or ``layout``, ``metrics``
+    detail: str
 
 
 class FederationBook:
@@ -159,8 +213,13 @@ class FederationBook:
         self.refused_nodes: set[int] = set()  # sites that refused a round (budget or policy): not asked again
         self.latest_arrays: ArrayRecord | None = None
         self.rejected: Counter[str] = Counter()  # updates not aggregated, per reason, over the run
+        self.rejections: list[Rejection] = []  # each of them: round, node, site and reason
+        self.least_updates = 1  # what the aggregation rule needs, on top of min-sites
         self.round_report: dict[str, int] = {}  # this round's counts: rejected, dropped, clipped values
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
+        self.accounts: SiteAccount | None = None  # the server's own account of each site (expect_identities)
+        self.enrolled: EnrolledKeys | None = None  # a deployment's enrolled site keys: every report proves its name
+        self.run_id = ""
         self.unaggregated_spends: Counter[str] = Counter()  # ledger entries of rounds lost to a server restart
 
     # ------------------------------------------------------------ checkpoints
@@ -169,6 +228,7 @@ class FederationBook:
         return {
             "site_privacy": [dataclasses.asdict(p) for p in self.site_privacy.values()],
             "rejected": dict(self.rejected), "sites_last_round": self.sites_last_round,
+            "rejections": [dataclasses.asdict(r) for r in self.rejections],
             "last_train_metrics": self.last_train_metrics, "unaggregated_spends": dict(self.unaggregated_spends),
             "client_rounds": self.client_accountant.rounds if self.client_accountant is not None else 0,
         }
@@ -182,6 +242,7 @@ class FederationBook:
         """
         self.site_privacy = {p["site"]: SitePrivacy(**p) for p in state.get("site_privacy", [])}
         self.rejected = Counter(state.get("rejected", {}))
+        self.rejections = [Rejection(**r) for r in state.get("rejections", [])]
         self.sites_last_round = int(state.get("sites_last_round", 0))
         self.last_train_metrics = dict(state.get("last_train_metrics", {}))
         self.unaggregated_spends = Counter(state.get("unaggregated_spends", {}))
@@ -210,7 +271,9 @@ class FederationBook:
             return
         self.site_privacy[report.site] = report
 
-    def keep_reports(self, server_round: int, reports: Iterable[tuple[int, Mapping[str, object]]]) -> None:
+    def keep_reports(
+        self, server_round: int, reports: Iterable[tuple[int, Mapping[str, object]]], *, on_refused: Callable[[int, str], None] | None = None,
+    ) -> None:
         """Keep every privacy report received, ``(node, report)``, whatever becomes of the updates.
 
         Called before any check can stop the round: the sites spent this budget already. A
@@ -227,11 +290,41 @@ class FederationBook:
         problems: list[FederationError] = []
         for node, record in reports:
             try:
-                self.record_privacy(server_round, SitePrivacy.from_mapping(record, node=node))
+                report = SitePrivacy.from_mapping(record, node=node)
             except FederationError as problem:
                 problems.append(problem)
+                continue
+            try:
+                report = self.vouch(server_round, node, report, record.get(protocol.PROOF))
+            except FederationError as lie:
+                # A borrowed name, a ledger or epsilon going back, steps the plan does not give: not recorded under
+                # that name; the update is left out where the path allows it (plain), else the run stops (SecAgg+).
+                if on_refused is None:
+                    raise
+                on_refused(node, str(lie))
+                continue
+            self.record_privacy(server_round, report)
         if problems:
             raise problems[0]
+
+    def expect_identities(self, *, accountant: str, delta: float, local_epochs: int, run_id: str, keys: EnrolledKeys | None) -> None:
+        """Check every report from now on: its proof against the enrolled ``keys`` (a deployment) and its numbers
+        against the server's own account of the site (:class:`fedmm.federation.identity.SiteAccount`)."""
+        self.accounts = SiteAccount(accountant=accountant, delta=delta, local_epochs=local_epochs)
+        self.enrolled, self.run_id = keys, run_id
+
+    def vouch(self, server_round: int, node: int, report: SitePrivacy, proof: object) -> SitePrivacy:
+        """The report as the server records it (epsilon: the larger of the site's and its own), or FederationError."""
+        if self.accounts is None:
+            return report
+        if self.enrolled is not None:
+            self.enrolled.verify(proof, run_id=self.run_id, server_round=server_round, node=node, site=report.site)
+        self.accounts.observe(
+            node=node, site=report.site, seq=report.ledger_seq, epsilon=report.epsilon, noise_multiplier=report.noise_multiplier,
+            sample_rate=report.sample_rate, steps=report.steps,
+        )
+        ours = self.accounts.server_epsilon(report.site, report.delta)
+        return dataclasses.replace(report, epsilon=max(report.epsilon, ours or 0.0), epsilon_site=report.epsilon, epsilon_server=ours)
 
     def note_refusal(self, server_round: int, node: int, site: str, reason: str) -> None:
         """A site declined the round (budget or policy): keep its last report, do not ask it again."""
@@ -241,19 +334,50 @@ class FederationBook:
             self.site_privacy[site] = dataclasses.replace(known, refused=reason)
         log(INFO, "[fedmm] round %d: %s", server_round, reason)
 
-    def reject(self, server_round: int, node: int, kind: str, detail: str) -> None:
-        """Leave one update out of the aggregate, and count it."""
+    def reject(self, server_round: int, node: int, kind: str, detail: str, *, site: str | None = None) -> None:
+        """Leave one update out of the aggregate, and count it per reason and per site."""
+        label = site or f"node-{node}"
         self.rejected[kind] += 1
+        self.rejections.append(Rejection(round=server_round, node=node, site=label, reason=kind, detail=detail))
         self.round_report["rejected"] = self.round_report.get("rejected", 0) + 1
-        log(WARNING, "[fedmm] round %d: update of node %d rejected (%s): %s", server_round, node, kind, detail)
+        log(WARNING, "[fedmm] round %d: update of %s (node %d) rejected (%s): %s", server_round, label, node, kind, detail)
+
+    @property
+    def rejected_by_site(self) -> dict[str, dict[str, int]]:
+        """Rejected updates over the run, per site and reason (for ``summary.json``)."""
+        out: dict[str, Counter[str]] = {}
+        for r in self.rejections:
+            out.setdefault(r.site, Counter())[r.reason] += 1
+        return {site: dict(sorted(c.items())) for site, c in sorted(out.items())}
+
+    def rejected_in(self, server_round: int) -> dict[str, list[str]]:
+        """This round's rejected updates: the reasons, per site (for ``metrics.jsonl``)."""
+        out: dict[str, list[str]] = {}
+        for r in self.rejections:
+            if r.round == server_round:
+                out.setdefault(r.site, []).append(r.reason)
+        return out
 
     def require_sites(self, server_round: int, accepted: int) -> None:
-        """Stop the run when fewer than ``min-sites`` updates are left to aggregate."""
-        if accepted < self.min_sites:
+        """Stop the run when fewer updates are left than ``min-sites`` (or the aggregation rule) needs."""
+        if accepted < max(self.min_sites, self.least_updates):
+            needs = f"min-sites={self.min_sites}" if self.min_sites >= self.least_updates else f"the {self.least_updates} the aggregation rule needs"
             raise SitesExhausted(
-                f"round {server_round}: {accepted} update(s) could be aggregated, fewer than min-sites={self.min_sites}; "
+                f"round {server_round}: {accepted} update(s) could be aggregated, fewer than {needs}; "
                 f"{len(self.refused_nodes)} site(s) have refused (budget or policy), "
-                f"{sum(self.rejected.values())} update(s) were rejected so far ({dict(self.rejected)}). The run stops here"
+                f"{sum(self.rejected.values())} update(s) were rejected so far ({dict(self.rejected)}; per site "
+                f"{self.rejected_by_site}). The run stops here"
+            )
+
+    @staticmethod
+    def check_global(server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Stop the run before a global model that is not finite is used, checkpointed or saved."""
+        bad = {k: int(np.sum(~np.isfinite(v))) for k, v in arrays.items() if v.dtype.kind in "fc" and not np.all(np.isfinite(v))}
+        if bad:
+            raise FederationError(
+                f"round {server_round}: the aggregated global model holds NaN or infinite values ({bad}); it is not applied, "
+                "checkpointed or saved, and the run stops. Every update passed its checks, so look at the values the sites "
+                "sent (the log above) and lower learning-rate or max-update-norm"
             )
 
     def sample_nodes(self, server_round: int, nodes: Iterable[int], *, at_least: int = 1) -> list[int]:

@@ -19,18 +19,27 @@ masked vector per site (uniformly random to it), the shares needed to remove the
 the sum, each site's metrics (loss, epsilon, and its ``num-examples``, which are FedAvg's
 weights), and the weighted average of the updates. Never one site's update in the clear.
 
-What cannot be checked under SecAgg: the values inside a masked vector. A site's update
-norm, its finiteness and its client-level clip are checked by the site itself before
-masking (:func:`fedmm.secure.update.prepare_update`); the server checks the shapes of
-each masked vector and that the unmasked aggregate is finite. A malicious site could still
-send any values inside the quantisation range: each weighted value is bounded by
-``secagg-clip-range``, so its pull on the average is bounded, not removed.
+What cannot be checked under SecAgg: the values inside a masked vector, and the weight a
+site folds into it. A site's update norm, its finiteness and its client-level clip are
+checked by the site itself before masking (:func:`fedmm.secure.update.prepare_update`).
+The server checks, per site and before anything is summed, the shapes and the integer
+dtype of each masked vector and the weight the site declares in its plain metrics (exactly
+1 under DP, else an integer in ``[1, max-site-weight]``; a claim it cannot bind to the
+masked weight), rejecting and counting the site (it then counts as dropped); after
+unmasking, that the aggregate is finite (a summed weight of zero makes it infinite), that the mean
+update is within ``max-update-norm`` (a mean of updates within the bound is within it; not
+checked under distributed client-level noise, whose shares are in the sum) and that the new
+global model is finite. A failure after unmasking cannot be traced to a site: the round is
+not applied and the run stops. A malicious site could still send any values inside the
+quantisation range: each weighted value is bounded by ``secagg-clip-range``, so its pull on
+the average is bounded, not removed. Robust rules (``aggregation``) need each update and
+are refused with secure aggregation.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any, cast
 
@@ -51,9 +60,12 @@ from flwr.serverapp import Grid
 
 from fedmm import protocol
 from fedmm.config import RunConfig
+from fedmm.data.schema import Schema
 from fedmm.errors import FederationError, SitesExhausted
-from fedmm.federation.book import FederationBook, check_update
-from fedmm.privacy.client_dp import ClientDPPlan
+from fedmm.federation.book import FederationBook, check_update, check_weight
+from fedmm.federation.robust import update_norm_bound
+from fedmm.plan import RunPlan
+from fedmm.privacy.client_dp import ClientDPPlan, update_norm
 from fedmm.secure.params import SecAggParams
 
 __all__ = ["SecureFedMM", "FedMMSecAggPlus", "secagg_params", "make_workflow"]
@@ -101,7 +113,7 @@ class SecureFedMM(Strategy, FederationBook):
 
     def __init__(
         self, cfg: RunConfig, *, initial: Mapping[str, np.ndarray], train_config: Mapping[str, Scalar],
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord], layout: str,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord], layout: str, learning_rate: float | None = None,
     ) -> None:
         FederationBook.__init__(self, dp=cfg.dp, min_sites=cfg.min_sites, client_dp=ClientDPPlan.from_config(cfg))
         self.cfg = cfg
@@ -114,6 +126,15 @@ class SecureFedMM(Strategy, FederationBook):
         self.aggregated_round = 0
         self.threshold = 0  # the round's reconstruction threshold, set by the workflow
         self.wait_timeout = 600
+        # The mean update's bound: each site's update is within it, so their mean is. Not with
+        # distributed client-level noise (the shares are in the sum); None when it cannot be resolved.
+        lr = learning_rate if learning_rate is not None else cfg.learning_rate
+        if lr is None and protocol.SCHEMA in self.train_config:  # the fusion's tuned rate for the model the sites train
+            lr = RunPlan.from_config(cfg).learning_rate(Schema.from_json(str(self.train_config[protocol.SCHEMA])))
+        params = sum(int(self.global_arrays[k].size) for k in self.update_names)
+        resolvable = cfg.max_update_norm is not None or cfg.client_dp or lr is not None
+        distributed = self.client_dp is not None and self.client_dp.distributed
+        self.max_update_norm = update_norm_bound(cfg, learning_rate=lr or 0.0, parameters=params) if resolvable and not distributed else None
 
     # ------------------------------------------------------------ the legacy Strategy API
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -177,8 +198,16 @@ class SecureFedMM(Strategy, FederationBook):
         shapes = {k: self.global_arrays[k].shape for k in self.update_names}
         aggregate = dict(zip(self.update_names, mean))
         problem = check_update(aggregate, shapes) if len(mean) == len(self.update_names) else ("tensors", f"{len(mean)} tensors, expected {len(self.update_names)}")
+        if problem is None and self.max_update_norm is not None and update_norm(aggregate) > self.max_update_norm * (1 + 1e-4):
+            problem = ("norm", f"the mean update's L2 norm {update_norm(aggregate):.6g} is above max-update-norm {self.max_update_norm:g}, "
+                       "so some site's update was beyond it (which one, the server cannot see)")
         if problem is not None:
-            raise FederationError(f"round {server_round}: the unmasked aggregate is unusable ({problem[1]}); the round is not applied")
+            hint = (" (a summed weight of zero, from a site that masked a weight cancelling the others', gives this too)"
+                    if problem[0] == "non-finite" else "")
+            raise FederationError(
+                f"round {server_round}: the unmasked aggregate is unusable ({problem[1]}){hint}; which site caused it the server "
+                "cannot see. The round is not applied and the run stops"
+            )
         if self.client_dp is not None:
             # Every result was weighted 1 (refusals send a zero update, and their noise share):
             # the mean times the number of results is the sum.
@@ -186,8 +215,9 @@ class SecureFedMM(Strategy, FederationBook):
             step = self.privatise(server_round, summed, updates=len(results), noise_parties=self.threshold)
         else:
             step = {k: v.astype(np.float64) for k, v in aggregate.items()}
-        for name, value in step.items():
-            self.global_arrays[name] = (self.global_arrays[name].astype(np.float64) + value).astype(self.global_arrays[name].dtype)
+        updated = {k: (self.global_arrays[k].astype(np.float64) + v).astype(self.global_arrays[k].dtype) for k, v in step.items()}
+        self.check_global(server_round, updated)
+        self.global_arrays.update(updated)
         self.sites_last_round = len(taking_part)
         self.latest_arrays = ArrayRecord({k: torch.from_numpy(self.global_arrays[k].copy()) for k in self.names})
         # Under DP the sites send no training loss (outside DP-SGD's guarantee): then none is reported.
@@ -242,9 +272,10 @@ class _CheckingGrid:
                 metrics: Mapping[str, Any] = reply.content.config_records.get(_FITRES_METRICS) or {}
                 if protocol.REASON not in metrics:
                     reports.append((reply.metadata.src_node_id, metrics))
-                shapes = [bytes_to_ndarray(cast(bytes, b)).shape for b in cast(list[bytes], record[Key.MASKED_PARAMETERS])]
-                if shapes != expected:
-                    strategy.reject(server_round, reply.metadata.src_node_id, "shape", f"masked vector shapes {shapes[:4]}..., expected {expected[:4]}...")
+                problem = self._problem(record, metrics, expected)
+                if problem is not None:
+                    site = str(metrics[protocol.SITE]) if protocol.SITE in metrics else None
+                    strategy.reject(server_round, reply.metadata.src_node_id, *problem, site=site)
                     continue
             kept.append(reply)
         if masked:
@@ -253,6 +284,20 @@ class _CheckingGrid:
             strategy.keep_reports(server_round, reports)
             self._check_contributors(server_round, kept)
         return kept
+
+    def _problem(self, record: Mapping[str, Any], metrics: Mapping[str, Any], expected: Sequence[tuple[int, ...]]) -> tuple[str, str] | None:
+        """Why a masked vector is left out before the sum: its shapes, its dtype, its declared weight."""
+        vectors = [bytes_to_ndarray(cast(bytes, b)) for b in cast(list[bytes], record[Key.MASKED_PARAMETERS])]
+        shapes = [v.shape for v in vectors]
+        if shapes != expected:
+            return "shape", f"masked vector shapes {shapes[:4]}..., expected {expected[:4]}..."
+        odd = sorted({str(v.dtype) for v in vectors if v.dtype.kind not in "iu"})
+        if odd:
+            return "dtype", f"masked vector of dtype {odd}; SecAgg+ masks integers (the quantised update), so it cannot be unmasked"
+        if protocol.REASON in metrics:
+            return None  # a refusal: its zero update carries weight 0 (or 1 with its noise share)
+        cfg = self._strategy.cfg
+        return check_weight(metrics.get(protocol.NUM_EXAMPLES), dp=cfg.dp, max_weight=cfg.max_site_weight)
 
     def _check_contributors(self, server_round: int, replies: list[Message]) -> None:
         """Before anything is unmasked: stop if too few sites actually trained.

@@ -1,39 +1,48 @@
 """The plain (no SecAgg+) federated strategy and the server's central evaluation.
 
-:class:`FedMMAvg` is Flower's FedAvg (weighted by ``num-examples``) with these
-changes: a site that fails stops the run with its reason (nothing is averaged
-silently over fewer sites); an update that is not finite, has other tensors or
-shapes than the global model, another model layout, or (client-level DP) a norm
-beyond the agreed clip is rejected and counted; the privacy loss is aggregated
-as a maximum, never an average; each site's privacy report is kept for the run's
-artifacts, from every reply (also one rejected, or of a round that then stops or
-fails); and with client-level DP the server adds the noise and accounts it.
+:class:`FedMMAvg` is Flower's FedAvg (weighted by ``num-examples``) that trusts no site:
+a site that fails stops the run with its reason (nothing is averaged silently over fewer
+sites); before anything is summed, an update is rejected, and counted per reason and per
+site, unless it has exactly the global model's tensors, dtypes (never cast) and shapes,
+its model layout, finite values, a norm within ``max-update-norm`` (and client-level DP's
+clip), a weight in the agreed range (exactly 1 under ``dp=true``, else an integer in
+``[1, max-site-weight]``) and well-formed metrics; the accepted updates are combined by
+``aggregation`` (FedAvg, or a robust rule of :mod:`fedmm.federation.robust`); a global
+model that comes out non-finite stops the run before it is used or saved. The privacy
+loss is aggregated as a maximum, never an average; each site's privacy report is kept
+for the run's artifacts, from every reply (also one rejected, or of a round that then
+stops or fails); and with client-level DP the server adds the noise and accounts it.
 Secure aggregation runs on Flower's legacy path instead
 (:mod:`fedmm.federation.secagg`), with the same :class:`FederationBook`.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
+from typing import cast
 
 import numpy as np
 import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.schema import MultimodalDataset, Schema
-from fedmm.errors import FederationError
+from fedmm.errors import ConfigError, FederationError
+from fedmm.federation.book import FederationBook, SitePrivacy, aggregate_train_metrics, check_update, check_weight
+from fedmm.federation.robust import Aggregation, aggregate, cast_like, least_updates, update_norm_bound
+from fedmm.plan import RunPlan
 from fedmm.privacy.client_dp import ClientDPPlan
 from fedmm.models import ModelRecipe
 from fedmm.models.evaluation import evaluate, task_accuracies
 
 __all__ = ["FedMMAvg", "make_central_evaluation"]
 
-
-from fedmm.federation.book import FederationBook, SitePrivacy, aggregate_train_metrics, check_update
 
 class FedMMAvg(FedAvg, FederationBook):
     """FedAvg that fails closed on site errors, rejects bad updates and keeps per-site privacy reports.
@@ -45,6 +54,8 @@ class FedMMAvg(FedAvg, FederationBook):
     def __init__(
         self, *, dp: bool, sites: int, layout: str | None = None, min_sites: int = 1,
         reference: Mapping[str, tuple[int, ...]] | None = None, client_dp: ClientDPPlan | None = None,
+        max_site_weight: int = 1_000_000, max_update_norm: float | None = None,
+        aggregation: Aggregation | str = Aggregation.FEDAVG, malicious_sites: int = 1,
     ) -> None:
         FedAvg.__init__(
             self, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
@@ -54,8 +65,36 @@ class FedMMAvg(FedAvg, FederationBook):
         )
         FederationBook.__init__(self, dp=dp, min_sites=min_sites, client_dp=client_dp)
         self.layout = layout  # the server model's layout fingerprint; None: not checked
-        self.reference = reference  # expected tensor shapes of an update; None: not checked
+        self.reference = reference  # expected tensors of an update (shapes; dtypes from the global model); None: not checked
+        self.max_site_weight = max_site_weight
+        self.max_update_norm = max_update_norm  # None: no bound beyond client-level DP's clip
+        self.aggregation = Aggregation.parse(str(aggregation))
+        self.malicious_sites = malicious_sites
+        if self.aggregation is not Aggregation.FEDAVG and client_dp is not None:
+            raise ConfigError("aggregation", "a robust rule cannot be combined with client-level DP (its noise is calibrated for a sum)",
+                              value=self.aggregation.value, fix="use aggregation='fedavg', or client-dp=false")
+        self.least_updates = least_updates(self.aggregation, malicious_sites)
         self._global: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def from_plan(cls, plan: RunPlan, *, initial: Mapping[str, torch.Tensor], layout: str, learning_rate: float) -> FedMMAvg:
+        """The strategy a run's plan asks for: its checks, norm bound and aggregation rule.
+
+        ``initial`` is the global model's state_dict and ``learning_rate`` the sites'
+        (``plan.learning_rate(schema)``); ``max-update-norm = auto`` is resolved here, once.
+        """
+        cfg = plan.config
+        reference = {k: tuple(v.shape) for k, v in initial.items() if not cfg.client_dp or v.is_floating_point()}
+        parameters = sum(v.numel() for v in initial.values() if v.is_floating_point())
+        bound = update_norm_bound(cfg, learning_rate=learning_rate, parameters=parameters)
+        log(INFO, "[fedmm] update checks: max-update-norm %.6g%s, weights %s, aggregation %s", bound,
+            " (auto)" if cfg.max_update_norm is None else "", "exactly 1 (dp=true)" if cfg.dp else f"in [1, {cfg.max_site_weight}]",
+            cfg.aggregation if cfg.aggregation == "fedavg" else f"{cfg.aggregation} (malicious-sites={cfg.malicious_sites})")
+        return cls(
+            dp=cfg.dp, sites=cfg.sites, layout=layout, min_sites=cfg.min_sites, reference=reference, client_dp=plan.client_dp,
+            max_site_weight=cfg.max_site_weight, max_update_norm=None if cfg.client_dp and cfg.max_update_norm is None else bound,
+            aggregation=cfg.aggregation, malicious_sites=cfg.malicious_sites,
+        )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """FedAvg's train messages to the sampled sites, minus those that have refused."""
@@ -72,9 +111,10 @@ class FedMMAvg(FedAvg, FederationBook):
         replies = list(replies)
         # First of all, what the sites spent: every report received, whatever becomes of its update.
         answered = [m for m in replies if not m.has_error()]
+        unvouched: dict[int, str] = {}  # a borrowed name, a ledger going back, ...: that update is left out
         self.keep_reports(server_round, (
             (m.metadata.src_node_id, m.content.config_records[protocol.PRIVACY]) for m in answered if protocol.PRIVACY in m.content.config_records
-        ))
+        ), on_refused=unvouched.__setitem__)
         failed = [m for m in replies if m.has_error()]
         if failed:
             reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
@@ -86,7 +126,12 @@ class FedMMAvg(FedAvg, FederationBook):
             if refusal is not None:
                 site = str(refusal.get(protocol.SITE, f"node-{reply.metadata.src_node_id}"))
                 self.note_refusal(server_round, reply.metadata.src_node_id, site, str(refusal.get(protocol.REASON, "no reason given")))
-        accepted = [m for m in replies if protocol.REFUSED not in m.content.config_records and self._acceptable(server_round, m)]
+        for node, why in unvouched.items():
+            self.reject(server_round, node, "identity", why)
+        accepted = [
+            m for m in replies
+            if protocol.REFUSED not in m.content.config_records and m.metadata.src_node_id not in unvouched and self._acceptable(server_round, m)
+        ]
         if self.dp:
             for reply in accepted:  # an update without its privacy report is not aggregated: the run stops
                 SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id)
@@ -96,37 +141,71 @@ class FedMMAvg(FedAvg, FederationBook):
         if self.client_dp is not None:
             arrays, metrics = self._aggregate_private(server_round, accepted)
         else:
-            arrays, metrics = super().aggregate_train(server_round, accepted)
-        if arrays is None or metrics is None:
-            raise FederationError(f"round {server_round}: the replies could not be aggregated (see the log above)")
+            arrays, metrics = self._aggregate_plain(server_round, accepted)
+        self.check_global(server_round, {k: v.numpy() for k, v in arrays.items()})
         self.sites_last_round = len(accepted)
         self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         return arrays, metrics
 
+    def _expected(self) -> Mapping[str, np.ndarray | tuple[int, ...]] | None:
+        """What an update must hold: the global model's tensors (dtype and shape) of the reference's names."""
+        if self._global is None:
+            return self.reference
+        return {k: self._global[k] for k in (self.reference if self.reference is not None else self._global)}
+
     def _acceptable(self, server_round: int, reply: Message) -> bool:
-        node = reply.metadata.src_node_id
-        if self.layout is not None:
-            record = reply.content.config_records.get(protocol.MODEL)
-            got = record.get(protocol.LAYOUT) if record is not None else None
-            if got != self.layout:
-                self.reject(
-                    server_round, node, "layout",
-                    f"model layout {got!r}, the server's model has {self.layout!r}. Fix: run the same fedmm version and model, "
-                    "data modalities and preprocessing keys at every site",
-                )
-                return False
-        tensors = reply.content.array_records.get(protocol.ARRAYS)
-        if tensors is None:
-            self.reject(server_round, node, "tensors", f"no '{protocol.ARRAYS}' record in the reply")
-            return False
-        problem = check_update(
-            {k: v.numpy() for k, v in tensors.items()}, self.reference, clip_norm=self.client_dp.clip_norm if self.client_dp else None,
-        )
+        node, content = reply.metadata.src_node_id, reply.content
+        privacy = content.config_records.get(protocol.PRIVACY)
+        site = str(privacy[protocol.SITE]) if privacy is not None and protocol.SITE in privacy else None
+        problem: tuple[str, str] | None = None
+        record = content.config_records.get(protocol.MODEL)
+        got = record.get(protocol.LAYOUT) if record is not None else None
+        tensors = content.array_records.get(protocol.ARRAYS)
+        metrics = content.metric_records.get(protocol.METRICS)
+        if self.layout is not None and got != self.layout:
+            problem = ("layout", f"model layout {got!r}, the server's model has {self.layout!r}. Fix: run the same fedmm version and "
+                       "model, data modalities and preprocessing keys at every site")
+        elif tensors is None or len(content.array_records) != 1:
+            problem = ("tensors", f"{len(content.array_records)} array record(s); exactly one, '{protocol.ARRAYS}', is agreed")
+        elif metrics is None:
+            problem = ("metrics", f"no '{protocol.METRICS}' record in the reply")
+        else:
+            problem = check_weight(metrics.get(protocol.NUM_EXAMPLES), dp=self.dp, max_weight=self.max_site_weight) or self._metrics_problem(metrics)
+        if problem is None:
+            assert tensors is not None
+            sends_weights = self.client_dp is None
+            problem = check_update(
+                {k: v.numpy() for k, v in tensors.items()}, self._expected(), clip_norm=self.client_dp.clip_norm if self.client_dp else None,
+                max_norm=self.max_update_norm if (self._global is not None or not sends_weights) else None,
+                base=self._global if sends_weights else None,
+            )
         if problem is not None:
-            self.reject(server_round, node, *problem)
+            self.reject(server_round, node, *problem, site=site)
             return False
         return True
+
+    @staticmethod
+    def _metrics_problem(metrics: MetricRecord) -> tuple[str, str] | None:
+        """A reply's epsilon (required) and training loss (if sent) must be finite numbers."""
+        for key in (protocol.EPSILON, protocol.TRAIN_LOSS):
+            value = metrics.get(key)
+            if key == protocol.TRAIN_LOSS and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return "metrics", f"metric '{key}' is {value!r}; a finite number is agreed"
+        return None
+
+    def _aggregate_plain(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """The accepted weights, combined by the run's rule, in the global model's names, order and dtypes."""
+        updates = [{k: v.numpy() for k, v in m.content.array_records[protocol.ARRAYS].items()} for m in replies]
+        weights = [cast(int, m.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]) for m in replies]  # checked integers
+        like = self._global if self._global is not None else updates[0]
+        combined, used = aggregate(self.aggregation, [{k: u[k] for k in like} for u in updates], weights, malicious=self.malicious_sites)
+        if self.aggregation is Aggregation.KRUM:
+            log(INFO, "[fedmm] round %d: krum chose the update of node %d", server_round, replies[used[0]].metadata.src_node_id)
+        arrays = ArrayRecord({k: torch.from_numpy(cast_like(combined[k], like[k].dtype)) for k in like})
+        return arrays, aggregate_train_metrics([m.content for m in replies], protocol.NUM_EXAMPLES)
 
     def _aggregate_private(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """DP-FedAvg: sum the clipped updates, add the noise, average, apply to the global model."""

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmm import protocol
+from fedmm.secure.identity import KEYS_ENV
 from fedmm.errors import ConfigError
 from fedmm.runtime.executor import SECRET_FILE, make_secret
 from fedmm.runtime.supernode import POLL_ENV
@@ -155,6 +156,7 @@ class SiteSettings:
             protocol.NODE_SITE: self.name, protocol.NODE_STATE_DIR: str(self.state_dir),
             protocol.NODE_EPSILON_BUDGET: self.epsilon_budget, protocol.NODE_DELTA: self.delta,
             protocol.NODE_MIN_NOISE: self.min_noise_multiplier, protocol.NODE_REQUIRE_DP: self.require_dp,
+            protocol.NODE_KEY: str(self.key),  # signs the site's claim to its name in every reply (fedmm.secure.identity)
         }
         if self.data:
             values[protocol.NODE_DATA] = self.data
@@ -252,7 +254,9 @@ def run_server(pki: Path, state_dir: Path, *, host: str, port: int, in_memory: b
     state_dir.mkdir(parents=True, exist_ok=True)
     command = server_command(pki, state_dir, host=host, port=port, in_memory=in_memory)
     print("[fedmm] " + " ".join(command), flush=True)
-    return _supervise([("flower-superlink", subprocess.Popen(command, env=flower_env(), start_new_session=True))])
+    # The ServerApp (started by this SuperLink) checks each reply's claim to a site name against the enrolled keys.
+    env = {**flower_env(), KEYS_ENV: str((pki / "sites").resolve())}
+    return _supervise([("flower-superlink", subprocess.Popen(command, env=env, start_new_session=True))])
 
 
 def run_site(site: SiteSettings) -> int:

@@ -26,6 +26,7 @@ class RoundRequest:
     global_weights: dict[str, np.ndarray]
     saved_state: str | None = None  # SiteState JSON from the Flower node's state
     secagg: SecAggParams | None = None  # set inside a SecAgg+ round
+    node_id: int = 0  # the Flower node this site runs as (signed into a deployed site's proof)
 
 
 @dataclass
@@ -43,3 +44,4 @@ class RoundResponse:
     layout: str = ""
     clipped_values: int = 0
     state: str | None = None  # the new SiteState JSON
+    proof: str = ""  # a deployed site's signed claim to its name (fedmm.secure.identity); empty in simulation

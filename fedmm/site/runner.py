@@ -10,6 +10,7 @@ loaded between rounds.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,16 +18,19 @@ import torch
 
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.errors import BudgetExceededError, ConfigError, FederationError
+from fedmm.errors import BudgetExceededError, ConfigError, DataError, FederationError
 from fedmm.models import layout_fingerprint
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.privacy.policy import site_policy
+from fedmm.secure.identity import sign_claim
 from fedmm.secure.update import prepare_update
 from fedmm.site.io import RoundRequest, RoundResponse
 from fedmm.plan import RunPlan
 from fedmm.site.data import site_data
 from fedmm.site.round import SiteState, train_round
+
+_log = logging.getLogger("fedmm.site")
 
 __all__ = ["run_round"]
 
@@ -46,7 +50,12 @@ def run_round(req: RoundRequest) -> RoundResponse:
     """Train this site for the round ``req.config`` describes; the site's own policy and ledger decide."""
     torch.set_num_threads(1)
     cfg = RunPlan.from_run_config(req.run_config).config  # every part checked, before any data is read
-    site, data = _data(req.node_config, cfg)
+    try:
+        site, data = _data(req.node_config, cfg)
+    except DataError as err:
+        # The site's own log keeps the local detail (paths, values); the error that reaches the server does not.
+        _log.error("[fedmm] site data: %s", err.local_message)
+        raise
     state = SiteState.from_json(req.saved_state) if req.saved_state else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
     server_round = req.config.get(protocol.SERVER_ROUND)
     if isinstance(server_round, bool) or not isinstance(server_round, int):
@@ -55,6 +64,9 @@ def run_round(req: RoundRequest) -> RoundResponse:
     run_id = str(req.config.get(protocol.RUN_ID, "run"))
     # The site's own limits (its node config in a deployment) and its durable ledger.
     policy = site_policy(req.node_config, cfg, site=site, run_id=run_id)
+    # A deployed site signs its claim to its name with its enrolled key; the server checks it (fedmm.secure.identity).
+    key = req.node_config.get(protocol.NODE_KEY)
+    proof = sign_claim(str(key), run_id=run_id, server_round=server_round, node=req.node_id, site=site) if key else ""
     # Locked for this process from the budget check through the append; a missing ledger is an error, not a fresh start.
     ledger = PrivacyLedger.open(policy.ledger_path, site=site, create_if_new=policy.fresh_state) if cfg.dp else None
     global_t = {k: torch.from_numpy(np.array(v)) for k, v in req.global_weights.items()}
@@ -66,7 +78,7 @@ def run_round(req: RoundRequest) -> RoundResponse:
     except BudgetExceededError as refusal:
         # A refusal is the site's answer, not a failure: no update, the reason, and its budget.
         entries = ledger.entries() if ledger is not None else []
-        response = RoundResponse(site=site, refused=str(refusal), spent=entries[-1].epsilon if entries else 0.0, budget=policy.epsilon_budget)
+        response = RoundResponse(site=site, refused=str(refusal), spent=entries[-1].epsilon if entries else 0.0, budget=policy.epsilon_budget, proof=proof)
         if req.secagg is not None:
             # Inside SecAgg+: a zero update. Weight 0 takes no part in FedAvg; under client-level
             # DP (weights of 1) it still carries its noise share, so the noise never falls short.
@@ -83,7 +95,7 @@ def run_round(req: RoundRequest) -> RoundResponse:
             f"site {site}: trained model layout {layout!r}, the server's is {req.config.get(protocol.LAYOUT)!r}; not sending. "
             "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
         )
-    response = RoundResponse(site=site, layout=layout, state=state.to_json(), budget=policy.epsilon_budget)
+    response = RoundResponse(site=site, layout=layout, state=state.to_json(), budget=policy.epsilon_budget, proof=proof)
     # Under DP nothing derived from the records leaves the site outside DP-SGD's guarantee: not the exact
     # number of records (FedAvg weighs every site equally instead, the weight agreed in advance) and not
     # the un-noised training loss. Without DP both are sent (no guarantee is claimed then).

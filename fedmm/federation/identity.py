@@ -1,0 +1,104 @@
+"""The server's own account of each site: who it is, and what its reports imply it spent.
+
+The server does not take a site's privacy report on trust. For every report it:
+
+- holds the site to one node: a second node claiming a name already held in this run is
+  refused (in a simulation the names come from the partition; in a deployment each node's
+  name is the one enrolled with its registered key, see :mod:`fedmm.runtime.deploy`);
+- refuses a ledger sequence number that goes backwards and an epsilon that falls;
+- recomputes the site's epsilon for this run with its own accountant, from the mechanism the
+  site reports (noise multiplier and Poisson sample rate) and the steps the plan gives a
+  round (``local-epochs`` x Opacus' ``int(1 / sample_rate)``), and checks that the site's
+  own step count moved by exactly that much.
+
+What is recorded is the larger of the site's lifetime epsilon and the server's figure for
+this run (a site's lifetime includes runs the server never saw); both go to ``privacy.json``.
+
+>>> check = SiteAccount(accountant="rdp", delta=1e-5, local_epochs=1)
+>>> check.observe(node=7, site="george", seq=1, epsilon=0.5, noise_multiplier=1.0, sample_rate=0.25, steps=4)
+>>> round(check.server_epsilon("george"), 3) > 0
+True
+>>> check.observe(node=8, site="george", seq=2, epsilon=0.9, noise_multiplier=1.0, sample_rate=0.25, steps=8)
+Traceback (most recent call last):
+...
+fedmm.errors.FederationError: node 8 claims site 'george', which node 7 holds in this run; refused (a borrowed or duplicated name)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedmm.config import AccountantKind
+from fedmm.errors import FederationError
+from fedmm.privacy.accounting import SiteAccountant
+
+__all__ = ["SiteAccount"]
+
+
+@dataclass
+class _Seen:
+    node: int
+    seq: int | None
+    epsilon: float
+    steps: int
+    accountant: SiteAccountant
+
+
+@dataclass
+class SiteAccount:
+    """Per site: its node, its last ledger head and epsilon, and the server's own accountant of this run."""
+
+    accountant: str
+    delta: float
+    local_epochs: int
+    _sites: dict[str, _Seen] = field(default_factory=dict)
+    _nodes: dict[int, str] = field(default_factory=dict)
+
+    def observe(
+        self, *, node: int, site: str, seq: int | None, epsilon: float, noise_multiplier: float, sample_rate: float, steps: int,
+    ) -> None:
+        """Check one report against what the server knows and account it.
+
+        Raises
+        ------
+        FederationError
+            For a borrowed name, a node that changes its name, a ledger or epsilon that goes
+            back, or a step count that does not match the plan.
+        """
+        held = self._nodes.get(node)
+        if held is not None and held != site:
+            raise FederationError(f"node {node} reported as site {site!r} after reporting as {held!r}; refused (a site's name does not change)")
+        seen = self._sites.get(site)
+        if seen is not None and seen.node != node:
+            raise FederationError(f"node {node} claims site {site!r}, which node {seen.node} holds in this run; refused (a borrowed or duplicated name)")
+        if seen is not None and (seen.node, seen.seq, seen.epsilon, seen.steps) == (node, seq, epsilon, steps):
+            return  # the same report again (SecAgg+ reads a reply's report as its vector arrives and again when aggregating)
+        if seen is not None:
+            if seq is not None and seen.seq is not None and seq <= seen.seq:
+                raise FederationError(f"site {site!r} reported ledger entry {seq} after entry {seen.seq}; a ledger only grows, so the report is refused")
+            if epsilon < seen.epsilon:
+                raise FederationError(f"site {site!r} reported epsilon {epsilon:.6g} after {seen.epsilon:.6g}; a spent epsilon never falls, so the report is refused")
+        if not 0 < sample_rate <= 1 or noise_multiplier < 0:
+            raise FederationError(f"site {site!r} reported a mechanism outside DP-SGD's range (noise multiplier {noise_multiplier}, sample rate {sample_rate}); refused")
+        round_steps = self.local_epochs * int(1 / sample_rate)  # what the plan gives a round (Opacus' Poisson loader)
+        # Rounds since the last report: one, or more when a reply was lost (the ledger holds those spends too).
+        rounds = (seq - seen.seq) if seen is not None and seq is not None and seen.seq is not None else 1
+        if seen is not None and steps - seen.steps != rounds * round_steps:
+            raise FederationError(
+                f"site {site!r}: its step count moved from {seen.steps} to {steps} over {rounds} ledger entr{'y' if rounds == 1 else 'ies'}, "
+                f"the plan gives {round_steps} a round (local-epochs={self.local_epochs}, sample rate {sample_rate:.6g}); the report is refused"
+            )
+        account = seen.accountant if seen is not None else SiteAccountant(AccountantKind(self.accountant))
+        account.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=rounds * round_steps)
+        self._sites[site] = _Seen(node, seq, epsilon, steps, account)
+        self._nodes[node] = site
+
+    def server_epsilon(self, site: str, delta: float | None = None) -> float | None:
+        """The server's own epsilon for ``site`` over the rounds of this run it saw, at ``delta`` (the run's by default)."""
+        seen = self._sites.get(site)
+        return seen.accountant.epsilon(delta or self.delta) if seen is not None and seen.accountant.history else None
+
+    def owner(self, site: str) -> int | None:
+        """The node that holds ``site``'s name in this run."""
+        seen = self._sites.get(site)
+        return seen.node if seen is not None else None

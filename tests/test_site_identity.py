@@ -1,0 +1,117 @@
+"""The server's book believes no site (issue 17, findings 3 and 4): names, ledgers and epsilons are checked.
+
+Each test replays what a dishonest site did against fedmm 0.1: it claimed another site's name
+(with its own key, or as a second node), sent a ledger head or an epsilon that went back, or
+reported an epsilon far below what its own mechanism gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedmm import protocol
+from fedmm.errors import FederationError
+from fedmm.federation.book import FederationBook
+from fedmm.privacy.accounting import SiteAccountant
+from fedmm.config import AccountantKind
+from fedmm.secure.certs import create_site_keys
+from fedmm.secure.identity import EnrolledKeys, sign_claim
+
+RUN = "study-1"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pki")
+    create_site_keys(root, ["george", "jackson"])
+    return root
+
+
+def _report(site: str, *, seq: int, steps: int, epsilon: float | None = None, proof: str = "") -> dict[str, object]:
+    if epsilon is None:  # what the mechanism really gives
+        accountant = SiteAccountant(AccountantKind.RDP)
+        accountant.record(noise_multiplier=1.0, sample_rate=0.25, steps=steps)
+        epsilon = accountant.epsilon(1e-5)
+    return {
+        protocol.SITE: site, protocol.EPSILON: epsilon, protocol.DELTA: 1e-5, protocol.ACCOUNTANT: "rdp",
+        protocol.NOISE_MULTIPLIER: 1.0, protocol.SAMPLE_RATE: 0.25, protocol.STEPS: steps, protocol.LEDGER_SEQ: seq, protocol.PROOF: proof,
+    }
+
+
+def _book(keys: EnrolledKeys | None = None) -> FederationBook:
+    book = FederationBook(dp=True)
+    book.expect_identities(accountant="rdp", delta=1e-5, local_epochs=1, run_id=RUN, keys=keys)
+    return book
+
+
+def _keep(book: FederationBook, server_round: int, *reports: tuple[int, dict[str, object]]) -> dict[int, str]:
+    refused: dict[int, str] = {}
+    book.keep_reports(server_round, reports, on_refused=refused.__setitem__)
+    return refused
+
+
+def test_a_site_started_with_georges_key_cannot_be_counted_as_jackson(pki: Path) -> None:
+    book = _book(EnrolledKeys.load(pki / "sites"))
+    george_key = pki / "sites" / "george.key"
+    honest = _report("george", seq=1, steps=4, proof=sign_claim(george_key, run_id=RUN, server_round=1, node=11, site="george"))
+    borrowed = _report("jackson", seq=1, steps=4, proof=sign_claim(george_key, run_id=RUN, server_round=1, node=12, site="jackson"))
+    replayed = _report("george", seq=2, steps=8, proof=honest[protocol.PROOF])  # last round's proof, replayed
+
+    refused = _keep(book, 1, (11, honest), (12, borrowed))
+    refused_later = _keep(book, 2, (11, replayed))
+
+    assert set(refused) == {12} and "no valid proof made with jackson's enrolled key" in refused[12]
+    assert "jackson" not in book.site_privacy and "george" in book.site_privacy
+    assert set(refused_later) == {11}
+
+
+def test_two_nodes_under_one_name_and_a_ledger_that_goes_back_are_refused() -> None:
+    book = _book()
+
+    first = _keep(book, 1, (1, _report("george", seq=5, steps=4)), (2, _report("george", seq=5, steps=4, epsilon=0.01)))
+    again = _keep(book, 2, (1, _report("george", seq=4, steps=8)))
+
+    assert "which node 1 holds in this run" in first[2]
+    assert "reported ledger entry 4 after entry 5" in again[1]
+    assert book.site_privacy["george"].ledger_seq == 5  # the earlier, higher head stays
+
+
+def test_the_server_recomputes_each_sites_epsilon_and_keeps_the_larger() -> None:
+    book = _book()
+    truthful = _report("george", seq=1, steps=4)
+
+    _keep(book, 1, (1, _report("george", seq=1, steps=4, epsilon=0.01)))  # a site that understates its spend
+
+    kept = book.site_privacy["george"]
+    assert kept.epsilon_site == 0.01 and kept.epsilon_server == pytest.approx(truthful[protocol.EPSILON])
+    assert kept.epsilon == kept.epsilon_server and book.max_epsilon == pytest.approx(truthful[protocol.EPSILON])
+
+
+def test_a_falling_epsilon_or_steps_the_plan_does_not_give_are_refused() -> None:
+    book = _book()
+    _keep(book, 1, (1, _report("george", seq=1, steps=4, epsilon=7.5)))
+
+    falling = _keep(book, 2, (1, _report("george", seq=2, steps=8, epsilon=0.01)))
+    skipped = _keep(book, 3, (1, _report("george", seq=3, steps=100, epsilon=9.0)))
+
+    assert "a spent epsilon never falls" in falling[1]
+    assert "the plan gives 4 a round" in skipped[1]
+    assert book.site_privacy["george"].epsilon == 7.5  # the lower report lowered nothing
+
+
+def test_without_a_refusal_handler_a_lie_stops_the_run() -> None:
+    """SecAgg+ cannot leave one masked vector out after the fact: a lie there stops the run."""
+    book = _book()
+    book.keep_reports(1, [(1, _report("george", seq=1, steps=4))])
+
+    with pytest.raises(FederationError, match="which node 1 holds"):
+        book.keep_reports(1, [(2, _report("george", seq=1, steps=4))])
+
+
+def test_the_same_report_read_twice_is_not_a_lie() -> None:
+    book = _book()
+    report = _report("george", seq=1, steps=4)
+
+    assert _keep(book, 1, (1, report)) == {} and _keep(book, 1, (1, report)) == {}
