@@ -112,6 +112,7 @@ def test_a_failing_site_fails_the_run_with_its_reason(tmp_path: Path) -> None:
     assert not (tmp_path / "failing" / "summary.json").exists()
     # A failed run still records what its sites spent: here nothing (no site could keep a ledger).
     assert json.loads((tmp_path / "failing" / "privacy.json").read_text())["sites"] == []
+    assert "privacy spent before the failure: no site reported a spend" in done.stdout
     assert _flower_processes() <= before
 
 

@@ -108,6 +108,11 @@ def simulate(
         tail = outcome.log_file.read_text(errors="replace").splitlines()[-30:] if outcome.log_file.is_file() else []
         console.print("\n".join(tail), markup=False, highlight=False)
         console.print(f"full log: {outcome.log_file}")
+        spent = outcome.run_dir / "privacy.json"
+        if spent.is_file():  # what the sites spent before the failure is on record: say so
+            sites = json.loads(spent.read_text()).get("sites", [])
+            spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in sites) or "no site reported a spend"
+            console.print(f"privacy spent before the failure: {spends} (in {spent})", markup=False, highlight=False)
         raise typer.Exit(1)
     _print_summary(outcome.run_dir)
 

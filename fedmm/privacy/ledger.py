@@ -168,7 +168,7 @@ class PrivacyLedger:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise PrivacyError(f"cannot create the privacy ledger's folder {path.parent} ({err}). Fix: point the site's state directory at a writable folder") from err
-        lock = LedgerLock(path)
+        lock = LedgerLock(path, wait=2.0)  # making a ledger is one operator's act: another holder is not waited for long
         try:
             if path.exists():
                 raise PrivacyError(f"a privacy ledger already exists at {path}; it is never replaced while it is there. Fix: keep using it")
