@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -189,6 +190,8 @@ class RunConfig:
                 f"updates a round, and there are sites={self.sites}", value=self.malicious_sites,
                 fix=f"use sites >= {least}, or lower malicious-sites",
             )
+        if self.run_name and (not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_name) or self.run_name in (".", "..")):
+            raise ConfigError("run-name", "must be a plain name (letters, digits, '.', '_', '-'): it names the run's folder", value=self.run_name, fix="e.g. run-name='hospital-study-1'")
         if self.resume and not self.run_name:
             raise ConfigError("resume", "needs the run to continue: set run-name too", value=True, fix="e.g. resume=true run-name='hospital-study-1'")
         if not (math.isfinite(self.site_min_noise_multiplier) and self.site_min_noise_multiplier >= 0):

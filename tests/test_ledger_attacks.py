@@ -112,7 +112,7 @@ def test_a_ledger_lost_for_good_is_replaced_only_with_its_spend_carried_over(tmp
 def test_one_process_per_ledger_and_the_other_is_named(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     with PrivacyLedger.create(path, site="george"):
-        with pytest.raises(PrivacyError, match=rf"in use by another process \(pid {os.getpid()} .*only one process may check a site's budget"):
+        with pytest.raises(PrivacyError, match=rf"in use by another process \(pid {os.getpid()},.*only one process may check a site's budget"):
             PrivacyLedger.open(path, site="george", wait=0.2)
         with pytest.raises(PrivacyError, match="in use by another process"):  # not sqlite's "database is locked"
             PrivacyLedger.create(tmp_path / "ledger.sqlite", site="george")
@@ -210,3 +210,28 @@ def test_the_ledger_head_the_server_sees_cannot_be_matched_against_candidate_dat
         key = ledger.data_key
     assert entry.data == data_digest(trained_on, key) != data_digest(trained_on, b"another site's key")
     assert len(key) == 32
+
+
+def test_a_site_does_not_spend_on_top_of_a_ledger_that_lost_entries(tmp_path: Path) -> None:
+    """Review finding: with every entry deleted, open() saw no history and the next append rewrote the anchor."""
+    path = tmp_path / "george" / "ledger.sqlite"
+    _spent_ledger(path)
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM entries")
+    db.commit()
+    db.close()
+
+    with pytest.raises(PrivacyError, match="does not verify .*newest entries removed.*refuses to train on it"):
+        PrivacyLedger.open(path, site="george")
+
+
+def test_a_node_with_its_own_policy_is_never_taken_for_a_simulated_site(tmp_path: Path) -> None:
+    """Review finding: partition-id in a deployed node's config gave it the server's policy; run ids named folders."""
+    from fedmm.errors import ConfigError
+    from fedmm.privacy.policy import site_policy
+
+    node = {"partition-id": 0, "epsilon-budget": 3.0, "site": "george"}  # a hand-started SuperNode, Flower's usual config
+    with pytest.raises(ConfigError, match="state-dir.*is required"):
+        site_policy(node, CFG, site="george", run_id="r1")
+    with pytest.raises(ConfigError, match="run id.*plain name"):
+        site_policy({"partition-id": 0}, CFG, site="george", run_id="../../../tmp/evil")

@@ -94,7 +94,7 @@ def test_a_falling_epsilon_or_steps_the_plan_does_not_give_are_refused() -> None
     _keep(book, 1, (1, _report("george", seq=1, steps=4, epsilon=7.5)))
 
     falling = _keep(book, 2, (1, _report("george", seq=2, steps=8, epsilon=0.01)))
-    skipped = _keep(book, 3, (1, _report("george", seq=3, steps=100, epsilon=9.0)))
+    skipped = _keep(book, 3, (1, _report("george", seq=2, steps=100, epsilon=9.0)))  # one entry, 96 steps: not one round
 
     assert "a spent epsilon never falls" in falling[1]
     assert "the plan gives 4 a round" in skipped[1]
@@ -115,3 +115,22 @@ def test_the_same_report_read_twice_is_not_a_lie() -> None:
     report = _report("george", seq=1, steps=4)
 
     assert _keep(book, 1, (1, report)) == {} and _keep(book, 1, (1, report)) == {}
+
+
+def test_a_malformed_or_weaker_report_is_refused_not_a_crash() -> None:
+    """Review finding: noise 0 raised PrivacyError out of the loop, so later sites' reports went unrecorded."""
+    book = _book()
+    no_noise = {**_report("george", seq=1, steps=4), protocol.NOISE_MULTIPLIER: 0.0}
+    weak_delta = {**_report("jackson", seq=1, steps=4), protocol.DELTA: 0.5}
+
+    refused = _keep(book, 1, (1, no_noise), (2, weak_delta), (3, _report("lucas", seq=1, steps=4)))
+
+    assert set(refused) == {1, 2} and "weaker than the run's target-delta" in refused[2]
+    assert set(book.site_privacy) == {"lucas"}
+
+
+def test_a_site_that_spent_in_another_federation_between_rounds_is_not_called_a_liar() -> None:
+    book = _book()
+    _keep(book, 1, (1, _report("george", seq=1, steps=4)))
+
+    assert _keep(book, 2, (1, _report("george", seq=4, steps=4 + 4 + 30))) == {}  # two entries of another study in between

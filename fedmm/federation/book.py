@@ -291,12 +291,13 @@ class FederationBook:
         for node, record in reports:
             try:
                 report = SitePrivacy.from_mapping(record, node=node)
-            except FederationError as problem:
-                problems.append(problem)
+            except (FederationError, PrivacyError, ValueError, ArithmeticError) as problem:
+                problems.append(problem if isinstance(problem, FederationError) else FederationError(f"node {node}: privacy report refused ({problem})"))
                 continue
             try:
                 report = self.vouch(server_round, node, report, record.get(protocol.PROOF))
-            except FederationError as lie:
+            except (FederationError, PrivacyError, ValueError, ArithmeticError) as error:
+                lie = error if isinstance(error, FederationError) else FederationError(f"node {node}: privacy report refused ({error})")
                 # A borrowed name, a ledger or epsilon going back, steps the plan does not give: not recorded under
                 # that name; the update is left out where the path allows it (plain), else the run stops (SecAgg+).
                 if on_refused is None:
@@ -319,6 +320,11 @@ class FederationBook:
             return report
         if self.enrolled is not None:
             self.enrolled.verify(proof, run_id=self.run_id, server_round=server_round, node=node, site=report.site)
+        if not 0 < report.delta <= self.accounts.delta * (1 + 1e-9):
+            raise FederationError(
+                f"site {report.site!r} states its epsilon at delta {report.delta:g}, weaker than the run's target-delta "
+                f"{self.accounts.delta:g}; refused (epsilons at different deltas cannot be compared)"
+            )
         self.accounts.observe(
             node=node, site=report.site, seq=report.ledger_seq, epsilon=report.epsilon, noise_multiplier=report.noise_multiplier,
             sample_rate=report.sample_rate, steps=report.steps,

@@ -78,18 +78,20 @@ class SiteAccount:
                 raise FederationError(f"site {site!r} reported ledger entry {seq} after entry {seen.seq}; a ledger only grows, so the report is refused")
             if epsilon < seen.epsilon:
                 raise FederationError(f"site {site!r} reported epsilon {epsilon:.6g} after {seen.epsilon:.6g}; a spent epsilon never falls, so the report is refused")
-        if not 0 < sample_rate <= 1 or noise_multiplier < 0:
+        if not (0 < sample_rate <= 1 and 1 / sample_rate < 1e9 and 0 < noise_multiplier < 1e6):
             raise FederationError(f"site {site!r} reported a mechanism outside DP-SGD's range (noise multiplier {noise_multiplier}, sample rate {sample_rate}); refused")
         round_steps = self.local_epochs * int(1 / sample_rate)  # what the plan gives a round (Opacus' Poisson loader)
-        # Rounds since the last report: one, or more when a reply was lost (the ledger holds those spends too).
-        rounds = (seq - seen.seq) if seen is not None and seq is not None and seen.seq is not None else 1
-        if seen is not None and steps - seen.steps != rounds * round_steps:
+        # One ledger entry since the last report: exactly one round of this plan. More (a lost reply, or the site's
+        # spends in another federation in between): at least this round; the server accounts only what it knows.
+        entries = (seq - seen.seq) if seen is not None and seq is not None and seen.seq is not None else 1
+        moved = steps - seen.steps if seen is not None else round_steps
+        if (entries == 1 and moved != round_steps) or moved < round_steps:
             raise FederationError(
-                f"site {site!r}: its step count moved from {seen.steps} to {steps} over {rounds} ledger entr{'y' if rounds == 1 else 'ies'}, "
+                f"site {site!r}: its step count moved from {seen.steps if seen else 0} to {steps} over {entries} ledger entr{'y' if entries == 1 else 'ies'}, "
                 f"the plan gives {round_steps} a round (local-epochs={self.local_epochs}, sample rate {sample_rate:.6g}); the report is refused"
             )
         account = seen.accountant if seen is not None else SiteAccountant(AccountantKind(self.accountant))
-        account.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=rounds * round_steps)
+        account.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=round_steps)
         self._sites[site] = _Seen(node, seq, epsilon, steps, account)
         self._nodes[node] = site
 

@@ -216,6 +216,13 @@ class PrivacyLedger:
         if site is not None and ledger.site != site:
             ledger.close()
             raise PrivacyError(f"ledger {path} belongs to site {ledger.site!r}, not {site!r}. Fix: give each site its own state directory")
+        verdict = ledger.verify()
+        if not verdict.ok:  # never spend on top of a ledger that lost or changed entries: its budget check would be wrong
+            ledger.close()
+            raise PrivacyError(
+                f"the privacy ledger {path} does not verify ({'; '.join(verdict.problems[:3])}); the site refuses to train on it. "
+                "Fix: restore the ledger and its .head anchor from a backup (fedmm audit shows what is wrong)"
+            )
         ledger._prepare_for_writing()
         return ledger
 

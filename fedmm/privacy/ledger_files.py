@@ -67,7 +67,7 @@ class LedgerLock:
     def _holder(self) -> str:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-            return f"pid {data['pid']} on {data['host']}, user {data['user']}, since {data['since']}: {data['command']}"
+            return f"pid {data['pid']}, since {data['since']}; its host, user and command are in {self.path.name}"
         except (OSError, ValueError, KeyError, TypeError):
             return "a process that did not say who it is"
 

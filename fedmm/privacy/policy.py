@@ -19,6 +19,7 @@ names a lasting directory, where spends then compose across runs).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from fedmm.errors import ConfigError
 __all__ = ["SitePolicy", "site_policy", "parse_site_budgets", "DEFAULT_MIN_NOISE"]
 
 DEFAULT_MIN_NOISE = 0.5
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,10 @@ def parse_site_budgets(spec: str, default: float) -> dict[str, float]:
 
 def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str, run_id: str) -> SitePolicy:
     """This site's policy: from its node config in a deployment, from the run config in a simulation."""
-    if protocol.NODE_PARTITION_ID in node_config and protocol.NODE_STATE_DIR not in node_config:
+    if not _PLAIN_NAME.fullmatch(run_id) or run_id in (".", ".."):
+        raise ConfigError("run id", "must be a plain name (letters, digits, '.', '_', '-'): it names a folder", value=run_id, fix="use fedmm's ServerApp and a plain run-name")
+    deployed = any(k in node_config for k in (protocol.NODE_STATE_DIR, protocol.NODE_DATA, protocol.NODE_KEY, protocol.NODE_EPSILON_BUDGET))
+    if protocol.NODE_PARTITION_ID in node_config and not deployed:
         budgets = parse_site_budgets(cfg.site_budgets, cfg.target_epsilon)
         root = Path(cfg.site_state_dir).expanduser() if cfg.site_state_dir else Path(cfg.runs_dir).expanduser() / run_id / "sites"
         return SitePolicy(
