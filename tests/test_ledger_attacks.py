@@ -235,3 +235,21 @@ def test_a_node_with_its_own_policy_is_never_taken_for_a_simulated_site(tmp_path
         site_policy(node, CFG, site="george", run_id="r1")
     with pytest.raises(ConfigError, match="run id.*plain name"):
         site_policy({"partition-id": 0}, CFG, site="george", run_id="../../../tmp/evil")
+
+
+def test_the_carried_spend_of_a_lost_ledger_cannot_be_deleted_quietly(tmp_path: Path) -> None:
+    """Review finding: the carried spend lived in unhashed meta; removing it regained the lost budget."""
+    state = tmp_path / "george"
+    _spent_ledger(state / "ledger.sqlite")
+    (state / "ledger.sqlite").unlink()
+    assert _cli("ledger", "init", str(state), "--site", "george", "--replace-lost", "--carried-epsilon", "5",
+                "--carried-delta", "1e-5", "--reason", "disk failure")[0] == 0
+    db = sqlite3.connect(state / "ledger.sqlite")
+    db.execute("DELETE FROM meta WHERE key LIKE 'carried_%'")
+    db.commit()
+    db.close()
+
+    with pytest.raises(PrivacyError, match="the carried spend was changed or removed"):
+        PrivacyLedger.open(state / "ledger.sqlite", site="george")
+    code, output = _cli("audit", str(state))
+    assert code == 1 and "carried spend was changed or removed" in output

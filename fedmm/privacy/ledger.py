@@ -49,7 +49,7 @@ from pathlib import Path
 
 from fedmm.errors import PrivacyError
 from fedmm.privacy.accounting import PrivacyEvent
-from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, write_anchor
+from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, read_log, write_anchor
 
 __all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "find_ledgers"]
 
@@ -339,6 +339,14 @@ class PrivacyLedger:
             if entry.epsilon < last_epsilon:
                 problems.append(f"entry {entry.seq}: cumulative epsilon falls from {last_epsilon} to {entry.epsilon}")
             prev, last_epsilon = entry.hash, entry.epsilon
+        replaced = [e for e in read_log(_log_path(self.path)) if e.get("event") == "replaced-lost"]
+        if replaced:  # the carried spend sits outside the chain: the log that recorded it must agree
+            logged, carried = replaced[-1], self.carried
+            if carried is None or carried.epsilon != logged.get("carried_epsilon") or carried.delta != logged.get("carried_delta"):
+                problems.append(
+                    f"the log records a lost ledger's spend carried over (epsilon {logged.get('carried_epsilon')}, delta "
+                    f"{logged.get('carried_delta')}), the ledger holds {carried.epsilon if carried else 'none'}: the carried spend was changed or removed"
+                )
         if check_anchor:
             seq, digest = read_anchor(self.head_path) or (-1, GENESIS)
             stored = {e.seq: e.hash for e in entries}

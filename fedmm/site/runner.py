@@ -67,9 +67,9 @@ def run_round(req: RoundRequest) -> RoundResponse:
     # A deployed site signs its claim to its name with its enrolled key; the server checks it (fedmm.secure.identity).
     key = req.node_config.get(protocol.NODE_KEY)
     proof = sign_claim(str(key), run_id=run_id, server_round=server_round, node=req.node_id, site=site) if key else ""
+    global_t = {k: torch.from_numpy(np.array(v)) for k, v in req.global_weights.items()}
     # Locked for this process from the budget check through the append; a missing ledger is an error, not a fresh start.
     ledger = PrivacyLedger.open(policy.ledger_path, site=site, create_if_new=policy.fresh_state) if cfg.dp else None
-    global_t = {k: torch.from_numpy(np.array(v)) for k, v in req.global_weights.items()}
     try:
         update = train_round(
             cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
