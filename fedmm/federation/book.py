@@ -320,13 +320,8 @@ class FederationBook:
             return report
         if self.enrolled is not None:
             self.enrolled.verify(proof, run_id=self.run_id, server_round=server_round, node=node, site=report.site)
-        if not 0 < report.delta <= self.accounts.delta * (1 + 1e-9):
-            raise FederationError(
-                f"site {report.site!r} states its epsilon at delta {report.delta:g}, weaker than the run's target-delta "
-                f"{self.accounts.delta:g}; refused (epsilons at different deltas cannot be compared)"
-            )
         self.accounts.observe(
-            node=node, site=report.site, seq=report.ledger_seq, epsilon=report.epsilon, noise_multiplier=report.noise_multiplier,
+            node=node, site=report.site, seq=report.ledger_seq, epsilon=report.epsilon, delta=report.delta, noise_multiplier=report.noise_multiplier,
             sample_rate=report.sample_rate, steps=report.steps,
         )
         ours = self.accounts.server_epsilon(report.site, report.delta)

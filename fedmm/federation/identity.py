@@ -56,6 +56,7 @@ class SiteAccount:
 
     def observe(
         self, *, node: int, site: str, seq: int | None, epsilon: float, noise_multiplier: float, sample_rate: float, steps: int,
+        delta: float | None = None,
     ) -> None:
         """Check one report against what the server knows and account it.
 
@@ -65,6 +66,11 @@ class SiteAccount:
             For a borrowed name, a node that changes its name, a ledger or epsilon that goes
             back, or a step count that does not match the plan.
         """
+        if delta is not None and not 0 < delta <= self.delta * (1 + 1e-9):
+            raise FederationError(
+                f"site {site!r} states its epsilon at delta {delta:g}, weaker than the run's target-delta {self.delta:g}; "
+                "refused (epsilons at different deltas cannot be compared)"
+            )
         held = self._nodes.get(node)
         if held is not None and held != site:
             raise FederationError(f"node {node} reported as site {site!r} after reporting as {held!r}; refused (a site's name does not change)")
