@@ -45,9 +45,14 @@ SECTIONS = {
 }
 
 
-def key(default: Any, help: str, *, range: str = "") -> Any:
-    """A run-config key: its default, its help text (the only copy) and the range it is checked against."""
-    return dataclasses.field(default=default, metadata={"help": help, "range": range})
+def key(default: Any, help: str, *, range: str = "", bounds: tuple[int, int] | None = None) -> Any:
+    """A run-config key: its default, its help text (the only copy) and the range it is checked against.
+
+    ``bounds`` (smallest, largest) are checked for every run (:meth:`RunConfig._check_sizes`) and
+    written as the range; other ranges are checked in ``__post_init__`` and stated in ``range``.
+    """
+    metadata = {"help": help, "range": f"[{bounds[0]}, {bounds[1]}]" if bounds else range, "bounds": bounds}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class AccountantKind(StrEnum):
@@ -76,15 +81,15 @@ class RunConfig:
     the model registry) is checked when :class:`fedmm.plan.RunPlan` builds the run.
     """
 
-    rounds: int = key(20, "federated rounds", range="[1, 100000]")
+    rounds: int = key(20, "federated rounds", bounds=(1, 100000))
     sites: int = key(6, "number of sites; AV-MNIST has six speakers", range=">= 1")
     data: str = key("avmnist", "the data source: `avmnist[:ROOT]`, `basicmotions[:ROOT]`, `manifest:PATH`, `synthetic[:N]` (docs/data.md)")
     model: str = key(AUTO, "the fusion: `concat` (auto), `gated`, `attention`, `late`, `embedding`, or one you registered (docs/models.md)")
-    local_epochs: int = key(1, "local epochs per round", range="[1, 1000]")
-    batch_size: int = key(64, "expected batch size; with Poisson sampling the sample rate is 1 / ceil(n / batch-size)", range="[1, 1000000]")
+    local_epochs: int = key(1, "local epochs per round", bounds=(1, 1000))
+    batch_size: int = key(64, "expected batch size; with Poisson sampling the sample rate is 1 / ceil(n / batch-size)", bounds=(1, 1000000))
     learning_rate: float | None = key(None, "SGD learning rate; `auto`: the fusion's tuned rate (0.5 with linear encoders over fixed features, 0.2 with CNN, GRU or transformer encoders)", range="(0, 100] or auto")
     momentum: float = key(0.0, "SGD momentum at the sites", range="[0, 1)")
-    seed: int = key(0, "seed of the model initialisation, the partition and augmentation (DP sampling and noise use OS randomness)", range="[0, 2^32 - 1]")
+    seed: int = key(0, "seed of the model initialisation, the partition and augmentation (DP sampling and noise use OS randomness)", bounds=(0, 2**32 - 1))
     runs_dir: str = key("runs", "folder that holds the run folders")
     run_name: str = key("", "the run's folder name; empty: a new id from the time and Flower's run id")
     resume: bool = key(False, "continue `run-name` from its last checkpoint (after a server crash or restart)")
@@ -119,16 +124,16 @@ class RunConfig:
     lenient: bool = key(False, "skip bad samples (counted per reason) instead of stopping at the first")
     classes: str = key("", "comma-separated class names; empty: the sorted labels found in the data")
     test_fraction: float = key(0.2, "manifests without a `split` column: share of rows held out for the server", range="[0, 1)")
-    image_size: int = key(28, "images are resized to this square size", range="[4, 1024]")
+    image_size: int = key(28, "images are resized to this square size", bounds=(4, 1024))
     image_mode: str = key("L", "`L` (grayscale) or `RGB`")
-    audio_rate: int = key(8000, "expected audio sample rate (Hz)", range="[1000, 192000]")
+    audio_rate: int = key(8000, "expected audio sample rate (Hz)", bounds=(1000, 192000))
     audio_seconds: float = key(1.0, "audio clip length: clips are padded or cut to it", range="(0, 60]")
     audio_resample: bool = key(False, "resample other rates instead of refusing them")
     audio_features: str = key("log-mel", "`log-mel` (32 bands) or `mfcc` (20)")
-    text_length: int = key(32, "tokens per text", range="[1, 4096]")
-    text_buckets: int = key(4096, "size of the hashed token space", range="[16, 2^22]")
+    text_length: int = key(32, "tokens per text", bounds=(1, 4096))
+    text_buckets: int = key(4096, "size of the hashed token space", bounds=(16, 2**22))
     text_features: str = key("hashed", "`hashed` token ids, or `minilm`: frozen all-MiniLM-L6-v2 sentence embeddings (the `text` extra)")
-    sensor_length: int = key(100, "sensor series are padded or trimmed to this many steps", range="[1, 100000]")
+    sensor_length: int = key(100, "sensor series are padded or trimmed to this many steps", bounds=(1, 100000))
     augment: str = key("", "training-time augmentation, e.g. `image:shift+rotate,audio:specaugment` (docs/data.md)")
     partitioner: str = key(AUTO, "`auto` (natural if the source has sites, else iid), `natural`, `iid`, `dirichlet`, `pathological`, `linear`, `exponential`; the one used is in federation.json")
     partition_by: str = key("", "the group column a natural partition splits by (`speaker`, `site`, `meta:subject`, ...); empty: the source's")
@@ -396,25 +401,14 @@ def _positive(key: str, value: float, fix: str) -> None:
         raise ConfigError(key, "must be > 0", value=value, fix=fix)
 
 
-_SIZES: tuple[tuple[str, float, float, str], ...] = (
-    # key, smallest, largest, example: values beyond these crash a run (memory, numpy's seed) or mean a typo
-    ("seed", 0, 2**32 - 1, "seed=0"),
-    ("rounds", 1, 100_000, "rounds=20"),
-    ("local-epochs", 1, 1000, "local-epochs=1"),
-    ("batch-size", 1, 1_000_000, "batch-size=64"),
-    ("image-size", 4, 1024, "image-size=28"),
-    ("audio-rate", 1000, 192_000, "audio-rate=8000"),
-    ("text-length", 1, 4096, "text-length=32"),
-    ("text-buckets", 16, 2**22, "text-buckets=4096"),
-    ("sensor-length", 1, 100_000, "sensor-length=100"),
-)
-
-
 def _check_sizes_of(cfg: RunConfig) -> None:
-    for name, low, high, example in _SIZES:
-        value = getattr(cfg, name.replace("-", "_"))
-        if not low <= value <= high:
-            raise ConfigError(name, f"must be in [{low}, {high}]", value=value, fix=f"e.g. {example}")
+    # Sizes beyond these crash a run (memory, numpy's seed) or mean a typo; the bounds are declared with each key.
+    for field in dataclasses.fields(cfg):
+        if field.metadata.get("bounds"):
+            low, high = field.metadata["bounds"]
+            value, name = getattr(cfg, field.name), field.name.replace("_", "-")
+            if not low <= value <= high:
+                raise ConfigError(name, f"must be in [{low}, {high}]", value=value, fix=f"e.g. {name}={field.default}")
     if cfg.learning_rate is not None and not (math.isfinite(cfg.learning_rate) and 0 < cfg.learning_rate <= 100):
         raise ConfigError("learning-rate", "must be in (0, 100] or 'auto'", value=cfg.learning_rate, fix="e.g. learning-rate=0.5, or 'auto'")
     if not (math.isfinite(cfg.audio_seconds) and 0 < cfg.audio_seconds <= 60):

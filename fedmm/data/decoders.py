@@ -52,9 +52,10 @@ def load_image(path: Path, prep: Preprocessing) -> np.ndarray:
         raise file_error(path, f"image-size={prep.image_size} is beyond {checks.MAX_IMAGE_SIZE}", reason=SkipReason.TOO_LARGE, fix="set image-size <= 1024")
     undecodable = dict(reason=SkipReason.UNDECODABLE_IMAGE, fix="replace the corrupt file, or remove its row")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns from 89 MP; fedmm refuses from MAX_IMAGE_PIXELS (lower) below, by the header's size
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(record=True) as bombs:
+            # Pillow warns from 89 MP, above fedmm's own limit: the warning is recorded (not hidden), and such an
+            # image is refused just below with its size, by MAX_IMAGE_PIXELS.
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
             img = Image.open(path)
     except Image.DecompressionBombError as err:
         raise file_error(path, "is an image beyond Pillow's decompression-bomb limit", reason=SkipReason.TOO_LARGE,
@@ -65,7 +66,7 @@ def load_image(path: Path, prep: Preprocessing) -> np.ndarray:
         raise file_error(path, "cannot be decoded as an image (PNG, JPEG, ...)", cause=err, **undecodable) from None
     with img:
         width, height = img.size
-        if width * height > checks.MAX_IMAGE_PIXELS:
+        if width * height > checks.MAX_IMAGE_PIXELS or any(issubclass(w.category, Image.DecompressionBombWarning) for w in bombs):
             raise file_error(
                 path, f"is {width}x{height} pixels ({width * height / 1e6:.0f} MP), beyond the limit of {checks.MAX_IMAGE_PIXELS / 1e6:.0f} MP",
                 reason=SkipReason.TOO_LARGE, fix=_IMAGE_SIZE_FIX,
