@@ -32,6 +32,7 @@ from typing import Any
 
 from fedmm.config import RunConfig
 from fedmm.data.augment import parse_augment
+from fedmm.data.normalise import SensorNorm
 from fedmm.data.partition import FederationPlan
 from fedmm.data.preprocess import Preprocessing
 from fedmm.data.schema import ModalityKind, Schema
@@ -67,6 +68,7 @@ class RunPlan:
         fedmm.errors.ConfigError
             Naming the key, the value and the fix, for anything a part refuses.
         """
+        SensorNorm.parse(cfg.sensor_norm).check(dp=cfg.dp)
         return cls(
             config=cfg,
             preprocessing=Preprocessing.from_config(cfg),
@@ -86,17 +88,37 @@ class RunPlan:
         """The sites' SGD learning rate: ``learning-rate``, or the model's tuned rate for ``auto``."""
         if self.config.learning_rate is not None:
             return self.config.learning_rate
-        return self.model.learning_rate(schema)
+        return self.model.learning_rate(schema, dp=self.config.dp)
 
-    def resolved(self, *, schema: Schema | None = None, partitioner: str | None = None) -> RunConfig:
+    def momentum(self, schema: Schema) -> float:
+        """The sites' SGD momentum: ``momentum``, or the model's for ``auto`` (0.9 without DP and deep encoders, else 0)."""
+        if self.config.momentum is not None:
+            return self.config.momentum
+        return self.model.momentum(schema, dp=self.config.dp)
+
+    def with_sites(self, sites: int) -> RunPlan:
+        """This plan with ``sites`` set (``sites=auto`` resolved from the data); checked again."""
+        return self if self.config.sites == sites else RunPlan.from_config(self.config.replace(sites=sites))
+
+    def resolved(self, *, schema: Schema | None = None, partitioner: str | None = None, sites: int | None = None) -> RunConfig:
         """The configuration with every ``auto`` this plan can decide replaced by its value.
 
-        ``schema`` (the model's input schema) decides ``learning-rate=auto``;
-        ``partitioner`` is the one the federation used (``Federation.partitioner``).
+        ``schema`` (the model's input schema) decides ``learning-rate=auto`` and
+        ``sensor-length=auto``; ``partitioner`` is the one the federation used
+        (``Federation.partitioner``) and ``sites`` its number of sites.
         """
-        changes: dict[str, Any] = {"model": self.model.fusion, "image_encoder": self.model.options.image_encoder}
+        changes: dict[str, Any] = {
+            "model": self.model.fusion, "image_encoder": self.model.options.image_encoder,
+            "sensor_norm": SensorNorm.parse(self.config.sensor_norm).text,
+        }
         if schema is not None:
             changes["learning_rate"] = self.learning_rate(schema)
+            changes["momentum"] = self.momentum(schema)
+            lengths = {m.shape[-1] for m in schema.modalities if m.kind is ModalityKind.SENSOR}
+            if self.config.sensor_length is None and len(lengths) == 1:
+                changes["sensor_length"] = lengths.pop()
         if partitioner is not None:
             changes["partitioner"] = partitioner
+        if sites is not None:
+            changes["sites"] = sites
         return self.config.replace(**changes)

@@ -290,10 +290,10 @@ def test_a_long_sensor_file_is_read_only_as_far_as_needed(tmp_path: Path) -> Non
     np.save(tmp_path / "fortran.npy", np.asfortranarray(series[:, :200]))
     np.save(tmp_path / "flat.npy", np.arange(300, dtype=np.int16))
 
-    out = load_sensor(tmp_path / "long.npy", _prep(), channels=2)
+    out = load_sensor(tmp_path / "long.npy", _prep(sensor_length=100), channels=2)
     assert out.shape == (2, 100) and np.array_equal(out, series[:, :100])
-    assert np.array_equal(load_sensor(tmp_path / "fortran.npy", _prep(), channels=2), series[:, :100])
-    assert np.array_equal(load_sensor(tmp_path / "flat.npy", _prep(), channels=None)[0], np.arange(100))
+    assert np.array_equal(load_sensor(tmp_path / "fortran.npy", _prep(sensor_length=100), channels=2), series[:, :100])
+    assert np.array_equal(load_sensor(tmp_path / "flat.npy", _prep(sensor_length=100), channels=None)[0], np.arange(100))
 
 
 def test_audio_limits_rate_ratio_channels_and_duration(tmp_path: Path) -> None:

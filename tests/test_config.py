@@ -79,7 +79,7 @@ def test_every_preset_is_a_valid_run_config() -> None:
     ("settings", "key"),
     [
         ({"secagg-shares": 2.5}, "secagg-shares"),
-        ({"secagg-shares": 12.0}, "secagg-shares"),
+        ({"secagg-shares": 12.0, "sites": 6}, "secagg-shares"),
         ({"secagg-shares": 5.0, "secagg-threshold": 5.0}, "secagg-threshold"),
         ({"secagg-threshold": 0.0}, "secagg-threshold"),
         ({"secagg-clip-range": -1.0}, "secagg-clip-range"),

@@ -24,9 +24,10 @@ from flwr.clientapp import ClientApp
 from clients.app import app as honest_app
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.data.preprocess import standardise_site
+from fedmm.data.normalise import normalise
 from fedmm.data.sources import load_source
-from fedmm.federation.strategy import FedMMAvg, make_central_evaluation
+from fedmm.federation.central import make_central_evaluation
+from fedmm.federation.strategy import FedMMAvg
 from fedmm.models import layout_fingerprint
 from fedmm.plan import RunPlan
 from fedmm.runtime.local import LocalGrid
@@ -78,7 +79,7 @@ def _federation(tmp_path: Path, rounds: int, *, dishonest: bool, attacks: list[A
     plan = RunPlan.from_config(cfg)
     recipe = plan.model
     source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
-    test = standardise_site(source.require_test(), site_statistics=not cfg.dp)
+    test = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp)
     schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
     initial = recipe.build(schema, seed=cfg.seed).state_dict()
     strategy = FedMMAvg.from_plan(plan, initial=initial, layout=layout_fingerprint(initial), learning_rate=plan.learning_rate(schema))

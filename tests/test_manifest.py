@@ -256,9 +256,10 @@ def test_extreme_but_float32_values_give_finite_features(site_folder: Path) -> N
     ds = load_manifest(path, PREP)
     assert ds.features["audio"].dtype == np.float32 and np.isfinite(ds.features["audio"]).all()
     assert ds.features["tabular"][2, 0] == np.float32(3e38)
-    _, data = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes", dp=False))
+    _, data = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes", dp=False, sensor_norm="window-stats"))
     assert all(np.isfinite(v).all() for v in data.features.values())  # standardised in float64
-    assert np.allclose(data.features["sensor"][1], data.features["sensor"][0], atol=1e-4)  # the same series, scaled
+    # the same series, scaled: the same shape after window standardisation (window-stats' first 3 of 9 channels)
+    assert np.allclose(data.features["sensor"][1][:3], data.features["sensor"][0][:3], atol=1e-4)
 
 
 def test_an_empty_modality_column_and_an_unknown_column_are_refused(site_folder: Path) -> None:
@@ -305,8 +306,10 @@ def test_a_site_pointed_at_its_manifest_trains(site_folder: Path) -> None:
 
     assert name == "clinic-a" and update.num_examples == 18
     assert update.privacy is not None and 0 < update.privacy.epsilon <= cfg.target_epsilon
-    # standardised with the site's own statistics
-    assert abs(float(data.features["sensor"].mean())) < 1e-4
+    # sensor-norm=auto (none): the series as read
+    raw = load_manifest(path, PREP)
+    index = {sample_id: i for i, sample_id in enumerate(raw.ids)}
+    assert np.array_equal(data.features["sensor"], raw.features["sensor"][[index[i] for i in data.ids]])
 
 
 def test_a_site_whose_data_differs_from_the_model_is_refused(site_folder: Path) -> None:
@@ -325,9 +328,23 @@ def test_sensor_loader_pads_and_trims(tmp_path: Path) -> None:
     np.save(tmp_path / "long.npy", np.ones((2, 150), np.float32))
     np.save(tmp_path / "short.npy", np.ones((2, 50), np.float32))
 
-    assert load_sensor(tmp_path / "long.npy", PREP, channels=2).shape == (2, 100)
-    short = load_sensor(tmp_path / "short.npy", PREP, channels=None)
+    fixed = Preprocessing(sensor_length=100)
+    assert load_sensor(tmp_path / "long.npy", fixed, channels=2).shape == (2, 100)
+    short = load_sensor(tmp_path / "short.npy", fixed, channels=None)
     assert short.shape == (2, 100) and (short[:, 50:] == 0).all()
+    assert load_sensor(tmp_path / "long.npy", PREP, channels=2).shape == (2, 150)  # sensor-length=auto: the file's own
+
+
+def test_sensor_length_auto_is_the_longest_series_and_a_cut_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    np.save(tmp_path / "a.npy", np.ones((2, 128), np.float32))
+    np.save(tmp_path / "b.npy", np.ones((2, 90), np.float32))
+    (tmp_path / "m.csv").write_text("sensor,label\na.npy,x\nb.npy,y\n")
+    auto = load_manifest(tmp_path / "m.csv", PREP)
+    assert auto.schema.modality("sensor").shape == (2, 128)
+    with caplog.at_level("WARNING"):
+        cut = load_manifest(tmp_path / "m.csv", Preprocessing(sensor_length=100))
+    assert cut.schema.modality("sensor").shape == (2, 100)
+    assert "1 of 2 series of column 'sensor' are longer than sensor-length=100" in caplog.text and "sensor-length=128" in caplog.text
 
 
 def test_image_modes_decode_real_rgb_pngs(tmp_path: Path) -> None:
@@ -401,10 +418,10 @@ def test_nothing_held_out_is_a_config_error_for_the_server(site_folder: Path) ->
 
 def test_tabular_features_use_no_site_statistics_under_dp(site_folder: Path) -> None:
     path = _write(site_folder, _rows(site_folder))
-    _, private = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes"))
+    _, private = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes", sensor_norm="window-stats"))
     _, plain = site_data({"site": "a", "data": f"manifest:{path}"}, RunConfig(data=f"manifest:{path}", classes="no,yes", dp=False))
 
     assert private.features["tabular"][:, 0].tolist() == [30, 31, 32, 33, 34, 35]  # as written
     assert abs(float(plain.features["tabular"].mean())) < 1e-5  # dp=false: the site's own statistics
     series = private.features["sensor"]
-    assert np.allclose(series.mean(axis=2), 0, atol=1e-5)  # each series by its own statistics
+    assert np.allclose(series[:, :3].mean(axis=2), 0, atol=1e-5)  # each series by its own statistics (window-stats)

@@ -112,3 +112,15 @@ def load_federation(run_plan: RunPlan) -> Any:
     if cfg.dp:
         recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, test.schema)
     return federation
+
+
+def federation_usage(federation: Any) -> str:
+    """One line, printed before anything else: records per site, and how many no site holds (and why)."""
+    held = [len(ds) for ds in federation.sites]
+    total = sum(held) + federation.unassigned
+    per_site = ", ".join(f"{name} {n}" for name, n in zip(federation.names, held))
+    line = f"{total} training records: {sum(held)} held by {len(held)} sites ({per_site})"
+    if federation.unassigned:
+        line += (f"; {federation.unassigned} ({federation.unassigned / max(1, total):.0%}) UNUSED: held by no site of the "
+                 f"{federation.partitioner} partition. Fix: sites=auto uses every group")
+    return line

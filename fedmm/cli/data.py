@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fedmm.cli.common import console, data_app, exit_on_error, build_plan, load_federation, load_preset, parse_overrides
+from fedmm.cli.common import console, data_app, exit_on_error, build_plan, federation_usage, load_federation, load_preset, parse_overrides
 from fedmm.config import RunConfig
 
 __all__ = ["data_check", "data_split"]
@@ -131,9 +131,8 @@ def data_split(
     title = f"{cfg.data}: {federation.partitioner} partition into {len(federation.names)} sites (seed {cfg.seed})"
     if summary["synthetic"]:
         title += " - SYNTHETIC data"
+    console.print(federation_usage(federation), markup=False, highlight=False)
     console.print(_counts_table(title, summary["sites"], schema.classes, schema.names))
-    if federation.unassigned:
-        console.print(f"{federation.unassigned} samples of the pool are held by no site ({federation.partitioner} partition)")
     for name, note in zip(federation.names, federation.notes):
         extra = {k: v for k, v in note.items() if k != "transition_matrix"}
         if extra:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, load_federation, load_preset, parse_overrides
+from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, federation_usage, load_federation, load_preset, parse_overrides
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
 
@@ -63,6 +63,10 @@ def plan(
         cfg = RunConfig.from_run_config({**load_preset(preset), **parse_overrides(set_ or [])})
         cfg = cfg.replace(data=absolute_data(cfg.data))
         run_plan = build_plan(cfg)
+        federation = load_federation(run_plan) if cfg.dp or cfg.sites is None else None
+        if federation is not None and cfg.sites is None:  # sites=auto: every natural group
+            run_plan = run_plan.with_sites(len(federation.names))
+            cfg = run_plan.config
         if cfg.client_dp:
             console.print(_client_level_line(cfg))
         if run_plan.client_dp is not None and run_plan.client_dp.share is not None:
@@ -70,7 +74,9 @@ def plan(
         if not cfg.dp:
             console.print("dp=false: no sample-level privacy plan (the sites' records are not protected by DP-SGD)")
             return
-        console.print(plan_table(run_plan, load_federation(run_plan)))
+        assert federation is not None
+        console.print(federation_usage(federation), markup=False, highlight=False)
+        console.print(plan_table(run_plan, federation))
 
 
 def _client_level_line(cfg: RunConfig) -> str:

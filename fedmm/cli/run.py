@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, load_federation, load_preset, parse_overrides
+from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, federation_usage, load_federation, load_preset, parse_overrides
 from fedmm.config import RunConfig
 from fedmm.errors import FedMMError
 from fedmm.federation.artifacts import new_run_id
@@ -75,12 +75,17 @@ def simulate(
         )
         run_plan = build_plan(cfg)
         federation = load_federation(run_plan)  # bad data or a bad split fails here, before Flower starts
+    if cfg.sites is None:  # auto: every group of a natural partition (else the default count)
+        with exit_on_error():
+            run_plan = run_plan.with_sites(len(federation.names))
+            cfg = run_plan.config
     if len(federation.names) != cfg.sites:
         console.print(f"[red]error:[/red] the federation has {len(federation.names)} sites, sites={cfg.sites}. Fix: set sites={len(federation.names)}")
         raise typer.Exit(2)
     if federation.skipped:
         console.print(f"lenient: skipped {federation.skipped} (see `fedmm data check`)")
     console.print(f"fedmm: simulating {cfg.sites} sites x {cfg.rounds} rounds, dp={cfg.dp}, data={cfg.data} (run {cfg.run_name})")
+    console.print(federation_usage(federation), markup=False, highlight=False)
     if cfg.dp:
         with exit_on_error():
             from fedmm.cli.privacy import plan_table  # a sibling module: commands register in help order

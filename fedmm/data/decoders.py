@@ -28,7 +28,7 @@ from fedmm.data import checks
 from fedmm.data.checks import SampleError, SkipReason, check_range, file_error
 from fedmm.data.preprocess import Preprocessing
 
-__all__ = ["load_image", "load_audio", "load_sensor"]
+__all__ = ["load_image", "load_audio", "load_sensor", "npy_header"]
 
 _MISSING_FIX = "check the path (relative to the manifest's folder)"
 
@@ -190,7 +190,7 @@ def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None, set_by
     """
     if not _is_file(path):
         raise file_error(path, "sensor file not found", reason=SkipReason.MISSING_FILE, fix=_MISSING_FIX)
-    shape, dtype = _npy_header(path)
+    shape, dtype = npy_header(path)
     if len(shape) not in (1, 2):
         raise file_error(path, f"holds an array of shape {shape}, expected [channels, time] or [time]", reason=SkipReason.WRONG_SHAPE, fix="save a 1-D or 2-D numeric array")
     if 0 in shape:
@@ -203,7 +203,8 @@ def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None, set_by
         )
     if channels is not None and n_channels != channels:
         raise file_error(path, f"has {n_channels} channels, {set_by} {channels}", reason=SkipReason.WRONG_SHAPE, fix="save every series of this column with the same channels, [channels, time]")
-    n = min(prep.sensor_length, shape[-1])
+    length = prep.sensor_length or min(shape[-1], checks.MAX_SENSOR_LENGTH)  # None (auto): the file's own length
+    n = min(length, shape[-1])
     try:
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)
         part = np.array(mapped[:, :n] if mapped.ndim == 2 else mapped[None, :n])  # a copy: the file is closed after
@@ -217,7 +218,7 @@ def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None, set_by
         raise file_error(path, f"holds {bad} NaN or infinite values", reason=SkipReason.NON_FINITE, fix="impute or drop them before saving, or remove the row")
     if not np.issubdtype(dtype, np.integer):
         check_range(part, path, "values", fix="rescale the series before saving, or remove the row")
-    out = np.zeros((n_channels, prep.sensor_length), dtype=np.float32)
+    out = np.zeros((n_channels, length), dtype=np.float32)
     out[:, :n] = part
     return out
 
@@ -225,7 +226,7 @@ def load_sensor(path: Path, prep: Preprocessing, *, channels: int | None, set_by
 _KINDS = {"b": "boolean", "c": "complex", "U": "text", "S": "bytes", "V": "raw", "M": "datetime", "m": "timedelta"}
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:  # type: ignore[type-arg]
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:  # type: ignore[type-arg]
     """The shape and dtype a ``.npy`` header declares, checked against the file's size (nothing else is read)."""
     fix = "save one numeric array with numpy.save"
     size = path.stat().st_size

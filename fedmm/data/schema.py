@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModalityKind", "Modality", "Schema", "MultimodalDataset", "UNLABELLED"]
+__all__ = ["ModalityKind", "Modality", "Schema", "MultimodalDataset", "UNLABELLED", "STATS_SERIES"]
 
 UNLABELLED = -1  # label of a sample whose label is missing
 
@@ -38,6 +38,9 @@ class ModalityKind(StrEnum):
     TEXT = "text"
     SENSOR = "sensor"
     TABULAR = "tabular"
+
+
+STATS_SERIES = "series+stats"  # a sensor series followed by each window's statistics (sensor-norm=window-stats)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ server's central evaluation.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -84,7 +85,7 @@ def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenie
         root = resolve_root(spec)
         return Source(name, load_pool(root), load_test(root), "speaker")
     if name == "basicmotions":
-        return _basicmotions(location)
+        return _basicmotions(location, prep.sensor_length)
     if name == "manifest":
         if not location:
             raise ConfigError("data", "a manifest source needs a path", value=spec, fix="data='manifest:/path/to/manifest.csv'")
@@ -102,7 +103,7 @@ def _load_source(spec: str, prep: Preprocessing, classes: tuple[str, ...], lenie
     raise ConfigError("data", "unknown data source", value=spec, fix=f"use one of: {', '.join(SOURCE_NAMES)} (e.g. 'manifest:PATH')")
 
 
-def _basicmotions(location: str) -> Source:
+def _basicmotions(location: str, sensor_length: int | None = None) -> Source:
     from fedmm.data.schema import Modality
     from fedmm.data.sensors import BASICMOTIONS_MODALITIES, SensorSeries, load_basicmotions
 
@@ -112,7 +113,13 @@ def _basicmotions(location: str) -> Source:
     train, test = load_basicmotions(root)
     if train.class_names != test.class_names:
         raise DataError(root, f"train and test declare different classes {train.class_names} vs {test.class_names}", fix="use the original files")
-    length = train.values.shape[2]
+    length = sensor_length or train.values.shape[2]  # auto: the files' own length
+    if length != train.values.shape[2]:
+        if length < train.values.shape[2]:
+            logging.getLogger(__name__).warning(
+                "BasicMotions series have %d steps; sensor-length=%d cuts every one. Fix: sensor-length=auto", train.values.shape[2], length,
+            )
+        train, test = (SensorSeries(_fit(s.values, length), s.labels, s.class_names) for s in (train, test))
     schema = Schema(
         tuple(Modality(n, ModalityKind.SENSOR, (s.stop - s.start, length), "series") for n, s in BASICMOTIONS_MODALITIES.items()),
         train.class_names,
@@ -126,6 +133,14 @@ def _basicmotions(location: str) -> Source:
         )
 
     return Source("basicmotions", dataset(train, "train"), dataset(test, "test"), None)
+
+
+def _fit(values: np.ndarray, length: int) -> np.ndarray:
+    """Series ``[N, C, T]`` cut or zero-padded to ``length`` steps."""
+    out = np.zeros((*values.shape[:2], length), np.float32)
+    n = min(length, values.shape[2])
+    out[:, :, :n] = values[:, :, :n]
+    return out
 
 
 def _manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float, roots: tuple[str, ...]) -> Source:

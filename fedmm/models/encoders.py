@@ -10,6 +10,7 @@ Privacy", AAAI 2021), which our tuning on AV-MNIST confirmed.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["ScatteringImageEncoder", "PooledSpectrogramEncoder", "ConvImageEncoder", "HashedTextEncoder", "SensorEncoder", "TabularEncoder"]
@@ -81,19 +82,30 @@ class HashedTextEncoder(nn.Module):
 
 
 class SensorEncoder(nn.Module):
-    """1-D convolutions over a multichannel series ``[N, C, T]``, pooled over time."""
+    """1-D convolutions over a multichannel series ``[N, C, T]``, pooled over time.
 
-    def __init__(self, *, channels: int, out_features: int = 64) -> None:
+    With ``stats`` (``sensor-norm = window-stats``) the input is ``[N, C + stats, T]``: the
+    first ``C`` channels the standardised shape, the rest each window's per-channel mean
+    and deviation (constant over time). Those skip the convolutions, whose group norms would
+    wash them out, and join the pooled features before the last layer.
+    """
+
+    def __init__(self, *, channels: int, out_features: int = 64, stats: int = 0) -> None:
         super().__init__()
         self.out_features = out_features
-        self.net = nn.Sequential(
+        self.channels, self.stats = channels, stats
+        self.conv = nn.Sequential(
             nn.Conv1d(channels, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.Tanh(),
             nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.GroupNorm(4, 32), nn.Tanh(),
-            nn.AdaptiveAvgPool1d(8), nn.Flatten(), nn.Linear(32 * 8, out_features), nn.Tanh(),
+            nn.AdaptiveAvgPool1d(8), nn.Flatten(),
         )
+        self.head = nn.Sequential(nn.Linear(32 * 8 + stats, out_features), nn.Tanh())
 
     def forward(self, series: Tensor) -> Tensor:
-        return self.net(series)
+        features = self.conv(series[:, : self.channels])
+        if self.stats:
+            features = torch.cat([features, series[:, self.channels :, 0]], dim=1)
+        return self.head(features)
 
 
 class TabularEncoder(nn.Module):

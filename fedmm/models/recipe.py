@@ -170,11 +170,18 @@ class ModelRecipe:
         """The training loss of this model."""
         return Objective(self.layout(schema), class_weights=class_weights, contrastive=self.options.contrastive, contrastive_weight=self.options.contrastive_weight)
 
-    def learning_rate(self, schema: Schema) -> float:
+    def learning_rate(self, schema: Schema, *, dp: bool = True) -> float:
         """What ``learning-rate='auto'`` means for this model: the fusion's tuned rate,
-        lower when any encoder is deep (convolutions, recurrences, attention)."""
+        lower when any encoder is deep (convolutions, recurrences, attention); without DP,
+        linear encoders take a lower rate with momentum (:meth:`momentum`)."""
         spec = model_spec(self.fusion)
-        return spec.deep_learning_rate if _encoder_traits(self, schema)[0] else spec.learning_rate
+        if _encoder_traits(self, schema)[0]:
+            return spec.deep_learning_rate
+        return spec.learning_rate if dp else spec.plain_learning_rate
+
+    def momentum(self, schema: Schema, *, dp: bool = True) -> float:
+        """What ``momentum='auto'`` means: momentum only without DP and with linear encoders."""
+        return 0.0 if dp or _encoder_traits(self, schema)[0] else model_spec(self.fusion).plain_momentum
 
     def grad_sample_modes(self, schema: Schema) -> frozenset[str]:
         """The Opacus grad-sample modes every encoder of this model trains correctly under."""

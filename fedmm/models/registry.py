@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmm.data.schema import Modality, ModalityKind, Schema
+from fedmm.data.schema import STATS_SERIES, Modality, ModalityKind, Schema
 from fedmm.errors import ConfigError
 from fedmm.models.encoders import (
     ConvImageEncoder,
@@ -55,6 +55,9 @@ class ModelSpec:
     # features (scattering, pooled spectrograms, embeddings) and with deeper encoders
     learning_rate: float = 0.5
     deep_learning_rate: float = 0.2
+    # without DP's noise linear encoders swing at 0.5: SGD with momentum instead (docs/training.md)
+    plain_learning_rate: float = 0.1
+    plain_momentum: float = 0.9
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -108,11 +111,14 @@ def encoder_for(m: Modality, options: ModelOptions | None = None) -> nn.Module:
             return TextTransformerEncoder(buckets=m.vocab, length=m.shape[0], out_features=width)
         return HashedTextEncoder(buckets=m.vocab, out_features=width)
     if m.kind is ModalityKind.SENSOR:
+        # window-stats series: C shape channels, then 2C statistics (fedmm.data.normalise)
+        channels = m.shape[0] // 3 if m.representation == STATS_SERIES else m.shape[0]
+        stats = m.shape[0] - channels
         if options.sensor_encoder == "gru":
             from fedmm.models.sequence import SensorGRUEncoder
 
-            return SensorGRUEncoder(channels=m.shape[0], out_features=width)
-        return SensorEncoder(channels=m.shape[0], out_features=width)
+            return SensorGRUEncoder(channels=channels, out_features=width, stats=stats)
+        return SensorEncoder(channels=channels, out_features=width, stats=stats)
     return TabularEncoder(width=m.shape[0], out_features=width)
 
 

@@ -127,18 +127,26 @@ class TextTransformerEncoder(nn.Module):
 
 
 class SensorGRUEncoder(nn.Module):
-    """A DP-friendly GRU over a multichannel series ``[N, C, T]``, averaged over time."""
+    """A DP-friendly GRU over a multichannel series ``[N, C, T]``, averaged over time.
+
+    ``stats``: as :class:`fedmm.models.encoders.SensorEncoder`, the last channels are each
+    window's statistics; they join the averaged states before the projection.
+    """
 
     grad_sample_modes: ClassVar[frozenset[str]] = frozenset({"ghost", "hooks", "functorch"})
 
-    def __init__(self, *, channels: int, hidden: int = 64, out_features: int = 64) -> None:
+    def __init__(self, *, channels: int, hidden: int = 64, out_features: int = 64, stats: int = 0) -> None:
         super().__init__()
         self.out_features = out_features
+        self.channels, self.stats = channels, stats
         self.gru = DPGRU(channels, hidden, batch_first=True)
-        self.proj = nn.Sequential(nn.Linear(hidden, out_features), nn.Tanh())
+        self.proj = nn.Sequential(nn.Linear(hidden + stats, out_features), nn.Tanh())
 
     def forward(self, series: Tensor) -> Tensor:
         # The mean over all states rather than the last one: gradients reach early
         # time steps directly instead of only through the whole recurrence.
-        states, _ = self.gru(series.transpose(1, 2))
-        return self.proj(states.mean(dim=1))
+        states, _ = self.gru(series[:, : self.channels].transpose(1, 2))
+        pooled = states.mean(dim=1)
+        if self.stats:
+            pooled = torch.cat([pooled, series[:, self.channels :, 0]], dim=1)
+        return self.proj(pooled)

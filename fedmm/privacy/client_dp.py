@@ -105,7 +105,7 @@ class ClientDPPlan:
             distributed=cfg.client_noise == "distributed", sample_rate=cfg.client_fraction, delta=cfg.client_delta,
             target_epsilon=cfg.client_target_epsilon or None,
         )
-        if not plan.distributed:
+        if not plan.distributed or cfg.sites is None:  # sites=auto: checked once the data has decided it (RunPlan.with_sites)
             return plan
         parties = fewest_noise_parties(cfg)
         share = ShareCheck(parties=parties, std=noise_share_std(plan, parties), bound=share_clip_bound(plan, parties), clip_range=cfg.secagg_clip_range)

@@ -14,7 +14,8 @@ import torch
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.partition import FederationPlan, build_federation
-from fedmm.data.preprocess import Preprocessing, standardise_site
+from fedmm.data.normalise import normalise
+from fedmm.data.preprocess import Preprocessing
 from fedmm.data.schema import MultimodalDataset
 from fedmm.data.sources import load_source
 from fedmm.errors import ConfigError
@@ -24,8 +25,8 @@ __all__ = ["site_data", "class_weights"]
 
 
 @functools.lru_cache(maxsize=2)
-def _site_data_cache(source: object, dp: bool) -> MultimodalDataset:
-    return standardise_site(source.pool, site_statistics=not dp)  # type: ignore[attr-defined]
+def _site_data_cache(source: object, dp: bool, sensor_norm: str) -> MultimodalDataset:
+    return normalise(source.pool, sensor_norm=sensor_norm, site_statistics=not dp)  # type: ignore[attr-defined]
 
 
 def class_weights(cfg: RunConfig, data: MultimodalDataset) -> torch.Tensor | None:
@@ -63,7 +64,7 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, M
         name = str(node_config.get(protocol.NODE_SITE, spec))
         if len(source.pool) == 0:
             raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
-        return name, _site_data_cache(source, cfg.dp)
+        return name, _site_data_cache(source, cfg.dp, cfg.sensor_norm)
     source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
     if protocol.NODE_SITE in node_config:
