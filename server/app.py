@@ -20,14 +20,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmm import protocol
 from fedmm.data.partition import build_federation
-from fedmm.data.preprocess import standardise_site
+from fedmm.data.normalise import normalise, scale_warnings
 from fedmm.data.sources import load_source
 from fedmm.errors import ConfigError, FederationError, SitesExhausted
 from fedmm.federation.artifacts import RunArtifacts, new_run_id
 from fedmm.federation.book import FederationBook
 from fedmm.federation.secagg import SecureFedMM, make_workflow
-from fedmm.federation.strategy import FedMMAvg, make_central_evaluation
+from fedmm.federation.central import BEST_STATE, BestRound, Participants, make_central_evaluation, model_digest, round_fields, summary_fields
+from fedmm.federation.strategy import FedMMAvg
 from fedmm.models import layout_fingerprint
+from fedmm.models.evaluation import Scores
 from fedmm.plan import RunPlan
 from fedmm.runtime.grid import PromptGrid
 from fedmm.secure.identity import KEYS_ENV, EnrolledKeys
@@ -42,18 +44,22 @@ def main(grid: Grid, context: Context) -> None:
     cfg, recipe = plan.config, plan.model
     grid = PromptGrid(grid)  # replies noticed within 0.1 s, not Flower's fixed 3 s
     artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id), resume=cfg.resume)
-    log(INFO, "[fedmm] run %s: %d sites, %d rounds, dp=%s -> %s", artifacts.run_id, cfg.sites, cfg.rounds, cfg.dp, artifacts.dir)
+    log(INFO, "[fedmm] run %s: %s sites, %d rounds, dp=%s -> %s", artifacts.run_id, cfg.sites or "auto", cfg.rounds, cfg.dp, artifacts.dir)
     source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     if source.pool.synthetic:
         log(INFO, "[fedmm] data: SYNTHETIC (%s), not real data", cfg.data)
     # The server's own held-out set, normalised as the sites normalise theirs.
-    test = standardise_site(source.require_test(), site_statistics=not cfg.dp)
+    test = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp)
+    for warning in scale_warnings(test, cfg.sensor_norm):
+        log(WARNING, "[fedmm] %s", warning)
     partitioner = None
     if len(source.pool):
         # In simulation the server can rebuild the federation the sites see (same seed) and
         # record its per-site counts; this reads only what the simulation itself made up.
         federation = build_federation(source, plan.federation)
         partitioner = federation.partitioner
+        plan = plan.with_sites(len(federation.names))  # sites=auto: every natural group
+        cfg = plan.config
         if not cfg.resume:
             artifacts.save_federation(federation.summary())
         for name, ds in zip(federation.names, federation.sites):
@@ -65,13 +71,15 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "[fedmm] lenient loading skipped %s", federation.skipped)
     else:
         log(INFO, "[fedmm] no training data here: the sites bring their own")
+        if cfg.sites is None:
+            raise ConfigError("sites", "is auto, but the server holds no training data to count the sites from", value="auto", fix="set sites to the number of sites of the deployment, e.g. sites=3")
     # The server names the auxiliary tasks' classes for every site, from its own held-out set
     # only: a list taken from the sites' training records would publish who is in them.
     schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
     model = recipe.build(schema, seed=cfg.seed)
     initial = model.state_dict()
     layout = layout_fingerprint(initial)
-    done, saved_state = 0, None
+    done, saved_state, best = 0, None, BestRound()  # best: the round whose model scored best on the held-out set
     if cfg.resume:
         done, arrays, saved_state = artifacts.load_checkpoint()
         if done >= cfg.rounds:
@@ -80,9 +88,18 @@ def main(grid: Grid, context: Context) -> None:
             raise FederationError(f"the checkpoint in {artifacts.dir} holds another model than run config builds; resume with the run's own config.toml")
         initial = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         log(INFO, "[fedmm] resuming run %s after round %d of %d, from its checkpoint", artifacts.run_id, done, cfg.rounds)
+        best = BestRound.from_state(saved_state.get(BEST_STATE))
+        trouble = best.keep_on_resume(artifacts, checkpoint_round=done, arrays=arrays)
+        if trouble:
+            log(WARNING, "[fedmm] %s", trouble)
     else:
-        artifacts.save_config(plan.resolved(schema=schema, partitioner=partitioner))  # every "auto" as this run resolved it
         artifacts.save_model_card(recipe.card(model, schema))
+    # Every "auto" as this run resolves it (learning rate, momentum, sites, ...): what the server uses from here
+    # on, and config.toml, so a run replays with the same values even if a later fedmm changes a default.
+    plan = RunPlan.from_config(plan.resolved(schema=schema, partitioner=partitioner, sites=cfg.sites))
+    cfg = plan.config
+    if not cfg.resume:
+        artifacts.save_config(cfg)
     train_config: dict[str, Any] = {protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: artifacts.run_id}
     strategy: FederationBook
     if cfg.secure_aggregation:
@@ -104,12 +121,16 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "[fedmm] checkpoint: site %s at epsilon %.3f, ledger entry %s", site, report.epsilon, report.ledger_seq)
 
     final: dict[str, float] = {}
+    final_scores: dict[str, Scores] = {}
     clock = {"last": time.monotonic()}
+    participants = Participants(strategy, dp=cfg.dp, secure=cfg.secure_aggregation)  # the sites each round aggregated
 
-    def on_round(server_round: int, loss: float, accuracy: float, tasks: dict[str, float]) -> None:
+    def on_round(server_round: int, scores: Scores, arrays: ArrayRecord) -> None:
+        loss, accuracy, tasks = scores.loss, scores.accuracy, scores.tasks
         final.update(loss=loss, accuracy=accuracy, round=server_round)
+        final_scores["last"] = scores
         if server_round == done:
-            log(INFO, "[fedmm] round %d (%s model): accuracy %.4f, loss %.4f", done, "checkpoint" if done else "initial", accuracy, loss)
+            log(INFO, "[fedmm] round %d (%s model): accuracy %.4f, macro-F1 %.4f, loss %.4f", done, "checkpoint" if done else "initial", accuracy, scores.macro_f1, loss)
             clock["last"] = time.monotonic()
             return
         eps, client_eps = strategy.max_epsilon, strategy.client_epsilon
@@ -126,22 +147,30 @@ def main(grid: Grid, context: Context) -> None:
                 "rejected": report.get("rejected", 0), "rejected_by": strategy.rejected_in(server_round),
                 **({"dropped": report.get("dropped", 0), "clipped_values": report.get("clipped_values", 0)} if cfg.secure_aggregation else {}),
                 **{f"accuracy_{name}": value for name, value in tasks.items()},
+                **round_fields(scores, participants.of_round(strategy, server_round)),
             }
         )
+        state = arrays.to_torch_state_dict()
+        is_best = best.offer(server_round, accuracy=accuracy, macro_f1=scores.macro_f1, digest=model_digest(state))
         eps_text = f"max epsilon {eps:.3f} (delta={cfg.target_delta:g}, {cfg.accountant})" if eps is not None else "no DP"
         if client_eps is not None:
             eps_text += f", client-level epsilon {client_eps:.3f} (delta={cfg.client_delta:g}, rdp)"
         task_text = "".join(f", {name} accuracy {value:.4f}" for name, value in tasks.items())
-        log(INFO, "[fedmm] round %d/%d: accuracy %.4f, loss %.4f%s, %s", server_round, cfg.rounds, accuracy, loss, task_text, eps_text)
+        log(INFO, "[fedmm] round %d/%d: accuracy %.4f, macro-F1 %.4f, loss %.4f%s, %s", server_round, cfg.rounds, accuracy, scores.macro_f1, loss, task_text, eps_text)
         # Durable before the next round starts: a server that dies from here on resumes after this round.
         if strategy.latest_arrays is not None:
-            artifacts.save_checkpoint(server_round, {k: v.numpy() for k, v in strategy.latest_arrays.items()}, strategy.to_state())
+            artifacts.save_checkpoint(server_round, {k: v.numpy() for k, v in strategy.latest_arrays.items()}, {**strategy.to_state(), BEST_STATE: best.to_state()})
+        if is_best:  # after the checkpoint that records it: a crash in between is repaired on resume (BestRound.keep_on_resume)
+            artifacts.save_model(state, best=True)
 
-    central = make_central_evaluation(cfg, test, on_round, tasks_from=schema)
+    central = make_central_evaluation(cfg, test, tasks_from=schema, on_score=on_round)
+
+    # What the server evaluates and saves: the global model, or its moving average (server-ema; the sites train the former).
+    served = strategy.served if isinstance(strategy, (FedMMAvg, SecureFedMM)) else (lambda arrays: arrays)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         # Flower counts rounds from 1 again after a resume; SecureFedMM adds the offset itself.
-        return central(server_round + (0 if cfg.secure_aggregation else done), arrays)
+        return central(server_round + (0 if cfg.secure_aggregation else done), served(arrays))
     stopped = None
     try:
         if isinstance(strategy, SecureFedMM):
@@ -170,12 +199,13 @@ def main(grid: Grid, context: Context) -> None:
         eps = strategy.max_epsilon
         log(INFO, "[fedmm] run failed; privacy.json records %d site report(s), max epsilon %s", len(privacy), "none" if eps is None else f"{eps:.3f}")
         raise
-    artifacts.save_model(final_arrays.to_torch_state_dict())
+    artifacts.save_model(served(final_arrays).to_torch_state_dict())
     summary = artifacts.finish(
         rounds=int(final["round"]), sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
         final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped,
         client_epsilon=strategy.client_epsilon, rejected=strategy.rejected, unaggregated_spends=strategy.unaggregated_spends,
         rejected_by_site=strategy.rejected_by_site, max_update_norm=getattr(strategy, "max_update_norm", None),
+        evaluation=summary_fields(final_scores.get("last"), best),
     )
     eps = summary["max_epsilon"]
     log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], "none" if eps is None else f"{eps:.3f}", artifacts.dir)

@@ -63,6 +63,9 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[-1]["accuracy"] == summary["final_accuracy"]
     assert rounds[0]["max_epsilon"] < rounds[1]["max_epsilon"]
+    assert "macro-F1" in done.stdout and all(sorted(r["participants"]) == ["george", "jackson", "lucas"] for r in rounds)
+    assert rounds[-1]["macro_f1"] == summary["final_macro_f1"] and summary["confusion"] == rounds[-1]["confusion"] and len(summary["classes"]) == 10
+    assert summary["best_round"] in (1, 2) and (run_dir / "model-best.pt").is_file() and (run_dir / "model.pt").is_file()
     resolved = RunConfig.from_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
     assert resolved.rounds == 2 and resolved.sites == 3
     # every "auto" as the run resolved it (fedmm.plan.RunPlan.resolved)

@@ -15,6 +15,10 @@
   budget).
 - ``fedmm ledger init STATE_DIR --site NAME`` makes a site's first privacy ledger (once,
   logged); ``--replace-lost`` replaces one lost for good, carrying its spend over;
+- ``fedmm evaluate RUN [--data SPEC] [--split test|all] [--model best|last] [--json]``
+  scores a run's saved model: accuracy, macro-F1, per-class scores, confusion matrix;
+- ``fedmm report RUN [--out FILE]`` writes an HTML page of a run (plots per round,
+  participation, confusion matrix, per-class and privacy tables; docs/runs.md);
 - ``fedmm certs init|site|show`` makes a private CA, the SuperLink's TLS certificate
   and the sites' SuperNode keys, and lists them with expiry (see docs/transport.md).
 
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import sys
 
-from fedmm.cli import run, data, privacy, ledger  # noqa: F401, I001  each registers its commands on ``app``, in help order
+from fedmm.cli import run, data, privacy, ledger, evaluate, report  # noqa: F401, I001  each registers its commands on ``app``, in help order
 from fedmm.cli.common import app, parse_overrides
 
 __all__ = ["app", "main", "parse_overrides"]

@@ -3,8 +3,9 @@
 - ``fedmm.federation.book``: :class:`FederationBook` (per-site privacy reports as a
   maximum, refusals, rejected updates, min-sites, client-level DP) and
   :func:`check_update`, the checks an update passes before anything is summed;
-- ``fedmm.federation.strategy``: :class:`FedMMAvg` (plain aggregation) and the central
-  evaluation on the server's held-out set;
+- ``fedmm.federation.strategy``: :class:`FedMMAvg` (plain aggregation);
+- ``fedmm.federation.central``: the central evaluation on the server's held-out set
+  (accuracy, macro-F1, per-class scores, confusion matrix);
 - ``fedmm.federation.robust``: the update-norm bound and the robust aggregation rules
   (trimmed mean, median, Krum: Flower's own);
 - ``fedmm.federation.identity``: the server's own account of each site (one node per name,
@@ -28,7 +29,7 @@ _EXPORTS = {
     "check_update": "fedmm.federation.book",
     "aggregate_train_metrics": "fedmm.federation.book",
     "FedMMAvg": "fedmm.federation.strategy",
-    "make_central_evaluation": "fedmm.federation.strategy",
+    "make_central_evaluation": "fedmm.federation.central",
     "SecureFedMM": "fedmm.federation.secagg",
     "FedMMSecAggPlus": "fedmm.federation.secagg",
     "make_workflow": "fedmm.federation.secagg",

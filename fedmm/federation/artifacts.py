@@ -1,8 +1,11 @@
 """A run's artifacts on disk: ``runs/<run-id>/``.
 
 - ``config.toml``: the resolved run configuration;
-- ``metrics.jsonl``: one JSON object a round;
+- ``metrics.jsonl``: one JSON object a round (accuracy, loss, macro-F1, per-class scores,
+  confusion matrix, the sites aggregated, privacy, rejections);
 - ``model.pt``: the final global model (a torch state_dict);
+- ``model-best.pt``: the global model of the round that scored best on the server's
+  held-out set (see :mod:`fedmm.federation.central`);
 - ``summary.json``: the outcome in one object;
 - ``privacy.json``: each site's (epsilon, delta), accountant, noise, sample rate, steps;
 - ``model_card.json``: parameters per modality encoder and per head, DP layer replacements;
@@ -32,9 +35,12 @@ import torch
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, DataError
 
-__all__ = ["RunArtifacts", "new_run_id", "CHECKPOINT"]
+__all__ = ["RunArtifacts", "new_run_id", "CHECKPOINT", "MODEL", "BEST_MODEL"]
 
 CHECKPOINT = "checkpoint.json"
+OPTIMIZER_PREFIX = "server-optimizer/"  # the server optimizer's arrays inside a checkpoint's npz
+MODEL = "model.pt"
+BEST_MODEL = "model-best.pt"
 
 
 def new_run_id(flower_run_id: int | str | None = None) -> str:
@@ -79,16 +85,24 @@ class RunArtifacts:
 
         The model goes to ``checkpoint-<round>.npz`` first, then ``checkpoint.json`` (which
         names it, with its SHA-256) replaces the previous one; a crash at any point leaves the
-        last complete checkpoint in force.
+        last complete checkpoint in force. The server optimizer's arrays (``state["server_optimizer"]
+        ["arrays"]``: its moments and EMA, :mod:`fedmm.federation.server_opt`) go into the same npz,
+        under ``server-optimizer/<key>``, covered by the same SHA-256; the rest of ``state`` is JSON.
         """
         model = self.dir / f"checkpoint-{server_round}.npz"
         tmp = model.with_name(model.name + ".tmp")
+        state = dict(state)
+        optimizer = state.get("server_optimizer")
+        extra: dict[str, np.ndarray] = {}
+        if isinstance(optimizer, Mapping) and "arrays" in optimizer:
+            extra = {OPTIMIZER_PREFIX + k: np.asarray(v) for k, v in optimizer["arrays"].items()}
+            state["server_optimizer"] = {**{k: v for k, v in optimizer.items() if k != "arrays"}, "arrays": sorted(optimizer["arrays"])}
         with open(tmp, "wb") as handle:
-            np.savez(handle, **cast(dict[str, Any], {k: np.asarray(v) for k, v in arrays.items()}))
+            np.savez(handle, **cast(dict[str, Any], {k: np.asarray(v) for k, v in arrays.items()}), **cast(dict[str, Any], extra))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, model)
-        record = {"round": server_round, "model": model.name, "sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "order": list(arrays), "state": dict(state)}
+        record = {"round": server_round, "model": model.name, "sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "order": list(arrays), "state": state}
         _write_atomic(self.dir / CHECKPOINT, json.dumps(record, indent=2).encode())
         for old in self.dir.glob("checkpoint-*.npz"):
             if old.name != model.name:
@@ -96,6 +110,9 @@ class RunArtifacts:
 
     def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
         """The last checkpoint: its round, the global model (in state_dict order) and the server's state.
+
+        The server optimizer's arrays come back where :meth:`save_checkpoint` found them,
+        ``state["server_optimizer"]["arrays"]`` (a dict of arrays).
 
         Raises
         ------
@@ -106,14 +123,21 @@ class RunArtifacts:
         model = self.dir / record["model"]
         if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != record["sha256"]:
             raise DataError(model, "the checkpoint's model is missing or does not match checkpoint.json's SHA-256", fix="resume cannot trust it; start a new run")
+        state = record["state"]
+        optimizer = state.get("server_optimizer")
         with np.load(model) as data:
             arrays = {name: data[name] for name in record["order"]}
+            if isinstance(optimizer, dict) and isinstance(optimizer.get("arrays"), list):
+                missing = [k for k in optimizer["arrays"] if OPTIMIZER_PREFIX + k not in data.files]
+                if missing:
+                    raise DataError(model, f"the checkpoint lacks the server optimizer arrays {missing[:3]}", fix="resume cannot continue the optimizer; start a new run")
+                optimizer["arrays"] = {k: data[OPTIMIZER_PREFIX + k] for k in optimizer["arrays"]}
         # Rounds after the checkpoint were lost with the server: their metrics lines go too.
         metrics = self.dir / "metrics.jsonl"
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["round"] <= record["round"]]
             _write_atomic(metrics, "".join(line + "\n" for line in kept).encode())
-        return int(record["round"]), arrays, record["state"]
+        return int(record["round"]), arrays, state
 
     def append_round(self, record: Mapping[str, Any]) -> None:
         """Append one round's metrics to ``metrics.jsonl`` (flushed to disk)."""
@@ -130,11 +154,22 @@ class RunArtifacts:
         """Write ``federation.json`` (per-site counts per class and modality)."""
         _write_atomic(self.dir / "federation.json", json.dumps(summary, indent=2).encode())
 
-    def save_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Save the final global model as a torch state_dict."""
-        tmp = self.dir / "model.pt.tmp"
-        torch.save(dict(state_dict), tmp)
-        os.replace(tmp, self.dir / "model.pt")
+    def save_model(self, state_dict: Mapping[str, torch.Tensor], *, best: bool = False) -> None:
+        """Save the final global model (``model.pt``), or the best round's (``model-best.pt``), as a torch state_dict, atomically."""
+        path = self.dir / (BEST_MODEL if best else MODEL)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(dict(state_dict), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def load_model(self, *, best: bool = False) -> dict[str, torch.Tensor] | None:
+        """``model.pt`` (or ``model-best.pt``) as a state_dict, or None when there is none."""
+        path = self.dir / (BEST_MODEL if best else MODEL)
+        if not path.is_file():
+            return None
+        return dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def save_privacy(self, privacy: Iterable[Any], *, rounds: int, client_epsilon: float | None = None) -> list[dict[str, Any]]:
         """Write ``privacy.json``: every site report the server received, and the client-level guarantee.
@@ -157,8 +192,13 @@ class RunArtifacts:
         self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None,
         client_epsilon: float | None = None, rejected: Mapping[str, int] | None = None, unaggregated_spends: Mapping[str, int] | None = None,
         rejected_by_site: Mapping[str, Mapping[str, int]] | None = None, max_update_norm: float | None = None,
+        evaluation: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write ``privacy.json`` and ``summary.json``; return the summary.
+
+        ``evaluation``: the central evaluation's fields (``final_macro_f1``, ``classes``,
+        ``per_class``, ``confusion``, ``best_round``, ``best_accuracy``, ``best_macro_f1``;
+        :func:`fedmm.federation.central.summary_fields`), written after ``final_loss``.
 
         ``rounds`` is the rounds completed; ``stopped`` says why the run ended before
         ``rounds`` of the config (sites out of budget), or None. ``client_epsilon`` is the
@@ -183,6 +223,7 @@ class RunArtifacts:
             "unaggregated_spends": dict(unaggregated_spends or {}),
             "final_accuracy": final_accuracy,
             "final_loss": final_loss,
+            **dict(evaluation or {}),
             "max_epsilon": max((p["epsilon"] for p in site_reports), default=None) if self.cfg.dp else None,
             "delta": self.cfg.target_delta if self.cfg.dp else None,
             "accountant": str(self.cfg.accountant) if self.cfg.dp else None,

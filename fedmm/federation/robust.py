@@ -161,7 +161,7 @@ def update_norm_bound(cfg: RunConfig, *, learning_rate: float, parameters: int) 
         return cfg.max_update_norm
     if cfg.client_dp:
         return cfg.client_clip_norm
-    step = learning_rate / (1.0 - cfg.momentum)
+    step = learning_rate / (1.0 - (cfg.momentum or 0.0))  # the server resolves momentum=auto first (RunPlan.resolved)
     epochs, batch = cfg.local_epochs, cfg.batch_size
     k_max = max(1, math.ceil(cfg.max_site_weight / batch))
     if not cfg.dp:

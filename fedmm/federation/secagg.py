@@ -34,6 +34,11 @@ not applied and the run stops. A malicious site could still send any values insi
 quantisation range: each weighted value is bounded by ``secagg-clip-range``, so its pull on
 the average is bounded, not removed. Robust rules (``aggregation``) need each update and
 are refused with secure aggregation.
+
+The server's optimizer (``strategy``, ``server-ema``: :mod:`fedmm.federation.server_opt`)
+steps from the unmasked aggregate (after the server's noise under client-level DP), as on
+the plain path: it reads only the sum SecAgg+ reveals anyway, so it changes nothing of what
+the server sees and costs no privacy.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from fedmm.data.schema import Schema
 from fedmm.errors import FederationError, SitesExhausted
 from fedmm.federation.book import FederationBook, check_update, check_weight
 from fedmm.federation.robust import update_norm_bound
+from fedmm.federation.server_opt import ServerOptimizer, check_proximal, optimizer_state, restore_optimizer
 from fedmm.plan import RunPlan
 from fedmm.privacy.client_dp import ClientDPPlan, update_norm
 from fedmm.secure.params import SecAggParams
@@ -135,6 +141,10 @@ class SecureFedMM(Strategy, FederationBook):
         resolvable = cfg.max_update_norm is not None or cfg.client_dp or lr is not None
         distributed = self.client_dp is not None and self.client_dp.distributed
         self.max_update_norm = update_norm_bound(cfg, learning_rate=lr or 0.0, parameters=params) if resolvable and not distributed else None
+        if lr is not None:
+            check_proximal(cfg, lr)
+        self.server_opt = ServerOptimizer.from_config(cfg)
+        log(INFO, "[fedmm] secure aggregation: %s", self.server_opt.describe())
 
     # ------------------------------------------------------------ the legacy Strategy API
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -144,7 +154,7 @@ class SecureFedMM(Strategy, FederationBook):
         server_round += self.round_offset
         # The first round waits for every site; later ones go on with the sites still connected
         # (a lost site is SecAgg+'s dropout case). num_available() refreshes Flower's node list now.
-        wanted = self.cfg.sites if server_round == self.round_offset + 1 else max(2, self.min_sites)
+        wanted = (self.cfg.sites or 2) if server_round == self.round_offset + 1 else max(2, self.min_sites)  # sites: resolved by the server
         if client_manager.num_available() < wanted and not client_manager.wait_for(wanted, timeout=self.wait_timeout):
             raise FederationError(
                 f"round {server_round}: {client_manager.num_available()} site(s) connected within {self.wait_timeout} s, "
@@ -217,6 +227,10 @@ class SecureFedMM(Strategy, FederationBook):
             step = {k: v.astype(np.float64) for k, v in aggregate.items()}
         updated = {k: (self.global_arrays[k].astype(np.float64) + v).astype(self.global_arrays[k].dtype) for k, v in step.items()}
         self.check_global(server_round, updated)
+        if not self.server_opt.identity:  # integer buffers are not in the sum: they keep their value
+            stepped = self.server_opt.apply(self.global_arrays, {**self.global_arrays, **updated})
+            updated = {k: stepped[k] for k in updated}
+            self.check_global(server_round, updated)
         self.global_arrays.update(updated)
         self.sites_last_round = len(taking_part)
         self.latest_arrays = ArrayRecord({k: torch.from_numpy(self.global_arrays[k].copy()) for k in self.names})
@@ -228,6 +242,20 @@ class SecureFedMM(Strategy, FederationBook):
         if self.dp:
             self.last_train_metrics[protocol.EPSILON] = max(p.epsilon for p in self.site_privacy.values())
         return ndarrays_to_parameters([self.global_arrays[k] for k in self.names]), dict(self.last_train_metrics)
+
+    def served(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the server evaluates and saves: the global model, or its moving average (``server-ema``)."""
+        if not self.server_opt.ema_decay:
+            return arrays
+        return ArrayRecord({k: torch.from_numpy(v) for k, v in self.server_opt.served({k: v.numpy() for k, v in arrays.items()}).items()})
+
+    def to_state(self) -> dict[str, Any]:
+        """The book's state, plus the server optimizer's (its arrays go to the checkpoint's npz)."""
+        return {**FederationBook.to_state(self), **optimizer_state(self.server_opt)}
+
+    def restore(self, state: Mapping[str, Any], *, rounds_done: int) -> None:
+        FederationBook.restore(self, state, rounds_done=rounds_done)
+        restore_optimizer(self.server_opt, state, rounds_done=rounds_done)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         return []  # evaluation is central (the server's held-out set)

@@ -1,4 +1,4 @@
-"""The plain (no SecAgg+) federated strategy and the server's central evaluation.
+"""The plain (no SecAgg+) federated strategy (the central evaluation is in :mod:`fedmm.federation.central`).
 
 :class:`FedMMAvg` is Flower's FedAvg (weighted by ``num-examples``) that trusts no site:
 a site that fails stops the run with its reason (nothing is averaged silently over fewer
@@ -8,7 +8,11 @@ its model layout, finite values, a norm within ``max-update-norm`` (and client-l
 clip), a weight in the agreed range (exactly 1 under ``dp=true``, else an integer in
 ``[1, max-site-weight]``) and well-formed metrics; the accepted updates are combined by
 ``aggregation`` (FedAvg, or a robust rule of :mod:`fedmm.federation.robust`); a global
-model that comes out non-finite stops the run before it is used or saved. The privacy
+model that comes out non-finite stops the run before it is used or saved. The server's
+optimizer (``strategy``: FedAvgM, FedAdam, FedYogi, FedAdagrad, and ``server-ema``;
+:mod:`fedmm.federation.server_opt`) then takes a step from the aggregate (after the robust
+rule, and after the server's noise under client-level DP: post-processing, no privacy
+cost), and its output is checked for non-finite values the same way. The privacy
 loss is aggregated as a maximum, never an average; each site's privacy report is kept
 for the run's artifacts, from every reply (also one rejected, or of a round that then
 stops or fails); and with client-level DP the server adds the noise and accounts it.
@@ -18,9 +22,9 @@ Secure aggregation runs on Flower's legacy path instead
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,17 +35,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmm import protocol
-from fedmm.config import RunConfig
-from fedmm.data.schema import MultimodalDataset, Schema
 from fedmm.errors import ConfigError, FederationError
 from fedmm.federation.book import FederationBook, SitePrivacy, aggregate_train_metrics, check_update, check_weight
 from fedmm.federation.robust import Aggregation, aggregate, cast_like, least_updates, update_norm_bound
+from fedmm.federation.server_opt import ServerOptimizer, check_proximal, optimizer_state, restore_optimizer
 from fedmm.plan import RunPlan
 from fedmm.privacy.client_dp import ClientDPPlan
-from fedmm.models import ModelRecipe
-from fedmm.models.evaluation import evaluate, task_accuracies
 
-__all__ = ["FedMMAvg", "make_central_evaluation"]
+__all__ = ["FedMMAvg"]
 
 
 class FedMMAvg(FedAvg, FederationBook):
@@ -55,7 +56,7 @@ class FedMMAvg(FedAvg, FederationBook):
         self, *, dp: bool, sites: int, layout: str | None = None, min_sites: int = 1,
         reference: Mapping[str, tuple[int, ...]] | None = None, client_dp: ClientDPPlan | None = None,
         max_site_weight: int = 1_000_000, max_update_norm: float | None = None,
-        aggregation: Aggregation | str = Aggregation.FEDAVG, malicious_sites: int = 1,
+        aggregation: Aggregation | str = Aggregation.FEDAVG, malicious_sites: int = 1, server_opt: ServerOptimizer | None = None,
     ) -> None:
         FedAvg.__init__(
             self, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
@@ -75,6 +76,7 @@ class FedMMAvg(FedAvg, FederationBook):
                               value=self.aggregation.value, fix="use aggregation='fedavg', or client-dp=false")
         self.least_updates = least_updates(self.aggregation, malicious_sites)
         self._global: dict[str, np.ndarray] | None = None
+        self.server_opt = server_opt if server_opt is not None else ServerOptimizer()  # fedavg: the aggregate as it is
 
     @classmethod
     def from_plan(cls, plan: RunPlan, *, initial: Mapping[str, torch.Tensor], layout: str, learning_rate: float) -> FedMMAvg:
@@ -87,13 +89,18 @@ class FedMMAvg(FedAvg, FederationBook):
         reference = {k: tuple(v.shape) for k, v in initial.items() if not cfg.client_dp or v.is_floating_point()}
         parameters = sum(v.numel() for v in initial.values() if v.is_floating_point())
         bound = update_norm_bound(cfg, learning_rate=learning_rate, parameters=parameters)
-        log(INFO, "[fedmm] update checks: max-update-norm %.6g%s, weights %s, aggregation %s", bound,
+        server_opt = ServerOptimizer.from_config(cfg)
+        check_proximal(cfg, learning_rate)
+        log(INFO, "[fedmm] update checks: max-update-norm %.6g%s, weights %s, aggregation %s; %s", bound,
             " (auto)" if cfg.max_update_norm is None else "", "exactly 1 (dp=true)" if cfg.dp else f"in [1, {cfg.max_site_weight}]",
-            cfg.aggregation if cfg.aggregation == "fedavg" else f"{cfg.aggregation} (malicious-sites={cfg.malicious_sites})")
+            cfg.aggregation if cfg.aggregation == "fedavg" else f"{cfg.aggregation} (malicious-sites={cfg.malicious_sites})",
+            server_opt.describe())
+        if cfg.sites is None:  # the server resolves sites=auto from the data before this (RunPlan.with_sites)
+            raise ConfigError("sites", "is still auto: nothing here counted the sites", value="auto", fix="set sites to the number of sites, e.g. sites=3")
         return cls(
             dp=cfg.dp, sites=cfg.sites, layout=layout, min_sites=cfg.min_sites, reference=reference, client_dp=plan.client_dp,
             max_site_weight=cfg.max_site_weight, max_update_norm=None if cfg.client_dp and cfg.max_update_norm is None else bound,
-            aggregation=cfg.aggregation, malicious_sites=cfg.malicious_sites,
+            aggregation=cfg.aggregation, malicious_sites=cfg.malicious_sites, server_opt=server_opt,
         )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -142,11 +149,30 @@ class FedMMAvg(FedAvg, FederationBook):
             arrays, metrics = self._aggregate_private(server_round, accepted)
         else:
             arrays, metrics = self._aggregate_plain(server_round, accepted)
-        self.check_global(server_round, {k: v.numpy() for k, v in arrays.items()})
+        aggregated = {k: v.numpy() for k, v in arrays.items()}
+        self.check_global(server_round, aggregated)
+        if self._global is not None and not self.server_opt.identity:
+            stepped = self.server_opt.apply(self._global, aggregated)
+            self.check_global(server_round, stepped)  # the optimizer's output is the global model: checked the same way
+            arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in stepped.items()})
         self.sites_last_round = len(accepted)
         self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         return arrays, metrics
+
+    def served(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the server evaluates and saves: the global model, or its moving average (``server-ema``)."""
+        if not self.server_opt.ema_decay:
+            return arrays
+        return ArrayRecord({k: torch.from_numpy(v) for k, v in self.server_opt.served({k: v.numpy() for k, v in arrays.items()}).items()})
+
+    def to_state(self) -> dict[str, Any]:
+        """The book's state, plus the server optimizer's (its arrays go to the checkpoint's npz)."""
+        return {**FederationBook.to_state(self), **optimizer_state(self.server_opt)}
+
+    def restore(self, state: Mapping[str, Any], *, rounds_done: int) -> None:
+        FederationBook.restore(self, state, rounds_done=rounds_done)
+        restore_optimizer(self.server_opt, state, rounds_done=rounds_done)
 
     def _expected(self) -> Mapping[str, np.ndarray | tuple[int, ...]] | None:
         """What an update must hold: the global model's tensors (dtype and shape) of the reference's names."""
@@ -217,23 +243,4 @@ class FedMMAvg(FedAvg, FederationBook):
         step = self.privatise(server_round, summed, updates=len(replies))
         new = {k: torch.from_numpy((v.astype(np.float64) + step[k]).astype(v.dtype) if k in step else v.copy()) for k, v in self._global.items()}
         return ArrayRecord(new), aggregate_train_metrics([m.content for m in replies], protocol.NUM_EXAMPLES)
-
-
-def make_central_evaluation(
-    cfg: RunConfig, test: MultimodalDataset, on_round: Callable[[int, float, float, dict[str, float]], None],
-    *, tasks_from: Schema | None = None,
-) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """Build the ``evaluate_fn`` for ``Strategy.start``: accuracy and loss on the held-out set."""
-    recipe = ModelRecipe.from_config(cfg)
-    test = recipe.prepare(test, tasks_from=tasks_from)
-    model = recipe.build(test.schema, seed=cfg.seed)
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, test)
-        tasks = task_accuracies(model, test)
-        on_round(server_round, loss, accuracy, tasks)
-        return MetricRecord({"accuracy": accuracy, "loss": loss, **{f"accuracy-{name}": value for name, value in tasks.items()}})
-
-    return evaluate_fn
 

@@ -25,7 +25,7 @@ from fedmm.privacy.ledger import CarriedSpend, LedgerEntry, PrivacyLedger
 from fedmm.privacy.policy import SitePolicy
 from fedmm.plan import RunPlan
 from fedmm.site.data import class_weights
-from fedmm.site.training import DPSettings, poisson_steps_per_epoch, steps_per_epoch, train
+from fedmm.site.training import DPSettings, poisson_steps_per_epoch, scheduled_learning_rate, steps_per_epoch, train
 
 __all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "train_round", "data_digest"]
 
@@ -202,10 +202,13 @@ def train_round(
     augmenter = Augmenter(arrays.schema, run_plan.augment, seed=round_seed) if run_plan.augment else None
     loss = train(
         model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        learning_rate=run_plan.learning_rate(arrays.schema),
-        momentum=cfg.momentum, seed=round_seed, dp=dp, augmenter=augmenter,
+        # lr-schedule over the run's rounds (the server sends the absolute round, also after a resume)
+        learning_rate=scheduled_learning_rate(
+            run_plan.learning_rate(arrays.schema), server_round, rounds=cfg.rounds, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup_rounds,
+        ),
+        momentum=run_plan.momentum(arrays.schema), seed=round_seed, dp=dp, augmenter=augmenter,
         balanced_sampler=cfg.balanced_sampler, objective=recipe.objective(arrays.schema, class_weights(cfg, arrays)),
-        modality_dropout=recipe.options.modality_dropout,
+        modality_dropout=recipe.options.modality_dropout, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
     )
     report = None
     if dp is not None and state.plan is not None:

@@ -47,7 +47,7 @@ from fedmm.models.objective import Objective
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ghost import PrivacyEngine
 
-__all__ = ["DPSettings", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
+__all__ = ["DPSettings", "add_proximal_term", "scheduled_learning_rate", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,53 @@ def drop_modalities(inputs: list[torch.Tensor], p: float, generator: torch.Gener
     return [x * k for x, k in zip(modalities, shaped)] + [keep]
 
 
+def scheduled_learning_rate(base: float, server_round: int, *, rounds: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """The sites' learning rate in ``server_round`` (1-based) of ``rounds``: ``lr-schedule`` with ``lr-warmup-rounds``.
+
+    Warm-up: round ``r <= warmup`` trains at ``base * r / warmup``. After it, ``constant``
+    keeps ``base``; ``cosine`` goes from ``base`` (first round after the warm-up) down to
+    ``base / 10`` at the last round, ``base * (0.1 + 0.9 * (1 + cos(pi * p)) / 2)`` with
+    ``p`` the fraction of those rounds done (a single such round keeps ``base``; rounds past
+    ``rounds`` stay at a tenth). Never above ``base``, so ``max-update-norm = auto`` holds.
+
+    >>> [round(scheduled_learning_rate(1.0, r, rounds=5, schedule="cosine", warmup=2), 3) for r in range(1, 6)]
+    [0.5, 1.0, 1.0, 0.55, 0.1]
+    """
+    if warmup > 0 and server_round <= warmup:
+        return base * max(server_round, 1) / warmup
+    if schedule == "constant":
+        return base
+    span = rounds - warmup - 1
+    p = min(1.0, (server_round - warmup - 1) / span) if span > 0 else 0.0
+    return base * (0.1 + 0.9 * (1.0 + math.cos(math.pi * p)) / 2.0)
+
+
+def add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, mu: float) -> torch.utils.hooks.RemovableHandle:
+    """FedProx at a site: add the gradient of ``(mu / 2) |w - w_global|^2`` before every SGD step.
+
+    ``w_global`` is ``model``'s weights now (the round's global model). The term is added to
+    each parameter's ``.grad`` by a step pre-hook on the plain ``torch.optim`` optimizer,
+    which runs when that optimizer steps. Under Opacus (``DPOptimizer.step`` =
+    ``pre_step()``: clip each record's gradient, sum, add the noise, divide by the expected
+    batch size; then ``original_optimizer.step()``) that is after the per-sample clipping
+    and the noise: ``mu (w - w_global)`` depends on no record, so it needs neither, and
+    putting it in the per-sample loss would spend each record's clip budget on it (and
+    shrink the records' own gradients). DP-SGD's sensitivity, noise and accounting are
+    therefore unchanged; the step is post-processing of the noised gradient. Without DP
+    it is the same as adding the term to the loss. Returns the hook's handle (remove it
+    after training).
+    """
+    anchors = {p: p.detach().clone() for p in model.parameters() if p.requires_grad}
+
+    def hook(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        with torch.no_grad():
+            for p, anchor in anchors.items():
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    return optimizer.register_step_pre_hook(hook)
+
+
 def balanced_class_weights(label: np.ndarray, num_classes: int) -> torch.Tensor:
     """``n / (K * count_k)`` from a site's own labels (dp=false only; classes it lacks get 0).
 
@@ -126,6 +173,7 @@ def train(
     balanced_sampler: bool = False,
     objective: nn.Module | None = None,
     modality_dropout: float = 0.0,
+    proximal_mu: float = 0.0,
 ) -> float:
     """Train ``model`` in place for ``epochs`` on the labelled samples of ``ds``; return the mean loss.
 
@@ -136,6 +184,9 @@ def train(
     ``augmenter`` transforms each batch's modalities (training only), then
     ``modality_dropout`` hides some. ``objective`` defaults to the weighted
     cross-entropy of the model's main task (and its auxiliary tasks, if any).
+    ``proximal_mu > 0`` adds FedProx's ``(mu / 2) |w - w_global|^2`` to the objective, with
+    ``w_global`` the weights ``model`` has now, after DP-SGD's clipping and noise
+    (:func:`add_proximal_term`); the returned loss is without it.
     """
     if dp is not None and balanced_sampler:
         raise ValueError("a class-balanced sampler breaks DP-SGD's Poisson sampling; refused under DP")
@@ -152,6 +203,8 @@ def train(
     else:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    # On the plain optimizer: under DP, Opacus' wrapper calls its step after clipping and noise.
+    proximal = add_proximal_term(optimizer, model, proximal_mu) if proximal_mu > 0 else None
     criterion: nn.Module = objective if objective is not None else Objective(output_layout(model, ds), class_weights=class_weights)
     modality_count = len(ds.schema.modalities)
     dropout_rng = torch.Generator().manual_seed(seed + 1)  # its own stream: the sampler's draws stay as they were
@@ -213,6 +266,8 @@ def train(
                 optimizer.step()
                 total += float(loss.detach())
                 batches += 1
+    if proximal is not None:
+        proximal.remove()
     if dp is not None:
         trained.eval()
         _unwrap(trained)
