@@ -46,7 +46,7 @@ def federate(values: dict[str, Any]) -> dict[str, float]:
     federation = build_federation(source, plan.federation)
     plan = plan.with_sites(len(federation.names))
     cfg = plan.config
-    test_raw = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp)
+    test_raw = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
     recipe = plan.model
     test = recipe.prepare(test_raw, tasks_from=recipe.task_classes(test_raw))
     model = recipe.build(test.schema, seed=cfg.seed)
@@ -102,15 +102,18 @@ def main() -> None:
     base = parse_sets(args.set)
     cases = [c.split() for c in args.cases.split(";")] if args.cases else [[]]
     print(f"# {time.strftime('%Y-%m-%d')} cmd: {' '.join(sys.argv)}", flush=True)
-    print("| case | accuracy (median) | macro-F1 (median) | per seed (acc) | seconds/run |\n|---|---|---|---|---|", flush=True)
+    print("| case | accuracy (median) | macro-F1 (median) | accuracy mean +- sd | macro-F1 mean +- sd | max epsilon | per seed (acc) | seconds/run |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     for case in cases:
         values = {**base, **parse_sets(case)}
         runs = [federate({**values, "seed": int(s)}) for s in args.seeds.split(",")]
         accs = [r["accuracy"] for r in runs]
         f1s = [r["macro_f1"] for r in runs]
         secs = statistics.median(r["seconds"] for r in runs)
-        print(f"| {' '.join(case) or 'base'} | {statistics.median(accs):.4f} | {statistics.median(f1s):.4f} | "
-              f"{', '.join(f'{a:.3f}' for a in accs)} | {secs:.0f} |", flush=True)
+        spread = (lambda xs: f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}")  # noqa: E731
+        eps = max(r["epsilon"] for r in runs)
+        print(f"| {' '.join(case) or 'base'} | {statistics.median(accs):.4f} | {statistics.median(f1s):.4f} | {spread(accs)} | {spread(f1s)} | "
+              f"{f'{eps:.3f}' if eps else 'no DP'} | {', '.join(f'{a:.3f}' for a in accs)} | {secs:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def run_case(settings: dict[str, object], *, dp: bool, seed: int, rounds: int) -
     cfg = RunConfig(data="avmnist", dp=dp, seed=seed, rounds=rounds, **settings)  # type: ignore[arg-type]
     plan = RunPlan.from_config(cfg)
     source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, test_fraction=cfg.test_fraction)
-    test_raw = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp)
+    test_raw = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
     recipe = plan.model
     test = recipe.prepare(test_raw, tasks_from=recipe.task_classes(test_raw))
     model = recipe.build(test.schema, seed=cfg.seed)

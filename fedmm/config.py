@@ -25,11 +25,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from fedmm.config_checks import AUTO
+from fedmm.config_checks import at_least as _at_least
+from fedmm.config_checks import check_sizes as _check_sizes_of
+from fedmm.config_checks import coerce as _coerce
+from fedmm.config_checks import positive as _positive
 from fedmm.errors import ConfigError
 
 __all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO", "SECTIONS", "STRATEGIES", "key"]
 
-AUTO = "auto"
 # The server optimizers (``strategy``): FedAvg and the FedOpt family of Reddi et al. (ICLR 2021).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 # The groups of keys in docs/configuration.md, each named by the field it starts with.
@@ -94,6 +98,8 @@ class RunConfig:
     model: str = key(AUTO, "the fusion: `concat` (auto), `gated`, `attention`, `late`, `embedding`, or one you registered (docs/models.md)")
     local_epochs: int = key(1, "local epochs per round", bounds=(1, 1000))
     batch_size: int = key(64, "expected batch size; with Poisson sampling the sample rate is 1 / ceil(n / batch-size)", bounds=(1, 1000000))
+    max_physical_batch_size: int = key(0, "most records in one forward/backward pass (Opacus' BatchMemoryManager): a larger batch-size fits in memory, same DP accounting; 0: no limit (docs/training.md)", bounds=(0, 1000000))
+    augment_multiplicity: int = key(1, "augmented copies of each sampled record; under DP their gradients are averaged before clipping (De et al. 2022; needs augment, and grad-sample-mode hooks or functorch; docs/training.md)", bounds=(1, 64))
     learning_rate: float | None = key(None, "SGD learning rate; `auto`: the fusion's tuned rate (0.5 with linear encoders over fixed features, 0.2 with CNN, GRU or transformer encoders)", range="(0, 100] or auto")
     momentum: float | None = key(None, "SGD momentum at the sites; `auto`: 0.9 with dp=false and linear encoders (with learning-rate 0.1), else 0", range="[0, 1) or auto")
     strategy: str = key("fedavg", "the server's optimizer over the averaged update: `fedavg`, `fedavgm` (server momentum), `fedadam`, `fedyogi`, `fedadagrad` (Reddi et al., ICLR 2021), or `fedprox` (FedAvg with a proximal term at the sites); docs/training.md")
@@ -151,7 +157,9 @@ class RunConfig:
     text_buckets: int = key(4096, "size of the hashed token space", bounds=(16, 2**22))
     text_features: str = key("hashed", "`hashed` token ids, or `minilm`: frozen all-MiniLM-L6-v2 sentence embeddings (the `text` extra)")
     sensor_length: int | None = key(None, "sensor series are padded or trimmed to this many steps; `auto`: the data's own length (a warning names any series that is cut)", bounds=(4, 100000), integer=True)
-    sensor_norm: str = key(AUTO, "how each sensor column is normalised: `none`, `scale=F` (divided by a fixed F, e.g. 9.81 for m/s^2 to g), `window` (each window by its own mean and deviation), `window-stats` (that, plus each window's per-channel mean and log-deviation as extra channels); per column as `accelerometer:none,*:window`; `auto`: none, the best on held-out data with and without DP (docs/data.md#sensors)")
+    sensor_norm: str = key(AUTO, "how each sensor column is normalised: `none`, `scale=F` (divided by a fixed F, e.g. 9.81 for m/s^2 to g), `window` (each window by its own mean and deviation), `window-stats` (that, plus each window's per-channel mean and log-deviation as extra channels), `site` (the site's own per-channel statistics; under DP noisy and accounted, docs/privacy.md#site-statistics-under-dp); per column as `accelerometer:none,*:window`; `auto`: none, the best on held-out data with and without DP (docs/data.md#sensors)")
+    site_stats_bound: float = key(20.0, "sensor-norm=site under DP: each value is clipped to +-this (natural units: 20 holds inertial data in m/s^2 or rad/s) before the site's noisy per-channel statistics are taken (docs/privacy.md#site-statistics-under-dp)", range="> 0")
+    site_stats_noise: float = key(5.0, "sensor-norm=site under DP: noise multiplier of the Gaussian mechanism that releases the site's per-channel statistics, once per run, accounted with DP-SGD", range="> 0")
     augment: str = key("", "training-time augmentation, e.g. `image:shift+rotate,audio:specaugment` (docs/data.md)")
     partitioner: str = key(AUTO, "`auto` (natural if the source has sites, else iid), `natural`, `iid`, `dirichlet`, `pathological`, `linear`, `exponential`; the one used is in federation.json")
     partition_by: str = key("", "the group column a natural partition splits by (`speaker`, `site`, `meta:subject`, ...); empty: the source's")
@@ -232,6 +240,8 @@ class RunConfig:
                 fix="use noise-multiplier='auto' to calibrate it from target-epsilon, or e.g. 1.1",
             )
         _positive("max-grad-norm", self.max_grad_norm, "e.g. max-grad-norm=1.0")
+        _positive("site-stats-bound", self.site_stats_bound, "e.g. site-stats-bound=20")
+        _positive("site-stats-noise", self.site_stats_noise, "e.g. site-stats-noise=5")
         self._check_secure_aggregation()
         self._check_client_dp()
         if not self.data:
@@ -389,61 +399,4 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
-    """Check and convert one raw value to the field's declared type."""
-    kind = field.type
-    if field.default is None:  # "auto" or a number
-        if isinstance(raw, str) and raw.strip().lower() == AUTO:
-            return None
-        kind = "int" if field.metadata.get("integer") else "float"
-    if kind == "bool":
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false"):
-            return raw.lower() == "true"
-        raise ConfigError(key, "must be true or false", value=raw, fix=f"e.g. {key}=true")
-    if kind == "int":
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ConfigError(key, "must be an integer", value=raw, fix=f"e.g. {key}={field.default}")
-        return raw
-    if kind == "float":
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ConfigError(key, "must be a number", value=raw, fix=f"e.g. {key}={field.default}")
-        return float(raw)
-    if kind == "str":
-        if not isinstance(raw, str):
-            raise ConfigError(key, "must be a string", value=raw, fix=f"e.g. {key}='{field.default}'")
-        return raw
-    enum_type = {"AccountantKind": AccountantKind, "GradSampleMode": GradSampleMode}[str(kind)]
-    try:
-        return enum_type(str(raw).lower())
-    except ValueError:
-        allowed = ", ".join(m.value for m in enum_type)
-        raise ConfigError(key, f"must be one of: {allowed}", value=raw, fix=f"e.g. {key}='{field.default}'") from None
-
-
-def _at_least(key: str, value: int, minimum: int, fix: str) -> None:
-    if value < minimum:
-        raise ConfigError(key, f"must be >= {minimum}", value=value, fix=fix)
-
-
-def _positive(key: str, value: float, fix: str) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(key, "must be > 0", value=value, fix=fix)
-
-
-def _check_sizes_of(cfg: RunConfig) -> None:
-    # Sizes beyond these crash a run (memory, numpy's seed) or mean a typo; the bounds are declared with each key.
-    for field in dataclasses.fields(cfg):
-        if field.metadata.get("bounds"):
-            low, high = field.metadata["bounds"]
-            value, name = getattr(cfg, field.name), field.name.replace("_", "-")
-            if value is not None and not low <= value <= high:
-                raise ConfigError(name, f"must be in [{low}, {high}]", value=value, fix=f"e.g. {name}={field.default}")
-    if cfg.learning_rate is not None and not (math.isfinite(cfg.learning_rate) and 0 < cfg.learning_rate <= 100):
-        raise ConfigError("learning-rate", "must be in (0, 100] or 'auto'", value=cfg.learning_rate, fix="e.g. learning-rate=0.5, or 'auto'")
-    if not (math.isfinite(cfg.audio_seconds) and 0 < cfg.audio_seconds <= 60):
-        raise ConfigError("audio-seconds", "must be in (0, 60] seconds", value=cfg.audio_seconds, fix="e.g. audio-seconds=1.0")
 

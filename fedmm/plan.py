@@ -40,7 +40,17 @@ from fedmm.models.recipe import ModelRecipe
 from fedmm.privacy.client_dp import ClientDPPlan
 from fedmm.privacy.policy import parse_site_budgets
 
-__all__ = ["RunPlan"]
+__all__ = ["RunPlan", "AUTO_SERVER_LR", "server_learning_rate"]
+
+# Server learning rate of ``auto`` per strategy (docs/training.md#measured).
+AUTO_SERVER_LR: dict[str, float] = {
+    "fedavg": 1.0, "fedprox": 1.0, "fedavgm": 0.3, "fedadam": 0.03, "fedyogi": 0.03, "fedadagrad": 0.1,
+}
+
+
+def server_learning_rate(cfg: RunConfig) -> float:
+    """``server-learning-rate``, or what ``auto`` resolves to for ``strategy``."""
+    return cfg.server_learning_rate if cfg.server_learning_rate is not None else AUTO_SERVER_LR[cfg.strategy]
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class RunPlan:
         changes: dict[str, Any] = {
             "model": self.model.fusion, "image_encoder": self.model.options.image_encoder,
             "sensor_norm": SensorNorm.parse(self.config.sensor_norm).text,
+            "server_learning_rate": server_learning_rate(self.config),
         }
         if schema is not None:
             changes["learning_rate"] = self.learning_rate(schema)

@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     if source.pool.synthetic:
         log(INFO, "[fedmm] data: SYNTHETIC (%s), not real data", cfg.data)
     # The server's own held-out set, normalised as the sites normalise theirs.
-    test = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp)
+    test = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
     for warning in scale_warnings(test, cfg.sensor_norm):
         log(WARNING, "[fedmm] %s", warning)
     partitioner = None

@@ -59,12 +59,11 @@ def test_every_mode_but_site_uses_only_the_record_itself() -> None:
         assert np.array_equal(a, b), mode
     a = normalise(_series(base), sensor_norm="site", site_statistics=True).features["accelerometer"][:4]
     b = normalise(_series(changed), sensor_norm="site", site_statistics=True).features["accelerometer"][:4]
-    assert not np.array_equal(a, b)  # site statistics do mix records: hence refused under DP
+    assert not np.array_equal(a, b)  # site statistics do mix records: under DP only noisy, accounted ones (test_site_stats_dp.py)
 
 
-def test_site_statistics_are_refused_under_dp_and_bad_settings_are_named() -> None:
-    with pytest.raises(ConfigError, match="sensor-norm.*DP-SGD's guarantee"):
-        RunPlan.from_run_config({"sensor-norm": "site"})
+def test_bad_settings_are_named() -> None:
+    RunPlan.from_run_config({"sensor-norm": "site"})  # under DP too: noisy statistics, accounted (tests/test_site_stats_dp.py)
     RunPlan.from_run_config({"sensor-norm": "site", "dp": False})
     for bad, match in (("wobble", "unknown mode 'wobble'"), ("scale=0", "positive"), ("scale=x", "positive"), ("a:none,a:window", "given twice")):
         with pytest.raises(ConfigError, match=match):

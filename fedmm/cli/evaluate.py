@@ -52,7 +52,7 @@ def _normalise(cfg: RunConfig, dataset: MultimodalDataset) -> MultimodalDataset:
     """The one place ``fedmm evaluate`` normalises data: as the run's server normalised its held-out set."""
     from fedmm.data.normalise import normalise
 
-    return normalise(dataset, sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp)
+    return normalise(dataset, sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
 
 
 def _concat(a: MultimodalDataset, b: MultimodalDataset) -> MultimodalDataset:

@@ -17,13 +17,19 @@ Sensor columns follow ``sensor-norm`` (one mode for every column, or per column 
   ``series+stats``; the sensor encoders pass the statistics around their convolutions or
   recurrence, straight to their last layer). The shape of the signal, its offset and its
   strength all reach the model, whatever the data's units;
-- ``site``: standardised per channel by the mean and deviation of the site's own records
-  (dp=false only).
+- ``site``: standardised per channel by the mean and deviation of the site's own records.
+  Without DP they are exact. Under DP (``site_statistics=False``) :func:`normalise` leaves
+  the column as read and the site's round standardises it with :class:`SiteStatistics`,
+  released by a Gaussian mechanism (:func:`noisy_site_statistics`) whose spend the site
+  checks against its budget and records in its ledger before the statistics are used
+  (``fedmm.site.round``). The server's held-out set (``held_out=True``) is standardised by
+  its own exact statistics: it is the server's data, no site's.
 
 Every mode but ``site`` uses nothing but one record (or constants), so DP-SGD's
 per-record guarantee is untouched: no record's features depend on another record.
-``site`` statistics depend on all of a site's records, which DP-SGD does not account
-for, so it is refused under dp=true (the same rule as tabular columns below).
+Under DP, ``site`` features depend on the others only through the noisy statistics, a
+differentially private release accounted with DP-SGD (adaptive composition); see
+docs/privacy.md#site-statistics-under-dp.
 
 Tabular columns: with ``site_statistics`` (dp=false) standardised with the mean and
 deviation of the site's present samples, computed at the site and never sent; under DP
@@ -50,7 +56,17 @@ import numpy as np
 from fedmm.data.schema import STATS_SERIES, ModalityKind, MultimodalDataset
 from fedmm.errors import ConfigError
 
-__all__ = ["SensorNorm", "SENSOR_NORMS", "DEFAULT_SENSOR_NORM", "normalise", "scale_warnings"]
+__all__ = [
+    "DEFAULT_SENSOR_NORM",
+    "SENSOR_NORMS",
+    "SensorNorm",
+    "SiteStatistics",
+    "noisy_site_statistics",
+    "normalise",
+    "scale_warnings",
+    "site_columns",
+    "site_stat_contributions",
+]
 
 SENSOR_NORMS = ("none", "window", "window-stats", "site", "scale=F")
 DEFAULT_SENSOR_NORM = "none"  # chosen on held-out data, with and without DP: see docs/data.md#sensors
@@ -98,12 +114,7 @@ class SensorNorm:
         return 3 * channels if self.mode(column) == "window-stats" else channels
 
     def check(self, *, dp: bool, columns: tuple[str, ...] | None = None) -> None:
-        """Refuse ``site`` under DP, and a named column the data does not have."""
-        if dp and any(mode == "site" for _, mode in self.modes):
-            raise ConfigError(
-                "sensor-norm", "'site' statistics depend on every record of the site, which DP-SGD's guarantee does not cover",
-                value=self.text, fix="use window-stats (per-record, DP-safe), a fixed scale=F, or set dp=false",
-            )
+        """Refuse a named column the data does not have (``site`` is allowed under DP: its statistics are noised and accounted)."""
         if columns is not None:
             unknown = [c for c, _ in self.modes if c != "*" and c not in columns]
             if unknown:
@@ -115,12 +126,17 @@ class SensorNorm:
         return ",".join(f"{c}:{m}" if c != "*" else m for c, m in self.modes if c != "*") + ("," if len(self.modes) > 1 else "") + dict(self.modes)["*"]
 
 
-def normalise(dataset: MultimodalDataset, *, sensor_norm: str | SensorNorm = "auto", site_statistics: bool) -> MultimodalDataset:
+def normalise(
+    dataset: MultimodalDataset, *, sensor_norm: str | SensorNorm = "auto", site_statistics: bool, held_out: bool = False
+) -> MultimodalDataset:
     """Normalise one site's (or the server's held-out) sensor and tabular features (see the module doc).
 
     ``site_statistics`` is ``not dp``: whether statistics of the whole data set may be used.
-    A ``window-stats`` sensor column comes back with three times its channels, and the
-    schema says so.
+    ``held_out`` marks the server's own held-out set: its ``site`` sensor columns are
+    standardised by its own exact statistics even under DP (no site's records are in it);
+    at a site under DP they are left as read, for the round to standardise with noisy,
+    accounted statistics. A ``window-stats`` sensor column comes back with three times its
+    channels, and the schema says so.
     """
     norm = sensor_norm if isinstance(sensor_norm, SensorNorm) else SensorNorm.parse(sensor_norm)
     sensors = tuple(m.name for m in dataset.schema.modalities if m.kind is ModalityKind.SENSOR)
@@ -131,7 +147,9 @@ def normalise(dataset: MultimodalDataset, *, sensor_norm: str | SensorNorm = "au
         rows = dataset.present[:, j]
         values = features[m.name]
         if m.kind is ModalityKind.SENSOR:
-            scaled = _sensor(values.astype(np.float64), norm.mode(m.name), rows)
+            mode = norm.mode(m.name)
+            deferred = mode == "site" and not (site_statistics or held_out)  # DP: the round's noisy statistics, later
+            scaled = _sensor(values.astype(np.float64), "none" if deferred else mode, rows)
             stats = norm.mode(m.name) == "window-stats"
             modalities[j] = dataclasses.replace(m, shape=(scaled.shape[1], *m.shape[1:]), representation=STATS_SERIES if stats else m.representation)
         elif m.kind is ModalityKind.TABULAR and site_statistics and rows.any():
@@ -187,3 +205,103 @@ def scale_warnings(dataset: MultimodalDataset, norm: str | SensorNorm = "auto") 
                 f"unit scale. Fix: sensor-norm='{m.name}:scale={typical:.3g}' (a fixed factor), or '{m.name}:window-stats'"
             )
     return out
+
+
+# --------------------------------------------------------------- sensor-norm=site under DP
+# How the squared L2 sensitivity (1) is shared between the means, the mean squares and the counts.
+# Set by the errors in units of the deviation (docs/privacy.md#site-statistics-under-dp): the mean
+# squares' range B^2 makes them the noisiest, a count's error matters least.
+SITE_STATS_SHARES = (0.32, 0.64, 0.04)
+SITE_STATS_STD_FLOOR = 0.01  # a deviation is at least this x site-stats-bound (noise can drive a variance below 0)
+
+
+def site_columns(dataset: MultimodalDataset, sensor_norm: str | SensorNorm) -> tuple[str, ...]:
+    """The sensor columns of ``dataset`` that ``sensor_norm`` standardises by site statistics."""
+    norm = sensor_norm if isinstance(sensor_norm, SensorNorm) else SensorNorm.parse(sensor_norm)
+    return tuple(m.name for m in dataset.schema.modalities if m.kind is ModalityKind.SENSOR and norm.mode(m.name) == "site")
+
+
+def _scales(dataset: MultimodalDataset, columns: tuple[str, ...], bound: float) -> tuple[float, float, float]:
+    """The factors (mean, mean square, count) that give every record's contribution an L2 norm of at most 1."""
+    channels = sum(dataset.features[c].shape[1] for c in columns)
+    share_mean, share_square, share_count = SITE_STATS_SHARES
+    return math.sqrt(share_mean / channels) / bound, math.sqrt(share_square / channels) / bound**2, math.sqrt(share_count / len(columns))
+
+
+def site_stat_contributions(dataset: MultimodalDataset, columns: tuple[str, ...], *, bound: float) -> np.ndarray:
+    """Each record's scaled contribution to the statistics' sums, ``[N, D]``: every row's L2 norm is at most 1.
+
+    Per column: its channels' window means of the values clipped to ``[-bound, bound]``, their
+    window mean squares (so in ``[0, bound^2]``), and a count of 1 where the record has the column
+    (0 where it is absent), each scaled by :func:`_scales`. Non-finite values count as 0 (NaN)
+    or the bound (infinities).
+    """
+    if not columns:
+        raise ValueError("no sensor column uses sensor-norm=site")
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"site-stats-bound must be a positive number, got {bound!r}")
+    a, b, c = _scales(dataset, columns, bound)
+    parts = []
+    for name in columns:
+        j = dataset.schema.names.index(name)
+        x = np.nan_to_num(dataset.features[name].astype(np.float64), nan=0.0, posinf=bound, neginf=-bound)
+        x = np.clip(x, -bound, bound)
+        present = dataset.present[:, j].astype(np.float64)[:, None]
+        parts += [a * x.mean(axis=2) * present, b * np.minimum((x * x).mean(axis=2), bound**2) * present, c * present]
+    return np.concatenate(parts, axis=1)
+
+
+@dataclass(frozen=True)
+class SiteStatistics:
+    """A site's per-channel sensor means and deviations for ``sensor-norm=site`` (never sent anywhere)."""
+
+    columns: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...]  # (column, means, deviations)
+
+    def apply(self, dataset: MultimodalDataset) -> MultimodalDataset:
+        """Standardise each of these columns of ``dataset`` by these statistics (absent rows stay 0)."""
+        features = dict(dataset.features)
+        for name, mean, std in self.columns:
+            rows = dataset.present[:, dataset.schema.names.index(name)]
+            values = features[name].astype(np.float64)
+            scaled = ((values - np.asarray(mean)[None, :, None]) / np.asarray(std)[None, :, None]).astype(np.float32)
+            scaled[~rows] = 0.0
+            features[name] = scaled
+        return dataset.replace(features=features)
+
+    def to_json(self) -> list[list[object]]:
+        return [[name, list(mean), list(std)] for name, mean, std in self.columns]
+
+    @classmethod
+    def from_json(cls, data: list[list[object]]) -> SiteStatistics:
+        return cls(tuple((str(n), tuple(map(float, m)), tuple(map(float, s))) for n, m, s in data))  # type: ignore[call-overload]
+
+
+def noisy_site_statistics(
+    dataset: MultimodalDataset, columns: tuple[str, ...], *, bound: float, noise_multiplier: float, rng: np.random.Generator | None = None
+) -> SiteStatistics:
+    """The Gaussian mechanism on the sums of :func:`site_stat_contributions` (sensitivity 1), then post-processing.
+
+    Adds N(0, ``noise_multiplier``^2) to every coordinate of the scaled sums, with noise from
+    the operating system's entropy unless ``rng`` is given (tests only). Then, per column and
+    channel: count = noisy count (at least 1), mean = noisy sum / count and mean square =
+    noisy sum of squares / count, each clamped to the range its true value lies in, and
+    deviation = sqrt(max(mean square - mean^2, floor^2)) with floor = 0.01 x ``bound``. The
+    caller accounts for the release (one Gaussian mechanism, sampling rate 1) before using it.
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"site-stats-noise must be > 0 for a DP release, got {noise_multiplier!r}")
+    rng = rng if rng is not None else np.random.default_rng()  # seeded from the operating system, never the run's seed
+    sums = site_stat_contributions(dataset, columns, bound=bound).sum(axis=0)
+    noisy = sums + rng.normal(0.0, noise_multiplier, size=sums.shape)
+    a, b, c = _scales(dataset, columns, bound)
+    out, at = [], 0
+    for name in columns:
+        k = dataset.features[name].shape[1]
+        sum_mean, sum_square, count = noisy[at : at + k] / a, noisy[at + k : at + 2 * k] / b, noisy[at + 2 * k] / c
+        at += 2 * k + 1
+        count = max(float(count), 1.0)
+        mean = np.clip(sum_mean / count, -bound, bound)
+        square = np.clip(sum_square / count, 0.0, bound**2)
+        std = np.sqrt(np.maximum(square - mean**2, (SITE_STATS_STD_FLOOR * bound) ** 2))
+        out.append((name, tuple(map(float, mean)), tuple(map(float, std))))
+    return SiteStatistics(tuple(out))

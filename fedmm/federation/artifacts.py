@@ -32,6 +32,7 @@ import numpy as np
 import tomli_w
 import torch
 
+from fedmm import __version__
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, DataError
 
@@ -208,6 +209,7 @@ class RunArtifacts:
         site_reports = self.save_privacy(privacy, rounds=rounds, client_epsilon=client_epsilon)
         summary = {
             "run_id": self.run_id,
+            "fedmm_version": __version__,
             "rounds": rounds,
             "rounds_planned": self.cfg.rounds,
             "stopped": stopped,

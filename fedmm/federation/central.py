@@ -138,6 +138,10 @@ class BestRound:
 class Participants:
     """The names of the sites whose updates a round aggregated, read from a :class:`FederationBook`.
 
+    The plain path (:class:`fedmm.federation.strategy.FedMMAvg`) lists what it aggregated
+    (``participants_last_round``): the sites' names under DP, ``node-<id>`` without DP (a site
+    names itself only in its privacy report). Otherwise the list is inferred:
+
     A site names itself in its privacy report, which the book keeps (``site_privacy``); a
     report that changed since the last round (a new ledger entry, more steps) is this
     round's. Take away the sites whose update the book rejected this round, and what is
@@ -160,6 +164,9 @@ class Participants:
         now = self._reports(book)
         changed = sorted(site for site, report in now.items() if self._seen.get(site) != report)
         self._seen = now
+        exact = getattr(book, "participants_last_round", None)  # the plain path's own list of what it aggregated
+        if exact is not None:
+            return sorted(exact)
         if not self.knowable:
             return None
         rejected = set(book.rejected_in(server_round))

@@ -40,19 +40,11 @@ import numpy as np
 
 from fedmm.config import STRATEGIES, RunConfig
 from fedmm.errors import ConfigError, FederationError
+from fedmm.plan import AUTO_SERVER_LR, server_learning_rate  # the auto rule sits with the run's other autos
 
 __all__ = ["AUTO_SERVER_LR", "ServerOptimizer", "server_learning_rate", "optimizer_state", "restore_optimizer", "check_proximal"]
 
-# Server learning rate of ``auto`` per strategy (docs/training.md#measured).
-AUTO_SERVER_LR: dict[str, float] = {
-    "fedavg": 1.0, "fedprox": 1.0, "fedavgm": 0.3, "fedadam": 0.03, "fedyogi": 0.03, "fedadagrad": 0.1,
-}
 _STATE_PREFIX = ("m/", "v/", "ema/")
-
-
-def server_learning_rate(cfg: RunConfig) -> float:
-    """``server-learning-rate``, or what ``auto`` resolves to for ``strategy``."""
-    return cfg.server_learning_rate if cfg.server_learning_rate is not None else AUTO_SERVER_LR[cfg.strategy]
 
 
 class ServerOptimizer:

@@ -139,9 +139,9 @@ class FedMMAvg(FedAvg, FederationBook):
             m for m in replies
             if protocol.REFUSED not in m.content.config_records and m.metadata.src_node_id not in unvouched and self._acceptable(server_round, m)
         ]
-        if self.dp:
-            for reply in accepted:  # an update without its privacy report is not aggregated: the run stops
-                SitePrivacy.from_record(reply.content, node=reply.metadata.src_node_id)
+        names = [f"node-{m.metadata.src_node_id}" for m in accepted]  # without DP a site does not name itself
+        if self.dp:  # an update without its privacy report is not aggregated: the run stops
+            names = [SitePrivacy.from_record(m.content, node=m.metadata.src_node_id).site for m in accepted]
         self.require_sites(server_round, len(accepted))
         arrays: ArrayRecord | None
         metrics: MetricRecord | None
@@ -156,6 +156,7 @@ class FedMMAvg(FedAvg, FederationBook):
             self.check_global(server_round, stepped)  # the optimizer's output is the global model: checked the same way
             arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in stepped.items()})
         self.sites_last_round = len(accepted)
+        self.participants_last_round = names  # read by the central evaluation into metrics.jsonl
         self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         return arrays, metrics

@@ -14,12 +14,11 @@ round, and answers "what would epsilon be after this round?" before training.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-import functools
 
 import numpy as np
 from opacus.accountants import IAccountant, RDPAccountant, create_accountant
@@ -106,7 +105,8 @@ class SiteAccountant:
             total = sum(steps * _rdp_per_step(float(sigma), float(q)) for sigma, q, steps in self._opacus.history)
             eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
             return float(eps)
-        return float(self._opacus.get_epsilon(delta=delta))
+        with np.errstate(divide="ignore"):  # PRV at sample rate 1 (a site's statistics) takes log(1 - q) = -inf, harmlessly
+            return float(self._opacus.get_epsilon(delta=delta))
 
     def projected_epsilon(self, delta: float, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon this site would have after ``steps`` more steps; changes nothing."""
@@ -146,13 +146,18 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)  # a pure function; sites of equal size share the answer
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: AccountantKind
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: AccountantKind,
+    prior: tuple[PrivacyEvent, ...] = (),
 ) -> float:
     """Smallest noise multiplier (to a 0.01 epsilon tolerance) whose epsilon after ``steps`` is <= target.
 
-    RDP uses Opacus' ``get_noise_multiplier`` directly. PRV is slow to evaluate, so
-    its search starts from the RDP answer (RDP bounds PRV from above, so that
-    noise already meets the target) and bisects downwards with the PRV accountant.
+    ``prior`` are spends made before the steps (a site's noisy statistics): the epsilon of
+    ``prior`` and the steps together is what must stay <= target.
+
+    RDP uses Opacus' ``get_noise_multiplier`` directly (with ``prior``, a bisection over the
+    same memoised RDP). PRV is slow to evaluate, so its search starts from the RDP answer
+    (RDP bounds PRV from above, so that noise already meets the target) and bisects
+    downwards with the PRV accountant.
 
     Raises
     ------
@@ -160,6 +165,13 @@ def calibrate_noise_multiplier(
         When no noise multiplier Opacus can search reaches the target.
     """
     kind = AccountantKind(accountant)
+    prior = tuple(prior)
+
+    def epsilon(sigma: float, with_kind: AccountantKind = kind) -> float:
+        trial = SiteAccountant(with_kind, prior)
+        trial.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return trial.epsilon(target_delta)
+
     try:
         rdp_sigma = float(
             get_noise_multiplier(
@@ -167,21 +179,23 @@ def calibrate_noise_multiplier(
                 steps=steps, accountant=AccountantKind.RDP.value,
             )
         )
+        if prior:
+            rdp_sigma = _search_up(lambda s: epsilon(s, AccountantKind.RDP), rdp_sigma, target_epsilon)
     except ValueError as err:
+        spent = f", after {SiteAccountant(kind, prior).epsilon(target_delta):.3f} spent on {len(prior)} earlier release(s)" if prior else ""
         raise PrivacyError(
             f"cannot reach target-epsilon={target_epsilon} at delta={target_delta} with sample rate "
-            f"{sample_rate:.4g} over {steps} steps ({err}). Fix: raise target-epsilon, or lower rounds or local-epochs"
+            f"{sample_rate:.4g} over {steps} steps{spent} ({err}). Fix: raise target-epsilon, or lower rounds or local-epochs"
+            f"{', or raise site-stats-noise' if prior else ''}"
         ) from err
     if kind is AccountantKind.RDP:
         return rdp_sigma
 
-    def epsilon(sigma: float) -> float:
-        trial = SiteAccountant(kind)
-        trial.record(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
-        return trial.epsilon(target_delta)
-
     high, eps_high = rdp_sigma, epsilon(rdp_sigma)
-    if eps_high > target_epsilon:  # not expected; fall back to Opacus' own search
+    if eps_high > target_epsilon and prior:  # not expected; search upwards with PRV itself
+        high = _search_up(epsilon, rdp_sigma, target_epsilon)
+        eps_high = epsilon(high)
+    elif eps_high > target_epsilon:  # not expected; fall back to Opacus' own search
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=kind.value
         ))
@@ -204,4 +218,29 @@ def calibrate_noise_multiplier(
             high, eps_high = middle, eps_middle
         else:
             low, eps_low = middle, eps_middle
+    return high
+
+
+def _search_up(epsilon: Callable[[float], float], start: float, target: float) -> float:
+    """The smallest sigma >= ``start`` (to 0.01 in epsilon, or 1e-4 in sigma) with ``epsilon(sigma) <= target``.
+
+    Raises ValueError when even a noise multiplier of 1e4 is over the target (the prior alone spends it).
+    """
+    low, high = start, start
+    while epsilon(high) > target:
+        low, high = high, high * 1.5
+        if high > 1e4:
+            raise ValueError("no noise multiplier up to 1e4 meets the target: the earlier releases alone spend it")
+    if high == start:
+        return start
+    eps_high = epsilon(high)
+    for _ in range(60):
+        if target - eps_high <= 0.01 or high - low < 1e-4:
+            break
+        middle = (low + high) / 2
+        eps_middle = epsilon(middle)
+        if eps_middle <= target:
+            high, eps_high = middle, eps_middle
+        else:
+            low = middle
     return high

@@ -1,8 +1,8 @@
 """A site's privacy ledger: every DP spend, append-only, hash-chained, in SQLite.
 
 One file a site (``<state-dir>/ledger.sqlite``), written only by that site. An entry
-is one round's DP-SGD spend: the mechanism's parameters (noise multiplier, Poisson
-sample rate, steps), the delta and accountant the epsilon is stated with, and the
+is one round's DP-SGD spend (or a site's noisy sensor statistics: sample rate 1, one step):
+the mechanism and its parameters (noise multiplier, Poisson sample rate, steps), the delta and accountant the epsilon is stated with, and the
 site's cumulative epsilon over *all* its entries, across runs, after this one. The
 site appends the entry, durably (SQLite WAL, ``synchronous=FULL``), before its
 update leaves; a crash at any point leaves the ledger at or ahead of what was sent.
@@ -51,9 +51,10 @@ from fedmm.errors import PrivacyError
 from fedmm.privacy.accounting import PrivacyEvent
 from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, read_log, write_anchor
 
-__all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "find_ledgers"]
+__all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers"]
 
 MECHANISM = "dp-sgd: poisson-subsampled gaussian"
+SITE_STATS_MECHANISM = "site statistics: gaussian, sample rate 1"  # sensor-norm=site under DP, once a run
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1
 
@@ -291,7 +292,7 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ writing
     def append(
         self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
-        delta: float, accountant: str, epsilon: float, epsilon_budget: float, data: str,
+        delta: float, accountant: str, epsilon: float, epsilon_budget: float, data: str, mechanism: str = MECHANISM,
     ) -> LedgerEntry:
         """Append one spend and return it once it is durably on disk (then update the head anchor)."""
         if not self.writable or self._lock is None:
@@ -307,7 +308,7 @@ class PrivacyLedger:
             if last is not None and epsilon < float(last[0]):
                 raise PrivacyError(f"ledger {self.path}: cumulative epsilon would fall from {last[0]} to {epsilon}; refused")
             draft = LedgerEntry(
-                seq + 1, self.site, run_id, int(round), MECHANISM, float(noise_multiplier), float(sample_rate), int(steps),
+                seq + 1, self.site, run_id, int(round), str(mechanism), float(noise_multiplier), float(sample_rate), int(steps),
                 float(delta), str(accountant), float(epsilon), float(epsilon_budget), data, _now(), prev, "",
             )
             entry = LedgerEntry(**{**asdict(draft), "hash": draft.expected_hash()})

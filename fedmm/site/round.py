@@ -2,6 +2,9 @@
 
 ``check budget -> train -> record the spend -> return the update``. The
 ClientApp only translates Flower messages to and from :func:`train_round`.
+With ``sensor-norm=site`` under DP the first round of a run also releases the site's
+noisy sensor statistics: checked with the round against the budget, recorded in the
+ledger, then used (``check budget -> record the statistics -> standardise -> train ...``).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,16 +22,22 @@ import torch
 
 from fedmm.config import RunConfig
 from fedmm.data.augment import Augmenter
-from fedmm.data.schema import MultimodalDataset, Schema
+from fedmm.data.normalise import SensorNorm, SiteStatistics, noisy_site_statistics, site_columns
+from fedmm.data.schema import ModalityKind, MultimodalDataset, Schema
 from fedmm.errors import BudgetExceededError, FederationError, PrivacyError
-from fedmm.privacy.accounting import PrivacyReport, SiteAccountant, calibrate_noise_multiplier
-from fedmm.privacy.ledger import CarriedSpend, LedgerEntry, PrivacyLedger
+from fedmm.privacy.accounting import PrivacyEvent, PrivacyReport, SiteAccountant, calibrate_noise_multiplier
+from fedmm.privacy.ledger import SITE_STATS_MECHANISM, CarriedSpend, LedgerEntry, PrivacyLedger
 from fedmm.privacy.policy import SitePolicy
 from fedmm.plan import RunPlan
 from fedmm.site.data import class_weights
 from fedmm.site.training import DPSettings, poisson_steps_per_epoch, scheduled_learning_rate, steps_per_epoch, train
 
-__all__ = ["SitePlan", "SiteState", "SiteUpdate", "plan_site", "train_round", "data_digest"]
+__all__ = ["SitePlan", "SiteState", "SiteUpdate", "data_digest", "plan_site", "stats_event", "train_round"]
+
+logger = logging.getLogger(__name__)
+# Measured (docs/training.md, "The DP GRU sensor encoder"): a DP-SGD site round with sensor-encoder=gru (Opacus
+# DPGRU) takes about this many times as long as with the 1-D CNN on the same data and steps, and is no more accurate.
+GRU_DP_COST = 14
 
 
 @dataclass(frozen=True)
@@ -39,26 +49,30 @@ class SitePlan:
     steps_per_round: int
     noise_multiplier: float
     planned_epsilon: float
+    stats_noise_multiplier: float = 0.0  # sensor-norm=site under DP: the statistics' release the plan counts (0: none)
 
 
 @dataclass
 class SiteState:
-    """What a site keeps between rounds: its plan and its accountant."""
+    """What a site keeps between rounds: its plan, its accountant, and its noisy sensor statistics (never sent)."""
 
     plan: SitePlan | None
     accountant: SiteAccountant
+    site_stats: SiteStatistics | None = None  # sensor-norm=site under DP: released (and paid for) once a run
 
     def to_json(self) -> str:
         """Serialise for the node's persistent state."""
         plan = None if self.plan is None else self.plan.__dict__
-        return json.dumps({"plan": plan, "accountant": json.loads(self.accountant.to_json())})
+        stats = None if self.site_stats is None else self.site_stats.to_json()
+        return json.dumps({"plan": plan, "accountant": json.loads(self.accountant.to_json()), "site_stats": stats})
 
     @classmethod
     def from_json(cls, text: str) -> SiteState:
         """Restore a state saved by :meth:`to_json`."""
         data = json.loads(text)
         plan = None if data["plan"] is None else SitePlan(**data["plan"])
-        return cls(plan=plan, accountant=SiteAccountant.from_json(json.dumps(data["accountant"])))
+        stats = None if data.get("site_stats") is None else SiteStatistics.from_json(data["site_stats"])
+        return cls(plan=plan, accountant=SiteAccountant.from_json(json.dumps(data["accountant"])), site_stats=stats)
 
 
 @dataclass(frozen=True)
@@ -72,12 +86,23 @@ class SiteUpdate:
     ledger_entry: LedgerEntry | None = None  # the spend, durably recorded before this update is returned
 
 
-def plan_site(cfg: RunConfig, num_examples: int) -> SitePlan:
+def stats_event(cfg: RunConfig) -> PrivacyEvent:
+    """The noisy statistics' spend: one Gaussian mechanism (sensitivity 1) with noise ``site-stats-noise``, sample rate 1."""
+    return PrivacyEvent(cfg.site_stats_noise, 1.0, 1)
+
+
+def plan_site(cfg: RunConfig, num_examples: int, *, site_stats: bool | None = None) -> SitePlan:
     """Fix the sample rate, steps and noise multiplier of a site for the whole run.
 
     With ``noise-multiplier = "auto"`` the noise is calibrated so that after
-    ``rounds`` rounds the site's epsilon is at most ``target-epsilon``.
+    ``rounds`` rounds the site's epsilon is at most ``target-epsilon``. ``site_stats``:
+    whether the site also releases its noisy sensor statistics this run (``sensor-norm=site``
+    under DP; by default read from the config), which the calibration and the planned
+    epsilon count.
     """
+    if site_stats is None:
+        site_stats = cfg.dp and any(mode == "site" for _, mode in SensorNorm.parse(cfg.sensor_norm).modes)
+    prior = (stats_event(cfg),) if site_stats else ()
     sample_rate = 1.0 / steps_per_epoch(num_examples, cfg.batch_size)
     steps_per_round = cfg.local_epochs * poisson_steps_per_epoch(num_examples, cfg.batch_size)
     total_steps = cfg.rounds * steps_per_round
@@ -85,11 +110,11 @@ def plan_site(cfg: RunConfig, num_examples: int) -> SitePlan:
     if noise is None:
         noise = calibrate_noise_multiplier(
             target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
-            sample_rate=sample_rate, steps=total_steps, accountant=cfg.accountant,
+            sample_rate=sample_rate, steps=total_steps, accountant=cfg.accountant, prior=prior,
         )
-    trial = SiteAccountant(cfg.accountant)
+    trial = SiteAccountant(cfg.accountant, prior)
     planned = trial.projected_epsilon(cfg.target_delta, noise_multiplier=noise, sample_rate=sample_rate, steps=total_steps) if noise > 0 else float("inf")
-    return SitePlan(num_examples, sample_rate, steps_per_round, noise, planned)
+    return SitePlan(num_examples, sample_rate, steps_per_round, noise, planned, cfg.site_stats_noise if site_stats else 0.0)
 
 
 def train_round(
@@ -148,9 +173,16 @@ def train_round(
     model = recipe.build(arrays.schema, seed=cfg.seed)
     model.load_state_dict(dict(global_weights))
     dp = None
+    stats_columns = site_columns(data, cfg.sensor_norm) if cfg.dp else ()  # sensor-norm=site under DP (else normalised already)
     if cfg.dp:
-        if state.plan is None or state.plan.num_examples != len(arrays):
-            state.plan = plan_site(cfg, len(arrays))
+        if state.plan is None or state.plan.num_examples != len(arrays) or (state.plan.stats_noise_multiplier > 0) != bool(stats_columns):
+            state.plan = plan_site(cfg, len(arrays), site_stats=bool(stats_columns))
+            if cfg.sensor_encoder == "gru" and any(m.kind is ModalityKind.SENSOR for m in arrays.schema.modalities):
+                logger.warning(
+                    "site %s: sensor-encoder=gru under DP-SGD: Opacus' DPGRU forms per-sample gradients at every time step, so a "
+                    "round takes about %dx as long as with sensor-encoder=cnn (measured on BasicMotions, docs/training.md), with "
+                    "no better accuracy there. Recommended: sensor-encoder=cnn", site, GRU_DP_COST,
+                )
         plan = state.plan
         if plan.noise_multiplier <= 0:
             raise BudgetExceededError(f"site {site}: noise-multiplier 0 gives no differential privacy; set dp=false to train without it")
@@ -160,22 +192,30 @@ def train_round(
                 f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: plan for more noise (lower target-epsilon, fewer rounds "
                 "or local-epochs, or a larger noise-multiplier)"
             )
+        # The noisy statistics are released once a run, before its first training, and checked with this round.
+        release = [stats_event(cfg)] if stats_columns and state.site_stats is None else []
+        with_stats = " with the release of its sensor statistics" if release else ""
+        if release and policy is not None and cfg.site_stats_noise < policy.min_noise_multiplier:
+            raise BudgetExceededError(
+                f"site {site} refuses round {server_round}: site-stats-noise={cfg.site_stats_noise:g} is below this site's floor "
+                f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: raise site-stats-noise"
+            )
         if ledger is not None:
             # This run's spends, as the ledger has them (it outlives the Flower node's state).
             state.accountant = SiteAccountant(cfg.accountant, ledger.events(run_id))
-        projected = state.accountant.projected_epsilon(
+        projected = SiteAccountant(cfg.accountant, [*state.accountant.history, *release]).projected_epsilon(
             cfg.target_delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round
         )
         if projected > cfg.target_epsilon:
             raise BudgetExceededError(
-                f"site {site} refuses round {server_round}: it would take epsilon from "
+                f"site {site} refuses round {server_round}{with_stats}: it would take epsilon from "
                 f"{state.accountant.epsilon(cfg.target_delta):.3f} to "
                 f"{projected:.3f} (delta={cfg.target_delta}, {cfg.accountant}), over the budget "
                 f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds"
             )
         if ledger is not None and policy is not None:
             lifetime = SiteAccountant(cfg.accountant, ledger.events())
-            lifetime_epsilon = lifetime.projected_epsilon(
+            lifetime_epsilon = SiteAccountant(cfg.accountant, [*lifetime.history, *release]).projected_epsilon(
                 policy.delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round
             )
             # Opacus' PRV can come out ~1e-8 lower after a nearly free step (float noise); a
@@ -186,12 +226,19 @@ def train_round(
             carried = ledger.carried or CarriedSpend(0.0, 0.0, "")
             if carried.epsilon + lifetime_epsilon > policy.epsilon_budget:
                 raise BudgetExceededError(
-                    f"site {site} refuses round {server_round}: it would take the site's lifetime epsilon from "
+                    f"site {site} refuses round {server_round}{with_stats}: it would take the site's lifetime epsilon from "
                     f"{carried.epsilon + lifetime.epsilon(policy.delta):.3f} to {carried.epsilon + lifetime_epsilon:.3f} "
                     f"(delta={policy.delta + carried.delta:g}, {cfg.accountant}, {lifetime.steps} steps so far"
                     f"{', with the spend of a lost ledger carried over' if carried.epsilon else ''}), over its budget "
                     f"epsilon-budget={policy.epsilon_budget:g}"
                 )
+        if release:
+            # Durable in the ledger before the statistics exist, let alone are used.
+            stats_epsilon = _release_statistics(cfg, data, stats_columns, state=state, ledger=ledger, policy=policy, run_id=run_id, server_round=server_round)
+            if ledger is not None:
+                lifetime_epsilon = max(lifetime_epsilon, stats_epsilon)
+        if state.site_stats is not None:
+            arrays = recipe.prepare(state.site_stats.apply(data), tasks_from=server_schema).labelled()
         recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, arrays.schema)
         dp = DPSettings(
             noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
@@ -209,6 +256,7 @@ def train_round(
         momentum=run_plan.momentum(arrays.schema), seed=round_seed, dp=dp, augmenter=augmenter,
         balanced_sampler=cfg.balanced_sampler, objective=recipe.objective(arrays.schema, class_weights(cfg, arrays)),
         modality_dropout=recipe.options.modality_dropout, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        max_physical_batch_size=cfg.max_physical_batch_size, augment_multiplicity=cfg.augment_multiplicity if augmenter is not None else 1,
     )
     report = None
     if dp is not None and state.plan is not None:
@@ -230,6 +278,30 @@ def train_round(
             )
             return SiteUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, len(arrays), loss, report, entry)
     return SiteUpdate({k: v.detach().clone() for k, v in model.state_dict().items()}, len(arrays), loss, report)
+
+
+def _release_statistics(
+    cfg: RunConfig, data: MultimodalDataset, columns: tuple[str, ...], *, state: SiteState, ledger: PrivacyLedger | None,
+    policy: SitePolicy | None, run_id: str, server_round: int,
+) -> float:
+    """Record the statistics' spend (ledger, durably, then the accountant), then release them into ``state``.
+
+    Returns the site's lifetime epsilon after the release (0 without a ledger). The budget
+    checks that count it have run already.
+    """
+    event, epsilon = stats_event(cfg), 0.0
+    if ledger is not None and policy is not None:
+        lifetime = SiteAccountant(cfg.accountant, ledger.events())
+        epsilon = lifetime.projected_epsilon(policy.delta, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps)
+        epsilon = max(epsilon, ledger.entries()[-1].epsilon if lifetime.history else 0.0)  # a stated epsilon never falls
+        ledger.append(
+            run_id=run_id, round=server_round, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps,
+            delta=policy.delta, accountant=cfg.accountant.value, epsilon=epsilon, epsilon_budget=policy.epsilon_budget,
+            data=data_digest(data, ledger.data_key), mechanism=SITE_STATS_MECHANISM,
+        )
+    state.accountant.record(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps)
+    state.site_stats = noisy_site_statistics(data, columns, bound=cfg.site_stats_bound, noise_multiplier=cfg.site_stats_noise)
+    return epsilon
 
 
 def data_digest(ds: MultimodalDataset, key: bytes) -> str:

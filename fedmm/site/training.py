@@ -27,15 +27,18 @@ and never sent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus.data_loader import DPDataLoader
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -47,7 +50,7 @@ from fedmm.models.objective import Objective
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ghost import PrivacyEngine
 
-__all__ = ["DPSettings", "add_proximal_term", "scheduled_learning_rate", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
+__all__ = ["DPSettings", "add_proximal_term", "average_copies", "repeat_records", "scheduled_learning_rate", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +149,50 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, model: nn.Module, mu: fl
     return optimizer.register_step_pre_hook(hook)
 
 
+def repeat_records(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Each record (row) ``k`` times in a row: ``[B, ...]`` -> ``[B * k, ...]``, record i's copies at ``i*k .. i*k+k-1``.
+
+    >>> repeat_records([torch.tensor([1, 2])], 2)[0].tolist()
+    [1, 1, 2, 2]
+    """
+    return [t.repeat_interleave(k, dim=0) for t in tensors] if k > 1 else tensors
+
+
+def average_copies(model: nn.Module, k: int) -> None:
+    """Augmentation multiplicity under DP-SGD (De et al. 2022): each parameter's per-sample gradients
+    ``grad_sample`` ``[B * k, ...]`` (the rows of :func:`repeat_records`) become ``[B, ...]``, the mean of
+    each record's ``k`` copies, before the optimizer clips them.
+
+    So each record still contributes one gradient, clipped to ``max_grad_norm``: the sensitivity,
+    the noise (calibrated for the expected batch of ``B`` records) and the accounting are those of
+    DP-SGD without copies. Each row's ``grad_sample`` is the gradient of that row's own loss (Opacus
+    undoes the mean over the ``B * k`` rows), so the mean over copies is the gradient of the record's
+    mean loss over its copies. Only for ``hooks`` and ``functorch`` (ghost clipping never forms
+    ``grad_sample``; the config refuses that pairing).
+    """
+    if k <= 1:
+        return
+    for p in model.parameters():
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is None:
+            continue
+        if isinstance(grad_sample, list):  # accumulated over several backward passes: never in this loop
+            grad_sample = torch.cat(grad_sample, dim=0)
+        if grad_sample.shape[0] % k:
+            raise RuntimeError(f"augment-multiplicity {k}: {grad_sample.shape[0]} per-sample gradients are not whole records")
+        p.grad_sample = grad_sample.view(grad_sample.shape[0] // k, k, *grad_sample.shape[1:]).mean(dim=1)  # type: ignore[attr-defined]
+
+
+def _chunks(batch: list[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:
+    """``batch`` split into chunks of at most ``size`` records (one chunk when ``size`` is 0)."""
+    n = batch[0].shape[0]
+    if size <= 0 or n <= size:
+        yield batch
+        return
+    for start in range(0, n, size):
+        yield [t[start : start + size] for t in batch]
+
+
 def balanced_class_weights(label: np.ndarray, num_classes: int) -> torch.Tensor:
     """``n / (K * count_k)`` from a site's own labels (dp=false only; classes it lacks get 0).
 
@@ -174,6 +221,8 @@ def train(
     objective: nn.Module | None = None,
     modality_dropout: float = 0.0,
     proximal_mu: float = 0.0,
+    max_physical_batch_size: int = 0,
+    augment_multiplicity: int = 1,
 ) -> float:
     """Train ``model`` in place for ``epochs`` on the labelled samples of ``ds``; return the mean loss.
 
@@ -187,11 +236,19 @@ def train(
     ``proximal_mu > 0`` adds FedProx's ``(mu / 2) |w - w_global|^2`` to the objective, with
     ``w_global`` the weights ``model`` has now, after DP-SGD's clipping and noise
     (:func:`add_proximal_term`); the returned loss is without it.
+    ``max_physical_batch_size > 0`` takes each sampled batch through the model in chunks of at
+    most that many records and steps once per batch (under DP: Opacus' ``BatchMemoryManager``,
+    the same steps, sample rate and noise as without it). ``augment_multiplicity = k > 1``
+    trains on ``k`` augmented copies of each sampled record; under DP their per-sample gradients
+    are averaged before clipping (:func:`average_copies`; ``hooks`` or ``functorch`` only).
     """
     if dp is not None and balanced_sampler:
         raise ValueError("a class-balanced sampler breaks DP-SGD's Poisson sampling; refused under DP")
     if dp is not None and getattr(objective, "contrastive", None) == "clip":
         raise ValueError("CLIP's in-batch loss couples the records of a batch; refused under DP (use contrastive='align')")
+    copies = max(1, augment_multiplicity)
+    if dp is not None and copies > 1 and dp.grad_sample_mode is GradSampleMode.GHOST:
+        raise ValueError("augment-multiplicity > 1 under DP needs grad-sample-mode hooks or functorch (ghost clipping never forms per-sample gradients)")
     ds = ds.labelled()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -234,38 +291,23 @@ def train(
         else:
             trained, optimizer, loader = wrapped
     trained.train()
-    total, batches = 0.0, 0
     with warnings.catch_warnings():
         # Opacus' backward hooks on a model whose first layer gets no input gradient (the data
         # never requires one) make torch warn on every step; the gradients are right (tested
         # against one-sample-at-a-time references). Silenced here only, for this one message.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
-        for _ in range(epochs):
-            for batch in loader:
-                inputs, targets = list(batch[: modality_count + 1]), batch[modality_count + 1 :]
-                if dp is not None and targets[0].shape[0] == 0:
-                    # Poisson sampling drew no record. The DP-SGD step is then pure noise (the sum
-                    # of no clipped gradients is 0). Opacus cannot take an empty batch through
-                    # some layers (Embedding with ghost norms, functorch), so take that step directly.
-                    optimizer.zero_grad()
-                    for p in trained.parameters():
-                        if p.requires_grad:
-                            if dp.grad_sample_mode is GradSampleMode.GHOST:
-                                p.grad = torch.zeros_like(p)
-                            else:
-                                p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)  # type: ignore[attr-defined]
-                    optimizer.step()
-                    continue
-                if augmenter is not None:
-                    inputs = augmenter(inputs)
-                if modality_dropout > 0:
-                    inputs = drop_modalities(inputs, modality_dropout, dropout_rng)
-                optimizer.zero_grad()
-                loss = criterion(trained(*inputs), inputs[-1], *targets)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                batches += 1
+        physical = (
+            # Splits each Poisson batch into chunks and tells the optimizer which chunk ends it: the
+            # steps before it only clip and add up (no noise, no accounting), the last one steps.
+            BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer)
+            if dp is not None and max_physical_batch_size > 0 else contextlib.nullcontext(loader)
+        )
+        with physical as batches_of:
+            total, batches = _epochs(
+                trained, batches_of, optimizer, criterion, epochs=epochs, dp=dp, modality_count=modality_count, augmenter=augmenter,
+                modality_dropout=modality_dropout, dropout_rng=dropout_rng, copies=copies,
+                chunk=max_physical_batch_size if dp is None else 0,
+            )
     if proximal is not None:
         proximal.remove()
     if dp is not None:
@@ -287,3 +329,48 @@ def _unwrap(wrapped: nn.Module) -> None:
     remove = getattr(wrapped, "_close", None)
     if callable(remove):
         remove()
+
+
+def _epochs(
+    trained: nn.Module, loader: object, optimizer: torch.optim.Optimizer, criterion: nn.Module, *, epochs: int, dp: DPSettings | None,
+    modality_count: int, augmenter: Augmenter | None, modality_dropout: float, dropout_rng: torch.Generator, copies: int, chunk: int,
+) -> tuple[float, int]:
+    """The training loop of :func:`train`: ``(summed loss, batches)``. ``chunk > 0`` (dp=false only) takes
+    each batch through in chunks of at most that many records, weighted to the batch's mean loss."""
+    total, batches = 0.0, 0
+    for _ in range(epochs):
+        for batch in loader:  # type: ignore[attr-defined]
+            targets = batch[modality_count + 1 :]
+            if dp is not None and targets[0].shape[0] == 0:
+                # Poisson sampling drew no record. The DP-SGD step is then pure noise (the sum
+                # of no clipped gradients is 0). Opacus cannot take an empty batch through
+                # some layers (Embedding with ghost norms, functorch), so take that step directly.
+                optimizer.zero_grad()
+                for p in trained.parameters():
+                    if p.requires_grad:
+                        if dp.grad_sample_mode is GradSampleMode.GHOST:
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)  # type: ignore[attr-defined]
+                optimizer.step()
+                continue
+            optimizer.zero_grad()
+            size = targets[0].shape[0]
+            for part in _chunks(list(batch), chunk):
+                part = repeat_records(part, copies)  # each record's copies side by side, augmented independently
+                inputs, part_targets = part[: modality_count + 1], part[modality_count + 1 :]
+                if augmenter is not None:
+                    inputs = augmenter(inputs)
+                if modality_dropout > 0:
+                    inputs = drop_modalities(inputs, modality_dropout, dropout_rng)
+                loss = criterion(trained(*inputs), inputs[-1], *part_targets)
+                if dp is None and chunk > 0:
+                    (loss * (part_targets[0].shape[0] / (size * copies))).backward()  # the batch's mean loss, summed over chunks
+                else:
+                    loss.backward()
+                if dp is not None:
+                    average_copies(trained, copies)
+                total += float(loss.detach())
+                batches += 1
+            optimizer.step()
+    return total, batches
