@@ -32,6 +32,7 @@ import torch
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import builtin_root, load_site
 from fedmm.models import ModelRecipe
+from fedmm.plan import batch_size
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.runtime.simulation import run_simulation
 from fedmm.site.training import DPSettings, train
@@ -64,7 +65,7 @@ def epoch_seconds(cfg: RunConfig, seed: int) -> tuple[int, float]:
         model = recipe.build(data.schema)
         dp = DPSettings(noise_multiplier=1.0, max_grad_norm=cfg.max_grad_norm, grad_sample_mode=cfg.grad_sample_mode, accountant=SiteAccountant(cfg.accountant))
         start = time.perf_counter()
-        train(model, data, epochs=1, batch_size=cfg.batch_size, learning_rate=recipe.learning_rate(data.schema), momentum=0.0, seed=seed, dp=dp, objective=recipe.objective(data.schema))
+        train(model, data, epochs=1, batch_size=batch_size(cfg), learning_rate=recipe.learning_rate(data.schema), momentum=0.0, seed=seed, dp=dp, objective=recipe.objective(data.schema))
         return len(data), time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

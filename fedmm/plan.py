@@ -40,12 +40,24 @@ from fedmm.models.recipe import ModelRecipe
 from fedmm.privacy.client_dp import ClientDPPlan
 from fedmm.privacy.policy import parse_site_budgets
 
-__all__ = ["RunPlan", "AUTO_SERVER_LR", "server_learning_rate"]
+__all__ = ["RunPlan", "AUTO_SERVER_LR", "batch_size", "server_learning_rate"]
 
 # Server learning rate of ``auto`` per strategy (docs/training.md#measured).
 AUTO_SERVER_LR: dict[str, float] = {
     "fedavg": 1.0, "fedprox": 1.0, "fedavgm": 0.3, "fedadam": 0.03, "fedyogi": 0.03, "fedadagrad": 0.1,
 }
+
+
+SMALL_EPSILON = 4.0  # below this target-epsilon, batch-size=auto takes the larger batch
+LARGE_BATCH, DEFAULT_BATCH = 256, 64
+
+
+def batch_size(cfg: RunConfig) -> int:
+    """``batch-size``, or what ``auto`` resolves to: 256 under DP with target-epsilon below 4 (the noise per
+    record shrinks with the batch; measured in docs/benchmarks.md#recipes-at-small-epsilon), else 64."""
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    return LARGE_BATCH if cfg.dp and cfg.target_epsilon < SMALL_EPSILON else DEFAULT_BATCH
 
 
 def server_learning_rate(cfg: RunConfig) -> float:
@@ -120,7 +132,7 @@ class RunPlan:
         changes: dict[str, Any] = {
             "model": self.model.fusion, "image_encoder": self.model.options.image_encoder,
             "sensor_norm": SensorNorm.parse(self.config.sensor_norm).text,
-            "server_learning_rate": server_learning_rate(self.config),
+            "server_learning_rate": server_learning_rate(self.config), "batch_size": batch_size(self.config),
         }
         if schema is not None:
             changes["learning_rate"] = self.learning_rate(schema)

@@ -16,6 +16,7 @@ import torch
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import builtin_root, load_test
 from fedmm.models import ModelRecipe
+from fedmm.plan import batch_size
 
 FEDMM = str(Path(sys.executable).parent / "fedmm")
 FLOWER_PROCESS_MARKS = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
@@ -58,7 +59,7 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
     sites = json.loads((run_dir / "privacy.json").read_text())["sites"]
     assert sorted(s["site"] for s in sites) == ["george", "jackson", "lucas"]
     assert summary["max_epsilon"] == max(s["epsilon"] for s in sites)  # a maximum, never an average
-    assert all(0 < s["epsilon"] <= 8.0 and s["steps"] == 2 * math.ceil(250 / RunConfig().batch_size) and s["noise_multiplier"] > 0 for s in sites)
+    assert all(0 < s["epsilon"] <= 8.0 and s["steps"] == 2 * math.ceil(250 / batch_size(RunConfig())) and s["noise_multiplier"] > 0 for s in sites)
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[-1]["accuracy"] == summary["final_accuracy"]

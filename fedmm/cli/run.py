@@ -98,7 +98,7 @@ def simulate(
         if verbose:
             console.print(line, markup=False, highlight=False)
         elif _MARK in line:
-            text = line.split(_MARK, 1)[1]
+            text = line.split(_MARK, 1)[1].strip()
             if text not in shown:  # Flower's log stream can repeat a line
                 shown.add(text)
                 console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -53,6 +53,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
+from fedmm.plan import batch_size
 
 __all__ = ["Aggregation", "aggregate", "least_updates", "update_norm_bound", "cast_like", "PLAIN_GRADIENT_NORM", "NOISE_TAIL"]
 
@@ -162,7 +163,7 @@ def update_norm_bound(cfg: RunConfig, *, learning_rate: float, parameters: int) 
     if cfg.client_dp:
         return cfg.client_clip_norm
     step = learning_rate / (1.0 - (cfg.momentum or 0.0))  # the server resolves momentum=auto first (RunPlan.resolved)
-    epochs, batch = cfg.local_epochs, cfg.batch_size
+    epochs, batch = cfg.local_epochs, batch_size(cfg)
     k_max = max(1, math.ceil(cfg.max_site_weight / batch))
     if not cfg.dp:
         return step * epochs * k_max * PLAIN_GRADIENT_NORM

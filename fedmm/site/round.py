@@ -28,7 +28,7 @@ from fedmm.errors import BudgetExceededError, FederationError, PrivacyError
 from fedmm.privacy.accounting import PrivacyEvent, PrivacyReport, SiteAccountant, calibrate_noise_multiplier
 from fedmm.privacy.ledger import SITE_STATS_MECHANISM, CarriedSpend, LedgerEntry, PrivacyLedger
 from fedmm.privacy.policy import SitePolicy
-from fedmm.plan import RunPlan
+from fedmm.plan import RunPlan, batch_size
 from fedmm.site.data import class_weights
 from fedmm.site.training import DPSettings, poisson_steps_per_epoch, scheduled_learning_rate, steps_per_epoch, train
 
@@ -103,8 +103,8 @@ def plan_site(cfg: RunConfig, num_examples: int, *, site_stats: bool | None = No
     if site_stats is None:
         site_stats = cfg.dp and any(mode == "site" for _, mode in SensorNorm.parse(cfg.sensor_norm).modes)
     prior = (stats_event(cfg),) if site_stats else ()
-    sample_rate = 1.0 / steps_per_epoch(num_examples, cfg.batch_size)
-    steps_per_round = cfg.local_epochs * poisson_steps_per_epoch(num_examples, cfg.batch_size)
+    sample_rate = 1.0 / steps_per_epoch(num_examples, batch_size(cfg))
+    steps_per_round = cfg.local_epochs * poisson_steps_per_epoch(num_examples, batch_size(cfg))
     total_steps = cfg.rounds * steps_per_round
     noise = cfg.noise_multiplier
     if noise is None:
@@ -248,7 +248,7 @@ def train_round(
     round_seed = zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode())
     augmenter = Augmenter(arrays.schema, run_plan.augment, seed=round_seed) if run_plan.augment else None
     loss = train(
-        model, arrays, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        model, arrays, epochs=cfg.local_epochs, batch_size=batch_size(cfg),
         # lr-schedule over the run's rounds (the server sends the absolute round, also after a resume)
         learning_rate=scheduled_learning_rate(
             run_plan.learning_rate(arrays.schema), server_round, rounds=cfg.rounds, schedule=cfg.lr_schedule, warmup=cfg.lr_warmup_rounds,
