@@ -18,7 +18,7 @@ import torch
 
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.errors import BudgetExceededError, ConfigError, DataError, FederationError
+from fedmm.errors import BudgetExceededError, ConfigError, DataError, FederationError, PrivacyError
 from fedmm.models import layout_fingerprint
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
@@ -32,7 +32,24 @@ from fedmm.site.round import SiteState, train_round
 
 _log = logging.getLogger("fedmm.site")
 
-__all__ = ["run_round"]
+__all__ = ["run_round", "without_paths"]
+
+
+def without_paths(message: str, ledger_path: Any) -> str:
+    """``message`` with the site's local paths (its ledger, state folder, home) replaced by what they are.
+
+    >>> without_paths("no privacy ledger at /srv/a/ledger.sqlite. Fix: ...", "/srv/a/ledger.sqlite")
+    "no privacy ledger at <the site's ledger>. Fix: ..."
+    """
+    from pathlib import Path
+
+    ledger = Path(str(ledger_path))
+    for path, name in ((ledger.resolve(), "<the site's ledger>"), (ledger, "<the site's ledger>"),
+                       (ledger.resolve().parent, "<the site's state folder>"), (ledger.parent, "<the site's state folder>"),
+                       (Path.home(), "~")):
+        if str(path) not in ("", ".", "/"):
+            message = message.replace(str(path), name)
+    return message
 
 
 _DATA: dict[str, tuple[str, Any]] = {}  # a long-lived process keeps each site's data between rounds
@@ -69,7 +86,12 @@ def run_round(req: RoundRequest) -> RoundResponse:
     proof = sign_claim(str(key), run_id=run_id, server_round=server_round, node=req.node_id, site=site) if key else ""
     global_t = {k: torch.from_numpy(np.array(v)) for k, v in req.global_weights.items()}
     # Locked for this process from the budget check through the append; a missing ledger is an error, not a fresh start.
-    ledger = PrivacyLedger.open(policy.ledger_path, site=site, create_if_new=policy.fresh_state) if cfg.dp else None
+    try:
+        ledger = PrivacyLedger.open(policy.ledger_path, site=site, create_if_new=policy.fresh_state) if cfg.dp else None
+    except PrivacyError as err:
+        # The site's log keeps where its ledger lies; the server learns what is wrong, not the site's paths.
+        _log.error("[fedmm] site %s cannot train round %d: %s", site, server_round, err)
+        raise PrivacyError(without_paths(str(err), policy.ledger_path)) from None
     try:
         update = train_round(
             cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
@@ -78,7 +100,10 @@ def run_round(req: RoundRequest) -> RoundResponse:
     except BudgetExceededError as refusal:
         # A refusal is the site's answer, not a failure: no update, the reason, and its budget.
         entries = ledger.entries() if ledger is not None else []
-        response = RoundResponse(site=site, refused=str(refusal), spent=entries[-1].epsilon if entries else 0.0, budget=policy.epsilon_budget, proof=proof)
+        spent = entries[-1].epsilon if entries else 0.0
+        _log.warning("[fedmm] site %s refuses round %d (epsilon spent %.3f of its budget %g): %s", site, server_round, spent, policy.epsilon_budget, refusal)
+        reason = without_paths(str(refusal), policy.ledger_path)
+        response = RoundResponse(site=site, refused=reason, spent=spent, budget=policy.epsilon_budget, proof=proof)
         if req.secagg is not None:
             # Inside SecAgg+: a zero update. Weight 0 takes no part in FedAvg; under client-level
             # DP (weights of 1) it still carries its noise share, so the noise never falls short.
@@ -106,6 +131,12 @@ def run_round(req: RoundRequest) -> RoundResponse:
     else:
         response.arrays, response.weight = {k: v.numpy() for k, v in update.state_dict.items()}, weight
     report, entry = update.privacy, update.ledger_entry
+    if report is not None:
+        left = f", {policy.epsilon_budget - report.epsilon:.3f} left of its budget {policy.epsilon_budget:g}"
+        _log.info("[fedmm] site %s round %d: trained, epsilon %.3f (delta=%g, %s)%s, ledger entry %s", site, server_round,
+                  report.epsilon, report.delta, report.accountant, left, entry.seq if entry is not None else "-")
+    else:
+        _log.info("[fedmm] site %s round %d: trained without DP (%d records)", site, server_round, update.num_examples)
     response.metrics = {
         protocol.NUM_EXAMPLES: weight, **({} if cfg.dp else {protocol.TRAIN_LOSS: update.train_loss}),
         protocol.EPSILON: report.epsilon if report else 0.0,
