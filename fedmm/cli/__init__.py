@@ -2,6 +2,8 @@
 
 - ``fedmm simulate [PRESET] [--set key=value ...]`` runs a federation offline and
   writes ``runs/<run-id>/``; it exits 0 only when the run completed;
+- ``fedmm status RUN [--json]`` says what became of a run (completed, stopped and why,
+  failed, running), its rounds and every site by name (exit 0, 3 stopped, 1 failed);
 - ``fedmm data check MANIFEST [--lenient]`` validates a manifest and prints counts per
   modality, class and site (exit 1 on a strict failure);
 - ``fedmm data split [PRESET] [--set ...]`` shows how a simulated federation splits
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import sys
 
-from fedmm.cli import run, data, privacy, ledger, evaluate, report  # noqa: F401, I001  each registers its commands on ``app``, in help order
+from fedmm.cli import run, status, data, privacy, ledger, evaluate, report  # noqa: F401, I001  each registers its commands on ``app``, in help order
 from fedmm.cli.common import app, parse_overrides
 
 __all__ = ["app", "main", "parse_overrides"]

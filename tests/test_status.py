@@ -1,0 +1,64 @@
+"""`fedmm status RUN`: the truth about a run (a run that trained nothing is failed), every site by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedmm.cli import app
+
+
+def _run(tmp_path: Path, *, rounds: int, summary: dict[str, object] | None, privacy: bool = True) -> Path:
+    run = tmp_path / "run-1"
+    run.mkdir()
+    (run / "config.toml").write_text("rounds = 5\n")
+    lines = []
+    for r in range(1, rounds + 1):
+        participants = ["george", "[bold]lab:AB:[/bold]"] if r < 3 else ["george"]
+        lines.append({"round": r, "accuracy": 0.5, "participants": participants, "rejected_by": {"mallory": ["norm"]} if r == 2 else {}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if privacy:
+        sites = [
+            {"site": "george", "epsilon": 7.5, "epsilon_budget": 8.0, "refused": None},
+            {"site": "[bold]lab:AB:[/bold]", "epsilon": 3.2, "epsilon_budget": 4.0, "refused": "round 3 would take epsilon to 4.4, over its budget 4"},
+        ]
+        (run / "privacy.json").write_text(json.dumps({"sites": sites, "client_level": None}))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps({"rounds": rounds, "rounds_planned": 5, **summary}))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("rounds", "summary", "privacy", "state", "code"),
+    [
+        (5, {"stopped": None}, True, "COMPLETED", 0),
+        (4, {"stopped": "fewer than min-sites=2 sites still have budget"}, True, "STOPPED", 3),
+        (0, {"stopped": "every site refused"}, True, "FAILED", 1),  # `flwr ls` says finished:completed for this one
+        (2, None, True, "FAILED", 1),  # the server failed: privacy.json alone
+        (2, None, False, "RUNNING", 0),
+    ],
+)
+def test_the_state_and_exit_code_say_what_became_of_the_run(tmp_path: Path, rounds: int, summary: dict[str, object] | None, privacy: bool, state: str, code: int) -> None:
+    result = CliRunner().invoke(app, ["status", str(_run(tmp_path, rounds=rounds, summary=summary, privacy=privacy))], env={"COLUMNS": "80"})
+    assert result.exit_code == code, result.output
+    assert f"run run-1: {state}" in result.output
+
+
+def test_every_site_is_named_with_its_rounds_spend_refusal_and_rejections(tmp_path: Path) -> None:
+    run = _run(tmp_path, rounds=4, summary={"stopped": None})
+    result = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "80"})
+    assert "[bold]lab:AB:[/bold] refused: round 3 would take epsilon to 4.4" in result.output  # data printed literally
+    assert "mallory rejected: {'norm': 1}" in result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+    data = json.loads(CliRunner().invoke(app, ["status", str(run), "--json"]).output)
+    by_name = {s["name"]: s for s in data["sites"]}
+    assert by_name["george"]["rounds_trained"] == 4 and by_name["george"]["last_round"] == 4
+    assert by_name["[bold]lab:AB:[/bold]"]["rounds_trained"] == 2 and by_name["[bold]lab:AB:[/bold]"]["remaining"] == pytest.approx(0.8)
+
+
+def test_a_folder_that_is_no_run_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["status", str(tmp_path)])
+    assert result.exit_code == 2 and "not a fedmm run folder" in " ".join(result.output.split())
