@@ -200,12 +200,24 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedmm] run failed; privacy.json records %d site report(s), max epsilon %s", len(privacy), "none" if eps is None else f"{eps:.3f}")
         raise
     artifacts.save_model(served(final_arrays).to_torch_state_dict())
+    # completed: every planned round; stopped: some rounds, then too few sites with budget (the privacy
+    # promise working, a normal end); failed: no round aggregated since this start, nothing trained.
+    rounds_done = int(final.get("round", done))
+    status = "failed" if rounds_done <= done else "stopped" if stopped else "completed"
+    if status == "failed" and stopped is None:
+        stopped = "no round was aggregated"
     summary = artifacts.finish(
-        rounds=int(final["round"]), sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
-        final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped,
+        rounds=rounds_done, sites=strategy.sites_last_round, final_accuracy=final["accuracy"],
+        final_loss=final["loss"], privacy=sorted(strategy.site_privacy.values(), key=lambda p: p.site), stopped=stopped, status=status,
         client_epsilon=strategy.client_epsilon, rejected=strategy.rejected, unaggregated_spends=strategy.unaggregated_spends,
         rejected_by_site=strategy.rejected_by_site, max_update_norm=getattr(strategy, "max_update_norm", None),
         evaluation=summary_fields(final_scores.get("last"), best),
     )
     eps = summary["max_epsilon"]
-    log(INFO, "[fedmm] finished: accuracy %.4f, max epsilon %s; artifacts in %s", summary["final_accuracy"], "none" if eps is None else f"{eps:.3f}", artifacts.dir)
+    if status == "failed":
+        # After summary.json and privacy.json are written: Flower records the run as finished:failed.
+        raise FederationError(
+            f"run {artifacts.run_id} failed: no round was aggregated after round {done} ({stopped}); "
+            f"summary.json says status failed, privacy.json what the sites spent; artifacts in {artifacts.dir}"
+        )
+    log(INFO, "[fedmm] finished (%s): accuracy %.4f, max epsilon %s; artifacts in %s", status, summary["final_accuracy"], "none" if eps is None else f"{eps:.3f}", artifacts.dir)

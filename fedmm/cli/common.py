@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedmm: priva
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check data and inspect simulated federations.")
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
-console = Console()
+console = Console(emoji=False)  # data (a fingerprint "0A:AB:54", a site named ":AB:") is never an emoji code
 
 
 @app.callback()
@@ -39,7 +39,7 @@ def exit_on_error() -> Iterator[None]:
     try:
         yield
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print("[red]error:[/red] " + escape(str(err)))
         raise typer.Exit(2) from err
     except FedMMError as err:
         # The CLI runs where the data is: print the local detail (paths, values) a site never sends to the server.

@@ -9,20 +9,17 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from fedmm.cli.common import console, data_app, exit_on_error, build_plan, federation_usage, load_federation, load_preset, parse_overrides
+from fedmm.cli.tables import FitTable
 from fedmm.config import RunConfig
 
 __all__ = ["data_check", "data_split"]
 
 
-def _counts_table(title: str, rows: dict[str, dict[str, Any]], classes: tuple[str, ...], modalities: tuple[str, ...]) -> Table:
-    """One column per site (or group), one row per count: narrow enough for a terminal."""
-    table = Table(title=title)
-    table.add_column("")
-    for name in rows:
-        table.add_column(name, justify="right")
+def _counts_table(title: str, rows: dict[str, dict[str, Any]], classes: tuple[str, ...], modalities: tuple[str, ...]) -> FitTable:
+    """One column per site (or group), one row per count: narrow enough for a terminal (else one block a count)."""
+    table = FitTable(title, ("", *rows), justify={name: "right" for name in rows})
     counts = list(rows.values())
     table.add_row("samples", *(str(c["samples"]) for c in counts), style="bold")
     for m in modalities:
@@ -69,9 +66,7 @@ def data_check(
         _list_problems(report.problems, skipped_csv)
         raise typer.Exit(1)
     schema = ds.schema
-    mods = Table(title=f"{manifest}: {len(ds)} samples")
-    for column in ("modality", "kind", "shape", "present", "missing"):
-        mods.add_column(column)
+    mods = FitTable(f"{manifest}: {len(ds)} samples", ("modality", "kind", "shape", "present", "missing"))
     counts = ds.counts()
     for m in schema.modalities:
         present = counts["per_modality"][m.name]
@@ -84,9 +79,7 @@ def data_check(
                 groups[f"{column}={value or '(empty)'}"] = ds.subset(np.flatnonzero(ds.groups[column] == value)).counts()
     console.print(_counts_table("samples per class", groups, schema.classes, schema.names))
     if ds.skipped:
-        skips = Table(title=f"skipped rows: {sum(ds.skipped.values())}")
-        skips.add_column("reason")
-        skips.add_column("rows", justify="right")
+        skips = FitTable(f"skipped rows: {sum(ds.skipped.values())}", ("reason", "rows"), justify={"rows": "right"})
         for reason, n in sorted(ds.skipped.items()):
             skips.add_row(reason, str(n))
         console.print(skips)
@@ -136,4 +129,4 @@ def data_split(
     for name, note in zip(federation.names, federation.notes):
         extra = {k: v for k, v in note.items() if k != "transition_matrix"}
         if extra:
-            console.print(f"{name}: {extra}")
+            console.print(f"{name}: {extra}", markup=False, highlight=False)

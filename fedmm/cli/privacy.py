@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, federation_usage, load_federation, load_preset, parse_overrides
+from fedmm.cli.tables import FitTable
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
 
@@ -19,23 +20,29 @@ if TYPE_CHECKING:
 __all__ = ["plan", "audit", "plan_table"]
 
 
-def plan_table(run_plan: RunPlan, federation: Any) -> Table:
-    """Per site: records, sample rate, steps, the noise for the run's target, and what its own budget allows."""
+def plan_table(run_plan: RunPlan, federation: Any) -> FitTable:
+    """Per site: records, sample rate, steps, the noise for the run's target, what its own budget allows of this run and in studies."""
     import warnings
 
     cfg, budgets, recipe = run_plan.config, run_plan.site_budgets, run_plan.model
-    table = Table(title=f"DP plan: target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g} ({cfg.accountant}) over {cfg.rounds} rounds; q: sample rate, noise: noise multiplier")
-    for column in ("site", "records", "q", "steps/rd", "noise", "epsilon", "budget", "rounds"):
-        table.add_column(column, overflow="fold")
+    table = FitTable(
+        f"DP plan: target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g} ({cfg.accountant}) over {cfg.rounds} rounds; "
+        "q: sample rate, noise: noise multiplier, budget: the site's lifetime epsilon, studies: whole runs of this plan it still allows",
+        ("site", "records", "q", "steps/rd", "noise", "epsilon", "budget", "rounds", "studies"),
+    )
     for name, ds in zip(federation.names, federation.sites):
         with warnings.catch_warnings():
             # Opacus notes when RDP's best order is its largest (a looser bound, still valid); the table names the accountant.
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            table.add_row(*_plan_row(cfg, name, len(recipe.prepare(ds).labelled()), budgets.get(name, budgets["*"])))
+            row, warning = _plan_row(cfg, name, len(recipe.prepare(ds).labelled()), budgets.get(name, budgets["*"]))
+        table.add_row(*row)
+        if warning:
+            table.notes.append(Text(warning, style="yellow"))
     return table
 
 
-def _plan_row(cfg: RunConfig, name: str, records: int, budget: float) -> list[str]:
+def _plan_row(cfg: RunConfig, name: str, records: int, budget: float) -> tuple[list[str], str | None]:
+    from fedmm.cli.studies import spent_before, studies_allowed
     from fedmm.privacy.accounting import SiteAccountant
     from fedmm.site.round import plan_site
 
@@ -47,10 +54,17 @@ def _plan_row(cfg: RunConfig, name: str, records: int, budget: float) -> list[st
             break
         affordable += 1
     floor = " (below the sites' floor)" if plan.noise_multiplier < cfg.site_min_noise_multiplier else ""
+    history, carried = spent_before(cfg, name)
+    studies = studies_allowed(cfg, plan, budget, history=history, carried=carried)
+    warning = None
+    if studies.count < 2:
+        spent = f", {studies.spent:.3f} of it already spent," if studies.spent else ""
+        warning = (f"warning: site {name}'s lifetime budget epsilon {budget:g}{spent} fits {studies.count} whole "
+                   f"{'study' if studies.count == 1 else 'studies'} of this plan: raise its budget, or plan a smaller target-epsilon a study")
     return [
         name, str(records), f"{plan.sample_rate:.4f}", str(plan.steps_per_round), f"{plan.noise_multiplier:.4f}{floor}",
-        f"{plan.planned_epsilon:.3f}", f"{budget:g}", str(affordable) if affordable < cfg.rounds else f"all {cfg.rounds}",
-    ]
+        f"{plan.planned_epsilon:.3f}", f"{budget:g}", str(affordable) if affordable < cfg.rounds else f"all {cfg.rounds}", studies.text,
+    ], warning
 
 
 @app.command()
@@ -114,7 +128,7 @@ def _share_line(share: Any) -> str:
 def audit(
     ledgers: Annotated[list[Path], typer.Argument(help="site ledgers (ledger.sqlite), or folders to search for them")],
     as_json: Annotated[bool, typer.Option("--json", help="print the audit as JSON: every entry and its recomputed epsilon")] = False,
-    html_file: Annotated[Path | None, typer.Option("--html", help="also write an HTML report with a plot of epsilon over spends")] = None,
+    html_file: Annotated[Path | None, typer.Option("--html", help="also write an offline HTML report: warnings, per-site and per-run tables, a panel per site")] = None,
     witness: Annotated[list[Path] | None, typer.Option(
         "--witness", help="a run's privacy.json (the server's record of each site's ledger head): every site it names must match",
     )] = None,
@@ -124,7 +138,8 @@ def audit(
     Exit 0 when every ledger is intact, within budget and agrees with every witness; 1 otherwise;
     2 when no ledger is found.
     """
-    from fedmm.privacy.audit import audit_ledger, load_witness, render_html
+    from fedmm.privacy.audit import audit_ledger, load_witness
+    from fedmm.privacy.audit_report import render_html
     from fedmm.privacy.ledger import find_ledgers
 
     with exit_on_error():
@@ -139,27 +154,28 @@ def audit(
             audits.append(audit_ledger(Path(f"(no ledger given for site {missing}, named by {source})")))
     ok = all(a.ok for a in audits)
     if html_file is not None:
-        html_file.write_text(render_html(audits), encoding="utf-8")
+        html_file.write_text(render_html(audits, witnesses=[str(w) for w in witness or []]), encoding="utf-8")
     if as_json:
         print(json.dumps({"ok": ok, "sites": [a.to_json() for a in audits]}, indent=2))
     else:
-        table = Table(title="fedmm privacy audit (epsilon recomputed from each ledger's events)")
-        for column in ("site", "epsilon", "budget", "remaining", "delta", "accountant", "runs", "spends", "last spend (UTC)", "hash chain"):
-            table.add_column(column)
+        table = FitTable(
+            "fedmm privacy audit (epsilon recomputed from each ledger's events)",
+            ("site", "epsilon", "budget", "remaining", "delta", "accountant", "runs", "spends", "last spend (UTC)", "hash chain"),
+        )
         for a in audits:
             table.add_row(
                 a.site, f"{a.epsilon:.4f}", "" if a.epsilon_budget is None else f"{a.epsilon_budget:g}",
                 "" if a.remaining is None else f"{a.remaining:.4f}", "" if a.delta is None else f"{a.delta:g}", a.accountant or "",
-                str(a.runs), str(len(a.entries)), (a.last_spend or "")[:19], "[green]intact[/green]" if a.chain_ok else "[red]BROKEN[/red]",
+                str(a.runs), str(len(a.entries)), (a.last_spend or "")[:19], Text("intact", "green") if a.chain_ok else Text("BROKEN", "red"),
             )
         console.print(table)
         for a in audits:
             for problem in a.problems:
-                console.print(f"[red]{a.site}:[/red] {problem}  ({a.path})")
+                console.print(Text.assemble((f"{a.site}:", "red"), f" {problem}  ({a.path})"))
             for note in a.notes:
-                console.print(f"[yellow]{a.site}:[/yellow] {note}")
+                console.print(Text.assemble((f"{a.site}:", "yellow"), f" {note}"))
         console.print("[green]every ledger intact and within budget[/green]" if ok else "[red]audit failed[/red]")
         if html_file is not None:
-            console.print(f"HTML report: {html_file}")
+            console.print(f"HTML report: {html_file}", markup=False, highlight=False)
     if not ok:
         raise typer.Exit(1)

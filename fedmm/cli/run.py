@@ -19,7 +19,8 @@ __all__ = ["simulate", "server", "site"]
 _MARK = "[fedmm] "
 
 
-def _print_summary(run_dir: Path) -> None:
+def _print_summary(run_dir: Path) -> str:
+    """Print a finished run's privacy table and summary; return its status (completed, stopped or failed)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
     table = Table(title=f"fedmm run {summary['run_id']} (q: sample rate, noise: noise multiplier)", show_edge=False)  # 80 columns
@@ -45,8 +46,9 @@ def _print_summary(run_dir: Path) -> None:
         privacy_text += ", secure aggregation (SecAgg+)"
     if summary.get("rejected_updates"):
         console.print(f"[yellow]updates rejected:[/yellow] {summary['rejected_updates']}")
+    status = str(summary.get("status") or ("stopped" if summary.get("stopped") else "completed"))
     if summary.get("stopped"):
-        console.print(f"[yellow]stopped early:[/yellow] {summary['stopped']}")
+        console.print(f"[yellow]{'failed, nothing trained' if status == 'failed' else 'stopped early'}:[/yellow] {summary['stopped']}")
     for site in privacy:
         if site.get("refused"):
             console.print(f"{site['site']}: {site['refused']}", markup=False, highlight=False)
@@ -55,6 +57,9 @@ def _print_summary(run_dir: Path) -> None:
         f"{summary['sites']} sites, {privacy_text}; {summary['wall_seconds']:.0f} s in the ServerApp\n"
         f"artifacts: {run_dir}"
     )
+    colour = {"completed": "green", "stopped": "yellow"}.get(status, "red")
+    console.print(f"status: [{colour}]{status}[/{colour}] ({summary['rounds']} of {summary.get('rounds_planned', '?')} rounds)")
+    return status
 
 
 @app.command()
@@ -110,6 +115,10 @@ def simulate(
         raise typer.Exit(1) from err
     if not outcome.ok:
         console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.details}")
+        summary_file = outcome.run_dir / "summary.json"
+        if summary_file.is_file():  # a run that trained no round writes its summary, then fails
+            summary = json.loads(summary_file.read_text())
+            console.print(f"status: [red]{summary.get('status', 'failed')}[/red]: {summary.get('stopped') or outcome.details}", highlight=False)
         tail = outcome.log_file.read_text(errors="replace").splitlines()[-30:] if outcome.log_file.is_file() else []
         console.print("\n".join(tail), markup=False, highlight=False)
         console.print(f"full log: {outcome.log_file}")
@@ -119,7 +128,8 @@ def simulate(
             spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in sites) or "no site reported a spend"
             console.print(f"privacy spent before the failure: {spends} (in {spent})", markup=False, highlight=False)
         raise typer.Exit(1)
-    _print_summary(outcome.run_dir)
+    if _print_summary(outcome.run_dir) == "failed":  # Flower said completed, the run's own summary says otherwise
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -191,6 +191,7 @@ class RunArtifacts:
 
     def finish(
         self, *, rounds: int, sites: int, final_accuracy: float, final_loss: float, privacy: Iterable[Any], stopped: str | None = None,
+        status: str | None = None,
         client_epsilon: float | None = None, rejected: Mapping[str, int] | None = None, unaggregated_spends: Mapping[str, int] | None = None,
         rejected_by_site: Mapping[str, Mapping[str, int]] | None = None, max_update_norm: float | None = None,
         evaluation: Mapping[str, Any] | None = None,
@@ -202,10 +203,17 @@ class RunArtifacts:
         :func:`fedmm.federation.central.summary_fields`), written after ``final_loss``.
 
         ``rounds`` is the rounds completed; ``stopped`` says why the run ended before
-        ``rounds`` of the config (sites out of budget), or None. ``client_epsilon`` is the
+        ``rounds`` of the config (sites out of budget), or None. ``status`` is ``completed``
+        (every planned round), ``stopped`` (some rounds, then ``stopped``) or ``failed`` (no
+        round aggregated; ``stopped`` says why); None: ``stopped`` or ``completed`` from
+        ``stopped``. ``client_epsilon`` is the
         client-level (DP-FedAvg) epsilon at ``client-delta``; ``rejected`` counts the
         updates left out of the aggregate, per reason.
         """
+        if status is None:
+            status = "stopped" if stopped else "completed"
+        if status not in ("completed", "stopped", "failed"):
+            raise ValueError(f"status must be completed, stopped or failed, not {status!r}")
         site_reports = self.save_privacy(privacy, rounds=rounds, client_epsilon=client_epsilon)
         summary = {
             "run_id": self.run_id,
@@ -213,6 +221,7 @@ class RunArtifacts:
             "rounds": rounds,
             "rounds_planned": self.cfg.rounds,
             "stopped": stopped,
+            "status": status,
             "sites": sites,
             "dp": self.cfg.dp,
             "secure_aggregation": self.cfg.secure_aggregation,

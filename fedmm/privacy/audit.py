@@ -8,14 +8,14 @@ fedmm ledger is reported, never initialised. With witnesses (runs' ``privacy.jso
 hold each site's ledger head as the server received it) a chain rewritten consistently
 (hashes and anchor recomputed) is caught too: the witnessed entry is gone or differs.
 A tolerance used (an anchor one entry behind) is stated as a note. ``fedmm audit`` prints this as a table, as
-JSON (``--json``) or as an HTML report with a plot of epsilon over spends (``--html``).
+JSON (``--json``) or as an HTML report for a data-protection officer (``--html``,
+:mod:`fedmm.privacy.audit_report`). Besides each entry, the audit keeps what that report needs:
+the stated and recomputed totals (the headline is the larger), whether a witness matched, and
+each run's own epsilon, noise, sample rate, steps and rounds.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from collections.abc import Mapping
@@ -25,10 +25,10 @@ from typing import Any
 
 from fedmm.config import AccountantKind
 from fedmm.errors import PrivacyError
-from fedmm.privacy.accounting import SiteAccountant
+from fedmm.privacy.accounting import PrivacyEvent, SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
 
-__all__ = ["SiteAudit", "audit_ledger", "load_witness", "render_html"]
+__all__ = ["SiteAudit", "audit_ledger", "load_witness", "run_summaries"]
 
 _TOLERANCE = 1e-6  # relative: the recomputation runs the same accountant on the same events
 
@@ -53,6 +53,17 @@ class SiteAudit:
     over_budget: bool
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # tolerances used and carried spends, stated with the verdict
+    epsilon_stated: float | None = None  # what the site's ledger states after its last entry (carried spend included)
+    epsilon_recomputed: float | None = None  # what its events give after the last entry (carried spend included)
+    witness_ok: bool | None = None  # every witness naming this site matched its ledger; None: no witness named it
+    run_details: list[dict[str, Any]] = field(default_factory=list)  # per run: rounds, its own epsilon, noise, rate, steps
+
+    @property
+    def disagrees(self) -> bool:
+        """The stated and the recomputed epsilon differ (the headline is then the larger one)."""
+        if self.epsilon_stated is None or self.epsilon_recomputed is None:
+            return False
+        return not math.isclose(self.epsilon_stated, self.epsilon_recomputed, rel_tol=_TOLERANCE, abs_tol=1e-9)
 
     @property
     def ok(self) -> bool:
@@ -95,9 +106,11 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
         )
     problems = list(verdict.problems)
     stored = {e.seq: e.hash for e in entries}
+    witness_ok: bool | None = None
     for source, heads in (witnesses or {}).items():
         if site in heads:
             w_seq, w_hash = heads[site]
+            witness_ok = witness_ok is not False and stored.get(w_seq) == w_hash
             if stored.get(w_seq) != w_hash:
                 found = f"entry {w_seq} has hash {stored[w_seq][:12]}" if w_seq in stored else f"the ledger ends at entry {len(entries)}"
                 problems.append(f"witness {source} recorded this site's ledger head as entry {w_seq} with hash {w_hash[:12]}; {found}: the ledger was rewritten or cut")
@@ -124,65 +137,38 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
             "epsilon_stated": entry.epsilon, "epsilon_budget": entry.epsilon_budget, "data": entry.data, "created": entry.created,
         })
     last = rows[-1] if rows else None
+    headline = max((r["epsilon"] for r in rows), default=carried_epsilon)  # cumulative: an earlier, larger figure still counts
     return SiteAudit(
         site=site, path=str(Path(path).resolve()), entries=rows, runs=len({r["run_id"] for r in rows}),
         accountant=last["accountant"] if last else None, delta=(last["delta"] + (carried.delta if carried else 0.0)) if last else None,
-        epsilon=last["epsilon"] if last else carried_epsilon, epsilon_budget=last["epsilon_budget"] if last else None,
-        remaining=(last["epsilon_budget"] - last["epsilon"]) if last else None, last_spend=last["created"] if last else None,
+        epsilon=headline, epsilon_budget=last["epsilon_budget"] if last else None,
+        remaining=(last["epsilon_budget"] - headline) if last else None, last_spend=last["created"] if last else None,
         ledger_seq=seq, ledger_hash=digest, chain_ok=verdict.ok, over_budget=over, problems=problems,
-        notes=list(verdict.notes) + ([f"carries epsilon {carried.epsilon:g} at delta {carried.delta:g} from a ledger lost for good ({carried.reason}); "
-                                      "its spends are added by basic composition"] if carried else []),
+        notes=list(verdict.notes) + ([(f"carries epsilon {carried.epsilon:g} at delta {carried.delta:g} from a ledger lost for good ({carried.reason}); "
+                                       "its spends are added by basic composition")] if carried else []),
+        epsilon_stated=carried_epsilon + last["epsilon_stated"] if last else None,
+        epsilon_recomputed=carried_epsilon + last["epsilon_recomputed"] if last else None,
+        witness_ok=witness_ok, run_details=run_summaries(rows),
     )
 
 
-def plot_png(audits: list[SiteAudit]) -> bytes:
-    """Epsilon after each spend, one line a site, with its budget dashed (PNG bytes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for audit in audits:
-        if not audit.entries:
-            continue
-        xs = [r["seq"] for r in audit.entries]
-        (line,) = ax.plot(xs, [r["epsilon"] for r in audit.entries], marker="o", markersize=3, label=audit.site)
-        ax.plot(xs, [r["epsilon_budget"] for r in audit.entries], linestyle="--", color=line.get_color(), linewidth=1)
-    ax.set_xlabel("spend (ledger entry)")
-    ax.set_ylabel("cumulative epsilon")
-    ax.set_title("Privacy spent per site (dashed: the site's budget)")
-    if any(a.entries for a in audits):
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def render_html(audits: list[SiteAudit]) -> str:
-    """A self-contained HTML report: verdict, per-site table, the plot, and every problem found."""
-    e = html.escape
-    ok = all(a.ok for a in audits)
-    rows = "".join(
-        f"<tr><td>{e(a.site)}</td><td>{a.epsilon:.4f}</td><td>{'' if a.epsilon_budget is None else f'{a.epsilon_budget:g}'}</td>"
-        f"<td>{'' if a.remaining is None else f'{a.remaining:.4f}'}</td><td>{'' if a.delta is None else f'{a.delta:g}'}</td>"
-        f"<td>{e(a.accountant or '')}</td><td>{a.runs}</td><td>{len(a.entries)}</td><td>{e(a.last_spend or '')}</td>"
-        f"<td>{'intact' if a.chain_ok else '<b>BROKEN</b>'}</td><td>{'<b>YES</b>' if a.over_budget else 'no'}</td></tr>"
-        for a in audits
-    )
-    problems = "".join(f"<li>{e(a.site)}: {e(p)}</li>" for a in audits for p in a.problems) or "<li>none</li>"
-    notes = "".join(f"<li>{e(a.site)}: {e(n)}</li>" for a in audits for n in a.notes) or "<li>none</li>"
-    image = base64.b64encode(plot_png(audits)).decode()
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>fedmm privacy audit</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style>"
-        f"</head><body><h1>fedmm privacy audit</h1><p>Verdict: <b>{'every ledger intact and within budget' if ok else 'PROBLEMS FOUND'}</b>"
-        f" ({len(audits)} ledger(s); epsilon recomputed from each ledger's events with the accountant it names)</p>"
-        "<table><tr><th>site</th><th>epsilon</th><th>budget</th><th>remaining</th><th>delta</th><th>accountant</th><th>runs</th>"
-        f"<th>spends</th><th>last spend (UTC)</th><th>hash chain</th><th>over budget</th></tr>{rows}</table>"
-        f"<h2>Epsilon over spends</h2><img alt='cumulative epsilon per site' src='data:image/png;base64,{image}'>"
-        f"<h2>Problems</h2><ul>{problems}</ul><h2>Notes</h2><ul>{notes}</ul></body></html>"
-    )
+def run_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run, in ledger order: its rounds, the rounds missing between them, its own epsilon (its events alone) and its parameters."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        runs.setdefault(row["run_id"], []).append(row)
+    out = []
+    for run_id, spends in runs.items():
+        rounds = sorted({r["round"] for r in spends})
+        try:
+            kind = AccountantKind(spends[-1]["accountant"])
+            own = SiteAccountant(kind, [PrivacyEvent(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in spends]).epsilon(spends[-1]["delta"])
+        except (ValueError, PrivacyError):
+            own = math.inf
+        out.append({
+            "run_id": run_id, "rounds": rounds, "missing": sorted(set(range(1, rounds[-1] + 1)) - set(rounds)),
+            "epsilon": own, "delta": spends[-1]["delta"], "noise_multipliers": sorted({r["noise_multiplier"] for r in spends}),
+            "sample_rates": sorted({r["sample_rate"] for r in spends}), "steps": sum(r["steps"] for r in spends),
+            "steps_per_round": sorted({r["steps"] for r in spends}), "first": spends[0]["created"], "last": spends[-1]["created"],
+        })
+    return out

@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +43,7 @@ from fedmm.secure.identity import KEYS_ENV
 from fedmm.errors import ConfigError
 from fedmm.runtime.executor import SECRET_FILE, make_secret
 from fedmm.runtime.supernode import POLL_ENV
+from fedmm.runtime.supervise import spawn, supervise
 
 __all__ = ["SiteSettings", "executor_command", "flower_env", "run_server", "run_site", "server_command", "supernode_command", "write_connection"]
 
@@ -215,40 +213,6 @@ def executor_command(site: SiteSettings) -> list[str]:
     ]
 
 
-def _supervise(processes: Sequence[tuple[str, subprocess.Popen[bytes]]]) -> int:
-    """Wait until one process ends (or SIGTERM/SIGINT arrives), then stop them all; return an exit code."""
-    stopping = {"signal": 0}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stopping["signal"] = signum
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    code = 0
-    try:
-        while not stopping["signal"]:
-            ended = [(name, p) for name, p in processes if p.poll() is not None]
-            if ended:
-                name, process = ended[0]
-                code = process.returncode or 1
-                print(f"[fedmm] {name} exited with code {process.returncode}; stopping the rest", file=sys.stderr, flush=True)
-                break
-            time.sleep(0.2)
-    finally:
-        for _, process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, process in processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return code
-
-
 def run_server(pki: Path, state_dir: Path, *, host: str, port: int, in_memory: bool = False) -> int:
     """Run the SuperLink until it ends or is told to stop."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +220,7 @@ def run_server(pki: Path, state_dir: Path, *, host: str, port: int, in_memory: b
     print("[fedmm] " + " ".join(command), flush=True)
     # The ServerApp (started by this SuperLink) checks each reply's claim to a site name against the enrolled keys.
     env = {**flower_env(), KEYS_ENV: str((pki / "sites").resolve())}
-    return _supervise([("flower-superlink", subprocess.Popen(command, env=env, start_new_session=True))])
+    return supervise([("flower-superlink", spawn(command, env=env))])
 
 
 def run_site(site: SiteSettings) -> int:
@@ -273,12 +237,12 @@ def run_site(site: SiteSettings) -> int:
         env[POLL_ENV] = str(site.poll_interval)
     command = supernode_command(site)
     print(f"[fedmm] site {site.name}: " + " ".join(command), flush=True)
-    processes.append(("flower-supernode", subprocess.Popen(command, env=env, start_new_session=True)))
+    processes.append(("flower-supernode", spawn(command, env=env)))
     if site.runtime == "fedmm":
         command = executor_command(site)
         print(f"[fedmm] site {site.name}: " + " ".join(command), flush=True)
-        processes.append(("ClientApp executor", subprocess.Popen(command, env=env, start_new_session=True)))
-    return _supervise(processes)
+        processes.append(("ClientApp executor", spawn(command, env=env)))
+    return supervise(processes)
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca: Path) -> Path:

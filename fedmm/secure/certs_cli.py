@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fedmm.errors import ConfigError, FedMMError
 from fedmm.secure import certs
@@ -29,7 +30,7 @@ __all__ = ["certs_app"]
 
 certs_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Make and inspect TLS certificates and SuperNode authentication keys.")
-console = Console()
+console = Console(emoji=False)  # a fingerprint "0A:AB:54" is data, never an emoji code
 
 
 @contextlib.contextmanager
@@ -101,17 +102,24 @@ def show(outdir: Annotated[Path, typer.Argument(help="the folder of `fedmm certs
     entries = {e["file"]: e for e in certs.describe(outdir)} if outdir.is_dir() else {}
     found = certs.problems(outdir) if outdir.is_dir() else {"(folder)": "missing"}
     now = dt.datetime.now(dt.timezone.utc)
-    table = Table(title=f"fedmm certs: {outdir}")
-    for column in ("file", "purpose", "algorithm", "SANs", "expires", "days left", "SHA-256", "mode", "status"):
-        table.add_column(column, overflow="fold")
+    console.print(Text(f"fedmm certs: {outdir}", style="italic"))
     for name in sorted(set(entries) | set(found)):
+        # One block a file (a fingerprint is 95 characters: a row of nine columns cannot hold it at 80), every value literal.
         e = entries.get(name, {})
         expires = e.get("not_after")
         left = (dt.datetime.fromisoformat(expires) - now).days if expires else None
-        status = f"[red]{escape(found[name])}[/red]" if name in found else ("[yellow]expires soon[/yellow]" if left is not None and left < 30 else "[green]ok[/green]")
-        table.add_row(name, e.get("purpose", ""), e.get("algorithm", ""), ", ".join(e.get("sans", [])),
-                      expires[:10] if expires else "", "" if left is None else str(left), e.get("sha256", ""), e.get("mode", ""), status)
-    console.print(table)
+        status = Text(found[name], "red") if name in found else (Text("expires soon", "yellow") if left is not None and left < 30 else Text("ok", "green"))
+        table = Table.grid(padding=(0, 2), pad_edge=False)
+        table.add_column(style="bold", overflow="fold")
+        table.add_column(overflow="fold")
+        for key, value in (("file", name), ("purpose", e.get("purpose", "")), ("algorithm", e.get("algorithm", "")),
+                           ("SANs", ", ".join(e.get("sans", []))), ("expires", expires[:10] if expires else ""),
+                           ("days left", "" if left is None else str(left)), ("SHA-256", e.get("sha256", "")), ("mode", e.get("mode", ""))):
+            if value:
+                table.add_row(Text(key), Text(str(value)))
+        table.add_row(Text("status"), status)
+        console.print()
+        console.print(table)
     if found:
         console.print(f"[red]{len(found)} problem(s)[/red]: " + escape("; ".join(f"{k}: {v}" for k, v in found.items())), highlight=False)
         raise typer.Exit(1)
