@@ -26,7 +26,6 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedmm.config import RunConfig  # noqa: E402
 from fedmm.data.normalise import normalise  # noqa: E402
 from fedmm.data.partition import build_federation  # noqa: E402
 from fedmm.data.sources import load_source  # noqa: E402

@@ -1,6 +1,6 @@
 """Server optimizers, FedProx, server EMA and the sites' learning-rate schedules on AV-MNIST.
 
-An in-process federation (no Flower, no processes): every round each site runs fedmm's own
+An in-process federation (no Flower, no processes; ``benchmarks/inprocess.py``): every round each site runs fedmm's own
 :func:`fedmm.site.round.train_round` (its data as a simulated site sees it, DP-SGD and its
 accountant as in a real run), the server averages the updates as FedAvg does (weights of 1
 under DP, num-examples otherwise) and applies :class:`fedmm.federation.server_opt.ServerOptimizer`;
@@ -24,18 +24,11 @@ import warnings
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fedmm.config import RunConfig  # noqa: E402
-from fedmm.data.normalise import normalise  # noqa: E402
-from fedmm.data.sources import load_source  # noqa: E402
-from fedmm.federation.server_opt import ServerOptimizer, server_learning_rate  # noqa: E402
-from fedmm.models.evaluation import evaluate  # noqa: E402
-from fedmm.plan import RunPlan  # noqa: E402
-from fedmm.privacy.accounting import SiteAccountant  # noqa: E402
-from fedmm.site.data import site_data  # noqa: E402
-from fedmm.site.round import SiteState, train_round  # noqa: E402
+from fedmm.plan import server_learning_rate  # noqa: E402
+from inprocess import federate  # noqa: E402  (benchmarks/inprocess.py: the same in-process federation)
 
 CASES: list[tuple[str, dict[str, object]]] = [
     ("fedavg", {}),
@@ -52,31 +45,9 @@ CASES: list[tuple[str, dict[str, object]]] = [
 
 
 def run_case(settings: dict[str, object], *, dp: bool, seed: int, rounds: int) -> float:
-    """Accuracy of the served model after ``rounds`` rounds of one in-process federation."""
-    cfg = RunConfig(data="avmnist", dp=dp, seed=seed, rounds=rounds, **settings)  # type: ignore[arg-type]
-    plan = RunPlan.from_config(cfg)
-    source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, test_fraction=cfg.test_fraction)
-    test_raw = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
-    recipe = plan.model
-    test = recipe.prepare(test_raw, tasks_from=recipe.task_classes(test_raw))
-    model = recipe.build(test.schema, seed=cfg.seed)
-    sites = [site_data({"partition-id": i, "num-partitions": 6}, cfg) for i in range(6)]
-    cfg = cfg.replace(sites=len(sites))
-    states = {name: SiteState(plan=None, accountant=SiteAccountant(cfg.accountant)) for name, _ in sites}
-    optimizer = ServerOptimizer.from_config(cfg)
-    glob = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    for server_round in range(1, rounds + 1):
-        updates, weights = [], []
-        for name, data in sites:
-            out = train_round(cfg=cfg, site=name, data=data, global_weights={k: torch.from_numpy(v.copy()) for k, v in glob.items()},
-                              server_round=server_round, state=states[name])
-            updates.append({k: v.numpy().astype(np.float64) for k, v in out.state_dict.items()})
-            weights.append(1.0 if dp else float(out.num_examples))
-        total = sum(weights)
-        mean = {k: (sum(w * u[k] for w, u in zip(weights, updates)) / total).astype(glob[k].dtype) for k in glob}
-        glob = optimizer.apply(glob, mean)
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in optimizer.served(glob).items()})
-    return evaluate(model, test)[1]
+    """Accuracy of the served model after ``rounds`` rounds of one in-process federation (benchmarks/inprocess.py)."""
+    values = {"data": "avmnist", "dp": dp, "seed": seed, "rounds": rounds, **{k.replace("_", "-"): v for k, v in settings.items()}}
+    return federate(values)["accuracy"]
 
 
 def main() -> None:

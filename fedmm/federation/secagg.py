@@ -69,7 +69,7 @@ from fedmm.data.schema import Schema
 from fedmm.errors import FederationError, SitesExhausted
 from fedmm.federation.book import FederationBook, check_update, check_weight
 from fedmm.federation.robust import update_norm_bound
-from fedmm.federation.server_opt import ServerOptimizer, check_proximal, optimizer_state, restore_optimizer
+from fedmm.federation.server_opt import ServerOptimizer, WithServerOptimizer, check_proximal
 from fedmm.plan import RunPlan
 from fedmm.privacy.client_dp import ClientDPPlan, update_norm
 from fedmm.secure.params import SecAggParams
@@ -102,7 +102,7 @@ def secagg_params(context: Context) -> SecAggParams:
     return SecAggParams.from_state(context.state.config_records.get(RECORD_KEY_STATE))
 
 
-class SecureFedMM(Strategy, FederationBook):
+class SecureFedMM(WithServerOptimizer, Strategy, FederationBook):
     """FedAvg of site updates under SecAgg+: global model + the (weighted) mean update.
 
     Parameters
@@ -242,20 +242,6 @@ class SecureFedMM(Strategy, FederationBook):
         if self.dp:
             self.last_train_metrics[protocol.EPSILON] = max(p.epsilon for p in self.site_privacy.values())
         return ndarrays_to_parameters([self.global_arrays[k] for k in self.names]), dict(self.last_train_metrics)
-
-    def served(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The model the server evaluates and saves: the global model, or its moving average (``server-ema``)."""
-        if not self.server_opt.ema_decay:
-            return arrays
-        return ArrayRecord({k: torch.from_numpy(v) for k, v in self.server_opt.served({k: v.numpy() for k, v in arrays.items()}).items()})
-
-    def to_state(self) -> dict[str, Any]:
-        """The book's state, plus the server optimizer's (its arrays go to the checkpoint's npz)."""
-        return {**FederationBook.to_state(self), **optimizer_state(self.server_opt)}
-
-    def restore(self, state: Mapping[str, Any], *, rounds_done: int) -> None:
-        FederationBook.restore(self, state, rounds_done=rounds_done)
-        restore_optimizer(self.server_opt, state, rounds_done=rounds_done)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
         return []  # evaluation is central (the server's held-out set)

@@ -37,12 +37,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
+from flwr.app import ArrayRecord
 
 from fedmm.config import STRATEGIES, RunConfig
 from fedmm.errors import ConfigError, FederationError
 from fedmm.plan import AUTO_SERVER_LR, server_learning_rate  # the auto rule sits with the run's other autos
 
-__all__ = ["AUTO_SERVER_LR", "ServerOptimizer", "server_learning_rate", "optimizer_state", "restore_optimizer", "check_proximal"]
+__all__ = ["AUTO_SERVER_LR", "ServerOptimizer", "WithServerOptimizer", "server_learning_rate", "optimizer_state", "restore_optimizer", "check_proximal"]
 
 _STATE_PREFIX = ("m/", "v/", "ema/")
 
@@ -203,3 +205,24 @@ def check_proximal(cfg: RunConfig, learning_rate: float) -> None:
             "proximal-mu", f"times the sites' learning rate {learning_rate:g} is {learning_rate * cfg.proximal_mu:g}; at 1 or more each "
             "step jumps past the global model and training diverges", value=cfg.proximal_mu, fix=f"use proximal-mu < {1.0 / learning_rate:g}, e.g. 0.01",
         )
+
+
+class WithServerOptimizer:
+    """What both strategies (plain and SecAgg+) share about their ``server_opt``: the model they serve,
+    and its state in their checkpoints. Put it before the strategy's other bases (it calls theirs)."""
+
+    server_opt: ServerOptimizer
+
+    def served(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the server evaluates and saves: the global model, or its moving average (``server-ema``)."""
+        if not self.server_opt.ema_decay:
+            return arrays
+        return ArrayRecord({k: torch.from_numpy(v) for k, v in self.server_opt.served({k: v.numpy() for k, v in arrays.items()}).items()})
+
+    def to_state(self) -> dict[str, Any]:
+        """The book's state, plus the server optimizer's (its arrays go to the checkpoint's npz)."""
+        return {**super().to_state(), **optimizer_state(self.server_opt)}  # type: ignore[misc]
+
+    def restore(self, state: Mapping[str, Any], *, rounds_done: int) -> None:
+        super().restore(state, rounds_done=rounds_done)  # type: ignore[misc]
+        restore_optimizer(self.server_opt, state, rounds_done=rounds_done)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from logging import INFO
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -38,14 +38,14 @@ from fedmm import protocol
 from fedmm.errors import ConfigError, FederationError
 from fedmm.federation.book import FederationBook, SitePrivacy, aggregate_train_metrics, check_update, check_weight
 from fedmm.federation.robust import Aggregation, aggregate, cast_like, least_updates, update_norm_bound
-from fedmm.federation.server_opt import ServerOptimizer, check_proximal, optimizer_state, restore_optimizer
+from fedmm.federation.server_opt import ServerOptimizer, WithServerOptimizer, check_proximal
 from fedmm.plan import RunPlan
 from fedmm.privacy.client_dp import ClientDPPlan
 
 __all__ = ["FedMMAvg"]
 
 
-class FedMMAvg(FedAvg, FederationBook):
+class FedMMAvg(WithServerOptimizer, FedAvg, FederationBook):
     """FedAvg that fails closed on site errors, rejects bad updates and keeps per-site privacy reports.
 
     With client-level DP the sites send clipped updates (deltas) and this strategy sums them,
@@ -160,20 +160,6 @@ class FedMMAvg(FedAvg, FederationBook):
         self.latest_arrays = arrays
         self.last_train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         return arrays, metrics
-
-    def served(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The model the server evaluates and saves: the global model, or its moving average (``server-ema``)."""
-        if not self.server_opt.ema_decay:
-            return arrays
-        return ArrayRecord({k: torch.from_numpy(v) for k, v in self.server_opt.served({k: v.numpy() for k, v in arrays.items()}).items()})
-
-    def to_state(self) -> dict[str, Any]:
-        """The book's state, plus the server optimizer's (its arrays go to the checkpoint's npz)."""
-        return {**FederationBook.to_state(self), **optimizer_state(self.server_opt)}
-
-    def restore(self, state: Mapping[str, Any], *, rounds_done: int) -> None:
-        FederationBook.restore(self, state, rounds_done=rounds_done)
-        restore_optimizer(self.server_opt, state, rounds_done=rounds_done)
 
     def _expected(self) -> Mapping[str, np.ndarray | tuple[int, ...]] | None:
         """What an update must hold: the global model's tensors (dtype and shape) of the reference's names."""
