@@ -10,6 +10,7 @@ executor (:mod:`fedmm.runtime.executor`), so PyTorch and the site's data stay lo
 
 from __future__ import annotations
 
+import logging
 import json
 from typing import Any
 
@@ -25,6 +26,9 @@ from fedmm import protocol
 from fedmm.secure.params import SecAggParams
 from fedmm.site.io import RoundRequest
 
+# Opacus' import calls logging.basicConfig (a root handler): Flower's logger, which has its own handler,
+# would print every line twice (and `flwr log` show it twice). Keep Flower's lines to Flower's handler.
+logging.getLogger("flwr").propagate = False
 app = ClientApp()
 
 

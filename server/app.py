@@ -5,6 +5,7 @@ Thin on purpose: configuration, strategy and artifacts live in ``fedmm``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from logging import INFO, WARNING
@@ -25,6 +26,7 @@ from fedmm.data.sources import load_source
 from fedmm.errors import ConfigError, FederationError, SitesExhausted
 from fedmm.federation.artifacts import RunArtifacts, new_run_id
 from fedmm.federation.book import FederationBook
+from fedmm.federation.presence import PRESENCE_FILE, Presence, site_names
 from fedmm.federation.secagg import SecureFedMM, make_workflow
 from fedmm.federation.central import BEST_STATE, BestRound, Participants, make_central_evaluation, model_digest, round_fields, summary_fields
 from fedmm.federation.strategy import FedMMAvg
@@ -34,6 +36,9 @@ from fedmm.plan import RunPlan
 from fedmm.runtime.grid import PromptGrid
 from fedmm.secure.identity import KEYS_ENV, EnrolledKeys
 
+# Opacus' import calls logging.basicConfig (a root handler): Flower's logger, which has its own handler,
+# would print every line twice (and `flwr log` show it twice). Keep Flower's lines to Flower's handler.
+logging.getLogger("flwr").propagate = False
 app = ServerApp()
 
 
@@ -114,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
     keys_dir = os.environ.get(KEYS_ENV)
     keys = EnrolledKeys.load(keys_dir) if keys_dir else None
     strategy.expect_identities(accountant=cfg.accountant.value, delta=cfg.target_delta, local_epochs=cfg.local_epochs, run_id=artifacts.run_id, keys=keys)
+    grid.presence = Presence(artifacts.dir / PRESENCE_FILE, site_names(strategy, keys))  # who is online, lost, back: by name
     log(INFO, "[fedmm] site identity: %s", f"every report proves its site's name with one of {len(keys.keys)} enrolled keys" if keys else "names from the simulation's partition (no enrolled keys)")
     if saved_state is not None:
         strategy.restore(saved_state, rounds_done=done)

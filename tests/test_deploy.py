@@ -203,6 +203,8 @@ def test_runtime_flower_is_flowers_own_supernode(tmp_path: Path) -> None:
         ('require-dp = "false"\n', "", "site.require-dp.*without quotes"),
         ('clientapp-port = "9094"\n', "", "site.clientapp-port.*an integer"),
         ("clientapp-port = 70000\n", "", "site.clientapp-port.*port number"),
+        ("heartbeat-interval = 0.5\n", "", "site.heartbeat-interval.*\\[1, 30\\]"),
+        ('heartbeat-interval = "3"\n', "", "site.heartbeat-interval"),
     ],
 )
 def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra: str, drop: str, message: str | None) -> None:
@@ -304,3 +306,33 @@ def test_a_task_the_supernode_dropped_ends_that_task_not_the_executor() -> None:
         server.shutdown()
         server.server_close()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_short_heartbeats_reach_the_supernode_and_the_superlink_accepts_them() -> None:
+    """The pinned Flower's SuperNode announces and keeps fedmm's interval; its SuperLink accepts it (Flower: >= 10 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from fedmm.runtime.flower_waits import short_heartbeats, accept_short_heartbeats\n"
+        "assert short_heartbeats(3.0) and accept_short_heartbeats()\n"
+        "from flwr.supercore import heartbeat\nfrom flwr.supernode import fleet_http_connection, fleet_http_client\n"
+        "from flwr.superlink.servicer.fleet import fleet_handlers\n"
+        "assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 3.0 and fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 3.0\n"
+        "wait = (heartbeat.HEARTBEAT_DEFAULT_INTERVAL - heartbeat.HEARTBEAT_CALL_TIMEOUT) * heartbeat.HEARTBEAT_BASE_MULTIPLIER\n"
+        "assert 1.0 < wait < 3.0, wait  # a heartbeat every ~1.6 s: never a busy loop, never two intervals missed\n"
+        "assert fleet_http_client.HEARTBEAT_CALL_TIMEOUT == 1.0\n"
+        "fleet_handlers._validate_heartbeat_interval(3.0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    from fedmm.runtime.flower_waits import short_heartbeats
+
+    with pytest.raises(ValueError, match="between 1 and 30"):
+        short_heartbeats(0.2)
+
+
+def test_a_site_file_sets_the_supernodes_heartbeat(tmp_path: Path) -> None:
+    from fedmm.runtime.deploy import SiteSettings
+
+    assert SiteSettings.load(_site_file(tmp_path)).heartbeat_interval == 3.0
+    assert SiteSettings.load(_site_file(tmp_path, "heartbeat-interval = 5\n")).heartbeat_interval == 5.0

@@ -52,11 +52,11 @@ def test_the_flwr_connection_snippet_can_be_pasted_twice(tmp_path: Path) -> None
     for _ in range(2):
         subprocess.run(["bash", "-euo", "pipefail", "-c", snippet], env=env, check=True, timeout=120)
         text = (tmp_path / ".flwr" / "config.toml").read_text()
-        config = tomllib.loads(text)  # a second [superlink.fedmm] table would not parse
-        assert config["superlink"]["fedmm"]["address"] == "127.0.0.1:39093"
-        assert len(re.findall(r"^\[superlink\.fedmm\]", text, re.M)) == 1
+        config = tomllib.loads(text)  # a second [superlink.fedmm-local] table would not parse
+        assert config["superlink"]["fedmm-local"]["address"] == "127.0.0.1:39093"
+        assert len(re.findall(r"^\[superlink\.fedmm-local\]", text, re.M)) == 1
     listed = subprocess.run(["flwr", "config", "list"], env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert listed.returncode == 0 and "fedmm" in listed.stdout
+    assert listed.returncode == 0 and "fedmm-local" in listed.stdout
 
 
 def test_deploy_snippets_guard_what_a_second_paste_would_redo() -> None:
@@ -64,6 +64,7 @@ def test_deploy_snippets_guard_what_a_second_paste_would_redo() -> None:
     found = _bash_blocks(ROOT / "docs" / "deploy.md", "# Deploying fedmm at data sites")
     assert len(found) > 5
     blocks = "\n".join(found)
+    previous = ""
     for line in blocks.splitlines():
         command = line.split("#")[0]
         if re.search(r"fedmm (certs (init|site)|ledger init)\b", command):
@@ -71,4 +72,6 @@ def test_deploy_snippets_guard_what_a_second_paste_would_redo() -> None:
         if "iptables -A" in command:
             assert "iptables -C" in command, line
         assert "mkdir " not in command or "mkdir -p" in command, line
-        assert ">> " not in command or "grep -q" in command, line
+        # an append is guarded by a grep on its own line or on the line it continues ("grep -q ... ||")
+        assert ">> " not in command or "grep -q" in command or re.search(r"grep -q .*\|\|\s*$", previous), line
+        previous = command.rstrip()

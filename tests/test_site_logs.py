@@ -58,3 +58,33 @@ def test_paths_are_replaced_by_what_they_are() -> None:
     ledger = Path("/srv/fedmm/site-a/ledger.sqlite")
     text = without_paths(f"ledger {ledger} does not verify; backups in {ledger.parent}/old and {Path.home()}/x", ledger)
     assert "/srv" not in text and str(Path.home()) not in text and "<the site's ledger>" in text and "<the site's state folder>/old" in text
+
+
+def test_a_log_line_is_printed_once_even_after_opacus_configures_logging() -> None:
+    """Opacus' import adds a root handler; Flower's lines must not reach it too (``flwr log`` showed each twice)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import server.app, clients.app, opacus.utils.module_utils\n"
+        "from logging import INFO\nfrom flwr.common.logger import log\nlog(INFO, '[fedmm] one line, once')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120, check=True)
+    assert (done.stdout + done.stderr).count("one line, once") == 1, done.stdout + done.stderr
+
+
+def test_a_site_trains_only_on_the_manifest_rows_that_carry_its_name() -> None:
+    """One manifest with a site column serves a loopback trial of several sites (docs/deploy.md); a stranger's name is refused."""
+    from fedmm.config import RunConfig
+    from fedmm.errors import ConfigError
+    from fedmm.site.data import site_data
+
+    spec = "manifest:fedmm/data/builtin/manifest-example/manifest.csv"
+    seen = {}
+    for site in ("george", "jackson", "theo"):
+        name, data = site_data({"site": site, "data": spec}, RunConfig(data=spec))
+        seen[name] = len(data)
+    assert seen == {"george": 40, "jackson": 40, "theo": 40}  # each its own 40 training rows, not all 120
+    with pytest.raises(ConfigError, match="names george, jackson, theo, not this site"):
+        site_data({"site": "lucas", "data": spec}, RunConfig(data=spec))

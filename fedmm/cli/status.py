@@ -2,7 +2,8 @@
 
 Read from the run folder the ServerApp writes (``docs/runs.md``): ``summary.json`` (the
 outcome), ``metrics.jsonl`` (a line a round, with the sites aggregated), ``privacy.json``
-or, while the run goes on, ``checkpoint.json`` (each site's epsilon, budget, refusal). Flower's
+or, while the run goes on, ``checkpoint.json`` (each site's epsilon, budget, refusal), and
+``presence.json`` (each site online or lost, when it was last heard, why it was lost). Flower's
 own ``flwr ls`` says ``finished:completed`` for a run that trained nothing; this says what
 happened: ``completed``, ``stopped`` (sites ran out of budget after some rounds), ``failed``
 (no round trained, or the server failed) or ``running``. The exit code says it too
@@ -39,6 +40,10 @@ class SiteStatus:
     budget: float | None = None
     refused: str | None = None
     rejected: dict[str, int] = field(default_factory=dict)
+    presence: str | None = None  # online | lost (presence.json), None when the server never recorded it
+    presence_reason: str | None = None
+    last_seen: float | None = None  # unix time of its last reply
+    lost_at: float | None = None
 
     @property
     def remaining(self) -> float | None:
@@ -99,6 +104,10 @@ def run_status(run_dir: Path) -> RunStatus:
             site = sites.setdefault(str(name), SiteStatus(str(name)))
             for reason in reasons if isinstance(reasons, list) else [reasons]:
                 site.rejected[str(reason)] = site.rejected.get(str(reason), 0) + 1
+    for name, seen in ((_json(run_dir / "presence.json") or {}).get("sites") or {}).items():
+        site = sites.setdefault(str(name), SiteStatus(str(name)))
+        site.presence, site.presence_reason = seen.get("state"), seen.get("reason")
+        site.last_seen, site.lost_at = seen.get("last_seen"), seen.get("lost_at")
     rounds_done = int(summary["rounds"]) if summary else (int(lines[-1]["round"]) if lines else 0)
     planned = (summary or {}).get("rounds_planned") or config.get("rounds")
     changed = max((p.stat().st_mtime for p in run_dir.iterdir()), default=None)
@@ -119,6 +128,18 @@ def _state(summary: dict[str, Any] | None, privacy: Any, rounds_done: int) -> tu
     if privacy is not None:  # written alone only by a run that failed
         return "failed", "the server failed (see flower.log); privacy.json records what the sites spent"
     return "running", "no summary yet: the run is going on, or its server died (see the last activity)"
+
+
+def _ago(when: float | None, now: float) -> str:
+    return "-" if when is None else f"{max(0.0, now - when):.0f} s ago"
+
+
+def _seen(site: SiteStatus, now: float) -> str:
+    """The site's presence: ``online``/``LOST`` and when it last replied."""
+    if site.presence is None:
+        return "-"
+    last = "never replied" if site.last_seen is None else f"replied {_ago(site.last_seen, now)}"
+    return f"{'LOST' if site.presence == 'lost' else site.presence}, {last}"
 
 
 @app.command()
@@ -148,16 +169,20 @@ def status(
         line.append(f"; last activity {result.last_activity:.0f} s ago")
     console.print(line)
     table = Table(title="sites (epsilon from the sites' privacy reports)", title_justify="left", show_edge=False)
-    for column in ("site", "rounds", "last", "epsilon", "left", "state"):
+    for column in ("site", "rounds", "last", "epsilon", "left", "state", "seen"):
         table.add_column(column, overflow="fold")
+    now = time.time()
     for site in result.sites:
         state = "refused" if site.refused else ("rejected" if site.rejected else "ok")
         table.add_row(
             Text(site.name), str(site.rounds_trained), "-" if site.last_round is None else str(site.last_round),
             "-" if site.epsilon is None else f"{site.epsilon:.3f}", "-" if site.remaining is None else f"{site.remaining:.3f}", state,
+            _seen(site, now),
         )
     console.print(table)
     for site in result.sites:
+        if site.presence == "lost":
+            console.print(Text(f"{site.name} LOST {_ago(site.lost_at, now)}: {site.presence_reason}"))
         if site.refused:
             console.print(Text(f"{site.name} refused: {site.refused}"))
         if site.rejected:

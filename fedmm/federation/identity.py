@@ -54,6 +54,10 @@ class SiteAccount:
     _sites: dict[str, _Seen] = field(default_factory=dict)
     _nodes: dict[int, str] = field(default_factory=dict)
 
+    def site_of(self, node: int) -> str | None:
+        """The site ``node`` has reported as in this run (None before its first report)."""
+        return self._nodes.get(node)
+
     def observe(
         self, *, node: int, site: str, seq: int | None, epsilon: float, noise_multiplier: float, sample_rate: float, steps: int,
         delta: float | None = None,

@@ -39,17 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from fedmm import protocol
+from fedmm.federation.presence import DATABASE_ENV
 from fedmm.secure.identity import KEYS_ENV
 from fedmm.errors import ConfigError
 from fedmm.runtime.executor import SECRET_FILE, make_secret
-from fedmm.runtime.supernode import POLL_ENV
+from fedmm.runtime.supernode import HEARTBEAT_ENV, POLL_ENV
 from fedmm.runtime.supervise import spawn, supervise
 
 __all__ = ["SiteSettings", "executor_command", "flower_env", "run_server", "run_site", "server_command", "supernode_command", "write_connection"]
 
 _SITE_KEYS = {
     "name", "superlink", "ca", "key", "data", "state-dir", "epsilon-budget", "delta", "min-noise-multiplier", "require-dp",
-    "clientapp-port", "runtime", "poll-interval",
+    "clientapp-port", "runtime", "poll-interval", "heartbeat-interval",
 }
 _RUNTIMES = ("fedmm", "flower")
 
@@ -73,6 +74,7 @@ class SiteSettings:
     # "flower": Flower's defaults, a new flwr-clientapp process for every message and a 3 s idle poll.
     runtime: str = "fedmm"
     poll_interval: float = 0.1  # seconds the SuperNode waits between asks to the SuperLink (runtime "fedmm")
+    heartbeat_interval: float = 3.0  # seconds between "alive" signals; the server names the site lost ~2 intervals after it dies
 
     @classmethod
     def load(cls, path: str | Path) -> SiteSettings:
@@ -140,12 +142,18 @@ class SiteSettings:
         poll = table.get("poll-interval", 0.1)
         if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0.01 <= poll <= 3:
             raise ConfigError("site.poll-interval", "must be a number of seconds in [0.01, 3]", value=poll, fix="e.g. poll-interval = 0.1 (larger: fewer requests to the server, slower rounds)")
+        heartbeat = table.get("heartbeat-interval", 3.0)
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or not 1 <= heartbeat <= 30:
+            raise ConfigError(
+                "site.heartbeat-interval", "must be a number of seconds in [1, 30]", value=heartbeat,
+                fix="e.g. heartbeat-interval = 3.0 (the server names a dead site lost after about twice this)",
+            )
         return cls(
             name=name, superlink=str(table["superlink"]), ca=file("ca"), key=file("key"),
             state_dir=(base / str(table["state-dir"])).expanduser().resolve(), epsilon_budget=float(budget), data=data,
             delta=float(delta), min_noise_multiplier=float(floor),
             require_dp=require_dp, clientapp_port=int(port),
-            runtime=runtime, poll_interval=float(poll),
+            runtime=runtime, poll_interval=float(poll), heartbeat_interval=float(heartbeat),
         )
 
     def node_config(self) -> str:
@@ -185,7 +193,7 @@ def server_command(pki: Path, state_dir: Path, *, host: str = "0.0.0.0", port: i
         if not (pki / name).is_file():
             raise ConfigError("--pki", f"{pki / name} not found", value=str(pki), fix="create it with 'fedmm certs init PKI --san <server host>'")
     return [
-        str(Path(sys.executable).parent / "flower-superlink"),
+        sys.executable, "-m", "fedmm.runtime.superlink",  # Flower's flower-superlink, accepting heartbeats down to 1 s
         "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "server.crt"), "--ssl-keyfile", str(pki / "server.key"),
         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
         *([] if in_memory else ["--database", str(state_dir / "superlink.db")]), "--host", host, "--port", str(port),
@@ -220,6 +228,8 @@ def run_server(pki: Path, state_dir: Path, *, host: str, port: int, in_memory: b
     print("[fedmm] " + " ".join(command), flush=True)
     # The ServerApp (started by this SuperLink) checks each reply's claim to a site name against the enrolled keys.
     env = {**flower_env(), KEYS_ENV: str((pki / "sites").resolve())}
+    if not in_memory:  # the ServerApp names a node by the enrolled key it registered with (fedmm.federation.presence)
+        env[DATABASE_ENV] = str((state_dir / "superlink.db").resolve())
     return supervise([("flower-superlink", spawn(command, env=env))])
 
 
@@ -235,6 +245,7 @@ def run_site(site: SiteSettings) -> int:
     if site.runtime == "fedmm":
         make_secret(site.state_dir)
         env[POLL_ENV] = str(site.poll_interval)
+        env[HEARTBEAT_ENV] = str(site.heartbeat_interval)
     command = supernode_command(site)
     print(f"[fedmm] site {site.name}: " + " ".join(command), flush=True)
     processes.append(("flower-supernode", spawn(command, env=env)))

@@ -11,6 +11,12 @@ of one:
    SuperLink, the ClientApp from the SuperNode, the ServerApp's grid from the SuperLink)
    backs off 1 s, 2 s, 4 s ... (``pull_objects``, ``PULL_INITIAL_BACKOFF = 1``).
 
+3. a SuperNode tells the SuperLink it is alive every ~24 s (``HEARTBEAT_DEFAULT_INTERVAL`` 30 s,
+   which the SuperLink refuses below 10 s), and the SuperLink declares it offline only after
+   two missed intervals: a site that died mid-round stalls the round for up to a minute
+   before the ServerApp hears "Node Unavailable" (:func:`short_heartbeats`,
+   :func:`accept_short_heartbeats`).
+
 The helpers below change only those waits, in the named Flower module's own namespace: the
 protocol, TLS, authentication and every message stay Flower's. Each returns False when
 the installed Flower no longer has what it patches (and then leaves it alone), and
@@ -24,7 +30,7 @@ import time
 from types import ModuleType
 from typing import Any
 
-__all__ = ["OBJECT_PULL_BACKOFF", "cap_sleeps", "quick_object_pulls"]
+__all__ = ["HEARTBEAT_CALL_TIMEOUT", "OBJECT_PULL_BACKOFF", "accept_short_heartbeats", "cap_sleeps", "quick_object_pulls", "short_heartbeats"]
 
 OBJECT_PULL_BACKOFF: dict[str, Any] = {"initial_backoff": 0.02, "backoff_cap": 0.5, "max_tries_per_object": None}  # Flower's max_time (2 h) still bounds it
 
@@ -71,4 +77,40 @@ def quick_object_pulls(module: ModuleType, *, max_time: float | None = None) -> 
         return False
     extra = {} if max_time is None else {"max_time": max_time}
     module.pull_objects = functools.partial(inflatable_utils.pull_objects, **OBJECT_PULL_BACKOFF, **extra)  # type: ignore[attr-defined]
+    return True
+
+
+HEARTBEAT_CALL_TIMEOUT = 1.0  # seconds one heartbeat request may take before it counts as failed (and is retried)
+MIN_HEARTBEAT_INTERVAL = 1.0  # the shortest interval fedmm's SuperLink accepts (Flower's: 10 s)
+
+
+def short_heartbeats(interval: float) -> bool:
+    """In a SuperNode process: announce ``interval`` seconds to the SuperLink and heartbeat every ~0.8 x (interval - 1 s).
+
+    The SuperLink declares the node offline after two intervals without a heartbeat, so a
+    site that dies is named lost about ``2 x interval`` seconds later. The SuperLink must
+    accept the interval (:func:`accept_short_heartbeats`; ``fedmm server`` does).
+    """
+    if not MIN_HEARTBEAT_INTERVAL <= interval <= 30:
+        raise ValueError(f"a heartbeat interval must be between {MIN_HEARTBEAT_INTERVAL:g} and 30 seconds, got {interval}")
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_client, fleet_http_connection
+
+    modules = ((heartbeat, ("HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_CALL_TIMEOUT")), (fleet_http_connection, ("HEARTBEAT_DEFAULT_INTERVAL",)), (fleet_http_client, ("HEARTBEAT_CALL_TIMEOUT",)))
+    if not all(hasattr(module, name) for module, names in modules for name in names):
+        return False
+    values = {"HEARTBEAT_DEFAULT_INTERVAL": float(interval), "HEARTBEAT_CALL_TIMEOUT": min(HEARTBEAT_CALL_TIMEOUT, interval / 2)}
+    for module, names in modules:
+        for name in names:
+            setattr(module, name, values[name])
+    return True
+
+
+def accept_short_heartbeats() -> bool:
+    """In the SuperLink process: accept SuperNode heartbeat intervals down to 1 s (Flower: 10 s)."""
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    if not hasattr(fleet_handlers, "HEARTBEAT_MIN_INTERVAL"):
+        return False
+    fleet_handlers.HEARTBEAT_MIN_INTERVAL = MIN_HEARTBEAT_INTERVAL  # type: ignore[attr-defined,assignment]
     return True

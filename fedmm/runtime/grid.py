@@ -6,6 +6,10 @@ alone adds about 6 s a round on average. :class:`PromptGrid` uses the same publi
 calls (``push_messages`` / ``pull_messages``) and pulls every ``interval`` seconds. When
 the grid is Flower's HTTP grid (a deployed run), its fetching of a reply's arrays also
 retries within 20 ms rather than after 1 s (:func:`fedmm.runtime.flower_waits.quick_object_pulls`).
+
+Given a :class:`fedmm.federation.presence.Presence`, it reports every reply heard (and Flower's
+"Node Unavailable" errors) and, about once a second while it waits, the SuperLink's set of
+online nodes: a site that dies mid-round is named lost seconds after its heartbeats stop.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedmm.federation.presence import Presence
+
 __all__ = ["PromptGrid"]
 
 
 class PromptGrid(Grid):
     """Wraps a Grid; only ``send_and_receive`` differs (a shorter pull interval)."""
 
-    def __init__(self, grid: Grid, interval: float | None = None) -> None:
+    NODES_EVERY = 1.0  # seconds between asks for the online nodes while waiting for replies
+
+    def __init__(self, grid: Grid, interval: float | None = None, *, presence: Presence | None = None) -> None:
         self._grid = grid
+        self.presence = presence
         # FEDMM_FLOWER_WAITS=flower keeps Flower's own pace (the latency benchmark's "before").
         flower_pace = os.environ.get("FEDMM_FLOWER_WAITS", "") == "flower"
         self.interval = interval if interval is not None else (3.0 if flower_pace else 0.1)
@@ -46,7 +55,10 @@ class PromptGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        nodes = list(self._grid.get_node_ids())
+        if self.presence is not None:
+            self.presence.online(nodes)
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -55,13 +67,26 @@ class PromptGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        waiting = set(self._grid.push_messages(messages))
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        to_node = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}  # an error reply comes from the SuperLink, not the node
+        waiting = set(ids)
         end = time.monotonic() + (timeout or 0.0)
         replies: list[Message] = []
+        asked = time.monotonic()
         while waiting and (timeout is None or time.monotonic() < end):
             got = list(self._grid.pull_messages(waiting))
             replies.extend(got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if self.presence is not None:
+                for reply in got:
+                    node = to_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                    self.presence.heard(node, error=reply.error.reason if reply.has_error() else None)
+                if waiting and time.monotonic() - asked >= self.NODES_EVERY:
+                    asked = time.monotonic()
+                    self.get_node_ids()
             if waiting:
                 time.sleep(self.interval)
+        if self.presence is not None:
+            self.presence.flush()
         return replies

@@ -90,8 +90,12 @@ class LoopbackDeployment:
     def server_args(self) -> tuple[str, ...]:
         return ("server", "--pki", str(self.root / "pki"), "--state-dir", str(self.root / "server"), "--host", "127.0.0.1", "--port", str(self.port), *self.server_options)
 
-    def start_federation(self, sites: tuple[str, ...], *, site_lines: str = "") -> None:
-        """Certificates, the server, each site's key registered, each site started; wait until all are online."""
+    def start_federation(self, sites: tuple[str, ...], *, site_lines: str = "", site_file: Callable[[str], str] | None = None) -> None:
+        """Certificates, the server, each site's key registered (with its name), each site started; wait until all are online.
+
+        ``site_file(name)`` gives a site's whole TOML file (e.g. the deploy guide's template); by default
+        a minimal one with a budget of 100 plus ``site_lines``.
+        """
         from fedmm.privacy.ledger import PrivacyLedger
         from fedmm.runtime.deploy import write_connection
 
@@ -104,12 +108,13 @@ class LoopbackDeployment:
         self.start("server", *self.server_args)
         self.wait_for("the SuperLink", lambda: '"success": true' in self.flwr("supernode", "ls", "fedmm", "--format", "json").stdout, interval=CLI_POLL)
         for site in sites:
-            registered = self.flwr("supernode", "register", str(pki / "sites" / f"{site}.pub"), "fedmm", "--format", "json")
+            registered = self.flwr("supernode", "register", str(pki / "sites" / f"{site}.pub"), "fedmm", "--name", site, "--format", "json")
             if '"success": true' not in registered.stdout:
                 raise RuntimeError(registered.stdout + registered.stderr)
             # the site's ledger, made once as its operator would with `fedmm ledger init` (a site never makes one itself)
             PrivacyLedger.create(self.root / "state" / site / "ledger.sqlite", site=site, reason="loopback deployment").close()
             (self.root / f"{site}.toml").write_text(
+                site_file(site) if site_file is not None else
                 f'[site]\nname = "{site}"\nsuperlink = "127.0.0.1:{self.port}"\nca = "pki/ca.crt"\nkey = "pki/sites/{site}.key"\n'
                 f'state-dir = "state/{site}"\nepsilon-budget = 100.0\nclientapp-port = {free_port()}\n{site_lines}'
             )

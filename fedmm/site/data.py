@@ -6,8 +6,11 @@ is one part of the federation built from the run config.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
+
+import numpy as np
 
 import torch
 
@@ -17,7 +20,7 @@ from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.normalise import normalise
 from fedmm.data.preprocess import Preprocessing
 from fedmm.data.schema import MultimodalDataset
-from fedmm.data.sources import load_source
+from fedmm.data.sources import Source, load_source
 from fedmm.errors import ConfigError
 from fedmm.site.training import balanced_class_weights
 
@@ -45,6 +48,34 @@ def class_weights(cfg: RunConfig, data: MultimodalDataset) -> torch.Tensor | Non
     return None
 
 
+@functools.lru_cache(maxsize=2)  # per loaded source (cached itself): the same object every round, so the data cache below holds
+def own_rows(source: Source, name: str, spec: str) -> Source:
+    """A manifest with a ``site`` column holds rows of several sites: a site trains on the rows that name it, only.
+
+    One manifest can then serve a trial of several sites on one machine (docs/deploy.md); a site's own
+    manifest without that column is its data whole.
+
+    Raises
+    ------
+    ConfigError
+        When the column names other sites only (a site would otherwise train on another's rows).
+    """
+    column = source.pool.groups.get("site") if source.natural_by == "site" else None
+    if column is None:
+        return source
+    values = np.asarray(column).astype(str)
+    mine = np.flatnonzero(values == name)
+    if len(mine) == 0:
+        names = sorted(set(values.tolist()))
+        raise ConfigError(
+            "node-config data", f"its manifest's site column names {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}, not this site ({name!r})",
+            value=spec, fix="give the site the name its rows carry (site file 'name'), or drop the manifest's site column if every row is this site's",
+        )
+    if len(mine) == len(values):
+        return source
+    return dataclasses.replace(source, pool=source.pool.subset(mine))
+
+
 def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, MultimodalDataset]:
     """Which site this node is, and its training data.
 
@@ -64,7 +95,7 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, M
         name = str(node_config.get(protocol.NODE_SITE, spec))
         if len(source.pool) == 0:
             raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
-        return name, _site_data_cache(source, cfg.dp, cfg.sensor_norm)
+        return name, _site_data_cache(own_rows(source, name, spec), cfg.dp, cfg.sensor_norm)
     source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
     if protocol.NODE_SITE in node_config:

@@ -1,0 +1,141 @@
+"""Operating a federation as docs/deploy.md says (issue 19), with real processes on loopback.
+
+Three sites made from the guide's own site template, the server, studies one after another:
+a site SIGKILLed mid-round is named lost within 10 s (``fedmm status`` and the server log),
+leaves no process behind, and rejoins after a restart; a second study within the sites'
+lifetime budget completes; a study beyond it ends ``stopped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmm.privacy.audit import audit_ledger
+from fedmm.runtime.loopback import CLI_POLL, PROJECT, LoopbackDeployment, descendants, free_port
+
+SITES = ("george", "jackson", "theo")
+MANIFEST = PROJECT / "fedmm" / "data" / "builtin" / "manifest-example" / "manifest.csv"
+
+
+def _guide_block(fence: str, first_line: str) -> str:
+    """The fenced ``fence`` block of docs/deploy.md whose first line is ``first_line``."""
+    text = (PROJECT / "docs" / "deploy.md").read_text()
+    for block in re.findall(rf"```{fence}\n(.*?)```", text, re.S):
+        if block.startswith(first_line):
+            return str(block)
+    raise AssertionError(f"docs/deploy.md has no {fence} block starting {first_line!r}")
+
+
+def _site_files(port: int) -> dict[str, str]:
+    """Each site's file: the guide's template, and its `sed` lines for the others, with this test's ports and data path."""
+    template = _guide_block("toml", "[site]\n")
+    template = template.replace('"127.0.0.1:9092"', f'"127.0.0.1:{port}"').replace("manifest:fedmm/", f"manifest:{PROJECT}/fedmm/")
+    files = {"george": template.replace("= 9094", f"= {free_port()}")}
+    copies = _guide_block("bash", "sed -e 's/george/jackson/g'")
+    for line in copies.strip().splitlines():
+        name = re.search(r"s/george/(\w+)/g", line).group(1)  # type: ignore[union-attr]
+        files[name] = template.replace("george", name).replace("= 9094", f"= {free_port()}")
+    assert set(files) == set(SITES), files.keys()
+    return files
+
+
+def _status(deploy: LoopbackDeployment, run: Path) -> tuple[int, dict[str, object]]:
+    done = deploy.fedmm("status", str(run), "--json")
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+
+
+def _presence(run: Path) -> dict[str, dict[str, object]]:
+    try:
+        return dict(json.loads((run / "presence.json").read_text())["sites"])
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _rounds(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line)["round"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def test_a_federation_run_as_the_guide_says_names_a_lost_site_and_reports_each_study(tmp_path: Path) -> None:
+    deploy = LoopbackDeployment(tmp_path)
+    runs = tmp_path / "runs"
+    files = _site_files(deploy.port)
+    study = (
+        f"data='manifest:{MANIFEST}' sites=3 batch-size=16 min-sites=2 "
+        f"runs-dir='{runs}'"
+    )
+    try:
+        deploy.start_federation(SITES, site_file=files.__getitem__)
+        first = runs / "study-1"
+        first_id = deploy.submit(f"{study} secure-aggregation=true secagg-timeout=60.0 rounds=6 target-epsilon=8.0 run-name='study-1'")
+        deploy.wait_for("round 1 of study 1", lambda: 1 in _rounds(first), timeout=240)
+
+        # SIGKILL theo's `fedmm site` supervisor alone, in the middle of a round: its children must go with it.
+        theo = deploy.processes.pop("theo")
+        children = descendants(theo.pid)
+        assert children, "fedmm site started no process"
+        deploy.wait_for("a round under way", lambda: (first / "presence.json").exists() and len(_rounds(first)) >= 1)
+        killed_at = time.monotonic()
+        os.kill(theo.pid, signal.SIGKILL)
+        theo.wait(10)
+        deploy.wait_for("theo named lost", lambda: _presence(first).get("theo", {}).get("state") == "lost", timeout=30)
+        named_after = time.monotonic() - killed_at
+        assert named_after < 10, f"theo was named lost {named_after:.1f} s after it died"
+        code, status = _status(deploy, first)
+        assert code == 0 and status["state"] == "running"
+        theo_row = next(s for s in status["sites"] if s["name"] == "theo")  # type: ignore[union-attr]
+        assert theo_row["presence"] == "lost" and "heartbeat" in str(theo_row["presence_reason"])
+        deploy.wait_for("no process of theo's left", lambda: not _alive(children), timeout=10)
+
+        # theo comes back: the same key, the same ledger; it is online again and trains in a later round.
+        theo_ledger = tmp_path / "state" / "theo" / "ledger.sqlite"
+        spent_before = len(audit_ledger(theo_ledger).entries)
+        deploy.start("theo", "site", "theo.toml")
+        deploy.wait_for("theo back online", lambda: _presence(first).get("theo", {}).get("state") == "online", timeout=60)
+        deploy.wait_for("study 1 to end", lambda: (first / "summary.json").exists(), timeout=300)
+        assert len(audit_ledger(theo_ledger).entries) > spent_before, "theo did not train again after it rejoined"
+        code, status = _status(deploy, first)
+        assert code == 0 and status["state"] == "completed", status
+        log = deploy.server_log(first_id)
+        assert re.search(r"site theo \(node \d+\) LOST", log), log[-4000:]
+
+        # A second study fits in every site's remaining lifetime budget (24); a third asks for more than is left.
+        second = runs / "study-2"
+        deploy.submit(f"{study} rounds=2 target-epsilon=8.0 run-name='study-2'")  # FedAvg without SecAgg+: quicker rounds
+        deploy.wait_for("study 2 to end", lambda: (second / "summary.json").exists(), timeout=300)
+        code, status = _status(deploy, second)
+        assert code == 0 and status["state"] == "completed", status
+        third = runs / "study-3"
+        deploy.submit(f"{study} rounds=5 target-epsilon=24.0 run-name='study-3'")
+        deploy.wait_for("study 3 to end", lambda: (third / "summary.json").exists(), timeout=300)
+        code, status = _status(deploy, third)
+        assert code == 3 and status["state"] == "stopped" and "budget" in str(status["reason"]), status
+        shown = deploy.fedmm("status", str(third))
+        assert "STOPPED" in shown.stdout and "budget" in shown.stdout, shown.stdout
+    finally:
+        deploy.stop_all()
+    for site in SITES:
+        assert audit_ledger(tmp_path / "state" / site / "ledger.sqlite").ok
+    assert not [p for p in deploy.processes.values() if p.poll() is None]
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False).stdout.split()
+    assert not leftover, f"processes of this federation still running: {leftover}"
