@@ -1,6 +1,8 @@
 """Operating a federation as docs/deploy.md says (issue 19), with real processes on loopback.
 
-Three sites made from the guide's own site template, the server, studies one after another:
+The guide's own shell blocks (certificates, the flwr connection, registration, the site file and
+its copies, the ledger; each pasted twice) set up a server and three sites, then studies run
+one after another:
 a site SIGKILLed mid-round is named lost within 10 s (``fedmm status`` and the server log),
 leaves no process behind, and rejoins after a restart; a second study within the sites'
 lifetime budget completes; a study beyond it ends ``stopped`` with the reason.
@@ -34,17 +36,36 @@ def _guide_block(fence: str, first_line: str) -> str:
     raise AssertionError(f"docs/deploy.md has no {fence} block starting {first_line!r}")
 
 
-def _site_files(port: int) -> dict[str, str]:
-    """Each site's file: the guide's template, and its `sed` lines for the others, with this test's ports and data path."""
-    template = _guide_block("toml", "[site]\n")
-    template = template.replace('"127.0.0.1:9092"', f'"127.0.0.1:{port}"').replace("manifest:fedmm/", f"manifest:{PROJECT}/fedmm/")
-    files = {"george": template.replace("= 9094", f"= {free_port()}")}
-    copies = _guide_block("bash", "sed -e 's/george/jackson/g'")
-    for line in copies.strip().splitlines():
-        name = re.search(r"s/george/(\w+)/g", line).group(1)  # type: ignore[union-attr]
-        files[name] = template.replace("george", name).replace("= 9094", f"= {free_port()}")
-    assert set(files) == set(SITES), files.keys()
-    return files
+def _bash(deploy: LoopbackDeployment, snippet: str, *, times: int = 2) -> None:
+    """Run a shell block of the guide as an operator pastes it (twice: a second paste must do no harm)."""
+    for _ in range(times):
+        done = subprocess.run(["bash", "-eo", "pipefail", "-c", snippet], cwd=deploy.root, env=deploy.env, capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, f"{snippet}\n--- exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+
+
+def _set_up_as_the_guide_says(deploy: LoopbackDeployment) -> None:
+    """Steps 1 to 4 of docs/deploy.md, from its own blocks: only the server's port, the data path and free local ports change."""
+    port = str(deploy.port)
+    _bash(deploy, _guide_block("bash", "# a private CA and the server's certificate"))  # 1. certificates and keys
+    _bash(deploy, _guide_block("bash", "flwr config list").replace("127.0.0.1:9092", f"127.0.0.1:{port}"))  # 3. the connection
+    deploy.start("server", *deploy.server_args)  # 2. (its own block's port and state folder, this test's)
+    deploy.wait_for("the SuperLink", lambda: '"success": true' in deploy.flwr("supernode", "ls", "fedmm", "--format", "json").stdout, interval=CLI_POLL)
+    _bash(deploy, _guide_block("bash", "for s in george jackson theo; do   # a key already registered"))  # 3. register by name
+    template = _guide_block("toml", "[site]\n")  # 4. the site file and its copies for the other sites
+    local = free_port()
+    (deploy.root / "george.toml").write_text(
+        template.replace('"127.0.0.1:9092"', f'"127.0.0.1:{port}"').replace("manifest:fedmm/", f"manifest:{PROJECT}/fedmm/").replace("= 9094", f"= {local}")
+    )
+    copies = _guide_block("bash", "sed -e 's/george/jackson/g'").replace("/= 9094/", f"/= {local}/")
+    _bash(deploy, re.sub(r"= 909[56]/", lambda _: f"= {free_port()}/", copies))
+    ports = {re.search(r"clientapp-port = (\d+)", (deploy.root / f"{site}.toml").read_text()).group(1) for site in SITES}  # type: ignore[union-attr]
+    assert len(ports) == 3, ports  # each site its own local port, as the guide says
+    ledger = _guide_block("bash", "# once: logged in ledger.sqlite.log").splitlines()
+    init = next(line for line in ledger if "ledger init" in line)
+    for site in SITES:
+        _bash(deploy, init.replace("george", site))
+        deploy.start(site, "site", f"{site}.toml")
+    deploy.wait_for("3 sites online", lambda: deploy.online() == 3, interval=CLI_POLL)
 
 
 def _status(deploy: LoopbackDeployment, run: Path) -> tuple[int, dict[str, object]]:
@@ -79,13 +100,12 @@ def _alive(pids: list[int]) -> list[int]:
 def test_a_federation_run_as_the_guide_says_names_a_lost_site_and_reports_each_study(tmp_path: Path) -> None:
     deploy = LoopbackDeployment(tmp_path)
     runs = tmp_path / "runs"
-    files = _site_files(deploy.port)
     study = (
         f"data='manifest:{MANIFEST}' sites=3 batch-size=16 min-sites=2 "
         f"runs-dir='{runs}'"
     )
     try:
-        deploy.start_federation(SITES, site_file=files.__getitem__)
+        _set_up_as_the_guide_says(deploy)
         first = runs / "study-1"
         first_id = deploy.submit(f"{study} secure-aggregation=true secagg-timeout=60.0 rounds=6 target-epsilon=8.0 run-name='study-1'")
         deploy.wait_for("round 1 of study 1", lambda: 1 in _rounds(first), timeout=240)
