@@ -62,3 +62,24 @@ def test_every_site_is_named_with_its_rounds_spend_refusal_and_rejections(tmp_pa
 def test_a_folder_that_is_no_run_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["status", str(tmp_path)])
     assert result.exit_code == 2 and "not a fedmm run folder" in " ".join(result.output.split())
+
+
+def test_presence_and_unknown_participants_are_shown_as_such(tmp_path: Path) -> None:
+    """A site the server lost is LOST with its reason; under SecAgg+ rounds a site trained are unknown, not 0."""
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("rounds = 4\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "participants": None}) + "\n" for r in (1, 2)))
+    now = time.time()
+    (run / "presence.json").write_text(json.dumps({"updated": now, "sites": {
+        "george": {"node": 1, "state": "online", "last_seen": now - 2, "lost_at": None, "reason": None},
+        "theo": {"node": 2, "state": "lost", "last_seen": now - 9, "lost_at": now - 3, "reason": "its heartbeats stopped"},
+    }}))
+    done = CliRunner().invoke(app, ["status", str(run), "--json"])
+    sites = {s["name"]: s for s in json.loads(done.stdout)["sites"]}
+    assert done.exit_code == 0 and sites["theo"]["presence"] == "lost" and sites["george"]["presence"] == "online"
+    assert sites["george"]["rounds_trained"] is None
+    shown = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "80"})
+    assert "theo LOST 3 s ago: its heartbeats stopped" in shown.stdout and "rounds ?" in shown.stdout, shown.stdout

@@ -34,7 +34,7 @@ class SiteStatus:
     """One site as the server's artifacts show it."""
 
     name: str
-    rounds_trained: int = 0
+    rounds_trained: int | None = 0  # None: the server cannot know (SecAgg+ hides whose updates a round aggregated)
     last_round: int | None = None
     epsilon: float | None = None
     budget: float | None = None
@@ -98,7 +98,7 @@ def run_status(run_dir: Path) -> RunStatus:
     for line in lines:
         for name in line.get("participants") or []:
             site = sites.setdefault(str(name), SiteStatus(str(name)))
-            site.rounds_trained += 1
+            site.rounds_trained = (site.rounds_trained or 0) + 1
             site.last_round = int(line["round"])
         for name, reasons in (line.get("rejected_by") or {}).items():
             site = sites.setdefault(str(name), SiteStatus(str(name)))
@@ -108,6 +108,9 @@ def run_status(run_dir: Path) -> RunStatus:
         site = sites.setdefault(str(name), SiteStatus(str(name)))
         site.presence, site.presence_reason = seen.get("state"), seen.get("reason")
         site.last_seen, site.lost_at = seen.get("last_seen"), seen.get("lost_at")
+    if lines and all(line.get("participants") is None for line in lines):
+        for site in sites.values():
+            site.rounds_trained = None
     rounds_done = int(summary["rounds"]) if summary else (int(lines[-1]["round"]) if lines else 0)
     planned = (summary or {}).get("rounds_planned") or config.get("rounds")
     changed = max((p.stat().st_mtime for p in run_dir.iterdir()), default=None)
@@ -175,11 +178,13 @@ def status(
     for site in result.sites:
         state = "refused" if site.refused else ("rejected" if site.rejected else "ok")
         table.add_row(
-            Text(site.name), str(site.rounds_trained), "-" if site.last_round is None else str(site.last_round),
+            Text(site.name), "?" if site.rounds_trained is None else str(site.rounds_trained), "-" if site.last_round is None else str(site.last_round),
             "-" if site.epsilon is None else f"{site.epsilon:.3f}", "-" if site.remaining is None else f"{site.remaining:.3f}", state,
             _seen(site, now),
         )
     console.print(table)
+    if any(site.rounds_trained is None for site in result.sites):
+        console.print(Text("rounds ?: under SecAgg+ the server does not see whose updates a round aggregated (each site's ledger does)"))
     for site in result.sites:
         if site.presence == "lost":
             console.print(Text(f"{site.name} LOST {_ago(site.lost_at, now)}: {site.presence_reason}"))
