@@ -127,7 +127,7 @@ class RunConfig:
     noise_multiplier: float | None = key(None, "noise std / max-grad-norm; `auto`: calibrated per site from target-epsilon (recorded in privacy.json)", range=">= 0 or auto")
     max_grad_norm: float = key(2.0, "per-sample clipping bound (L2)", range="> 0")
     accountant: AccountantKind = key(AccountantKind.RDP, "Opacus accountant: `rdp` (fast) or `prv` (tighter, about 0.5 s an evaluation)")
-    grad_sample_mode: GradSampleMode = key(GradSampleMode.GHOST, "per-sample gradient norms: `ghost` (one pass for Linear-only models), `hooks`, `functorch`")
+    grad_sample_mode: GradSampleMode = key(GradSampleMode.GHOST, "per-sample gradient norms: `ghost` (one pass for Linear, Conv, Embedding and norm layers; recurrent models take Opacus' two passes), `hooks`, `functorch`")
     site_budgets: str = key("", "simulation only: each site's lifetime epsilon, e.g. `george:2,*:8`; empty: target-epsilon each")
     site_min_noise_multiplier: float = key(0.5, "simulation only: the least noise multiplier a site accepts", range=">= 0")
     site_state_dir: str = key("", "simulation only: where sites keep their ledgers; empty: `runs/<run-id>/sites`; a lasting folder makes spends compose across runs")

@@ -280,8 +280,8 @@ def test_fast_linear_norms_equal_opacus_own() -> None:
 
 
 def test_linear_only_models_clip_in_one_backward_pass(site: MultimodalDataset, synthetic: MultimodalDataset) -> None:
-    # fedmm.privacy.ghost takes one backward pass when every trainable layer is a Linear (the
-    # default model); anything else keeps Opacus' two-pass module. Both are checked against
+    # fedmm.privacy.ghost takes one backward pass when every trainable layer is one it supports (the
+    # default model, the CNN fusions); anything else keeps Opacus' two-pass module. Both are checked against
     # one-sample-at-a-time references above; this pins which one each model gets.
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
@@ -297,8 +297,10 @@ def test_linear_only_models_clip_in_one_backward_pass(site: MultimodalDataset, s
         return module
 
     assert type(wrapped(DEFAULT, site)) is OnePassGradSampleModule
-    cnn = ModelRecipe("concat", ModelOptions(modalities=("image", "audio")))
-    assert type(wrapped(cnn, cnn.prepare(synthetic))) is GradSampleModuleFastGradientClipping
+    cnn = ModelRecipe("concat", ModelOptions(modalities=("image", "audio")))  # convolutions: one pass too (tests/test_one_pass_clipping.py)
+    assert type(wrapped(cnn, cnn.prepare(synthetic))) is OnePassGradSampleModule
+    gru = ModelRecipe("concat", ModelOptions(modalities=("sensor", "audio"), sensor_encoder="gru"))  # Opacus' DPGRU: two passes
+    assert type(wrapped(gru, gru.prepare(synthetic))) is GradSampleModuleFastGradientClipping
 
 
 class _LinearsOnly(nn.Module):

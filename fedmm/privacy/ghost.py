@@ -16,16 +16,21 @@ Poisson sampling and accounting stay Opacus' own:
   noise for all parameters in one call instead of one call per tensor; the noise is
   the same i.i.d. N(0, (noise_multiplier * max_grad_norm)^2) per coordinate (a different
   random stream from the parent's, so a seeded run does not repeat its exact noise).
-- a model whose every trainable layer is an ``nn.Linear`` (the default AV-MNIST model)
-  gets ``OnePassGradSampleModule``: ghost clipping in one backward pass instead of
-  Opacus' two. A forward hook keeps each Linear's input ``a_i`` and a tensor hook its
-  output gradient ``g_i`` (a tensor hook, not a module backward hook: far less Python
-  per step, and it sees the gradient of the output before any in-place op that follows).
-  One backward of the summed per-record losses gives every ``g_i``; the per-record norms
-  follow as above, and the clipped sum ``sum_i c_i g_i a_i^T`` is one matrix product per
-  layer, so the second backward pass Opacus takes to apply ``c_i`` is not needed (the
-  "book-keeping" idea of Bu et al., "Differentially private optimization on large model at
-  small cost", ICML 2023). Every other model keeps Opacus' own two-pass module;
+- a model whose every trainable layer is one :mod:`fedmm.privacy.ghost_norms` supports
+  (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.GroupNorm``,
+  ``nn.LayerNorm``: the default AV-MNIST model and every fusion with CNN, bag-of-words or
+  transformer encoders) gets ``OnePassGradSampleModule``: ghost clipping in one backward
+  pass instead of Opacus' two. A forward hook keeps each layer's input ``a_i`` and the
+  output's place in the autograd graph (its ``GradientEdge``: the gradient asked for there
+  is that of the layer's own output, even if an in-place op changes the tensor later).
+  One ``torch.autograd.grad`` of the summed per-record losses gives every output gradient
+  ``g_i`` and skips the (unclipped) parameter gradients; the per-record norms and the
+  clipped sums ``sum_i c_i grad_i`` follow layer by layer from ``a_i`` and ``g_i``
+  (:mod:`fedmm.privacy.ghost_norms`: ghost norms or explicit per-record gradients,
+  whichever is cheaper for the layer's shapes), so the second backward pass Opacus takes
+  to apply ``c_i`` is not needed (the "book-keeping" idea of Bu et al., "Differentially
+  private optimization on large model at small cost", ICML 2023). Every other model (DPGRU,
+  DPLSTM, grouped convolutions) keeps Opacus' own two-pass module;
 - ``PrivacyEngine`` is Opacus' engine that hands out that optimizer, that module and the
   matching loss wrapper for ghost clipping, and ``GradSampleClippingOptimizer`` for the
   per-sample gradient modes (``hooks``, ``functorch``).
@@ -33,9 +38,10 @@ Poisson sampling and accounting stay Opacus' own:
 No record can make an update NaN or infinite (which the server would then reject, every
 round: the record's presence would show whatever the noise). Per-record norms are taken
 in float64 (a float32 input of 1e19 already overflows its square; the per-sample gradient
-modes keep Opacus' float32 norms for a batch where none overflowed, as a float64 pass
-over every per-sample gradient costs more). The clipped sums are taken in float32 while
-every record's ``|g_i| |a_i|`` stays below ``WIDE`` (1e30: no product can overflow, no
+modes and the one-pass module keep float32 norms for a batch where none overflowed, and
+take the batch again in float64 otherwise, as a float64 pass over every activation costs
+more). The clipped sums are taken in float32 while every record's ``|g_i| |a_i|`` (or its
+per-record gradient's norm, where that gradient is formed) stays below ``WIDE`` (1e30: no product can overflow, no
 clipping factor underflow), in float64 otherwise. A record whose norm is still not
 finite (its forward pass overflowed: inf, then NaN) has its rows set to zero before any
 product (never ``0 * NaN``) and contributes exactly zero, within the clipping bound, so
@@ -47,13 +53,13 @@ backward pass); fedmm bounds every model input instead
 (:data:`fedmm.models.evaluation.INPUT_BOUND`), so that no forward pass overflows.
 
 ``tests/test_model_dp.py`` checks the result against per-sample clipped gradients
-computed without Opacus, and the noise's standard deviation; ``tests/test_sensitivity.py``
+computed without Opacus, and the noise's standard deviation; ``tests/test_one_pass_clipping.py``
+each layer type and the CNN fusions against torch.func and Opacus' hooks mode; ``tests/test_sensitivity.py``
 that one extreme record moves a step by at most ``max_grad_norm``, in every mode.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import opacus
@@ -67,20 +73,13 @@ from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGr
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from opacus.utils.module_utils import trainable_modules
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from fedmm.privacy.ghost_norms import LayerNorms, clip_into, layer_norms, row_norms, supports, zero_rows
 
 __all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
 
 WIDE = 1e30  # a record's |g_i| |a_i| (or norm) above this takes the float64 path: float32 products could overflow
-
-
-def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Each record's (row's) Euclidean norm over all its other dimensions, in float64 (no overflow)."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64)
-
-
-def _zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``x`` with the rows (records) where ``keep`` is False set to 0 (selected, never multiplied by 0)."""
-    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @register_norm_sampler(nn.Linear)
@@ -96,10 +95,10 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
             return norms
         wide = compute_linear_norm_sample(layer, [activations[0].double()], backprops.double())  # float32 overflowed
         return {p: n.to(backprops.dtype) for p, n in wide.items()}
-    grad = _row_norms(backprops)
+    grad = row_norms(backprops)
     norms = {}
     if layer.weight.requires_grad:
-        norms[layer.weight] = (grad * _row_norms(activations[0])).to(backprops.dtype)
+        norms[layer.weight] = (grad * row_norms(activations[0])).to(backprops.dtype)
     if layer.bias is not None and layer.bias.requires_grad:
         norms[layer.bias] = grad.to(backprops.dtype)
     return norms
@@ -110,6 +109,11 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
     new state is ``nonfinite_records``, the records the one-pass module left out (site-local)."""
 
     nonfinite_records: int = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Opacus' default zeroes every ``.grad`` in place; the next backward replaces them all anyway
+        # (and the summed gradient is kept or dropped by the parent exactly as before).
+        super().zero_grad(set_to_none)
 
     def accumulate(self) -> None:
         # The parent deep-copies each gradient (copy.deepcopy), about 10x slower than clone.
@@ -156,7 +160,7 @@ class GradSampleClippingOptimizer(DPOptimizer):
         # that overflowed (inf: entries beyond ~1e19) or is NaN is taken again in float64
         norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples], dim=1).norm(2, dim=1).double()
         if not bool(torch.isfinite(norms).all()):
-            norms = torch.stack([_row_norms(g) for g in grad_samples], dim=1).norm(2, dim=1)
+            norms = torch.stack([row_norms(g) for g in grad_samples], dim=1).norm(2, dim=1)
         finite = torch.isfinite(norms)
         left_out = int((~finite).sum())
         self.nonfinite_records += left_out
@@ -168,7 +172,7 @@ class GradSampleClippingOptimizer(DPOptimizer):
             _check_processed_flag(p.grad_sample)
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
             if left_out:
-                grad_sample = _zero_rows(grad_sample, finite)
+                grad_sample = zero_rows(grad_sample, finite)
             dtype = torch.float64 if wide else p.dtype
             grad = torch.einsum("i,i...", coef.to(device=grad_sample.device, dtype=dtype), grad_sample.to(dtype)).to(p.dtype)
             if p.summed_grad is not None:
@@ -178,13 +182,9 @@ class GradSampleClippingOptimizer(DPOptimizer):
             _mark_as_processed(p.grad_sample)
 
 
-def _keep_gradient(record: list[Any], grad: torch.Tensor) -> None:
-    record[1] = grad.detach()
-
-
 class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
-    """Opacus' ghost-clipping module for models whose every trainable layer is an ``nn.Linear``,
-    clipping in one backward pass (:meth:`clipped_backward`) instead of two.
+    """Opacus' ghost-clipping module for models whose every trainable layer is one that
+    :mod:`fedmm.privacy.ghost_norms` supports (Linear, Conv1d/2d, Embedding, GroupNorm, LayerNorm), clipping in one backward pass (:meth:`clipped_backward`) instead of two.
 
     Everything else (validation, wrapping, ``_close``) is Opacus' own.
     """
@@ -195,82 +195,84 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         if hasattr(self._module, "autograd_grad_sample_hooks"):
             raise ValueError("Trying to add hooks twice to the same model")
         layers = [m for _, m in trainable_modules(self._module)]
-        if not batch_first or any(type(m) is not nn.Linear for m in layers):
-            raise TypeError("OnePassGradSampleModule takes batch-first models whose trainable layers are all nn.Linear")
+        unsupported = sorted({type(m).__name__ for m in layers if not supports(m)})
+        if not batch_first or unsupported:
+            raise TypeError(
+                f"OnePassGradSampleModule takes batch-first models whose trainable layers fedmm.privacy.ghost_norms supports; "
+                f"got batch_first={batch_first}, unsupported layers {unsupported}. Fix: use Opacus' GradSampleModuleFastGradientClipping"
+            )
         handles = self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = handles
-        self._layers: list[nn.Linear] = layers
-        self._records: dict[nn.Module, list[list[Any]]] = {}  # layer -> [[input, output gradient or None]]
+        self._layers: list[nn.Module] = layers
+        self._records: dict[nn.Module, list[tuple[torch.Tensor, GradientEdge]]] = {}  # layer -> [(input, output edge)] of this step
         handles.extend(layer.register_forward_hook(self._capture) for layer in layers)
         self.enable_hooks()
 
     def _capture(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not (self.hooks_enabled and layer.training and torch.is_grad_enabled() and output.requires_grad):
             return None
-        record = [inputs[0].detach(), None]  # [input, gradient of the output], the latter set in backward
-        self._records.setdefault(layer, []).append(record)
-        output.register_hook(partial(_keep_gradient, record))
-        # A Linear on [batch, seq, features] returns a view; an in-place op on a view (ReLU(inplace=True))
-        # rewrites its history and the hook never fires. The layer's users get a copy instead.
+        # The output's place in the autograd graph as the layer left it: the gradient asked for there is that
+        # of the layer's own output, even if an in-place op (ReLU(inplace=True)) changes the tensor later.
+        self._records.setdefault(layer, []).append((inputs[0].detach(), get_gradient_edge(output)))
+        # A Linear on [batch, seq, features] returns a view; an in-place op on a view rewrites its history
+        # (the edge above would get no gradient). The layer's users get a copy instead.
         return output.clone() if output._base is not None else None
 
     def clipped_backward(self, loss_per_sample: torch.Tensor) -> int:
         """Set each parameter's ``.grad`` to the sum over records of their gradients clipped to
         ``max_grad_norm``; return how many records were left out (norm not finite, see the module)."""
-        # The sum of per-record losses: the gradient reaching each output row is that record's own.
-        loss_per_sample.sum().backward()
         records, self._records = self._records, {}
-        squared = torch.zeros(loss_per_sample.shape[0], dtype=torch.float64, device=loss_per_sample.device)
-        largest = torch.zeros_like(squared)  # each record's largest |g_i| |a_i| or |g_i| over the layers
-        captured: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
-        for layer in self._layers:
-            seen = records.get(layer, [])
+        for seen in records.values():
             if len(seen) > 1:
                 raise NotImplementedError("Parameter tying is not supported with Ghost Clipping")  # Opacus' rule and words
-            if not seen or seen[0][1] is None:
+        # The sum of per-record losses: the gradient reaching each output row is that record's own. Only
+        # the layers' output gradients are asked for: autograd skips the (unclipped) parameter gradients.
+        layers = [layer for layer in self._layers if layer in records]
+        edges = [records[layer][0][1] for layer in layers]
+        outputs = torch.autograd.grad(loss_per_sample.sum(), edges, allow_unused=True) if edges else ()
+        backprops_of = dict(zip(layers, outputs))
+        captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        for layer in self._layers:
+            backprops = backprops_of.get(layer)
+            if backprops is None:
                 # no gradient reached this layer: every record's gradient here is 0
-                for p in layer.parameters():
+                for p in layer.parameters(recurse=False):
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
                 continue
-            activations, backprops = seen[0]
-            captured.append((layer, activations, backprops))
-            grad, inputs = _row_norms(backprops), _row_norms(activations)
-            product = grad * inputs  # the weight gradient's norm (for sequences, a bound on it)
-            largest = torch.maximum(largest, torch.maximum(product, grad))
-            if backprops.dim() == 2:
-                if layer.weight.requires_grad:
-                    squared += product.square()
-                if layer.bias is not None and layer.bias.requires_grad:
-                    squared += grad.square()
-            else:
-                # Opacus' sum over position pairs, in float32 when no term can overflow (each <= |g_i|^2 |a_i|^2)
-                safe = bool((torch.maximum(product, torch.maximum(grad, inputs)) <= 1e18).all())
-                pair = (activations, backprops) if safe else (activations.double(), backprops.double())
-                for norm in compute_linear_norm_sample(layer, [pair[0]], pair[1]).values():
-                    squared += norm.double().square()
-        norms = squared.sqrt()
-        self.per_sample_gradient_norms = norms
-        finite = torch.isfinite(norms)
+            captured.append((layer, records[layer][0][0], backprops))
+        norms_all, largest, found = _norms_of(captured, loss_per_sample.shape[0], loss_per_sample.device)
+        if not bool(torch.isfinite(norms_all).all()) and any(g.dtype != torch.float64 for _, _, g in captured):
+            # an overflow in the layers' dtype (inf or NaN, never a wrong finite norm): again, in float64
+            captured = [(layer, a.double() if a.is_floating_point() else a, g.double()) for layer, a, g in captured]
+            norms_all, largest, found = _norms_of(captured, loss_per_sample.shape[0], loss_per_sample.device)
+        self.per_sample_gradient_norms = norms_all
+        finite = torch.isfinite(norms_all)
         left_out = int((~finite).sum())
         self.nonfinite_records += left_out
-        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' get_clipping_coef
+        coef = (self.max_grad_norm / (norms_all + 1e-6)).clamp(max=1.0)  # Opacus' get_clipping_coef
         if left_out:
             coef = torch.where(finite, coef, torch.zeros_like(coef))
-        # float32 is exact enough, and cannot overflow, while every |g_i| |a_i| and |g_i| <= WIDE: then
+        # float32 is exact enough, and cannot overflow, while every record's entry bound is <= WIDE: then
         # no c_i g_ij a_ik exceeds WIDE, and c_i >= max_grad_norm / (2 WIDE sqrt(layers)) is a normal float
-        wide = left_out < len(norms) and float((largest[finite] if left_out else largest).max()) > WIDE
-        for layer, activations, backprops in captured:
-            if left_out:
-                backprops, activations = _zero_rows(backprops, finite), _zero_rows(activations, finite)
+        wide = left_out < len(norms_all) and float((largest[finite] if left_out else largest).max()) > WIDE
+        for (layer, activations, backprops), norms in zip(captured, found):
             dtype = torch.float64 if wide else backprops.dtype
-            factor = coef.to(dtype).view(-1, *[1] * (backprops.dim() - 1))
-            scaled = (backprops.to(dtype) * factor).reshape(-1, backprops.shape[-1])
-            if layer.weight.requires_grad:
-                layer.weight.grad = (scaled.t() @ activations.reshape(-1, activations.shape[-1]).to(scaled)).to(layer.weight.dtype)
-            if layer.bias is not None and layer.bias.requires_grad:
-                layer.bias.grad = scaled.sum(dim=0).to(layer.bias.dtype)
+            clip_into(layer, activations, backprops, norms, coef.to(dtype), finite if left_out else None)
         return left_out
+
+
+def _norms_of(captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[LayerNorms]]:
+    """Each record's gradient norm over all layers, its largest entry bound, and each layer's share."""
+    squared = torch.zeros(n, dtype=torch.float64, device=device)
+    largest = torch.zeros_like(squared)
+    found = []
+    for layer, activations, backprops in captured:
+        norms = layer_norms(layer, activations, backprops)
+        found.append(norms)
+        squared += norms.squared
+        largest = torch.maximum(largest, norms.largest)
+    return squared.sqrt(), largest, found
 
 
 class _ClippedLoss(DPTensorFastGradientClipping):
@@ -307,7 +309,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             and kwargs.get("wrap_model", True)
             and kwargs.get("batch_first", True)
             and not isinstance(module, AbstractGradSampleModule)
-            and all(type(m) is nn.Linear for _, m in trainable_modules(module))
+            and all(supports(m) for _, m in trainable_modules(module))
         )
         if not one_pass:
             return super()._prepare_model(module, **kwargs)

@@ -1,0 +1,225 @@
+"""Per-record gradient norms and clipped gradient sums, layer by layer, for one-pass ghost clipping.
+
+:class:`fedmm.privacy.ghost.OnePassGradSampleModule` keeps each supported layer's input ``a``
+and output gradient ``g`` from one backward pass of the summed per-record losses. This
+module turns them into, per layer:
+
+- :func:`layer_norms`: each record's squared gradient norm over the layer's trainable
+  parameters (float64), a bound on the entries the clipped sum multiplies (which decides
+  whether float32 is wide enough), and the explicit per-record gradients when those were the
+  cheaper way to the norm (they are then reused for the sum);
+- :func:`clip_into`: ``.grad`` of each parameter set to ``sum_i c_i grad_i`` for the records'
+  clipping factors ``c_i``, without a second backward pass.
+
+Layers: ``nn.Linear`` (any number of positions), ``nn.Conv1d`` and ``nn.Conv2d`` (one group,
+zero padding), ``nn.Embedding`` (dense, no ``max_norm`` or frequency scaling), ``nn.GroupNorm``
+and ``nn.LayerNorm``. For a layer over positions ``t`` (sequence tokens, convolution windows)
+the weight gradient of record i is ``sum_t g_t a_t^T``; its squared norm is either taken from
+that explicit matrix (cost ~ ``T * out * in``) or as the ghost norm
+``sum_{t,s} (a_t . a_s)(g_t . g_s)`` (cost ~ ``T^2 * (out + in)``), whichever costs less for
+the layer's shapes. An embedding's is ``sum_{t,s} [id_t = id_s] (g_t . g_s)``; a norm layer's
+per-record gradients (one value per channel) are formed explicitly (Opacus' own samplers).
+Convolution windows come from Opacus' ``unfold2d``.
+
+Everything here is computed in the dtype of ``a`` and ``g``: an overflow there makes a norm inf or
+NaN (never a wrong finite number), and the caller then takes the whole step again from float64
+copies of ``a`` and ``g``; a record whose norm is still not finite is left out.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, cast
+
+import torch
+from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from opacus.utils.tensor_utils import unfold2d
+from torch import Tensor, nn
+
+__all__ = ["LayerNorms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
+
+EMBEDDING_GRAM_MAX = 256  # longer token sequences take Opacus' sort-based embedding norm (no L x L matrix)
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """Each record's (row's) Euclidean norm over all its other dimensions, in float64 (no overflow)."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """Each record's norm taken in ``x``'s own dtype (may overflow: the caller checks), as float64."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).double()
+
+
+def zero_rows(x: Tensor, keep: Tensor) -> Tensor:
+    """``x`` with the rows (records) where ``keep`` is False set to 0 (selected, never multiplied by 0)."""
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def supports(layer: nn.Module) -> bool:
+    """Whether :func:`layer_norms` and :func:`clip_into` handle ``layer`` exactly (else: Opacus' two passes)."""
+    kind = type(layer)
+    if kind in (nn.Linear, nn.GroupNorm):
+        return True
+    if kind is nn.LayerNorm:
+        return layer.bias is not None  # Opacus' sampler needs it
+    if kind in (nn.Conv1d, nn.Conv2d):
+        conv = cast(nn.Conv1d | nn.Conv2d, layer)
+        return conv.groups == 1 and conv.padding_mode == "zeros"
+    if kind is nn.Embedding:
+        embedding = cast(nn.Embedding, layer)
+        return not (embedding.sparse or embedding.scale_grad_by_freq or embedding.max_norm is not None)
+    return False
+
+
+class LayerNorms(NamedTuple):
+    """One layer's share of each record's gradient: ``squared`` norm and ``largest`` entry bound
+    (float64, ``[n]``), and the explicit per-record gradients when they were formed (else None)."""
+
+    squared: Tensor
+    largest: Tensor
+    per_record: dict[nn.Parameter, Tensor] | None
+    windows: Tensor | None = None  # the ``[n, T, in]`` inputs per position, when formed (convolutions)
+
+
+def _trainable(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for p in (getattr(layer, "weight", None), getattr(layer, "bias", None)) if isinstance(p, nn.Parameter) and p.requires_grad]
+
+
+def _positions(layer: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A, G)``: ``[n, T, in]`` inputs and ``[n, T, out]`` output gradients per position (window)."""
+    n = g.shape[0]
+    if isinstance(layer, nn.Linear):
+        return a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    if isinstance(layer, nn.Conv2d):
+        windows = unfold2d(a, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation)  # type: ignore[arg-type]
+    else:  # Conv1d: a 2-D convolution of height 1
+        conv: nn.Conv1d = layer  # type: ignore[assignment]
+        padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
+        windows = unfold2d(a.unsqueeze(-2), kernel_size=(1, conv.kernel_size[0]), padding=padding, stride=(1, conv.stride[0]), dilation=(1, conv.dilation[0]))
+    return windows.transpose(1, 2), g.reshape(n, g.shape[1], -1).transpose(1, 2)
+
+
+def _ghost_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
+    return positions * (fan_in + fan_out) < fan_in * fan_out
+
+
+def _weighted_sum(coef: Tensor, per_record: Tensor) -> Tensor:
+    """``sum_i coef_i per_record_i`` as one matrix-vector product."""
+    return (coef @ per_record.reshape(per_record.shape[0], -1).to(coef.dtype)).view(per_record.shape[1:])
+
+
+def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
+    """Each record's squared gradient norm over ``layer``'s trainable parameters (see the module)."""
+    if isinstance(layer, nn.Embedding):
+        return _embedding_norms(layer, a, g, _rows(g))
+    if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
+        return _explicit(layer, a, g)
+    if not isinstance(layer, nn.Linear):  # a convolution: T windows of in_channels x kernel inputs
+        weight = cast(nn.Parameter, layer.weight)
+        if not (weight.requires_grad and _ghost_cheaper(g[0, 0].numel(), weight[0].numel(), int(weight.shape[0]))):
+            return _explicit(layer, a, g)
+    g_norm, a_norm = _rows(g), _rows(a)
+    largest = torch.maximum(g_norm * a_norm, g_norm)  # bounds every entry of g and of a per-record gradient
+    if a.dim() == 2 and isinstance(layer, nn.Linear):
+        # one position: the weight gradient g a^T has norm |g| |a|
+        squared = torch.zeros_like(g_norm)
+        if layer.weight.requires_grad:
+            squared += (g_norm * a_norm).square()
+        if layer.bias is not None and layer.bias.requires_grad:
+            squared += g_norm.square()
+        return LayerNorms(squared, largest, None)
+    # the ghost norm over pairs of positions
+    big_a, big_g = _positions(layer, a, g)
+    big_a = big_a.to(big_g.dtype)
+    squared = torch.zeros_like(g_norm)
+    if layer.weight.requires_grad:  # type: ignore[union-attr]
+        gram = torch.bmm(big_a, big_a.transpose(1, 2)) * torch.bmm(big_g, big_g.transpose(1, 2))
+        squared += gram.sum(dim=(1, 2)).double()
+    if layer.bias is not None and layer.bias.requires_grad:  # type: ignore[union-attr]
+        squared += _rows(big_g.sum(dim=1)).square()
+    return LayerNorms(squared, largest, None, None if isinstance(layer, nn.Linear) else big_a)
+
+
+def _per_record(layer: nn.Module, a: Tensor, g: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Explicit per-record gradients of a norm layer (Opacus' samplers) or a convolution (windows x gradients)."""
+    if isinstance(layer, nn.GroupNorm):  # Opacus' compute_group_norm_grad_sample, with sums for its einsums
+        out = {}
+        if layer.weight.requires_grad:
+            out[layer.weight] = (nn.functional.group_norm(a, layer.num_groups, eps=layer.eps) * g).flatten(2).sum(dim=2)
+        if layer.bias.requires_grad:
+            out[layer.bias] = g.flatten(2).sum(dim=2) if g.dim() > 2 else g
+        return out
+    if isinstance(layer, nn.LayerNorm):
+        return compute_layer_norm_grad_sample(layer, [a], g)
+    big_a, big_g = _positions(layer, a, g)
+    conv = cast(nn.Conv1d | nn.Conv2d, layer)
+    grads: dict[nn.Parameter, Tensor] = {}
+    if conv.weight.requires_grad:
+        grads[cast(nn.Parameter, conv.weight)] = torch.bmm(big_g.transpose(1, 2), big_a.to(big_g.dtype))  # [n, out, in]
+    if conv.bias is not None and conv.bias.requires_grad:
+        grads[cast(nn.Parameter, conv.bias)] = big_g.sum(dim=1)
+    return grads
+
+
+def _explicit(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
+    """Norms from explicit per-record gradients. Every entry the clipped sum multiplies is one
+    of theirs, so a record's norm bounds them."""
+    per_record = _per_record(layer, a, g)
+    squared = sum((_rows(t).square() for t in per_record.values()), torch.zeros(g.shape[0], dtype=torch.float64, device=g.device))
+    return LayerNorms(squared, squared.sqrt(), per_record)
+
+
+def _embedding_norms(layer: nn.Embedding, ids: Tensor, g: Tensor, g_norm: Tensor) -> LayerNorms:
+    """Record i's embedding gradient adds up its positions' ``g_t`` per distinct id."""
+    n = g.shape[0]
+    ids = ids.reshape(n, -1)
+    g = g.reshape(n, ids.shape[1], -1)
+    if layer.padding_idx is not None:  # the padding row gets no gradient
+        g = g.masked_fill((ids == layer.padding_idx).unsqueeze(-1), 0.0)
+    squared = torch.zeros_like(g_norm)
+    if layer.weight.requires_grad:
+        if ids.shape[1] == 1:
+            squared = _rows(g).square()
+        elif ids.shape[1] <= EMBEDDING_GRAM_MAX:
+            same = ids.unsqueeze(2) == ids.unsqueeze(1)
+            squared = (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2)).double()
+        else:
+            squared = compute_embedding_norm_sample(layer, [ids], g)[layer.weight].double().square()
+    return LayerNorms(squared, g_norm, {cast(nn.Parameter, layer.weight): g})  # the (padding-masked) gradients, for clip_into
+
+
+def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: Tensor, keep: Tensor | None = None) -> None:
+    """Set ``.grad`` of ``layer``'s trainable parameters to ``sum_i coef_i grad_i``, computed in ``coef``'s dtype.
+
+    ``keep`` (bool ``[n]``, or None for all): records left out, whose rows of ``a``, ``g`` and the
+    per-record gradients are set to 0 before any product (never ``0 * NaN``).
+    """
+    per_record = dict(norms.per_record or {})
+    if keep is not None:
+        a, g = zero_rows(a, keep), zero_rows(g, keep)
+        per_record = {p: zero_rows(t, keep) for p, t in per_record.items()}
+    for p in _trainable(layer):
+        windows = norms.windows if keep is None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
+        p.grad = _clipped(layer, p, a, g, per_record, coef, windows).to(p.dtype)
+
+
+def _clipped(layer: nn.Module, p: nn.Parameter, a: Tensor, g: Tensor, per_record: dict[nn.Parameter, Tensor], coef: Tensor, windows: Tensor | None) -> Tensor:
+    dtype = coef.dtype
+    if isinstance(layer, nn.Embedding):
+        h = per_record[p].to(dtype) * coef.view(-1, 1, 1)  # the padding-masked [n, L, dim] gradients
+        out = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        return out.index_add_(0, a.reshape(-1), h.reshape(-1, h.shape[-1]))
+    if p in per_record:
+        return _weighted_sum(coef, per_record[p]).view_as(p)
+    scaled = g.to(dtype) * coef.view(-1, *[1] * (g.dim() - 1))
+    if isinstance(layer, nn.Linear):
+        flat = scaled.reshape(-1, scaled.shape[-1])
+        if p is layer.bias:
+            return flat.sum(dim=0)
+        return flat.t() @ a.reshape(-1, a.shape[-1]).to(dtype)
+    # convolutions: the weight's gradient of the scaled output gradients, sum over records and windows
+    if p is layer.bias:
+        return scaled.reshape(scaled.shape[0], scaled.shape[1], -1).sum(dim=(0, 2))
+    big_a, big_g = _positions(layer, a.to(dtype), scaled) if windows is None else (windows, scaled.reshape(scaled.shape[0], scaled.shape[1], -1).transpose(1, 2))
+    return torch.einsum("nto,nti->oi", big_g, big_a).reshape(p.shape)

@@ -1,0 +1,192 @@
+"""One-pass ghost clipping (fedmm.privacy.ghost, fedmm.privacy.ghost_norms) for every layer type
+the default model and the CNN fusions use: per-record norms against explicit per-record
+gradients, the clipped sum against Opacus' own per-sample clipping, and the sensitivity bound."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from torch import nn
+
+from fedmm.data.synthetic import make_synthetic
+from fedmm.models import ModelRecipe
+from fedmm.models.evaluation import make_dataset
+from fedmm.privacy.ghost import OnePassGradSampleModule, PrivacyEngine
+from fedmm.privacy.ghost_norms import layer_norms
+
+CNN_FUSIONS = ("concat", "gated", "late", "attention")  # over every modality kind: Conv2d, Conv1d, Embedding, GroupNorm (+LayerNorm)
+
+
+class _Probe(nn.Module):
+    """One layer under test, then a fixed nonlinearity and a linear readout to 3 classes."""
+
+    def __init__(self, layer: nn.Module, out: int) -> None:
+        super().__init__()
+        self.layer, self.readout = layer, nn.Linear(out, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.layer(x))
+        return self.readout(h.reshape(h.shape[0], -1, self.readout.in_features).mean(dim=1))
+
+
+def _embedding_with_padding() -> nn.Module:
+    return nn.Embedding(7, 4, padding_idx=0)
+
+
+# name: (layer, input maker, width the readout sees per position)
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), lambda n: torch.randn(n, 6), 5),
+    "linear-sequence": (lambda: nn.Linear(6, 5), lambda n: torch.randn(n, 4, 6), 5),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 5, stride=2, padding=2), lambda n: torch.randn(n, 3, 16), 4 * 8),
+    "conv2d-explicit": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), lambda n: torch.randn(n, 2, 12, 12), 4 * 36),
+    "conv2d-ghost": (lambda: nn.Conv2d(24, 40, 3, stride=2, padding=1, dilation=1), lambda n: torch.randn(n, 24, 6, 6), 40 * 9),
+    "conv2d-dilated-no-bias": (lambda: nn.Conv2d(2, 3, 3, padding=2, dilation=2, bias=False), lambda n: torch.randn(n, 2, 7, 7), 3 * 49),
+    "embedding": (lambda: nn.Embedding(7, 4), lambda n: torch.randint(0, 7, (n, 9)), 4),
+    "embedding-padding": (_embedding_with_padding, lambda n: torch.randint(0, 3, (n, 9)), 4),
+    "embedding-single": (lambda: nn.Embedding(5, 4), lambda n: torch.randint(0, 5, (n,)), 4),
+    "groupnorm": (lambda: nn.GroupNorm(2, 4), lambda n: torch.randn(n, 4, 5, 5), 4 * 25),
+    "layernorm": (lambda: nn.LayerNorm(6), lambda n: torch.randn(n, 4, 6), 6),
+}
+
+
+def _per_record_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Explicit per-record gradients ``[n, *shape]`` of every trainable parameter (torch.func)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return [grads[k] for k in params]
+
+
+def _clipped_reference(grads: list[torch.Tensor], clip: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    norms = torch.sqrt(sum(g.reshape(len(g), -1).square().sum(dim=1) for g in grads))
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return norms, [torch.einsum("i,i...->...", coef, g) for g in grads]
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_per_record_norms_and_clipped_sum_equal_explicit_per_record_gradients(name: str) -> None:
+    make_layer, make_input, width = LAYERS[name]
+    torch.manual_seed(0)
+    model = _Probe(make_layer(), width).double()
+    x = make_input(8)
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (8,))
+    grads = _per_record_grads(model, x, y)
+    clip = float(torch.sqrt(sum(g.reshape(len(g), -1).square().sum(dim=1) for g in grads)).median())
+    norms, expected = _clipped_reference(grads, clip)
+    assert (norms > clip).any() and (norms < clip).any()  # some records are clipped, some are not
+
+    module = OnePassGradSampleModule(model, max_grad_norm=clip)  # the old code refused every non-Linear layer here
+    module.clipped_backward(nn.functional.cross_entropy(module(x), y, reduction="none"))
+
+    assert torch.allclose(module.per_sample_gradient_norms, norms.double(), rtol=1e-5, atol=1e-12)
+    for p, e in zip([p for p in model.parameters() if p.requires_grad], expected):
+        assert torch.allclose(p.grad, e, rtol=1e-5, atol=1e-10), name
+
+
+def test_convolutions_take_the_cheaper_norm_for_their_shapes() -> None:
+    # the same norms either way (above); here which one each shape takes
+    for name, ghost in (("conv2d-explicit", False), ("conv2d-ghost", True)):
+        make_layer, make_input, _ = LAYERS[name]
+        layer, x = make_layer(), make_input(3)
+        g = torch.randn_like(layer(x))
+        assert (layer_norms(layer, x, g).per_record is None) is ghost, name
+
+
+def _fusion(name: str) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
+    recipe = ModelRecipe(name)
+    data = recipe.prepare(make_synthetic(24, seed=5))
+    batch = make_dataset(data)[:]
+    count = len(data.schema.modalities)
+    torch.manual_seed(1)
+    return recipe.build(data.schema, seed=1), list(batch[: count + 1]), batch[count + 1]
+
+
+@pytest.mark.parametrize("fusion", CNN_FUSIONS)
+def test_cnn_fusion_norms_and_clipped_sum_equal_opacus_hooks(fusion: str) -> None:
+    model, inputs, y = _fusion(fusion)
+    model = model.double()
+    inputs = [t.double() if t.is_floating_point() else t for t in inputs]
+    clip = 0.5
+    reference = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="sum")  # Opacus' per-sample gradients (hooks)
+    nn.functional.cross_entropy(reference(*inputs)[:, :10], y, reduction="sum").backward()
+    grads = [p.grad_sample for p in reference.parameters() if p.requires_grad]
+    norms, expected = _clipped_reference(grads, clip)
+    assert (norms > clip).any()
+
+    module = OnePassGradSampleModule(model, max_grad_norm=clip)
+    module.clipped_backward(nn.functional.cross_entropy(module(*inputs)[:, :10], y, reduction="none"))
+
+    assert torch.allclose(module.per_sample_gradient_norms, norms, rtol=1e-5)
+    for p, e in zip([p for p in model.parameters() if p.requires_grad], expected):
+        assert torch.allclose(p.grad, e, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("fusion", CNN_FUSIONS)
+def test_cnn_fusions_get_one_pass_clipping_and_match_opacus_hooks_before_noise(fusion: str) -> None:
+    # End to end through the privacy engine, noise 0: the step's gradient (clipped sum / batch)
+    # in ghost mode equals Opacus' own per-sample clipping (hooks mode) on the same batch.
+    model, inputs, y = _fusion(fusion)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(y), batch_size=len(y))
+    steps = {}
+    for mode in ("ghost", "hooks"):
+        copy_ = copy.deepcopy(model)
+        wrapped = PrivacyEngine().make_private(
+            module=copy_, optimizer=torch.optim.SGD(copy_.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+            data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.3, grad_sample_mode=mode, poisson_sampling=False,
+        )
+        module, optimizer = wrapped[0], wrapped[1]
+        if mode == "ghost":
+            assert type(module) is OnePassGradSampleModule  # the old code fell back to Opacus' two passes
+        criterion = wrapped[2] if mode == "ghost" else nn.CrossEntropyLoss()
+        optimizer.zero_grad()
+        criterion(module(*inputs)[:, :10], y).backward()
+        optimizer.pre_step()
+        steps[mode] = torch.cat([p.grad.flatten() for p in copy_.parameters() if p.requires_grad])
+    assert torch.allclose(steps["ghost"], steps["hooks"], rtol=1e-4, atol=1e-7)
+
+
+def test_a_record_with_a_huge_gradient_moves_the_sum_by_at_most_max_grad_norm() -> None:
+    model, inputs, y = _fusion("concat")
+    clip = 0.2
+
+    def clipped_sum(records: slice) -> torch.Tensor:
+        copy_ = copy.deepcopy(model)
+        module = OnePassGradSampleModule(copy_, max_grad_norm=clip)
+        module.clipped_backward(nn.functional.cross_entropy(module(*[t[records] for t in inputs])[:, :10], y[records], reduction="none"))
+        return torch.cat([p.grad.flatten() for p in copy_.parameters() if p.requires_grad])
+
+    inputs = [t.clone() for t in inputs]
+    inputs[0][0] *= 1e4  # record 0's image: its gradient norm is huge
+    inputs[3][0] *= 1e4  # and its sensor series
+    with_it, without = clipped_sum(slice(0, None)), clipped_sum(slice(1, None))
+    assert float((with_it - without).norm()) <= clip * (1 + 1e-5)
+    assert float((with_it - without).norm()) > clip * 0.99  # it is clipped, not dropped
+
+
+def test_a_record_whose_gradient_is_not_finite_is_left_out_and_counted() -> None:
+    # An infinite pixel makes record 0's forward pass NaN through the CNN: the step is the others'
+    # clipped sum exactly (the record's rows are zeroed, never multiplied by 0), and it is counted.
+    model, inputs, y = _fusion("concat")
+    clip = 0.2
+
+    def clipped_sum(batch: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        copy_ = copy.deepcopy(model)
+        module = OnePassGradSampleModule(copy_, max_grad_norm=clip)
+        left_out = module.clipped_backward(nn.functional.cross_entropy(module(*batch)[:, :10], labels, reduction="none"))
+        return torch.cat([p.grad.flatten() for p in copy_.parameters() if p.requires_grad]), left_out
+
+    broken = [t.clone() for t in inputs]
+    broken[0][0, 0, 0, 0] = float("inf")
+    with_it, left_out = clipped_sum(broken, y)
+    without, none_left = clipped_sum([t[1:] for t in inputs], y[1:])
+    assert (left_out, none_left) == (1, 0)
+    assert torch.isfinite(with_it).all()
+    assert torch.allclose(with_it, without, rtol=1e-5, atol=1e-7)
