@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 from fedmm.data.normalise import normalise  # noqa: E402
 from fedmm.data.partition import build_federation  # noqa: E402
 from fedmm.data.sources import load_source  # noqa: E402
+from fedmm.federation.book import FederationBook  # noqa: E402
 from fedmm.federation.server_opt import ServerOptimizer  # noqa: E402
 from fedmm.models.evaluation import score  # noqa: E402
 from fedmm.plan import RunPlan  # noqa: E402
@@ -36,8 +38,12 @@ from fedmm.privacy.accounting import SiteAccountant  # noqa: E402
 from fedmm.site.round import SiteState, train_round  # noqa: E402
 
 
-def federate(values: dict[str, Any]) -> dict[str, float]:
-    """Run one in-process federation of the run config ``values``; accuracy, macro-F1, max epsilon, seconds."""
+def federate(values: dict[str, Any], on_round: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Run one in-process federation of the run config ``values``; accuracy, macro-F1, max epsilon, seconds.
+
+    ``client-fraction`` below 1 asks the sites the server would ask (:meth:`FederationBook.sample_nodes`,
+    without client-level DP); ``on_round(r)`` is called after each round.
+    """
     start = time.monotonic()
     plan = RunPlan.from_run_config(values)
     cfg = plan.config
@@ -55,9 +61,13 @@ def federate(values: dict[str, Any]) -> dict[str, float]:
     optimizer = ServerOptimizer.from_config(cfg)
     glob = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     epsilon = 0.0
+    book = FederationBook(dp=cfg.dp, min_sites=cfg.min_sites, client_fraction=cfg.client_fraction, seed=cfg.seed)
     for server_round in range(1, cfg.rounds + 1):
         updates, weights = [], []
-        for name, data in zip(federation.names, federation.sites):
+        asked = set(book.sample_nodes(server_round, range(len(federation.names))))
+        for index, (name, data) in enumerate(zip(federation.names, federation.sites)):
+            if index not in asked:
+                continue
             out = train_round(cfg=cfg, site=name, data=data, global_weights={k: torch.from_numpy(v.copy()) for k, v in glob.items()},
                               server_round=server_round, state=states[name], expected_schema=test.schema.to_json())
             updates.append({k: v.numpy().astype(np.float64) for k, v in out.state_dict.items()})
@@ -66,6 +76,8 @@ def federate(values: dict[str, Any]) -> dict[str, float]:
         total = sum(weights)
         mean = {k: (sum(w * u[k] for w, u in zip(weights, updates)) / total).astype(glob[k].dtype) for k in glob}
         glob = optimizer.apply(glob, mean)
+        if on_round is not None:
+            on_round(server_round)
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in optimizer.served(glob).items()})
     scores = score(model, test)
     return {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1, "epsilon": epsilon, "seconds": time.monotonic() - start}

@@ -141,7 +141,7 @@ class RunConfig:
     client_clip_norm: float = key(1.0, "each site clips its update (the change to the global model) to this L2 norm", range="> 0")
     client_noise_multiplier: float = key(1.0, "noise std on the sum of updates = this x client-clip-norm", range="> 0")
     client_noise: str = key("central", "`central` (the server adds the noise) or `distributed` (each site adds a share; needs secure-aggregation)")
-    client_fraction: float = key(1.0, "Poisson sampling rate of sites per round (privacy amplification)", range="(0, 1]")
+    client_fraction: float = key(1.0, "share of the sites asked each round: with client-dp a Poisson sample (it amplifies the client-level guarantee), otherwise ceil(share x sites) drawn from the seed and round; a site not asked trains and spends nothing", range="(0, 1]")
     client_delta: float = key(1e-5, "the delta of the client-level guarantee", range="(0, 1)")
     client_target_epsilon: float = key(0.0, "> 0: the server stops before a round that would exceed this client-level epsilon; 0: no limit", range=">= 0")
     lenient: bool = key(False, "skip bad samples (counted per reason) instead of stopping at the first")

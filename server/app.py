@@ -67,7 +67,10 @@ def main(grid: Grid, context: Context) -> None:
         cfg = plan.config
         if not cfg.resume:
             artifacts.save_federation(federation.summary())
-        for name, ds in zip(federation.names, federation.sites):
+        for shown, (name, ds) in enumerate(zip(federation.names, federation.sites)):
+            if shown == 50:  # thousands of sites: one line each would flood the log; federation.json has them all
+                log(INFO, "[fedmm] ... and %d more sites (per-site counts in %s)", len(federation.names) - shown, artifacts.dir / "federation.json")
+                break
             counts = ds.counts()
             log(INFO, "[fedmm] site %s: %d samples, per modality %s", name, counts["samples"], counts["per_modality"])
         if federation.unassigned:

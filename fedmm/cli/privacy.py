@@ -30,11 +30,14 @@ def plan_table(run_plan: RunPlan, federation: Any) -> FitTable:
         "q: sample rate, noise: noise multiplier, budget: the site's lifetime epsilon, studies: whole runs of this plan it still allows",
         ("site", "records", "q", "steps/rd", "noise", "epsilon", "budget", "rounds", "studies"),
     )
-    for name, ds in zip(federation.names, federation.sites):
+    for index, (name, ds) in enumerate(zip(federation.names, federation.sites)):
+        # prepare() checks that the model takes the data (the federation's one schema: once is enough) and keeps
+        # every sample and label, so the other sites' records are counted without computing their features.
+        records = len((recipe.prepare(ds) if index == 0 else ds).labelled())
         with warnings.catch_warnings():
             # Opacus notes when RDP's best order is its largest (a looser bound, still valid); the table names the accountant.
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            row, warning = _plan_row(cfg, name, len(recipe.prepare(ds).labelled()), budgets.get(name, budgets["*"]))
+            row, warning = _plan_row(cfg, name, records, budgets.get(name, budgets["*"]))
         table.add_row(*row)
         if warning:
             table.notes.append(Text(warning, style="yellow"))

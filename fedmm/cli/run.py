@@ -17,6 +17,7 @@ from fedmm.federation.artifacts import new_run_id
 __all__ = ["simulate", "server", "site"]
 
 _MARK = "[fedmm] "
+_PLAN_ROWS = 50  # above this many sites `fedmm simulate` prints one line for the DP plan, not a row per site
 
 
 def _print_summary(run_dir: Path) -> str:
@@ -67,11 +68,22 @@ def simulate(
     preset: Annotated[Path | None, typer.Argument(help="TOML file of run-config keys (see simulations/)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a run-config key: --set rounds=3")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's whole log")] = False,
+    superlink: Annotated[bool, typer.Option(
+        "--superlink", help="run through a private SuperLink and `flwr run` (as `flwr run .` does), not Flower's engine in this "
+        "process: the same App and results, about 15 s more start-up (see docs/benchmarks.md, Scaling)",
+    )] = False,
+    ray_address: Annotated[str, typer.Option(
+        "--ray-address", help="attach to a running Ray cluster: the head's HOST:PORT, or 'auto'; run this on a node of the cluster "
+        "(implies --superlink; default: a private Ray for this run; see docs/runs.md, Running on a Ray cluster)",
+    )] = "",
+    site_cpus: Annotated[int, typer.Option("--site-cpus", help="Ray CPUs for each site (whole CPUs; implies --superlink if not 1)")] = 1,
+    site_gpus: Annotated[float, typer.Option("--site-gpus", help="Ray GPUs for each site, e.g. 0.5: two sites share a GPU (implies --superlink if set)")] = 0.0,
 ) -> None:
     """Run a federated simulation offline and write runs/<run-id>/."""
-    from fedmm.runtime.simulation import run_simulation  # imported late: keeps `fedmm --help` fast
+    from fedmm.runtime.ray_cluster import RaySettings
 
     with exit_on_error():
+        ray = RaySettings(address=ray_address, site_cpus=site_cpus, site_gpus=site_gpus)  # checked before any data is read
         values = {**load_preset(preset), **parse_overrides(set_ or [])}
         cfg = RunConfig.from_run_config(values)
         cfg = cfg.replace(
@@ -91,7 +103,13 @@ def simulate(
         console.print(f"lenient: skipped {federation.skipped} (see `fedmm data check`)")
     console.print(f"fedmm: simulating {cfg.sites} sites x {cfg.rounds} rounds, dp={cfg.dp}, data={cfg.data} (run {cfg.run_name})")
     console.print(federation_usage(federation), markup=False, highlight=False)
-    if cfg.dp:
+    if cfg.dp and len(federation.names) > _PLAN_ROWS:  # a table of thousands of rows is read by nobody, and costs minutes
+        console.print(
+            f"DP plan: each of the {len(federation.names)} sites fixes its noise for target epsilon {cfg.target_epsilon:g} at delta "
+            f"{cfg.target_delta:g} ({cfg.accountant}) over {cfg.rounds} rounds and refuses a round past its budget; "
+            "`fedmm plan` with the same settings prints every site's plan", markup=False, highlight=False,
+        )
+    elif cfg.dp:
         with exit_on_error():
             from fedmm.cli.privacy import plan_table  # a sibling module: commands register in help order
 
@@ -109,7 +127,14 @@ def simulate(
                 console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     try:
-        outcome = run_simulation(cfg, on_line=on_line)
+        if superlink or ray != RaySettings():  # a Ray cluster or other site resources: through Flower's SuperLink, as `flwr run`
+            from fedmm.runtime.simulation import run_simulation  # imported late: keeps `fedmm --help` fast
+
+            outcome = run_simulation(cfg, on_line=on_line, ray=ray)
+        else:  # Flower's engine in this process: the data loaded and checked above is not loaded again
+            from fedmm.runtime.embedded import run_embedded
+
+            outcome = run_embedded(cfg, on_line=on_line, verbose=verbose)
     except FedMMError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from err

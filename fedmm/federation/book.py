@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -200,10 +201,10 @@ class FederationBook:
     (sampling, noise and its accountant).
     """
 
-    def __init__(self, *, dp: bool, min_sites: int = 1, client_dp: ClientDPPlan | None = None) -> None:
+    def __init__(self, *, dp: bool, min_sites: int = 1, client_dp: ClientDPPlan | None = None, client_fraction: float = 1.0, seed: int = 0) -> None:
         self.dp = dp
         self.min_sites = min_sites
-        self.client_dp = client_dp
+        self.client_dp, self.client_fraction, self.seed = client_dp, client_fraction, seed  # client_fraction: sample_nodes
         self.client_accountant = (
             ClientAccountant(noise_multiplier=client_dp.noise_multiplier, sample_rate=client_dp.sample_rate) if client_dp else None
         )
@@ -382,14 +383,17 @@ class FederationBook:
             )
 
     def sample_nodes(self, server_round: int, nodes: Iterable[int], *, at_least: int = 1) -> list[int]:
-        """The nodes asked this round: every eligible one, or a Poisson sample under client-level DP.
+        """The nodes asked this round: every eligible one, a Poisson sample under client-level DP, or without it
+        ``ceil(client-fraction x eligible)`` drawn with the seed and round (at least min-sites and what the rule needs).
 
         Raises :class:`SitesExhausted` before the round when the client-level budget would be
         exceeded, and :class:`FederationError` when the sample is too small to aggregate.
         """
         eligible = sorted(n for n in nodes if n not in self.refused_nodes)
         if self.client_dp is None:
-            return eligible
+            wanted = max(math.ceil(self.client_fraction * len(eligible) - 1e-9), self.min_sites, self.least_updates, at_least)
+            self.round_report["eligible"] = len(eligible)  # a site not asked trains and spends nothing this round
+            return eligible if wanted >= len(eligible) else sorted(random.Random(f"{self.seed}:{server_round}").sample(eligible, wanted))
         assert self.client_accountant is not None
         if self.client_dp.target_epsilon is not None:
             projected = self.client_accountant.projected_epsilon(self.client_dp.delta)

@@ -121,7 +121,7 @@ class SecureFedMM(WithServerOptimizer, Strategy, FederationBook):
         self, cfg: RunConfig, *, initial: Mapping[str, np.ndarray], train_config: Mapping[str, Scalar],
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord], layout: str, learning_rate: float | None = None,
     ) -> None:
-        FederationBook.__init__(self, dp=cfg.dp, min_sites=cfg.min_sites, client_dp=ClientDPPlan.from_config(cfg))
+        FederationBook.__init__(self, dp=cfg.dp, min_sites=cfg.min_sites, client_dp=ClientDPPlan.from_config(cfg), client_fraction=cfg.client_fraction, seed=cfg.seed)
         self.cfg = cfg
         self.names = list(initial)
         self.global_arrays = {k: np.asarray(v) for k, v in initial.items()}

@@ -57,6 +57,7 @@ class FedMMAvg(WithServerOptimizer, FedAvg, FederationBook):
         reference: Mapping[str, tuple[int, ...]] | None = None, client_dp: ClientDPPlan | None = None,
         max_site_weight: int = 1_000_000, max_update_norm: float | None = None,
         aggregation: Aggregation | str = Aggregation.FEDAVG, malicious_sites: int = 1, server_opt: ServerOptimizer | None = None,
+        client_fraction: float = 1.0, seed: int = 0,
     ) -> None:
         FedAvg.__init__(
             self, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites,
@@ -64,7 +65,7 @@ class FedMMAvg(WithServerOptimizer, FedAvg, FederationBook):
             arrayrecord_key=protocol.ARRAYS, configrecord_key=protocol.CONFIG,
             train_metrics_aggr_fn=aggregate_train_metrics,
         )
-        FederationBook.__init__(self, dp=dp, min_sites=min_sites, client_dp=client_dp)
+        FederationBook.__init__(self, dp=dp, min_sites=min_sites, client_dp=client_dp, client_fraction=client_fraction, seed=seed)
         self.layout = layout  # the server model's layout fingerprint; None: not checked
         self.reference = reference  # expected tensors of an update (shapes; dtypes from the global model); None: not checked
         self.max_site_weight = max_site_weight
@@ -101,6 +102,7 @@ class FedMMAvg(WithServerOptimizer, FedAvg, FederationBook):
             dp=cfg.dp, sites=cfg.sites, layout=layout, min_sites=cfg.min_sites, reference=reference, client_dp=plan.client_dp,
             max_site_weight=cfg.max_site_weight, max_update_norm=None if cfg.client_dp and cfg.max_update_norm is None else bound,
             aggregation=cfg.aggregation, malicious_sites=cfg.malicious_sites, server_opt=server_opt,
+            client_fraction=cfg.client_fraction, seed=cfg.seed,
         )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

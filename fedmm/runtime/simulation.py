@@ -31,6 +31,7 @@ import tomli_w
 
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
+from fedmm.runtime.ray_cluster import RaySettings
 
 __all__ = ["SimulationOutcome", "find_app_dir", "run_simulation"]
 
@@ -149,15 +150,18 @@ def _flwr(env: dict[str, str], *args: str) -> dict[str, object]:
         raise FederationError(f"`flwr {' '.join(args)}` printed no JSON (exit {done.returncode}): {done.stderr.strip()[-2000:]}") from err
 
 
-def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None]) -> SimulationOutcome:
+def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None], ray: RaySettings | None = None) -> SimulationOutcome:
     """Run ``cfg`` as a Flower simulation with ``cfg.sites`` virtual sites.
 
     ``on_line`` receives every line of the run's log as it streams. The run
     folder is ``cfg.runs_dir / cfg.run_name`` (``run_name`` must be set).
+    ``ray``: a private Ray (default) or an existing cluster, and one site's resources.
     """
     if not cfg.run_name:
         raise FederationError("run_simulation needs cfg.run_name to know the run folder")
     app_dir = find_app_dir()
+    ray = ray or RaySettings()
+    ray.preflight(cfg, app_dir)  # an existing cluster: checked from each of its nodes first
     run_dir = Path(cfg.runs_dir).resolve() / cfg.run_name
     work = Path(tempfile.mkdtemp(prefix="fedmm-sim-"))
     port = _free_port()
@@ -169,6 +173,7 @@ def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None]) -> Simulat
         FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
         HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0",
     )
+    ray.prepare_env(env, app_dir)
     (work / "flwr-home").mkdir()
     (work / "ray").mkdir()
     (work / "flwr-home" / "config.toml").write_text(
@@ -188,7 +193,7 @@ def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None]) -> Simulat
         _wait_for_port(port, superlink, superlink_log)
         started = _flwr(
             env, "run", str(app_dir), CONNECTION, "--run-config", str(overrides),
-            "--federation-config", f"num-supernodes={cfg.sites} client-resources-num-cpus=1",
+            "--federation-config", ray.federation_config(cfg.sites),
         )
         if not started.get("success"):
             raise FederationError(f"Flower refused the run: {started.get('error-message', started)}")

@@ -1,0 +1,134 @@
+"""``fedmm simulate`` runs Flower's engine in its own process (fedmm.runtime.embedded): the parts testable without a run."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmm.config import RunConfig
+from fedmm.errors import FederationError
+from fedmm.runtime import embedded
+
+
+def test_flowers_engine_takes_the_run_its_config_and_the_servers_context() -> None:
+    # The private entry flwr-simulation calls; fedmm pins Flower, and this fails first if a new one changes it.
+    run = embedded.engine()
+    assert run.__name__ == "_run_simulation"
+
+
+def test_the_run_config_reaches_every_app_fused_as_flwr_run_fuses_it() -> None:
+    from flwr.common.config import get_fused_config_from_dir
+
+    cfg = RunConfig(data="synthetic:200", sites=3, rounds=2, client_fraction=0.5)
+    fused = get_fused_config_from_dir(embedded.find_app_dir(), dict(cfg.to_run_config()))
+    assert RunConfig.from_run_config(fused) == cfg  # every key of pyproject.toml, the overrides on top
+
+
+def test_a_run_needs_its_name_and_its_site_count() -> None:
+    with pytest.raises(FederationError, match="run_name"):
+        embedded.run_embedded(RunConfig(sites=2), on_line=print)
+    with pytest.raises(FederationError, match="number of sites"):
+        embedded.run_embedded(RunConfig(run_name="x"), on_line=print)
+
+
+def test_flowers_log_reaches_the_caller_line_by_line_and_its_console_is_muted() -> None:
+    logger = logging.getLogger("flwr")
+    lines: list[str] = []
+    kept = io.StringIO()
+    console = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    before = [h.level for h in console]
+    with embedded._quiet_console(logger):
+        assert all(h.level > logging.CRITICAL for h in console) and not logger.propagate
+        handler = embedded._LineHandler(lines.append, kept)
+        logger.addHandler(handler)
+        try:
+            logger.info("[fedmm] round 1/2: accuracy 0.5\nsecond line")
+        finally:
+            logger.removeHandler(handler)
+    assert lines == ["INFO: [fedmm] round 1/2: accuracy 0.5", "second line"]
+    assert "INFO: [fedmm] round 1/2" in kept.getvalue() and kept.getvalue().split()[0].replace(".", "").isdigit()  # stamped
+    assert [h.level for h in console] == before and logger.propagate  # put back after the run
+
+
+def test_every_process_that_carries_the_runs_ray_folder_is_stopped(tmp_path: Path) -> None:
+    # Ray's workers outlive the raylet Ray shut down (their parent is then init): found by the run's private RAY_TMPDIR.
+    marker = f"RAY_TMPDIR={tmp_path / 'ray'}"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, "RAY_TMPDIR": str(tmp_path / "other")})
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")})
+    try:
+        time.sleep(0.2)
+        embedded._stop_ours({other.pid}, marker + "\0")  # `other` counts as there before the run, and has another folder
+        assert ours.wait(timeout=10) == -9
+        assert other.poll() is None
+    finally:
+        for proc in (ours, other):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_simulate_offers_the_superlink_path_too() -> None:
+    from typer.testing import CliRunner
+
+    from fedmm.cli import app
+
+    out = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "--superlink" in out.output
+
+
+class _Stop:
+    """A stop event that lets ``sweeps`` sweeps run."""
+
+    def __init__(self, sweeps: int) -> None:
+        self.left = sweeps
+
+    def is_set(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+    def wait(self, _timeout: float) -> None:
+        return None
+
+
+def test_the_dispatcher_hands_out_each_pending_message_once_at_most_one_a_node_a_sweep() -> None:
+    import threading
+    from queue import Queue
+    from types import SimpleNamespace
+
+    class State:  # the parts of Flower's InMemoryLinkState the dispatcher reads
+        def __init__(self) -> None:
+            self.lock = threading.RLock()
+            meta = [(1, "a"), (1, "b"), (2, "c"), (9, "not a simulated node"), (3, "expired")]
+            self.message_ins_store = {name: SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n, delivered_at="")) for n, name in meta}
+
+        def _check_stored_messages(self, ids: set[str]) -> None:
+            self.message_ins_store.pop("expired", None)  # as Flower drops an expired message
+
+    state, queue = State(), Queue()  # type: ignore[var-annotated]
+    nodes = {1: 0, 2: 1, 3: 2}
+    embedded._deliver_pending(state, queue, nodes, _Stop(1))
+    first = [queue.get_nowait().metadata.dst_node_id for _ in range(queue.qsize())]
+    assert sorted(first) == [1, 2]  # one message a node a sweep, as Flower's own loop
+    embedded._deliver_pending(state, queue, nodes, _Stop(1))
+    second = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert [m.metadata.dst_node_id for m in second] == [1] and second[0] is state.message_ins_store["b"]
+    embedded._deliver_pending(state, queue, nodes, _Stop(1))
+    assert queue.empty()  # everything delivered once; the message for an unknown node stays
+    assert all(m.metadata.delivered_at for k, m in state.message_ins_store.items() if k != "not a simulated node")
+    assert state.message_ins_store["not a simulated node"].metadata.delivered_at == ""
+
+
+def test_the_fast_dispatcher_is_flowers_only_inside_a_run() -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    with embedded.fast_delivery():
+        assert vce_api.add_messages_to_queue is embedded._deliver_pending
+    assert vce_api.add_messages_to_queue is original
