@@ -42,8 +42,8 @@ def test_flowers_log_reaches_the_caller_line_by_line_and_its_console_is_muted() 
     logger = logging.getLogger("flwr")
     lines: list[str] = []
     kept = io.StringIO()
-    console = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
-    before = [h.level for h in console]
+    console = [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    before, propagated = [h.level for h in console], logger.propagate  # (server.app, once imported, keeps Flower's lines from the root)
     with embedded._quiet_console(logger):
         assert all(h.level > logging.CRITICAL for h in console) and not logger.propagate
         handler = embedded._LineHandler(lines.append, kept)
@@ -54,7 +54,7 @@ def test_flowers_log_reaches_the_caller_line_by_line_and_its_console_is_muted() 
             logger.removeHandler(handler)
     assert lines == ["INFO: [fedmm] round 1/2: accuracy 0.5", "second line"]
     assert "INFO: [fedmm] round 1/2" in kept.getvalue() and kept.getvalue().split()[0].replace(".", "").isdigit()  # stamped
-    assert [h.level for h in console] == before and logger.propagate  # put back after the run
+    assert [h.level for h in console] == before and logger.propagate is propagated  # put back after the run
 
 
 def test_every_process_that_carries_the_runs_ray_folder_is_stopped(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Operating a federation as docs/deploy.md says (issue 19), with real processes on loopback.
 
 The guide's own shell blocks (certificates, the flwr connection, registration, the site file and
-its copies, the ledger; each pasted twice) set up a server and three sites, then studies run
-one after another:
+its copies, the ledger; the cheap ones pasted twice) set up a server and three sites, then
+studies run one after another:
 a site SIGKILLed mid-round is named lost within 10 s (``fedmm status`` and the server log),
 leaves no process behind, and rejoins after a restart; a second study within the sites'
 lifetime budget completes; a study beyond it ends ``stopped`` with the reason.
@@ -37,7 +37,7 @@ def _guide_block(fence: str, first_line: str) -> str:
 
 
 def _bash(deploy: LoopbackDeployment, snippet: str, *, times: int = 2) -> None:
-    """Run a shell block of the guide as an operator pastes it (twice: a second paste must do no harm)."""
+    """Run a shell block of the guide as an operator pastes it (by default twice: a second paste must do no harm)."""
     for _ in range(times):
         done = subprocess.run(["bash", "-eo", "pipefail", "-c", snippet], cwd=deploy.root, env=deploy.env, capture_output=True, text=True, timeout=180, check=False)
         assert done.returncode == 0, f"{snippet}\n--- exit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -46,11 +46,11 @@ def _bash(deploy: LoopbackDeployment, snippet: str, *, times: int = 2) -> None:
 def _set_up_as_the_guide_says(deploy: LoopbackDeployment) -> None:
     """Steps 1 to 4 of docs/deploy.md, from its own blocks: only the server's port, the data path and free local ports change."""
     port = str(deploy.port)
-    _bash(deploy, _guide_block("bash", "# a private CA and the server's certificate"))  # 1. certificates and keys
+    _bash(deploy, _guide_block("bash", "# a private CA and the server's certificate"), times=1)  # 1. (its guards: test_doc_snippets.py)
     _bash(deploy, _guide_block("bash", "flwr config list").replace("127.0.0.1:9092", f"127.0.0.1:{port}"))  # 3. the connection
     deploy.start("server", *deploy.server_args)  # 2. (its own block's port and state folder, this test's)
     deploy.wait_for("the SuperLink", lambda: '"success": true' in deploy.flwr("supernode", "ls", "fedmm", "--format", "json").stdout, interval=CLI_POLL)
-    _bash(deploy, _guide_block("bash", "for s in george jackson theo; do   # a key already registered"))  # 3. register by name
+    _bash(deploy, _guide_block("bash", "for s in george jackson theo; do   # a key already registered"), times=1)  # 3. register by name
     template = _guide_block("toml", "[site]\n")  # 4. the site file and its copies for the other sites
     local = free_port()
     (deploy.root / "george.toml").write_text(

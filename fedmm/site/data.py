@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -25,6 +26,8 @@ from fedmm.errors import ConfigError
 from fedmm.site.training import balanced_class_weights
 
 __all__ = ["site_data", "class_weights"]
+
+_log = logging.getLogger("fedmm.site")
 
 
 @functools.lru_cache(maxsize=2)
@@ -55,22 +58,21 @@ def own_rows(source: Source, name: str, spec: str) -> Source:
     One manifest can then serve a trial of several sites on one machine (docs/deploy.md); a site's own
     manifest without that column is its data whole.
 
-    Raises
-    ------
-    ConfigError
-        When the column names other sites only (a site would otherwise train on another's rows).
+    When the column names other sites only, the manifest is taken as the site's own, whole, with a
+    logged warning (a site's own export may carry a site column of its own naming).
     """
     column = source.pool.groups.get("site") if source.natural_by == "site" else None
     if column is None:
         return source
     values = np.asarray(column).astype(str)
     mine = np.flatnonzero(values == name)
-    if len(mine) == 0:
+    if len(mine) == 0:  # the column names no row this site's: the manifest is the site's own, whole (logged)
         names = sorted(set(values.tolist()))
-        raise ConfigError(
-            "node-config data", f"its manifest's site column names {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}, not this site ({name!r})",
-            value=spec, fix="give the site the name its rows carry (site file 'name'), or drop the manifest's site column if every row is this site's",
+        _log.warning(
+            "[fedmm] site %s: its manifest's site column names %s, not this site; training on all %d of its rows "
+            "(name the site as its rows are named to train on those only)", name, ", ".join(names[:8]) + (" ..." if len(names) > 8 else ""), len(values),
         )
+        return source
     if len(mine) == len(values):
         return source
     return dataclasses.replace(source, pool=source.pool.subset(mine))

@@ -63,6 +63,12 @@ def _data(node_config: dict[str, Any], cfg: RunConfig) -> tuple[str, Any]:
     return _DATA[key]
 
 
+def _for_server(message: str, ledger_path: Any, node_config: Any) -> str:
+    """What the server is told: without the site's local paths, except from a simulated site (``partition-id``),
+    whose folders are the simulating user's own and whose paths are the fix they need."""
+    return message if protocol.NODE_PARTITION_ID in node_config else without_paths(message, ledger_path)
+
+
 def run_round(req: RoundRequest) -> RoundResponse:
     """Train this site for the round ``req.config`` describes; the site's own policy and ledger decide."""
     torch.set_num_threads(1)
@@ -91,7 +97,7 @@ def run_round(req: RoundRequest) -> RoundResponse:
     except PrivacyError as err:
         # The site's log keeps where its ledger lies; the server learns what is wrong, not the site's paths.
         _log.error("[fedmm] site %s cannot train round %d: %s", site, server_round, err)
-        raise PrivacyError(without_paths(str(err), policy.ledger_path)) from None
+        raise PrivacyError(_for_server(str(err), policy.ledger_path, req.node_config)) from None
     try:
         update = train_round(
             cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
@@ -102,7 +108,7 @@ def run_round(req: RoundRequest) -> RoundResponse:
         entries = ledger.entries() if ledger is not None else []
         spent = entries[-1].epsilon if entries else 0.0
         _log.warning("[fedmm] site %s refuses round %d (epsilon spent %.3f of its budget %g): %s", site, server_round, spent, policy.epsilon_budget, refusal)
-        reason = without_paths(str(refusal), policy.ledger_path)
+        reason = _for_server(str(refusal), policy.ledger_path, req.node_config)
         response = RoundResponse(site=site, refused=reason, spent=spent, budget=policy.epsilon_budget, proof=proof)
         if req.secagg is not None:
             # Inside SecAgg+: a zero update. Weight 0 takes no part in FedAvg; under client-level
