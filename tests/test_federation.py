@@ -14,13 +14,13 @@ from fedmm.errors import FederationError
 from fedmm.federation import FedMMAvg
 
 
-def _reply(node: int, *, content: RecordDict | None = None, error: str | None = None) -> Message:
+def _reply(node: int, *, content: RecordDict | None = None, error: str | None = None, code: int = 1) -> Message:
     metadata = Metadata(
         run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"q{node}",
         group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
     )
     if error is not None:
-        return Message(error=Error(code=1, reason=error), metadata=metadata)
+        return Message(error=Error(code=code, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)
 
 
@@ -73,6 +73,28 @@ def test_a_failed_site_stops_the_round_with_its_reason() -> None:
 
     with pytest.raises(FederationError, match="1 of 2 sites failed.*site b refuses round 1"):
         strategy.aggregate_train(1, replies)
+
+
+def test_a_site_lost_mid_round_is_dropped_and_the_round_goes_on_above_min_sites() -> None:
+    """Flower's "Node Unavailable" (heartbeats stopped) is a dropout, as under SecAgg+; min-sites still holds."""
+    lost = _reply(0, error="Error: Node Unavailable", code=5)  # answered by the SuperLink, for the node it lost
+    strategy = FedMMAvg(dp=True, sites=3, min_sites=2)
+    arrays, _ = strategy.aggregate_train(1, [_site_reply(1, "a", np.ones(2), 1, 1.0, 1.0), _site_reply(2, "b", 3 * np.ones(2), 1, 1.0, 1.0), lost])
+    assert arrays is not None and np.allclose(arrays["w"].numpy(), 2.0)
+    assert strategy.round_report["dropped"] == 1 and strategy.sites_last_round == 2
+    with pytest.raises(Exception, match="min-sites=2"):
+        FedMMAvg(dp=True, sites=3, min_sites=2).aggregate_train(1, [_site_reply(1, "a", np.ones(2), 1, 1.0, 1.0), lost])
+
+
+def test_under_client_level_dp_a_lost_site_stops_the_run() -> None:
+    """The server's noise was calibrated for the round's sample: fewer updates than sampled is not what was accounted."""
+    from fedmm.privacy.client_dp import ClientDPPlan
+
+    plan = ClientDPPlan(clip_norm=1.0, noise_multiplier=0.5, distributed=False, sample_rate=1.0, delta=1e-5, target_epsilon=None)
+    strategy = FedMMAvg(dp=True, sites=2, client_dp=plan)
+    lost = _reply(0, error="Error: Node Unavailable", code=5)
+    with pytest.raises(FederationError, match="client-level DP"):
+        strategy.aggregate_train(1, [_site_reply(1, "a", np.ones(2), 1, 1.0, 1.0), lost])
 
 
 def test_no_reply_is_an_error() -> None:

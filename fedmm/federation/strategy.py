@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -124,10 +125,18 @@ class FedMMAvg(WithServerOptimizer, FedAvg, FederationBook):
         self.keep_reports(server_round, (
             (m.metadata.src_node_id, m.content.config_records[protocol.PRIVACY]) for m in answered if protocol.PRIVACY in m.content.config_records
         ), on_refused=unvouched.__setitem__)
-        failed = [m for m in replies if m.has_error()]
-        if failed:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
-            raise FederationError(f"round {server_round}: {len(failed)} of {len(replies)} sites failed ({reasons})")
+        # A site lost mid-round (Flower's "Node Unavailable": its heartbeats stopped) is dropped, as under SecAgg+: its
+        # local DP holds whatever the others do, and min-sites still applies. Under client-level DP the server's noise
+        # was calibrated for the round's sample, so the run stops. Any other failed reply fails the run, with its reason.
+        lost = [m for m in replies if m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE]
+        failed = [m for m in replies if m.has_error() and m.error.code != ErrorCode.NODE_UNAVAILABLE]
+        if failed or (lost and self.client_dp is not None):
+            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed + lost)
+            why = " (client-level DP: the server's noise was calibrated for every sampled site)" if not failed else ""
+            raise FederationError(f"round {server_round}: {len(failed) + len(lost)} of {len(replies)} sites failed{why} ({reasons})")
+        if lost:
+            self.round_report["dropped"] = len(lost)
+            replies = [m for m in replies if not m.has_error()]
         if not replies:
             raise FederationError(f"round {server_round}: no site replied; check that the sites are connected")
         for reply in replies:
