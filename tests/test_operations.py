@@ -18,10 +18,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from fedmm.privacy.audit import audit_ledger
-from fedmm.runtime.loopback import CLI_POLL, PROJECT, LoopbackDeployment, descendants, free_port
+from fedmm.runtime.loopback import (
+    CLI_POLL,
+    PROJECT,
+    LoopbackDeployment,
+    descendants,
+    free_port,
+)
 
 SITES = ("george", "jackson", "theo")
 MANIFEST = PROJECT / "fedmm" / "data" / "builtin" / "manifest-example" / "manifest.csv"
@@ -30,7 +34,7 @@ MANIFEST = PROJECT / "fedmm" / "data" / "builtin" / "manifest-example" / "manife
 def _guide_block(fence: str, first_line: str) -> str:
     """The fenced ``fence`` block of docs/deploy.md whose first line is ``first_line``."""
     text = (PROJECT / "docs" / "deploy.md").read_text()
-    for block in re.findall(rf"```{fence}\n(.*?)```", text, re.S):
+    for block in re.findall(rf"```{fence}\n(.*?)```", text, re.DOTALL):
         if block.startswith(first_line):
             return str(block)
     raise AssertionError(f"docs/deploy.md has no {fence} block starting {first_line!r}")

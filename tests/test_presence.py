@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-import time
-
 from flwr.app import Error, Message, Metadata, RecordDict
 
 from fedmm.federation.presence import Presence, enrolled_names
