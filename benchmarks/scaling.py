@@ -13,7 +13,7 @@ fedmm's own site rounds and FedAvg, no Flower), side by side on the same machine
 - ratio: wall over the plain loop's wall for the same work.
 
     python benchmarks/scaling.py                      # AV-MNIST default + 10, 100, 1,000 synthetic sites
-    python benchmarks/scaling.py --sites 10,100 --superlink   # also the SuperLink path for AV-MNIST
+    python benchmarks/scaling.py --sites 10,100 --ray --superlink   # also Ray workers and the SuperLink path for AV-MNIST
     python benchmarks/scaling.py --huge               # adds 10,000 sites (slow)
 """
 
@@ -122,10 +122,10 @@ def measure(cmd: list[str], *, log: Path, timeout: float) -> dict[str, Any]:
     return {"wall": wall, "code": code, "rss": sampler.peak_rss, "pss": sampler.peak_pss, "procs": sampler.peak_procs}
 
 
-def simulate(values: dict[str, Any], *, runs: Path, name: str, timeout: float, superlink: bool = False) -> dict[str, Any]:
-    """The real CLI, in its own process."""
+def simulate(values: dict[str, Any], *, runs: Path, name: str, timeout: float, flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The real CLI (with ``flags``, e.g. ``--ray``), in its own process."""
     sets = [a for k, v in {**values, "runs-dir": str(runs), "run-name": name}.items() for a in ("--set", f"{k}={v}")]
-    cmd = [str(FEDMM), "simulate", *sets, *(["--superlink"] if superlink else [])]
+    cmd = [str(FEDMM), "simulate", *sets, *flags]
     out = measure(cmd, log=runs / f"{name}.log", timeout=timeout)
     metrics = runs / name / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--huge", action="store_true", help="also 10,000 synthetic sites (slow)")
     parser.add_argument("--fraction", type=float, default=0.1, help="client-fraction of the synthetic runs")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the synthetic runs")
+    parser.add_argument("--ray", action="store_true", help="also run the default case with `fedmm simulate --ray` (sites in Ray workers)")
     parser.add_argument("--superlink", action="store_true", help="also run the default case with `fedmm simulate --superlink`")
     parser.add_argument("--skip-default", action="store_true", help="only the synthetic cases")
     parser.add_argument("--no-plain", action="store_true", help="synthetic cases: fedmm simulate only, no plain loop (no ratio)")
@@ -197,9 +198,12 @@ def main() -> None:
         base = plain(values, runs=runs, name="default-plain", timeout=args.timeout)
         row("AV-MNIST, plain loop", 6, 6, values, base, base)
         row("AV-MNIST, fedmm simulate", 6, 6, values, simulate(values, runs=runs, name="default-sim", timeout=args.timeout), base)
+        if args.ray:
+            row("AV-MNIST, simulate --ray", 6, 6, values,
+                simulate(values, runs=runs, name="default-ray", timeout=args.timeout, flags=("--ray",)), base)
         if args.superlink:
             row("AV-MNIST, simulate --superlink", 6, 6, values,
-                simulate(values, runs=runs, name="default-superlink", timeout=args.timeout, superlink=True), base)
+                simulate(values, runs=runs, name="default-superlink", timeout=args.timeout, flags=("--superlink",)), base)
     counts = [int(c) for c in args.sites.split(",") if c.strip()] + ([10_000] if args.huge else [])
     for n in counts:
         values = {"data": f"synthetic:{20 * n}", "sites": n, "partitioner": "iid", "rounds": args.rounds, "client-fraction": args.fraction}

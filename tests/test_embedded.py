@@ -132,3 +132,60 @@ def test_the_fast_dispatcher_is_flowers_only_inside_a_run() -> None:
     with embedded.fast_delivery():
         assert vce_api.add_messages_to_queue is embedded._deliver_pending
     assert vce_api.add_messages_to_queue is original
+
+
+class _Mutating:
+    """A stand-in ClientApp: scribbles on what it is handed, replies with the node's call count."""
+
+    def __call__(self, message: object, context: object) -> object:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        message.content["config"]["lr"] = -1.0  # type: ignore[attr-defined]
+        calls = int(context.state.config_records.get("calls", ConfigRecord({"n": 0}))["n"]) + 1  # type: ignore[attr-defined]
+        context.state.config_records["calls"] = ConfigRecord({"n": calls})  # type: ignore[attr-defined]
+        if message.content["config"].get("boom"):  # type: ignore[attr-defined]
+            raise ValueError("site could not read its data")
+        return Message(RecordDict({"reply": ConfigRecord({"calls": calls})}), reply_to=message)  # type: ignore[arg-type]
+
+
+def _message_and_context(**config: object) -> tuple[object, object]:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    message = Message(RecordDict({"config": ConfigRecord({"lr": 0.1, **config})}), dst_node_id=7, message_type="train")
+    message.metadata.__dict__["_message_id"] = "m1"  # as the link state stamps a stored message
+    return message, Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_sites_in_process_get_copies_and_their_errors_are_reported_as_from_a_ray_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.clientapp.client_app import ClientAppException
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):  # who makes messages (run_embedded sets it as flwr-simulation does)
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+    from fedmm.runtime.sites_in_process import InProcessBackend
+
+    backend = InProcessBackend({})
+    backend.build(_Mutating)
+    assert backend.num_workers == 1 and backend.is_worker_idle()
+    message, context = _message_and_context()
+    reply, updated = backend.process_message(message, context)
+    assert message.content["config"]["lr"] == 0.1  # the server's message is untouched: the site had a copy
+    assert updated is not context and updated.state.config_records["calls"]["n"] == 1 and "calls" not in context.state.config_records
+    assert reply.content["reply"]["calls"] == 1 and backend.is_worker_idle()
+    again, _ = backend.process_message(message, updated)  # the engine hands back the updated context next time
+    assert again.content["reply"]["calls"] == 2
+    with pytest.raises(ClientAppException, match="could not read its data"):
+        backend.process_message(*_message_and_context(boom=True))
+    assert backend.is_worker_idle()  # a failed site does not hold the worker
+
+
+def test_flowers_engine_runs_sites_in_process_only_inside_a_run() -> None:
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedmm.runtime.sites_in_process import InProcessBackend, sites_in_process
+
+    original = raybackend.RayBackend
+    with sites_in_process():
+        assert raybackend.RayBackend is InProcessBackend
+    assert raybackend.RayBackend is original

@@ -103,7 +103,7 @@ def test_fedmm_simulate_prints_the_status_and_exits_non_zero_for_a_failed_run(
     monkeypatch.setattr(simulation, "run_simulation", fake_run)
     from fedmm.runtime import embedded  # the default path: Flower's engine in the CLI's process
 
-    monkeypatch.setattr(embedded, "run_embedded", lambda cfg, *, on_line, verbose=False: fake_run(cfg, on_line=on_line))
+    monkeypatch.setattr(embedded, "run_embedded", lambda cfg, *, on_line, verbose=False, ray=False: fake_run(cfg, on_line=on_line))
     result = CliRunner().invoke(app, ["simulate", "--set", "data=synthetic:300", "--set", "sites=2", "--set", "rounds=2", "--set", f"runs-dir={tmp_path}"], env={"COLUMNS": "200"})
 
     assert result.exit_code == code, result.output

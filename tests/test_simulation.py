@@ -35,10 +35,10 @@ def _flower_processes() -> set[int]:
     return found
 
 
-def _simulate(tmp_path: Path, *settings: str) -> subprocess.CompletedProcess[str]:
+def _simulate(tmp_path: Path, *settings: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
     return subprocess.run(
-        [FEDMM, "simulate", "--set", f"runs-dir={json.dumps(str(tmp_path))}", *[a for s in settings for a in ("--set", s)]],
+        [FEDMM, "simulate", *flags, "--set", f"runs-dir={json.dumps(str(tmp_path))}", *[a for s in settings for a in ("--set", s)]],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )
 
@@ -80,7 +80,19 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
     federation = json.loads((run_dir / "federation.json").read_text())
     assert federation["plan"]["partitioner"] == "natural" and list(federation["sites"]) == ["george", "jackson", "lucas"]
     assert all(s["samples"] == 250 and s["per_modality"] == {"image": 250, "audio": 250} for s in federation["sites"].values())
+    assert "ActorPool" not in (run_dir / "flower.log").read_text()  # the sites ran in this process: no Ray workers to start
     assert _flower_processes() <= before  # nothing left running
+
+
+def test_with_ray_the_sites_run_in_flowers_ray_workers(tmp_path: Path) -> None:
+    before = _flower_processes()
+
+    done = _simulate(tmp_path, "rounds=1", "sites=2", 'run-name="ray"', flags=("--ray",))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Constructed ActorPool with" in (tmp_path / "ray" / "flower.log").read_text()
+    assert json.loads((tmp_path / "ray" / "summary.json").read_text())["rounds"] == 1
+    assert _flower_processes() <= before
 
 
 def test_sites_train_on_a_manifest_with_missing_modalities_and_augmentation(tmp_path: Path) -> None:

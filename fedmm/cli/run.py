@@ -72,6 +72,10 @@ def simulate(
         "--superlink", help="run through a private SuperLink and `flwr run` (as `flwr run .` does), not Flower's engine in this "
         "process: the same App and results, about 15 s more start-up (see docs/benchmarks.md, Scaling)",
     )] = False,
+    use_ray: Annotated[bool, typer.Option(
+        "--ray", help="run the sites in Flower's Ray workers, one CPU each, several at a time (default: one at a time in this "
+        "process, which starts in seconds; Ray pays off when a round's training outweighs each worker's ~10 s start)",
+    )] = False,
     ray_address: Annotated[str, typer.Option(
         "--ray-address", help="attach to a running Ray cluster: the head's HOST:PORT, or 'auto'; run this on a node of the cluster "
         "(implies --superlink; default: a private Ray for this run; see docs/runs.md, Running on a Ray cluster)",
@@ -134,7 +138,7 @@ def simulate(
         else:  # Flower's engine in this process: the data loaded and checked above is not loaded again
             from fedmm.runtime.embedded import run_embedded
 
-            outcome = run_embedded(cfg, on_line=on_line, verbose=verbose)
+            outcome = run_embedded(cfg, on_line=on_line, verbose=verbose, ray=use_ray)
     except FedMMError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from err

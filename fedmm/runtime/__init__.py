@@ -1,7 +1,8 @@
 """What runs a federation's processes: a simulation, a deployed server, a deployed site.
 
-- ``fedmm.runtime.embedded``: ``fedmm simulate`` by default, Flower's Ray-backed simulation
-  engine run in the CLI's own process (no SuperLink, no app build; the data loaded once);
+- ``fedmm.runtime.embedded``: ``fedmm simulate`` by default, Flower's simulation engine run in
+  the CLI's own process (no SuperLink, no app build; the data loaded once), its sites in that
+  process too (``fedmm.runtime.sites_in_process``) or, with ``--ray``, in Ray's workers;
 - ``fedmm.runtime.simulation``: ``fedmm simulate --superlink``, through a private SuperLink
   and ``flwr run`` (as ``flwr run .`` does);
 - ``fedmm.runtime.ray_cluster``: the Ray a simulation runs on: private, or an existing cluster

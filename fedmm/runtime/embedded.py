@@ -33,13 +33,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
 from fedmm.runtime.simulation import SimulationOutcome, _children, find_app_dir
+from fedmm.runtime.sites_in_process import sites_in_process
 
 __all__ = ["run_embedded", "engine"]
 
@@ -135,11 +136,12 @@ def _stop_ours(before: set[int], marker: str) -> None:
             pass
 
 
-def run_embedded(cfg: RunConfig, *, on_line: Callable[[str], None], verbose: bool = False) -> SimulationOutcome:
+def run_embedded(cfg: RunConfig, *, on_line: Callable[[str], None], verbose: bool = False, ray: bool = False) -> SimulationOutcome:
     """Run ``cfg`` as a Flower simulation of ``cfg.sites`` virtual sites, the engine in this process.
 
-    ``on_line`` receives every line of Flower's log (``verbose``: Ray's workers print theirs
-    to this process's output too). The run folder is
+    The sites run in this process, one at a time (:mod:`fedmm.runtime.sites_in_process`), or
+    with ``ray`` in Flower's Ray actors, one CPU each. ``on_line`` receives every line of
+    Flower's log (``verbose``: Ray's workers print theirs to this process's output too). The run folder is
     ``cfg.runs_dir / cfg.run_name`` (``run_name`` must be set); Flower's log is kept there
     as ``flower.log``.
     """
@@ -187,7 +189,8 @@ def run_embedded(cfg: RunConfig, *, on_line: Callable[[str], None], verbose: boo
     }
     try:  # the private folder goes whatever happens (an interrupt included)
         started = time.monotonic()
-        with open(log_file, "w", encoding="utf-8") as log_out, _environment(env), _quiet_console(flwr_logger), fast_delivery():
+        sites = nullcontext() if ray else sites_in_process()
+        with open(log_file, "w", encoding="utf-8") as log_out, _environment(env), _quiet_console(flwr_logger), fast_delivery(), sites:
             handler = _LineHandler(on_line, log_out)
             flwr_logger.addHandler(handler)
             try:
@@ -252,10 +255,11 @@ def _deliver_pending(state: Any, queue: Any, nodes: Any, f_stop: Any) -> None:
                 msg.metadata.delivered_at = stamp
         for msg in out:
             queue.put(msg)
-        f_stop.wait(0.1)
+        f_stop.wait(_SWEEP)
 
 
 _FLOWER_DELIVERY: list[Callable[..., None]] = []
+_SWEEP = 0.02  # seconds between hand-outs (Flower's loop: 0.1); a round's messages wait at most this long
 
 
 @contextmanager

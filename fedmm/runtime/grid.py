@@ -38,7 +38,9 @@ class PromptGrid(Grid):
         self.presence = presence
         # FEDMM_FLOWER_WAITS=flower keeps Flower's own pace (the latency benchmark's "before").
         flower_pace = os.environ.get("FEDMM_FLOWER_WAITS", "") == "flower"
-        self.interval = interval if interval is not None else (3.0 if flower_pace else 0.1)
+        # In a simulation the grid is Flower's in-memory one: a pull is a dict lookup, so look often.
+        in_memory = type(grid).__module__ == "flwr.superlink.grid.inmemory_grid"
+        self.interval = interval if interval is not None else (3.0 if flower_pace else 0.02 if in_memory else 0.1)
         if type(grid).__module__ == "flwr.superlink.grid.http_grid" and not flower_pace:
             from fedmm.runtime.flower_waits import quick_object_pulls
 
