@@ -253,3 +253,15 @@ def test_the_carried_spend_of_a_lost_ledger_cannot_be_deleted_quietly(tmp_path: 
         PrivacyLedger.open(state / "ledger.sqlite", site="george")
     code, output = _cli("audit", str(state))
     assert code == 1 and "carried spend was changed or removed" in output
+
+
+def test_the_data_digest_is_kept_per_dataset_and_key_and_a_changed_dataset_gets_its_own() -> None:
+    # A site's data is digested once (the digest is then reused each round); a kept digest must never stand for other data.
+    data = make_synthetic(40, seed=3)
+    assert data.labelled() is data  # every record labelled: the same frozen arrays, not a copy each round
+    first = data_digest(data, b"k" * 32)
+    assert data_digest(data, b"k" * 32) == first != data_digest(data, b"j" * 32)
+    fewer = data.subset(range(39))
+    assert data_digest(fewer, b"k" * 32) != first
+    fresh = data.subset(range(40))  # equal content, another object: the same digest, computed anew
+    assert data_digest(fresh, b"k" * 32) == first

@@ -156,8 +156,9 @@ class MultimodalDataset:
         return MultimodalDataset(**values)
 
     def labelled(self) -> MultimodalDataset:
-        """Only the samples that have a label (supervised training uses these)."""
-        return self.subset(np.flatnonzero(self.label != UNLABELLED))
+        """Only the samples that have a label (supervised training uses these); ``self`` when all have one."""
+        keep = self.label != UNLABELLED
+        return self if bool(keep.all()) else self.subset(np.flatnonzero(keep))
 
     def counts(self) -> dict[str, Any]:
         """Samples per class and per modality, unlabelled samples, and lenient skips."""
