@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -128,10 +129,17 @@ def test_the_dispatcher_hands_out_each_pending_message_once_at_most_one_a_node_a
 def test_the_fast_dispatcher_is_flowers_only_inside_a_run() -> None:
     from flwr.server.superlink.fleet.vce import vce_api
 
-    original = vce_api.add_messages_to_queue
+    original, flowers_queue = vce_api.add_messages_to_queue, vce_api.Queue
     with embedded.fast_delivery():
         assert vce_api.add_messages_to_queue is embedded._deliver_pending
-    assert vce_api.add_messages_to_queue is original
+        waiting = vce_api.Queue()
+        started = time.monotonic()
+        with pytest.raises(queue.Empty):
+            waiting.get(timeout=1.0)  # what the engine's threads ask; they look at the stop event within 20 ms
+        assert time.monotonic() - started < 0.5
+        waiting.put("m")
+        assert waiting.get(timeout=1.0) == "m"
+    assert vce_api.add_messages_to_queue is original and vce_api.Queue is flowers_queue
 
 
 class _Mutating:

@@ -50,6 +50,8 @@ def test_two_rounds_three_sites_through_flower(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "round 2/2: accuracy" in done.stdout and "final accuracy" in done.stdout
+    # each run's simulated ledgers start empty (no site-state-dir): no warning that a budget fits one study
+    assert "DP plan" in done.stdout and "whole study" not in done.stdout
     run_dir = tmp_path / "smoke"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run_id"] == "smoke" and summary["rounds"] == 2 and summary["sites"] == 3

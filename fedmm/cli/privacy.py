@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 __all__ = ["plan", "audit", "plan_table"]
 
 
-def plan_table(run_plan: RunPlan, federation: Any) -> FitTable:
-    """Per site: records, sample rate, steps, the noise for the run's target, what its own budget allows of this run and in studies."""
+def plan_table(run_plan: RunPlan, federation: Any, *, warn_studies: bool = True) -> FitTable:
+    """Per site: records, sample rate, steps, the noise for the run's target, what its own budget allows of this run and in studies.
+
+    ``warn_studies=False`` leaves out the warning for a site whose lifetime budget fits fewer than
+    two studies (``fedmm simulate`` without a lasting ``site-state-dir``: its sites' ledgers begin
+    empty every run, so a second study is never charged to the same ledger)."""
     import warnings
 
     cfg, budgets, recipe = run_plan.config, run_plan.site_budgets, run_plan.model
@@ -39,7 +43,7 @@ def plan_table(run_plan: RunPlan, federation: Any) -> FitTable:
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
             row, warning = _plan_row(cfg, name, records, budgets.get(name, budgets["*"]))
         table.add_row(*row)
-        if warning:
+        if warning and warn_studies:
             table.notes.append(Text(warning, style="yellow"))
     return table
 

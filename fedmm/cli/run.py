@@ -70,7 +70,7 @@ def simulate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Flower's whole log")] = False,
     superlink: Annotated[bool, typer.Option(
         "--superlink", help="run through a private SuperLink and `flwr run` (as `flwr run .` does), not Flower's engine in this "
-        "process: the same App and results, about 15 s more start-up (see docs/benchmarks.md, Scaling)",
+        "process: the same App and results, more start-up (see docs/benchmarks.md, Scaling)",
     )] = False,
     use_ray: Annotated[bool, typer.Option(
         "--ray", help="run the sites in Flower's Ray workers, one CPU each, several at a time (default: one at a time in this "
@@ -117,7 +117,7 @@ def simulate(
         with exit_on_error():
             from fedmm.cli.privacy import plan_table  # a sibling module: commands register in help order
 
-            console.print(plan_table(run_plan, federation))
+            console.print(plan_table(run_plan, federation, warn_studies=bool(cfg.site_state_dir)))
 
     shown: set[str] = set()
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import time
@@ -267,13 +268,27 @@ def fast_delivery() -> Iterator[None]:
     """Use :func:`_deliver_pending` as the simulation engine's dispatcher while the block runs."""
     from flwr.server.superlink.fleet.vce import vce_api
 
-    original = vce_api.add_messages_to_queue
+    original, original_queue = vce_api.add_messages_to_queue, vce_api.Queue
     _FLOWER_DELIVERY[:] = [original]
     setattr(vce_api, "add_messages_to_queue", _deliver_pending)  # noqa: B010 - the same call, with loose types
+    setattr(vce_api, "Queue", _PromptQueue)  # noqa: B010 - the engine's two queues, made when a run starts
     try:
         yield
     finally:
         vce_api.add_messages_to_queue = original
+        setattr(vce_api, "Queue", original_queue)  # noqa: B010
+
+
+class _PromptQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose timed ``get`` waits at most :data:`_SWEEP` seconds.
+
+    The engine's worker and reply threads wait on their queues with a 1 s timeout before they
+    look at the stop event, so a finished run waited up to a second for them; they now look
+    every 20 ms (and a message that arrives is still taken at once).
+    """
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return super().get(block, timeout if timeout is None else min(timeout, _SWEEP))
 
 
 def _noop_federation() -> str:
