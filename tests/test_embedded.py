@@ -153,6 +153,8 @@ class _Mutating:
         context.state.config_records["calls"] = ConfigRecord({"n": calls})  # type: ignore[attr-defined]
         if message.content["config"].get("boom"):  # type: ignore[attr-defined]
             raise ValueError("site could not read its data")
+        if message.content["config"].get("exit"):  # type: ignore[attr-defined]
+            raise SystemExit(3)
         return Message(RecordDict({"reply": ConfigRecord({"calls": calls})}), reply_to=message)  # type: ignore[arg-type]
 
 
@@ -185,6 +187,8 @@ def test_sites_in_process_get_copies_and_their_errors_are_reported_as_from_a_ray
     assert again.content["reply"]["calls"] == 2
     with pytest.raises(ClientAppException, match="could not read its data"):
         backend.process_message(*_message_and_context(boom=True))
+    with pytest.raises(ClientAppException, match="exited"):  # not SystemExit: that would end the engine's only worker thread
+        backend.process_message(*_message_and_context(exit=True))
     assert backend.is_worker_idle()  # a failed site does not hold the worker
 
 

@@ -14,6 +14,10 @@ the site's context (as a Ray actor gets them, pickled), so a site never holds th
 objects, and an exception in a site is reported as Flower reports one from a Ray actor.
 Everything else (scheduling, link state, contexts, the ServerApp) is Flower's engine.
 
+A simulation has one operator: its sites' data and the server share this process's memory,
+as they shared one machine (or one Ray cluster) before. Privacy between real sites and their
+server is a deployment's (``fedmm site``: each site in its own process on its own machine).
+
 ``fedmm simulate`` uses it by default; ``--ray`` (or a Ray cluster) uses Flower's Ray backend.
 """
 
@@ -69,6 +73,8 @@ class InProcessBackend(_backend_base()):  # type: ignore[misc]  # Flower's Backe
                 raise
             except Exception as ex:  # reported as Flower reports a Ray actor's: an Error reply naming the exception
                 raise ClientAppException(str(ex)) from ex
+            except SystemExit as ex:  # a site's sys.exit() ends that site's call, as it ends a Ray actor, not the engine's worker
+                raise ClientAppException(f"the site's ClientApp exited (code {ex.code})") from ex
         return reply, context
 
 
