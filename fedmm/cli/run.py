@@ -74,7 +74,7 @@ def simulate(
     )] = False,
     use_ray: Annotated[bool, typer.Option(
         "--ray", help="run the sites in Flower's Ray workers, one CPU each, several at a time (default: one at a time in this "
-        "process, which starts in seconds; Ray pays off when a round's training outweighs each worker's ~10 s start)",
+        "process, which starts in seconds; Ray pays off when a round's training outweighs its workers' 10-20 s start)",
     )] = False,
     ray_address: Annotated[str, typer.Option(
         "--ray-address", help="attach to a running Ray cluster: the head's HOST:PORT, or 'auto'; run this on a node of the cluster "

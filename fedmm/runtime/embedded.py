@@ -12,12 +12,14 @@ call itself, so that:
   fused from ``pyproject.toml`` and the overrides exactly as ``flwr run`` fuses them, and
   the data this process already loaded and checked is reused (fedmm's loaders cache per
   process), not loaded a second time;
-- every virtual site (``clients.app:app``) gets the same fused run config, in Flower's Ray
-  actors as before (one CPU each);
+- every virtual site (``clients.app:app``) gets the same fused run config, and runs in this
+  process too (:mod:`fedmm.runtime.sites_in_process`), or with ``ray=True`` in Flower's Ray
+  actors (one CPU each);
 - the run's log is Flower's ``flwr`` logger, handed line by line to the caller;
 - its outcome is the ServerApp's: ``finished:completed``, or ``finished:failed`` with the
   exception that ended it (no ``flwr ls`` needed);
-- Ray lives in a private temp folder, and every process it started is stopped by PID.
+- with ``ray=True``, Ray lives in a private temp folder, and every process it started is
+  stopped by PID.
 
 ``flwr run .`` keeps working as before: this is a second way into the same App.
 ``_run_simulation`` is private to Flower; fedmm pins ``flwr==1.42.0`` and
