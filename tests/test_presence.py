@@ -105,3 +105,20 @@ def test_nodes_are_named_by_the_enrolled_key_they_registered_with(tmp_path: Path
         ])
     assert enrolled_names(db, dict(keys)) == {7: "george", (1 << 64) - 5: "theo"}
     assert enrolled_names(tmp_path / "missing.db", dict(keys)) == {}
+
+
+def test_at_ten_thousand_sites_replies_are_written_in_batches_and_a_loss_at_once(tmp_path: Path) -> None:
+    # Every write covers every site: at 10,000 simulated sites a write a second took the interpreter
+    # from the sites that train. A reply waits for the next write (<= 2 s here, and the round's flush); a loss never waits.
+    path = tmp_path / "presence.json"
+    presence = Presence(path, lambda node: f"site-{node}")
+    presence.online(range(10_000))  # a change of state: written at once
+    written = json.loads(path.read_text())
+    assert len(written["sites"]) == 10_000 and written["sites"]["site-7"]["state"] == "online"
+    presence.heard(7)
+    assert json.loads(path.read_text())["sites"]["site-7"]["last_seen"] is None  # held back
+    presence.online([n for n in range(10_000) if n != 9])  # site-9 lost: at once
+    assert json.loads(path.read_text())["sites"]["site-9"]["state"] == "lost"
+    presence.heard(8)
+    presence.flush()
+    assert json.loads(path.read_text())["sites"]["site-8"]["last_seen"] is not None

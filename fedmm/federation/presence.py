@@ -23,7 +23,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -108,17 +108,21 @@ class Presence:
             self.save(now=True)
 
     def to_json(self) -> dict[str, object]:
-        return {"updated": time.time(), "sites": {self.name(node): asdict(seen) for node, seen in sorted(self.nodes.items())}}
+        # a shallow copy of each record: dataclasses.asdict deep-copies, 0.25 s a write at 5,000 sites
+        return {"updated": time.time(), "sites": {self.name(node): dict(vars(seen)) for node, seen in sorted(self.nodes.items())}}
 
     def save(self, *, now: bool = False) -> None:
-        """Write ``presence.json``: at once for a change of state (``now``), otherwise at most once a second."""
+        """Write ``presence.json``: at once for a change of state (``now``), otherwise at most once a
+        second (every ``sites / 5,000`` seconds above 5,000 sites: each write covers every site)."""
         self._dirty = True
-        if self.path is None or not (now or time.monotonic() - self._saved >= 1.0):
+        if self.path is None or not (now or time.monotonic() - self._saved >= max(1.0, len(self.nodes) / 5000)):
             return
         self._saved, self._dirty = time.monotonic(), False
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.to_json(), indent=1))
+            # one line: json's C encoder (an indent takes its pure-Python one, 10x slower), while the site
+            # that trains waits for the interpreter
+            tmp.write_text(json.dumps(self.to_json(), separators=(",", ":")))
             os.replace(tmp, self.path)
         except OSError as err:  # presence is for the operator's eyes; never stop a round for it
             log(WARNING, "[fedmm] could not write %s: %s", self.path, err)
