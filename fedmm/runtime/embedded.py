@@ -42,6 +42,7 @@ from typing import Any
 
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
+from fedmm.runtime.grid import paced
 from fedmm.runtime.simulation import SimulationOutcome, _children, find_app_dir
 from fedmm.runtime.sites_in_process import sites_in_process
 
@@ -258,17 +259,12 @@ def _deliver_pending(state: Any, queue: Any, nodes: Any, f_stop: Any) -> None:
                 msg.metadata.delivered_at = stamp
         for msg in out:
             queue.put(msg)
-        f_stop.wait(_pace(len(ids)))
+        f_stop.wait(paced(_SWEEP, len(ids)))
 
 
 _FLOWER_DELIVERY: list[Callable[..., None]] = []
 _SWEEP = 0.02  # seconds between hand-outs (Flower's loop: 0.1); a round's messages wait at most this long
 
-
-def _pace(in_flight: int) -> float:
-    """Seconds between two looks at ``in_flight`` messages: 20 ms for a few dozen, up to 100 ms for
-    hundreds (each look scans them all, and takes the interpreter from the site that is training)."""
-    return min(0.1, _SWEEP * max(1.0, in_flight / 64))
 
 
 @contextmanager

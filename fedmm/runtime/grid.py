@@ -25,7 +25,13 @@ from flwr.supercore.run import Run
 
 from fedmm.federation.presence import Presence
 
-__all__ = ["PromptGrid"]
+__all__ = ["PromptGrid", "paced"]
+
+
+def paced(interval: float, in_flight: int) -> float:
+    """Seconds until the next look at ``in_flight`` messages: ``interval`` for a few dozen, up to 5x it
+    for hundreds (each look goes over all of them, and takes the interpreter from the site that trains)."""
+    return interval * min(5.0, max(1.0, in_flight / 64))
 
 
 class PromptGrid(Grid):
@@ -87,8 +93,8 @@ class PromptGrid(Grid):
                 if waiting and time.monotonic() - asked >= self.NODES_EVERY:
                     asked = time.monotonic()
                     self.get_node_ids()
-            if waiting:  # each pull looks up every reply still awaited: with hundreds, look less often (at most 5x)
-                time.sleep(self.interval * min(5.0, max(1.0, len(waiting) / 64)))
+            if waiting:
+                time.sleep(paced(self.interval, len(waiting)))
         if self.presence is not None:
             self.presence.flush()
         return replies

@@ -29,16 +29,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from flwr.server.superlink.fleet.vce.backend import Backend
+
 __all__ = ["InProcessBackend", "sites_in_process"]
 
 
-def _backend_base() -> type:
-    from flwr.server.superlink.fleet.vce.backend import Backend
-
-    return Backend
-
-
-class InProcessBackend(_backend_base()):  # type: ignore[misc]  # Flower's Backend, resolved at import
+class InProcessBackend(Backend):
     """A Flower simulation backend with one worker: the ClientApp called in this process."""
 
     def __init__(self, backend_config: Any) -> None:
@@ -64,7 +60,7 @@ class InProcessBackend(_backend_base()):  # type: ignore[misc]  # Flower's Backe
         from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
         if self._app_fn is None:
-            raise ValueError("InProcessBackend.process_message before build()")
+            raise ValueError("InProcessBackend.process_message was called before build(app_fn): Flower's engine builds its backend first; call build() with the ClientApp loader")
         message, context = pickle.loads(pickle.dumps((message, context)))
         with self._busy:
             try:

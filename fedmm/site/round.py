@@ -305,6 +305,9 @@ def _release_statistics(
     return epsilon
 
 
+_DIGESTS: weakref.WeakKeyDictionary[MultimodalDataset, dict[bytes, str]] = weakref.WeakKeyDictionary()  # kept while the data is
+
+
 def data_digest(ds: MultimodalDataset, key: bytes) -> str:
     """A keyed digest (HMAC-SHA256 with the site's secret ``key``) of its training arrays and labels.
 
@@ -321,8 +324,6 @@ def data_digest(ds: MultimodalDataset, key: bytes) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(ds.features[name]).tobytes())
     digest.update(np.ascontiguousarray(ds.label).tobytes())
-    _DIGESTS.setdefault(ds, {})[key] = digest.hexdigest()[:16]
-    return _DIGESTS[ds][key]
-
-
-_DIGESTS: weakref.WeakKeyDictionary[MultimodalDataset, dict[bytes, str]] = weakref.WeakKeyDictionary()  # held while the data is
+    known = digest.hexdigest()[:16]
+    _DIGESTS.setdefault(ds, {})[key] = known
+    return known
