@@ -266,6 +266,32 @@ def test_ghost_optimizer_noise_is_gaussian_with_the_calibrated_std() -> None:
     assert not torch.equal(params[0].grad.flatten()[:100], params[1].grad[:100])
 
 
+def test_ghost_optimizer_step_divides_the_noised_sum_by_the_expected_batch_once() -> None:
+    # pre_step adds the noise and divides in one pass (fedmm.privacy.ghost): (sum + noise) / batch,
+    # the clipped sum itself left as it was, and a second step without zero_grad refused (Opacus' rule)
+    from fedmm.privacy.ghost import GhostClippingOptimizer
+
+    params = [nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(5))]
+    for noise, expected_std in ((0.0, 0.0), (2.0, 0.5)):
+        optimizer = GhostClippingOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=noise, max_grad_norm=1.0, expected_batch_size=4)
+        sums = [torch.full_like(p, 8.0) for p in params]
+        for p, s in zip(params, sums):
+            p.grad = s.clone()
+        assert optimizer.pre_step()
+        for p, s in zip(params, sums):
+            assert torch.equal(p.summed_grad, s)  # the sum is read, never written
+            if noise == 0.0:
+                assert torch.equal(p.grad, s / 4)
+        if noise:
+            big = [nn.Parameter(torch.zeros(40000))]
+            optimizer = GhostClippingOptimizer(torch.optim.SGD(big, lr=1.0), noise_multiplier=noise, max_grad_norm=1.0, expected_batch_size=4)
+            big[0].grad = torch.full_like(big[0], 8.0)
+            optimizer.pre_step()
+            assert abs(float(big[0].grad.std()) - expected_std) < 0.01 and abs(float(big[0].grad.mean()) - 2.0) < 0.01
+        with pytest.raises(ValueError, match="zero_grad"):
+            optimizer.pre_step()  # the same gradients again
+
+
 def test_fast_linear_norms_equal_opacus_own() -> None:
     from opacus.grad_sample.linear import compute_linear_norm_sample
 

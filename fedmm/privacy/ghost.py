@@ -11,11 +11,13 @@ Poisson sampling and accounting stay Opacus' own:
   ``einsum`` calls (a batched matmul each, several times slower at these sizes);
   sequence inputs still take Opacus' function. Registered for the whole process
   through Opacus' ``register_norm_sampler``, on import of this module;
-- ``GhostClippingOptimizer`` (Opacus' ``DPOptimizerFastGradientClipping``) copies each
-  summed gradient with ``clone`` instead of ``copy.deepcopy`` and draws the Gaussian
-  noise for all parameters in one call instead of one call per tensor; the noise is
-  the same i.i.d. N(0, (noise_multiplier * max_grad_norm)^2) per coordinate (a different
-  random stream from the parent's, so a seeded run does not repeat its exact noise).
+- ``GhostClippingOptimizer`` (Opacus' ``DPOptimizerFastGradientClipping``) keeps each
+  clipped sum without copying it (every backward pass here makes a new ``.grad``) and adds
+  the Gaussian noise and divides by the expected batch size in one pass over one flat
+  buffer: one draw for every coordinate of every parameter and one multi-tensor sum, where the
+  parent draws, adds and divides per tensor. The noise is the same i.i.d.
+  N(0, (noise_multiplier * max_grad_norm)^2) per coordinate (a different random stream from
+  the parent's, so a seeded run does not repeat its exact noise).
 - a model whose every trainable layer is one :mod:`fedmm.privacy.ghost_norms` supports
   (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.GroupNorm``,
   ``nn.LayerNorm``: the default AV-MNIST model and every fusion with CNN, bag-of-words or
@@ -116,27 +118,59 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         super().zero_grad(set_to_none)
 
     def accumulate(self) -> None:
-        # The parent deep-copies each gradient (copy.deepcopy), about 10x slower than clone.
+        # The parent deep-copies each gradient (copy.deepcopy). Every backward pass here replaces
+        # ``.grad`` with a new tensor (the clipped sum) and nothing writes into it, so the first
+        # summed gradient can share its storage; a later physical batch adds into that one.
         for p in self.params:
             if p.summed_grad is not None:
                 p.summed_grad.add_(p.grad)
             else:
-                p.summed_grad = p.grad.detach().clone()
+                p.summed_grad = p.grad.detach()
 
-    def add_noise(self) -> None:
+    def pre_step(self, closure: Any = None) -> bool:
         params = self.params
-        if self.secure_mode or len({(p.dtype, p.device) for p in params}) != 1:
-            super().add_noise()  # secure noise is built differently; mixed tensors cannot share one draw
-            return
+        if self.secure_mode or not params or len({(p.dtype, p.device) for p in params}) != 1:
+            return bool(super().pre_step(closure))  # secure noise is built differently; mixed tensors cannot share one draw
+        self.accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self._noise_and_scale(params)
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def _noise_and_scale(self, params: list[nn.Parameter], *, divide: bool = True) -> None:
+        """``add_noise`` and ``scale_grad`` of the parent in one pass over one flat buffer: each
+        ``.grad`` becomes ``(summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)) / batch``.
+
+        One draw for every coordinate of every parameter, split per tensor: the same distribution
+        as the parent's draw per tensor, issued once (a different random stream from the parent's,
+        so a seeded run does not repeat its exact noise); the sums and the division are each one
+        multi-tensor operation instead of one per tensor.
+        """
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
         sizes = [p.numel() for p in params]
-        # One draw for every coordinate of every parameter, split per tensor: the same
-        # distribution as the parent's draw per tensor, issued once.
         noise = torch.normal(0.0, std, size=(sum(sizes),), generator=self.generator, dtype=params[0].dtype, device=params[0].device)
-        for p, n in zip(params, noise.split(sizes)):
+        parts = noise.split(sizes)
+        summed = []
+        for p in params:
             _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + n.view_as(p.summed_grad)).view_as(p)
+            summed.append(p.summed_grad.reshape(-1))
+        torch._foreach_add_(parts, summed)
+        if divide and self.loss_reduction == "mean":
+            noise.div_(self.expected_batch_size * self.accumulated_iterations)  # the parent's scale_grad
+        for p, part in zip(params, parts):
+            p.grad = part.view_as(p)
             _mark_as_processed(p.summed_grad)
+
+    def add_noise(self) -> None:  # the parent's API; ``pre_step`` above adds the noise and divides at once
+        params = self.params
+        if self.secure_mode or len({(p.dtype, p.device) for p in params}) != 1:
+            super().add_noise()
+            return
+        self._noise_and_scale(params, divide=False)
 
 
 class GradSampleClippingOptimizer(DPOptimizer):

@@ -16,8 +16,10 @@ zero padding), ``nn.Embedding`` (dense, no ``max_norm`` or frequency scaling), `
 and ``nn.LayerNorm``. For a layer over positions ``t`` (sequence tokens, convolution windows)
 the weight gradient of record i is ``sum_t g_t a_t^T``; its squared norm is either taken from
 that explicit matrix (cost ~ ``T * out * in``) or as the ghost norm
-``sum_{t,s} (a_t . a_s)(g_t . g_s)`` (cost ~ ``T^2 * (out + in)``), whichever costs less for
-the layer's shapes. An embedding's is ``sum_{t,s} [id_t = id_s] (g_t . g_s)``; a norm layer's
+``sum_{t,s} (a_t . a_s)(g_t . g_s)`` (cost ~ ``T^2 * (out + in)``). A Linear takes whichever
+costs less for its shapes. A convolution's clipped sum over windows costs ``T * out * in`` a
+record either way, so it forms the explicit gradients (reused for the sum) unless they would
+exceed ``EXPLICIT_MAX`` floats, and only then takes the ghost norm. An embedding's is ``sum_{t,s} [id_t = id_s] (g_t . g_s)``; a norm layer's
 per-record gradients (one value per channel) are formed explicitly (Opacus' own samplers).
 Convolution windows come from Opacus' ``unfold2d``.
 
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 __all__ = ["LayerNorms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
 
 EMBEDDING_GRAM_MAX = 256  # longer token sequences take Opacus' sort-based embedding norm (no L x L matrix)
+EXPLICIT_MAX = 1 << 22  # a convolution's per-record weight gradients up to this many floats (16 MiB) are formed explicitly
 
 
 def row_norms(x: Tensor) -> Tensor:
@@ -104,6 +107,13 @@ def _ghost_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
     return positions * (fan_in + fan_out) < fan_in * fan_out
 
 
+def _conv_ghost(records: int, positions: int, fan_in: int, fan_out: int) -> bool:
+    """Whether a convolution takes the ghost norm: only when its explicit per-record gradients
+    would not fit in ``EXPLICIT_MAX`` floats. The clipped sum over windows costs as much as forming
+    those gradients (``T * out * in`` a record), so the ghost norm only adds work where they fit."""
+    return records * fan_in * fan_out > EXPLICIT_MAX and _ghost_cheaper(positions, fan_in, fan_out)
+
+
 def _weighted_sum(coef: Tensor, per_record: Tensor) -> Tensor:
     """``sum_i coef_i per_record_i`` as one matrix-vector product."""
     return (coef @ per_record.reshape(per_record.shape[0], -1).to(coef.dtype)).view(per_record.shape[1:])
@@ -117,7 +127,7 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
         return _explicit(layer, a, g)
     if not isinstance(layer, nn.Linear):  # a convolution: T windows of in_channels x kernel inputs
         weight = cast(nn.Parameter, layer.weight)
-        if not (weight.requires_grad and _ghost_cheaper(g[0, 0].numel(), weight[0].numel(), int(weight.shape[0]))):
+        if not (weight.requires_grad and _conv_ghost(g.shape[0], g[0, 0].numel(), weight[0].numel(), int(weight.shape[0]))):
             return _explicit(layer, a, g)
     g_norm, a_norm = _rows(g), _rows(a)
     largest = torch.maximum(g_norm * a_norm, g_norm)  # bounds every entry of g and of a per-record gradient
