@@ -202,3 +202,28 @@ def test_a_record_whose_gradient_is_not_finite_is_left_out_and_counted() -> None
     assert (left_out, none_left) == (1, 0)
     assert torch.isfinite(with_it).all()
     assert torch.allclose(with_it, without, rtol=1e-5, atol=1e-7)
+
+
+def test_wrapping_and_closing_leave_the_model_as_it_was() -> None:
+    # OnePassGradSampleModule builds and removes Opacus' state itself (one walk over the model):
+    # after _close no hook, no attribute on a parameter, and the same weights and state_dict keys
+    model, inputs, y = _fusion("concat")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    module = OnePassGradSampleModule(model, max_grad_norm=1.0)
+    assert module.trainable_parameters == params
+    assert all(p.grad_sample is None and p._forward_counter == 0 for p in params)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == len(module._layers) > 0
+    module.clipped_backward(nn.functional.cross_entropy(module(*inputs), y, reduction="none"))
+    module._close()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert not hasattr(model, "autograd_grad_sample_hooks") and not hasattr(module, "autograd_grad_sample_hooks")
+    assert not any(hasattr(p, a) for p in params for a in ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample"))
+    assert list(model.state_dict()) == list(before) and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_trainable_layer_with_buffers_is_refused() -> None:
+    layer = nn.Linear(4, 3)
+    layer.register_buffer("running", torch.zeros(3))  # state outside DP-SGD's accounting
+    with pytest.raises(NotImplementedError, match="buffers"):
+        OnePassGradSampleModule(nn.Sequential(layer), max_grad_norm=1.0)

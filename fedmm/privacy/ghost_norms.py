@@ -130,14 +130,15 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
         if not (weight.requires_grad and _conv_ghost(g.shape[0], g[0, 0].numel(), weight[0].numel(), int(weight.shape[0]))):
             return _explicit(layer, a, g)
     g_norm, a_norm = _rows(g), _rows(a)
-    largest = torch.maximum(g_norm * a_norm, g_norm)  # bounds every entry of g and of a per-record gradient
+    ga = g_norm * a_norm
+    largest = torch.maximum(ga, g_norm)  # bounds every entry of g and of a per-record gradient
     if a.dim() == 2 and isinstance(layer, nn.Linear):
-        # one position: the weight gradient g a^T has norm |g| |a|
-        squared = torch.zeros_like(g_norm)
-        if layer.weight.requires_grad:
-            squared += (g_norm * a_norm).square()
-        if layer.bias is not None and layer.bias.requires_grad:
-            squared += g_norm.square()
+        # one position: the weight gradient g a^T has norm |g| |a|, the bias gradient |g|
+        weight, bias = layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
+        if weight and bias:
+            squared = torch.addcmul(g_norm.square(), ga, ga)
+        else:
+            squared = ga.square() if weight else g_norm.square() if bias else torch.zeros_like(g_norm)
         return LayerNorms(squared, largest, None)
     # the ghost norm over pairs of positions
     big_a, big_g = _positions(layer, a, g)
@@ -209,6 +210,15 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: T
     if keep is not None:
         a, g = zero_rows(a, keep), zero_rows(g, keep)
         per_record = {p: zero_rows(t, keep) for p, t in per_record.items()}
+    if type(layer) is nn.Linear and not per_record:
+        # weight and bias from one scaled output gradient: sum_i c_i g_i a_i^T = (c g)^T a, sum_i c_i g_i
+        linear = cast(nn.Linear, layer)
+        flat = (g.to(coef.dtype) * coef.view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
+        if linear.weight.requires_grad:
+            linear.weight.grad = (flat.t() @ a.reshape(-1, a.shape[-1]).to(coef.dtype)).to(linear.weight.dtype)
+        if linear.bias is not None and linear.bias.requires_grad:
+            linear.bias.grad = flat.sum(dim=0).to(linear.bias.dtype)
+        return
     for p in _trainable(layer):
         windows = norms.windows if keep is None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
         p.grad = _clipped(layer, p, a, g, per_record, coef, windows).to(p.dtype)
