@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -49,6 +48,7 @@ from fedmm.models.evaluation import evaluate, make_dataset, output_layout, task_
 from fedmm.models.objective import Objective
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ghost import PrivacyEngine
+from fedmm.privacy.sampling import poisson_loader
 
 __all__ = ["DPSettings", "add_proximal_term", "average_copies", "repeat_records", "scheduled_learning_rate", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
 
@@ -279,7 +279,7 @@ def train(
             # from the run's public seed, anyone who knows the seed could regenerate the noise
             # and subtract it. Both come from a generator seeded by the OS, never the seed.
             secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-            poisson = DPDataLoader.from_data_loader(loader, generator=secret)
+            poisson = poisson_loader(loader, generator=secret)
             wrapped = engine.make_private(
                 module=model, optimizer=optimizer, criterion=criterion, data_loader=poisson,
                 noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
