@@ -155,14 +155,14 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         parts = noise.split(sizes)
         summed = []
         for p in params:
-            _check_processed_flag(p.summed_grad)
-            summed.append(p.summed_grad.reshape(-1))
+            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
+            summed.append(p.summed_grad.reshape(-1))  # type: ignore[attr-defined]
         torch._foreach_add_(parts, summed)
         if divide and self.loss_reduction == "mean":
             noise.div_(self.expected_batch_size * self.accumulated_iterations)  # the parent's scale_grad
         for p, part in zip(params, parts):
             p.grad = part.view_as(p)
-            _mark_as_processed(p.summed_grad)
+            _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
 
     def add_noise(self) -> None:  # the parent's API; ``pre_step`` above adds the noise and divides at once
         params = self.params
@@ -259,7 +259,8 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
                 f"OnePassGradSampleModule takes batch-first models whose trainable layers fedmm.privacy.ghost_norms supports; "
                 f"got batch_first={batch_first}, unsupported layers {unsupported}. Fix: use Opacus' GradSampleModuleFastGradientClipping"
             )
-        handles = self._module.autograd_grad_sample_hooks = []
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        setattr(self._module, "autograd_grad_sample_hooks", handles)
         self.autograd_grad_sample_hooks = handles
         self._layers: list[nn.Module] = layers
         self._records: dict[nn.Module, list[tuple[torch.Tensor, GradientEdge]]] = {}  # layer -> [(input, output edge)] of this step

@@ -134,11 +134,11 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
     largest = torch.maximum(ga, g_norm)  # bounds every entry of g and of a per-record gradient
     if a.dim() == 2 and isinstance(layer, nn.Linear):
         # one position: the weight gradient g a^T has norm |g| |a|, the bias gradient |g|
-        weight, bias = layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
-        if weight and bias:
+        has_weight, has_bias = layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
+        if has_weight and has_bias:
             squared = torch.addcmul(g_norm.square(), ga, ga)
         else:
-            squared = ga.square() if weight else g_norm.square() if bias else torch.zeros_like(g_norm)
+            squared = ga.square() if has_weight else g_norm.square() if has_bias else torch.zeros_like(g_norm)
         return LayerNorms(squared, largest, None)
     # the ghost norm over pairs of positions
     big_a, big_g = _positions(layer, a, g)

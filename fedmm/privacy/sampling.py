@@ -23,7 +23,7 @@ class _StructureOnly(CollateFnWithEmpty):
     """Opacus' ``CollateFnWithEmpty`` that remembers the first batch as empty tensors of its shapes."""
 
     def __call__(self, batch: list[Any]) -> Any:
-        if len(batch) > 0 and self.first_batch is None:
+        if len(batch) > 0 and getattr(self, "first_batch", None) is None:
             output = self.wrapped_collator_fn(batch) if self.wrapped_collator_fn else batch
             self.first_batch = self._make_empty_batch(output)  # what an empty batch is built from, and all that is read of it
             return output
