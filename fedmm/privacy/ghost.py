@@ -116,11 +116,12 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         # (and the summed gradient is kept or dropped by the parent exactly as before).
         super().zero_grad(set_to_none)
 
-    def accumulate(self) -> None:
+    def accumulate(self, params: list[Any] | None = None) -> None:
         # The parent deep-copies each gradient (copy.deepcopy). Every backward pass here replaces
         # ``.grad`` with a new tensor (the clipped sum) and nothing writes into it, so the first
         # summed gradient can share its storage; a later physical batch adds into that one.
-        for p in self.params:
+        todo: list[Any] = self.params if params is None else params  # Opacus' own attributes on each parameter
+        for p in todo:
             if p.summed_grad is not None:
                 p.summed_grad.add_(p.grad)
             else:
@@ -130,7 +131,7 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         params = self.params
         if self.secure_mode or not params or len({(p.dtype, p.device) for p in params}) != 1:
             return bool(super().pre_step(closure))  # secure noise is built differently; mixed tensors cannot share one draw
-        self.accumulate()
+        self.accumulate(params)
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
@@ -152,17 +153,16 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
         sizes = [p.numel() for p in params]
         noise = torch.normal(0.0, std, size=(sum(sizes),), generator=self.generator, dtype=params[0].dtype, device=params[0].device)
-        parts = noise.split(sizes)
-        summed = []
-        for p in params:
-            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
-            summed.append(p.summed_grad.reshape(-1))  # type: ignore[attr-defined]
+        parts = [part.view(p.shape) for p, part in zip(params, noise.split(sizes))]
+        summed = [p.summed_grad for p in params]  # type: ignore[attr-defined]
+        for s in summed:
+            _check_processed_flag(s)
         torch._foreach_add_(parts, summed)
         if divide and self.loss_reduction == "mean":
             noise.div_(self.expected_batch_size * self.accumulated_iterations)  # the parent's scale_grad
-        for p, part in zip(params, parts):
-            p.grad = part.view_as(p)
-            _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
+        for p, part, s in zip(params, parts, summed):
+            p.grad = part
+            _mark_as_processed(s)
 
     def add_noise(self) -> None:  # the parent's API; ``pre_step`` above adds the noise and divides at once
         params = self.params
