@@ -45,6 +45,7 @@ LAYERS = {
     "conv2d-explicit": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), lambda n: torch.randn(n, 2, 12, 12), 4 * 36),
     "conv2d-ghost": (lambda: nn.Conv2d(24, 40, 3, stride=2, padding=1, dilation=1), lambda n: torch.randn(n, 24, 6, 6), 40 * 9),
     "conv1d-ghost": (lambda: nn.Conv1d(24, 40, 3, stride=2, padding=1), lambda n: torch.randn(n, 24, 8), 40 * 4),
+    "conv2d-rectangular": (lambda: nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(1, 0)), lambda n: torch.randn(n, 3, 5, 6), 4 * 15),
     "conv2d-dilated-no-bias": (lambda: nn.Conv2d(2, 3, 3, padding=2, dilation=2, bias=False), lambda n: torch.randn(n, 2, 7, 7), 3 * 49),
     "embedding": (lambda: nn.Embedding(7, 4), lambda n: torch.randint(0, 7, (n, 9)), 4),
     "embedding-padding": (_embedding_with_padding, lambda n: torch.randint(0, 3, (n, 9)), 4),
