@@ -292,6 +292,23 @@ def test_ghost_optimizer_step_divides_the_noised_sum_by_the_expected_batch_once(
             optimizer.pre_step()  # the same gradients again
 
 
+def test_ghost_optimizer_keeps_a_skipped_steps_sum_when_grad_is_zeroed_in_place() -> None:
+    # Physical batches (BatchMemoryManager): a skipped step keeps its clipped sum until the last
+    # chunk. Zeroing .grad in place in between (module.zero_grad() defaults to that) must not
+    # zero the kept sum: the step is (sum of both chunks) / batch.
+    from fedmm.privacy.ghost import GhostClippingOptimizer
+
+    params = [nn.Parameter(torch.zeros(4))]
+    optimizer = GhostClippingOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=2)
+    optimizer.signal_skip_step(do_skip=True)
+    params[0].grad = torch.full((4,), 3.0)
+    assert not optimizer.pre_step()  # skipped: only accumulated
+    params[0].grad.zero_()
+    params[0].grad = torch.full((4,), 5.0)  # the next chunk's clipped sum
+    assert optimizer.pre_step()
+    assert torch.equal(params[0].grad, torch.full((4,), 4.0))  # (3 + 5) / 2
+
+
 def test_fast_linear_norms_equal_opacus_own() -> None:
     from opacus.grad_sample.linear import compute_linear_norm_sample
 

@@ -12,7 +12,8 @@ Poisson sampling and accounting stay Opacus' own:
   sequence inputs still take Opacus' function. Registered for the whole process
   through Opacus' ``register_norm_sampler``, on import of this module;
 - ``GhostClippingOptimizer`` (Opacus' ``DPOptimizerFastGradientClipping``) keeps each
-  clipped sum without copying it (every backward pass here makes a new ``.grad``) and adds
+  clipped sum without copying it when the step is taken at once (a skipped step of several
+  physical batches keeps a copy) and adds
   the Gaussian noise and divides by the expected batch size in one pass over one flat
   buffer: one draw for every coordinate of every parameter and one multi-tensor sum, where the
   parent draws, adds and divides per tensor. The noise is the same i.i.d.
@@ -117,15 +118,17 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         super().zero_grad(set_to_none)
 
     def accumulate(self, params: list[Any] | None = None) -> None:
-        # The parent deep-copies each gradient (copy.deepcopy). Every backward pass here replaces
-        # ``.grad`` with a new tensor (the clipped sum) and nothing writes into it, so the first
-        # summed gradient can share its storage; a later physical batch adds into that one.
+        # The parent deep-copies each gradient (copy.deepcopy). A step that is not skipped adds the
+        # noise to its sum at once and then replaces ``.grad``, so that sum can share ``.grad``'s
+        # storage; a skipped step (one physical batch of several) keeps a copy, as ``.grad`` may be
+        # zeroed in place before the next batch.
+        copy = self._check_skip_next_step(pop_next=False)
         todo: list[Any] = self.params if params is None else params  # Opacus' own attributes on each parameter
         for p in todo:
             if p.summed_grad is not None:
                 p.summed_grad.add_(p.grad)
             else:
-                p.summed_grad = p.grad.detach()
+                p.summed_grad = p.grad.detach().clone() if copy else p.grad.detach()
 
     def pre_step(self, closure: Any = None) -> bool:
         params = self.params
