@@ -309,6 +309,39 @@ def test_ghost_optimizer_keeps_a_skipped_steps_sum_when_grad_is_zeroed_in_place(
     assert torch.equal(params[0].grad, torch.full((4,), 4.0))  # (3 + 5) / 2
 
 
+@pytest.mark.parametrize("path", ["one-pass, module.zero_grad()", "two-pass, no zero_grad"])
+def test_physical_batches_release_at_most_their_records_clipped_sum(path: str) -> None:
+    # Two physical batches of one record each, noise 0, C = 1: the released sum is at most 2 however
+    # the caller clears .grad in between. On Opacus' two-pass path (a layer one-pass clipping does not
+    # take) its first, unclipped backward adds into .grad in place: a kept sum sharing .grad's storage
+    # took in that unclipped gradient (|sum| ~ 2e4 here before the fix).
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    from fedmm.privacy.ghost import GhostClippingOptimizer, OnePassGradSampleModule, _ClippingCriterion
+
+    class Unsupported(nn.Linear):  # fedmm.privacy.ghost_norms.supports() refuses subclasses
+        pass
+
+    torch.manual_seed(0)
+    one_pass = path.startswith("one-pass")
+    model = nn.Sequential((nn.Linear if one_pass else Unsupported)(4, 1, bias=False))
+    module = (OnePassGradSampleModule if one_pass else GradSampleModuleFastGradientClipping)(model, max_grad_norm=1.0, loss_reduction="sum")
+    optimizer = GhostClippingOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=1, loss_reduction="sum")
+    criterion = DPLossFastGradientClipping(module, optimizer, nn.MSELoss(reduction="sum"), loss_reduction="sum")
+    criterion.__class__ = _ClippingCriterion
+    x, y = torch.full((1, 4), 100.0), torch.zeros(1, 1)
+    for last in (False, True):
+        optimizer.signal_skip_step(do_skip=not last)
+        if one_pass:
+            module.zero_grad()  # Opacus' default: set_to_none=False, .grad zeroed in place
+        criterion(module(x), y).backward()
+        optimizer.step()
+    summed = float(model[0].weight.summed_grad.norm())
+    assert summed <= 2.0 + 1e-5
+    assert summed > 1.99  # both records clipped to 1, the same direction: nothing lost either
+
+
 def test_fast_linear_norms_equal_opacus_own() -> None:
     from opacus.grad_sample.linear import compute_linear_norm_sample
 

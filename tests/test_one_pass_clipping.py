@@ -52,6 +52,7 @@ LAYERS = {
     "embedding-single": (lambda: nn.Embedding(5, 4), lambda n: torch.randint(0, 5, (n,)), 4),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), lambda n: torch.randn(n, 4, 5, 5), 4 * 25),
     "layernorm": (lambda: nn.LayerNorm(6), lambda n: torch.randn(n, 4, 6), 6),
+    "layernorm-4d": (lambda: nn.LayerNorm((2, 3, 3, 3)), lambda n: torch.randn(n, 2, 3, 3, 3), 54),  # 5-D per-record gradients, not a Conv2d's
 }
 
 
@@ -228,3 +229,11 @@ def test_a_trainable_layer_with_buffers_is_refused() -> None:
     layer.register_buffer("running", torch.zeros(3))  # state outside DP-SGD's accounting
     with pytest.raises(NotImplementedError, match="buffers"):
         OnePassGradSampleModule(nn.Sequential(layer), max_grad_norm=1.0)
+
+
+def test_a_weight_shared_by_two_layers_is_refused() -> None:
+    # each layer would set the shared .grad from its own share only (the last one written wins)
+    first, second = nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+    second.weight = first.weight
+    with pytest.raises(NotImplementedError, match="Parameter tying"):
+        OnePassGradSampleModule(nn.Sequential(first, nn.Tanh(), second), max_grad_norm=1.0)

@@ -32,3 +32,17 @@ def test_an_empty_batch_has_the_first_batchs_structure_and_no_record_is_kept() -
     assert [tuple(t.shape) for t in empty] == [(0, 3, 2), (0,), (0, 5)]
     assert [t.dtype for t in empty] == [torch.float32, torch.int64, torch.int32]
     assert collate([loader.dataset[1]])[1].tolist() == [1]  # later batches are collated as before
+
+
+def test_records_with_strings_load_as_with_opacus() -> None:
+    # a batch Opacus' empty-batch structure cannot hold (strings) is kept as Opacus keeps it
+    class WithIds(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+            return torch.full((3,), float(i)), i % 2, f"record-{i}"
+
+    ours = list(poisson_loader(DataLoader(WithIds(), batch_size=4), torch.Generator().manual_seed(1)))
+    theirs = list(DPDataLoader.from_data_loader(DataLoader(WithIds(), batch_size=4), generator=torch.Generator().manual_seed(1)))
+    assert [b[2] for b in ours] == [b[2] for b in theirs] and len(ours) == 5

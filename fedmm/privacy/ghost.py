@@ -238,6 +238,9 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         if buffered and strict:  # Opacus' validation: a trainable layer's buffers would not be private
             raise NotImplementedError(f"Model contains a trainable layer with buffers that Opacus doesn't currently support: {buffered}")
         self.trainable_parameters = [p for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad]
+        if len({id(p) for p in self.trainable_parameters}) < len(self.trainable_parameters):
+            # one weight in two layers: each layer would set its .grad from its own records' share alone
+            raise NotImplementedError("Parameter tying is not supported with Ghost Clipping: a trainable parameter belongs to more than one layer")
         for p in self.trainable_parameters:
             p.grad_sample = None  # type: ignore[attr-defined]
             p._forward_counter = 0  # type: ignore[attr-defined]

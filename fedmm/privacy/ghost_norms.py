@@ -260,7 +260,7 @@ def _clipped(layer: nn.Module, p: nn.Parameter, a: Tensor, g: Tensor, per_record
         return out.index_add_(0, a.reshape(-1), h.reshape(-1, h.shape[-1]))
     if p in per_record:
         summed = _weighted_sum(coef, per_record[p])
-        if per_record[p].dim() == 5:  # a Conv2d's [n, out, kh, kw, in] (channels-last windows): back to [out, in, kh, kw]
+        if isinstance(layer, nn.Conv2d) and per_record[p].dim() == 5:  # [n, out, kh, kw, in] (channels-last windows): back to [out, in, kh, kw]
             return summed.permute(0, 3, 1, 2).contiguous()
         return summed.view_as(p)
     scaled = g.to(dtype) * coef.view(-1, *[1] * (g.dim() - 1))

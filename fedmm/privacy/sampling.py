@@ -10,6 +10,7 @@ batches themselves are Opacus' own.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -20,12 +21,16 @@ __all__ = ["poisson_loader"]
 
 
 class _StructureOnly(CollateFnWithEmpty):
-    """Opacus' ``CollateFnWithEmpty`` that remembers the first batch as empty tensors of its shapes."""
+    """Opacus' ``CollateFnWithEmpty`` that remembers the first batch as empty tensors of its shapes
+    (or, for a batch Opacus could not empty, such as one with strings, as Opacus does: a copy)."""
 
     def __call__(self, batch: list[Any]) -> Any:
         if len(batch) > 0 and getattr(self, "first_batch", None) is None:
             output = self.wrapped_collator_fn(batch) if self.wrapped_collator_fn else batch
-            self.first_batch = self._make_empty_batch(output)  # what an empty batch is built from, and all that is read of it
+            try:
+                self.first_batch = self._make_empty_batch(output)  # what an empty batch is built from, and all that is read of it
+            except (TypeError, IndexError):
+                self.first_batch = copy.deepcopy(output)  # Opacus' own: it fails only if an empty batch comes
             return output
         return super().__call__(batch)
 
