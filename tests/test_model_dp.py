@@ -130,6 +130,8 @@ def test_the_default_model_takes_a_dp_step_in_every_grad_sample_mode(mode: GradS
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(model.state_dict()) == set(before)
     assert dp.accountant.history[0].steps == 4 and dp.accountant.history[0].sample_rate == 0.25
+    # nothing of the last step's clipped, un-noised sum (or Opacus' per-sample state) stays on the model
+    assert not any(hasattr(p, a) for p in model.parameters() for a in ("summed_grad", "grad_sample", "_forward_counter"))
 
 
 def _reference_clipped_mean(model: nn.Module, objective: nn.Module, arrays: MultimodalDataset, max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:

@@ -325,10 +325,14 @@ def train(
 
 
 def _unwrap(wrapped: nn.Module) -> None:
-    """Remove Opacus' hooks so the plain module can be reused (and saved) as it was."""
+    """Remove Opacus' hooks so the plain module can be reused (and saved) as it was, and the
+    optimizer's ``summed_grad`` from each parameter: the last step's clipped sum before its
+    noise, which Opacus leaves there and nothing may read."""
     remove = getattr(wrapped, "_close", None)
     if callable(remove):
         remove()
+    for p in wrapped.parameters():
+        p.__dict__.pop("summed_grad", None)
 
 
 def _epochs(
