@@ -201,3 +201,35 @@ def test_flowers_engine_runs_sites_in_process_only_inside_a_run() -> None:
     with sites_in_process():
         assert raybackend.RayBackend is InProcessBackend
     assert raybackend.RayBackend is original
+
+
+def test_the_run_leaves_start_up_objects_out_of_full_collections_and_puts_gc_back() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    gc.set_threshold(before[0], before[1], 1 << 30)  # as `fedmm simulate` defers them during its start-up
+    try:
+        survivor = [object() for _ in range(10)]
+        with embedded.frozen_heap():
+            assert gc.get_freeze_count() >= len(survivor)  # what existed before the run is frozen
+            assert gc.get_threshold()[2] == 10  # full collections as usual during the run
+        assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == (before[0], before[1], 1 << 30)
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_the_cli_defers_full_collections_only_while_simulate_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    import fedmm.cli as cli
+
+    seen: list[int] = []
+    monkeypatch.setattr(cli, "app", lambda: seen.append(gc.get_threshold()[2]) or 0)
+    before = gc.get_threshold()
+    for argv, deferred in ((["fedmm", "simulate"], True), (["fedmm", "status"], False)):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert (seen[-1] == cli.DEFERRED_FULL_COLLECTION) is deferred
+        assert gc.get_threshold() == before

@@ -28,6 +28,7 @@ call itself, so that:
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -83,6 +84,27 @@ class _LineHandler(logging.Handler):
         self.log_out.flush()
         for line in text.splitlines():
             self.on_line(line)
+
+
+@contextmanager
+def frozen_heap(full_threshold: int = 10) -> Iterator[None]:
+    """For the run, leave what exists before it (PyTorch, Flower, the federation's data) out of
+    Python's cyclic garbage collection (``gc.freeze``), with full collections at most every
+    ``full_threshold`` middle-generation ones (Python's default, 10: ``fedmm simulate`` defers them
+    during its start-up, :func:`fedmm.cli.main`); both as they were after the run.
+
+    A full collection walks every tracked object; those from before the run are long-lived and
+    are still freed when nothing refers to them (only cycles among them wait for the first full
+    collection after the run).
+    """
+    young, middle, full = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(young, middle, min(full, full_threshold))
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(young, middle, full)
 
 
 @contextmanager
@@ -194,7 +216,7 @@ def run_embedded(cfg: RunConfig, *, on_line: Callable[[str], None], verbose: boo
     try:  # the private folder goes whatever happens (an interrupt included)
         started = time.monotonic()
         sites = nullcontext() if ray else sites_in_process()
-        with open(log_file, "w", encoding="utf-8") as log_out, _environment(env), _quiet_console(flwr_logger), fast_delivery(), sites:
+        with open(log_file, "w", encoding="utf-8") as log_out, _environment(env), _quiet_console(flwr_logger), fast_delivery(), sites, frozen_heap():
             handler = _LineHandler(on_line, log_out)
             flwr_logger.addHandler(handler)
             try:
