@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from logging import INFO, WARNING
 from typing import Any
@@ -33,7 +34,7 @@ from fedmm.federation.strategy import FedMMAvg
 from fedmm.models import layout_fingerprint
 from fedmm.models.evaluation import Scores
 from fedmm.plan import RunPlan
-from fedmm.runtime.grid import PromptGrid
+from fedmm.runtime.grid import PromptGrid, RunStopped
 from fedmm.secure.identity import KEYS_ENV, EnrolledKeys
 
 # Opacus' import calls logging.basicConfig (a root handler): Flower's logger, which has its own handler,
@@ -207,7 +208,8 @@ def main(grid: Grid, context: Context) -> None:
         except OSError as err:  # the run's own error matters more; say why the record is missing
             log(WARNING, "[fedmm] could not write privacy.json of the failed run: %s", err)
         eps = strategy.max_epsilon
-        log(INFO, "[fedmm] run failed; privacy.json records %d site report(s), max epsilon %s", len(privacy), "none" if eps is None else f"{eps:.3f}")
+        ended = "stopped from outside" if isinstance(sys.exc_info()[1], RunStopped) else "failed"
+        log(INFO, "[fedmm] run %s; privacy.json records %d site report(s), max epsilon %s", ended, len(privacy), "none" if eps is None else f"{eps:.3f}")
         raise
     artifacts.save_model(served(final_arrays).to_torch_state_dict())
     # completed: every planned round; stopped: some rounds, then too few sites with budget (the privacy

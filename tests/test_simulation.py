@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -200,3 +202,32 @@ def test_secure_aggregation_with_distributed_client_noise_through_flower(tmp_pat
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert {s["site"]: len(s["entries"]) for s in json.loads(audit.stdout)["sites"]} == {"george": 1, "jackson": 3, "lucas": 3}
     assert _flower_processes() <= before
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_says_what_it_left(tmp_path: Path, stop: signal.Signals) -> None:
+    # Before: Ctrl-C ended Flower's engine but the ServerApp's thread kept waiting for replies (the
+    # process never exited); SIGTERM killed the process without a word.
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
+    out = tmp_path / "out.txt"
+    command = [FEDMM, "simulate", "--set", f"runs-dir={json.dumps(str(tmp_path))}", "--set", "rounds=40", "--set", 'run-name="cut"']
+    with out.open("w") as sink:
+        # a terminal's Ctrl-C: SIGINT as Python handles it by default (a shell's background job would ignore it)
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 300
+        while "round 2/40" not in out.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        process.send_signal(stop)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail(f"still running 60 s after {stop.name}:\n{out.read_text()[-2000:]}")
+    text = out.read_text()
+    assert code == 130, text[-3000:]
+    assert "interrupted (Ctrl-C or SIGTERM): last checkpoint after round" in text and "privacy spent so far: " in text
+    run_dir = tmp_path / "cut"
+    checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
+    assert checkpoint["round"] >= 2 and (run_dir / "privacy.json").is_file() and (run_dir / "flower.log").is_file()
+    assert not (run_dir / "summary.json").exists()  # not a finished run

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -142,6 +144,14 @@ def simulate(
     except FedMMError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from err
+    if outcome.status == "finished:interrupted":
+        code = _report_interrupted(outcome.run_dir, outcome.log_file)
+        # Everything of the run is on disk (each spend was committed before its update left), Flower's engine
+        # and any Ray process are stopped and the private folder is gone. What an interrupted engine leaves
+        # running in native code can abort the interpreter's own shutdown, so the process ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if not outcome.ok:
         console.print(f"[red]run failed[/red] ({outcome.status}): {outcome.details}")
         summary_file = outcome.run_dir / "summary.json"
@@ -159,6 +169,20 @@ def simulate(
         raise typer.Exit(1)
     if _print_summary(outcome.run_dir) == "failed":  # Flower said completed, the run's own summary says otherwise
         raise typer.Exit(1)
+
+
+def _report_interrupted(run_dir: Path, log_file: Path) -> int:
+    """Say what an interrupted run left (its last checkpoint, what the sites spent); return 130, the shell's code for Ctrl-C."""
+    checkpoint = run_dir / "checkpoint.json"
+    done = json.loads(checkpoint.read_text()).get("round") if checkpoint.is_file() else None
+    console.print(f"[yellow]interrupted[/yellow] (Ctrl-C or SIGTERM): {'no round was checkpointed' if done is None else f'last checkpoint after round {done}'}; run folder {run_dir}", highlight=False)
+    spent = run_dir / "privacy.json"
+    if spent.is_file():  # every spend the server heard of is on record, and each site's ledger has its own
+        sites = json.loads(spent.read_text()).get("sites", [])
+        spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in sites) or "no site reported a spend"
+        console.print(f"privacy spent so far: {spends} (in {spent})", markup=False, highlight=False)
+    console.print(f"resume=true with the same run-name continues from the checkpoint (docs/runs.md); full log: {log_file}", highlight=False)
+    return 130
 
 
 @app.command()

@@ -34,7 +34,9 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -43,7 +45,7 @@ from typing import Any
 
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
-from fedmm.runtime.grid import paced
+from fedmm.runtime.grid import STOP_WAITING, paced
 from fedmm.runtime.simulation import SimulationOutcome, _children, find_app_dir
 from fedmm.runtime.sites_in_process import sites_in_process
 
@@ -219,12 +221,18 @@ def run_embedded(cfg: RunConfig, *, on_line: Callable[[str], None], verbose: boo
         with open(log_file, "w", encoding="utf-8") as log_out, _environment(env), _quiet_console(flwr_logger), fast_delivery(), sites, frozen_heap():
             handler = _LineHandler(on_line, log_out)
             flwr_logger.addHandler(handler)
+            STOP_WAITING.clear()
             try:
-                run_simulation(
-                    num_supernodes=cfg.sites, server_app_attr=_SERVER_APP, client_app_attr=_CLIENT_APP, backend_name="ray",
-                    backend_config=backend, app_dir=str(app_dir), run=run, server_app_context=context, is_app=True,
-                    exit_event=_exit_event(), verbose_logging=False,
-                )
+                with _sigterm_as_interrupt():
+                    run_simulation(
+                        num_supernodes=cfg.sites, server_app_attr=_SERVER_APP, client_app_attr=_CLIENT_APP, backend_name="ray",
+                        backend_config=backend, app_dir=str(app_dir), run=run, server_app_context=context, is_app=True,
+                        exit_event=_exit_event(), verbose_logging=False,
+                    )
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Flower's engine has stopped; stop the ServerApp's wait too
+                status, details = "finished:interrupted", "interrupted (Ctrl-C or SIGTERM)"
+                log_out.write(f"run {details}\n")
+                _stop_server_app()
             except SystemExit as stop:  # Flower's flwr_exit on an app that cannot be loaded
                 status, details = "finished:failed", f"Flower exited with code {stop.code} (the app could not be loaded); see flower.log"
             except Exception as err:  # noqa: BLE001 - the ServerApp's failure is the run's outcome, reported as such
@@ -321,6 +329,33 @@ def _noop_federation() -> str:
     from flwr.supercore.constant import NOOP_FEDERATION_ID  # the federation a simulation runs in (as flwr-simulation sets it)
 
     return str(NOOP_FEDERATION_ID)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the run as Ctrl-C does (a ``KeyboardInterrupt`` in the main thread), not the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_server_app(timeout: float = 30.0) -> None:
+    """End the ServerApp's thread after an interrupt: its wait for replies ends (``STOP_WAITING``:
+    :class:`fedmm.runtime.grid.RunStopped`), and the thread is given ``timeout`` seconds to finish."""
+    STOP_WAITING.set()
+    end = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if "server_th" in thread.name and thread is not threading.current_thread():
+            thread.join(max(0.0, end - time.monotonic()))
 
 
 def _exit_event() -> Any:

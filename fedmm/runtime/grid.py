@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable
 
@@ -23,9 +24,18 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedmm.errors import FederationError
 from fedmm.federation.presence import Presence
 
-__all__ = ["PromptGrid", "paced"]
+__all__ = ["PromptGrid", "RunStopped", "STOP_WAITING", "paced"]
+
+# Set when the process stops a run it hosts (``fedmm simulate`` on Ctrl-C or SIGTERM): a ServerApp
+# waiting for replies that will never come stops waiting (:class:`RunStopped`), so its thread ends.
+STOP_WAITING = threading.Event()
+
+
+class RunStopped(FederationError):
+    """The run was stopped from outside (Ctrl-C or SIGTERM) while the ServerApp waited for replies."""
 
 
 def paced(interval: float, in_flight: int) -> float:
@@ -83,6 +93,8 @@ class PromptGrid(Grid):
         replies: list[Message] = []
         asked = time.monotonic()
         while waiting and (timeout is None or time.monotonic() < end):
+            if STOP_WAITING.is_set():
+                raise RunStopped(f"the run was stopped (Ctrl-C or SIGTERM) while {len(waiting)} of {len(ids)} replies were awaited")
             got = list(self._grid.pull_messages(waiting))
             replies.extend(got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -94,7 +106,7 @@ class PromptGrid(Grid):
                     asked = time.monotonic()
                     self.get_node_ids()
             if waiting:
-                time.sleep(paced(self.interval, len(waiting)))
+                STOP_WAITING.wait(paced(self.interval, len(waiting)))
         if self.presence is not None:
             self.presence.flush()
         return replies
