@@ -161,14 +161,19 @@ def simulate(
         tail = outcome.log_file.read_text(errors="replace").splitlines()[-30:] if outcome.log_file.is_file() else []
         console.print("\n".join(tail), markup=False, highlight=False)
         console.print(f"full log: {outcome.log_file}")
-        spent = outcome.run_dir / "privacy.json"
-        if spent.is_file():  # what the sites spent before the failure is on record: say so
-            sites = json.loads(spent.read_text()).get("sites", [])
-            spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in sites) or "no site reported a spend"
-            console.print(f"privacy spent before the failure: {spends} (in {spent})", markup=False, highlight=False)
+        _print_spends(outcome.run_dir, "privacy spent before the failure")  # on record: say so
         raise typer.Exit(1)
     if _print_summary(outcome.run_dir) == "failed":  # Flower said completed, the run's own summary says otherwise
         raise typer.Exit(1)
+
+
+def _print_spends(run_dir: Path, heading: str) -> None:
+    """Each site's epsilon from a run's ``privacy.json`` (written by a run that failed or was stopped), if there is one."""
+    spent = run_dir / "privacy.json"
+    if spent.is_file():
+        sites = json.loads(spent.read_text()).get("sites", [])
+        spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in sites) or "no site reported a spend"
+        console.print(f"{heading}: {spends} (in {spent})", markup=False, highlight=False)
 
 
 def _report_interrupted(run_dir: Path, log_file: Path) -> int:
@@ -176,11 +181,7 @@ def _report_interrupted(run_dir: Path, log_file: Path) -> int:
     checkpoint = run_dir / "checkpoint.json"
     done = json.loads(checkpoint.read_text()).get("round") if checkpoint.is_file() else None
     console.print(f"[yellow]interrupted[/yellow] (Ctrl-C or SIGTERM): {'no round was checkpointed' if done is None else f'last checkpoint after round {done}'}; run folder {run_dir}", highlight=False)
-    spent = run_dir / "privacy.json"
-    if spent.is_file():  # every spend the server heard of is on record, and each site's ledger has its own
-        sites = json.loads(spent.read_text()).get("sites", [])
-        spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in sites) or "no site reported a spend"
-        console.print(f"privacy spent so far: {spends} (in {spent})", markup=False, highlight=False)
+    _print_spends(run_dir, "privacy spent so far")  # every spend the server heard of; each site's ledger has its own
     console.print(f"resume=true with the same run-name continues from the checkpoint (docs/runs.md); full log: {log_file}", highlight=False)
     return 130
 

@@ -21,7 +21,8 @@ costs less for its shapes. A convolution's clipped sum over windows costs ``T * 
 record either way, so it forms the explicit gradients (reused for the sum) unless they would
 exceed ``EXPLICIT_MAX`` floats, and only then takes the ghost norm. An embedding's is ``sum_{t,s} [id_t = id_s] (g_t . g_s)``; a norm layer's
 per-record gradients (one value per channel) are formed explicitly (Opacus' own samplers).
-Convolution windows come from Opacus' ``unfold2d``.
+Convolution windows come from Opacus' ``unfold2d``, or for a ``Conv2d`` over several channels
+from a channels-last copy of its input (:func:`_channels_last_windows`).
 
 Everything here is computed in the dtype of ``a`` and ``g``: an overflow there makes a norm inf or
 NaN (never a wrong finite number), and the caller then takes the whole step again from float64
@@ -238,7 +239,7 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: T
     if keep is not None:
         a, g = zero_rows(a, keep), zero_rows(g, keep)
         per_record = {p: zero_rows(t, keep) for p, t in per_record.items()}
-    if type(layer) is nn.Linear and not per_record:
+    if isinstance(layer, nn.Linear):  # never explicit per-record gradients (layer_norms)
         # weight and bias from one scaled output gradient: sum_i c_i g_i a_i^T = (c g)^T a, sum_i c_i g_i
         linear = cast(nn.Linear, layer)
         flat = (g.to(coef.dtype) * coef.view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
@@ -264,12 +265,7 @@ def _clipped(layer: nn.Module, p: nn.Parameter, a: Tensor, g: Tensor, per_record
             return summed.permute(0, 3, 1, 2).contiguous()
         return summed.view_as(p)
     scaled = g.to(dtype) * coef.view(-1, *[1] * (g.dim() - 1))
-    if isinstance(layer, nn.Linear):
-        flat = scaled.reshape(-1, scaled.shape[-1])
-        if p is layer.bias:
-            return flat.sum(dim=0)
-        return flat.t() @ a.reshape(-1, a.shape[-1]).to(dtype)
-    # convolutions: the weight's gradient of the scaled output gradients, sum over records and windows
+    # convolutions (a Linear is clipped in clip_into): the weight's gradient of the scaled output gradients, sum over records and windows
     if p is layer.bias:
         return scaled.reshape(scaled.shape[0], scaled.shape[1], -1).sum(dim=(0, 2))
     big_a, big_g = _positions(layer, a.to(dtype), scaled) if windows is None else (windows, scaled.reshape(scaled.shape[0], scaled.shape[1], -1).transpose(1, 2))

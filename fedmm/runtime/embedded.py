@@ -296,7 +296,6 @@ _FLOWER_DELIVERY: list[Callable[..., None]] = []
 _SWEEP = 0.02  # seconds between hand-outs (Flower's loop: 0.1); a round's messages wait at most this long
 
 
-
 @contextmanager
 def fast_delivery() -> Iterator[None]:
     """Use :func:`_deliver_pending` as the simulation engine's dispatcher while the block runs."""
