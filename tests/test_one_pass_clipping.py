@@ -33,6 +33,11 @@ class _Probe(nn.Module):
         return self.readout(h.reshape(h.shape[0], -1, self.readout.in_features).mean(dim=1))
 
 
+def _frozen(layer: nn.Linear, name: str) -> nn.Module:
+    getattr(layer, name).requires_grad_(False)
+    return layer
+
+
 def _embedding_with_padding() -> nn.Module:
     return nn.Embedding(7, 4, padding_idx=0)
 
@@ -40,6 +45,9 @@ def _embedding_with_padding() -> nn.Module:
 # name: (layer, input maker, width the readout sees per position)
 LAYERS = {
     "linear": (lambda: nn.Linear(6, 5), lambda n: torch.randn(n, 6), 5),
+    "linear-no-bias": (lambda: nn.Linear(6, 5, bias=False), lambda n: torch.randn(n, 6), 5),
+    "linear-frozen-weight": (lambda: _frozen(nn.Linear(6, 5), "weight"), lambda n: torch.randn(n, 6), 5),
+    "linear-frozen-bias": (lambda: _frozen(nn.Linear(6, 5), "bias"), lambda n: torch.randn(n, 6), 5),
     "linear-sequence": (lambda: nn.Linear(6, 5), lambda n: torch.randn(n, 4, 6), 5),
     "conv1d": (lambda: nn.Conv1d(3, 4, 5, stride=2, padding=2), lambda n: torch.randn(n, 3, 16), 4 * 8),
     "conv2d-explicit": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), lambda n: torch.randn(n, 2, 12, 12), 4 * 36),

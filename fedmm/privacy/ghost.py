@@ -63,6 +63,7 @@ that one extreme record moves a step by at most ``max_grad_norm``, in every mode
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import opacus
@@ -77,7 +78,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from fedmm.privacy.ghost_norms import LayerNorms, clip_into, layer_norms, row_norms, supports, zero_rows
+from fedmm.privacy.ghost_norms import all_norms, clip_into, row_norms, supports, zero_rows
 
 __all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
 
@@ -324,13 +325,13 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
                         p.grad = torch.zeros_like(p)
                 continue
             captured.append((layer, records[layer][0][0], backprops))
-        norms_all, largest, found = _norms_of(captured, loss_per_sample.shape[0], loss_per_sample.device)
-        all_finite = bool(torch.isfinite(norms_all).all())
+        norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device)
+        all_finite, top = _finite_and_top(norms_all, largest)
         if not all_finite and any(g.dtype != torch.float64 for _, _, g in captured):
             # an overflow in the layers' dtype (inf or NaN, never a wrong finite norm): again, in float64
             captured = [(layer, a.double() if a.is_floating_point() else a, g.double()) for layer, a, g in captured]
-            norms_all, largest, found = _norms_of(captured, loss_per_sample.shape[0], loss_per_sample.device)
-            all_finite = bool(torch.isfinite(norms_all).all())
+            norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device)
+            all_finite, top = _finite_and_top(norms_all, largest)
         self.per_sample_gradient_norms = norms_all
         finite = None if all_finite else torch.isfinite(norms_all)
         left_out = 0 if finite is None else int((~finite).sum())
@@ -340,7 +341,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             coef = torch.where(finite, coef, torch.zeros_like(coef))
         # float32 is exact enough, and cannot overflow, while every record's entry bound is <= WIDE: then
         # no c_i g_ij a_ik exceeds WIDE, and c_i >= max_grad_norm / (2 WIDE sqrt(layers)) is a normal float
-        wide = left_out < len(norms_all) and float((largest if finite is None else largest[finite]).max()) > WIDE
+        wide = left_out < len(norms_all) and (top if finite is None else float(largest[finite].max())) > WIDE
         coefs: dict[torch.dtype, torch.Tensor] = {}
         for (layer, activations, backprops), norms in zip(captured, found):
             dtype = torch.float64 if wide else backprops.dtype
@@ -350,15 +351,12 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         return left_out
 
 
-def _norms_of(captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[LayerNorms]]:
-    """Each record's gradient norm over all layers, its largest entry bound, and each layer's share."""
-    found = [layer_norms(layer, activations, backprops) for layer, activations, backprops in captured]
-    if not found:
-        zero = torch.zeros(n, dtype=torch.float64, device=device)
-        return zero, zero, found
-    squared = torch.stack([f.squared for f in found]).sum(dim=0)
-    largest = torch.stack([f.largest for f in found]).amax(dim=0)
-    return squared.sqrt(), largest, found
+def _finite_and_top(norms: torch.Tensor, largest: torch.Tensor) -> tuple[bool, float]:
+    """Whether every record's norm is finite, and the largest entry bound (one read of two numbers)."""
+    if norms.numel() == 0:
+        return True, 0.0
+    total, top = torch.stack([norms.sum(), largest.max()]).tolist()  # norms >= 0: the sum is finite iff each norm is (or it overflowed)
+    return math.isfinite(total) or bool(torch.isfinite(norms).all()), top
 
 
 class _ClippedLoss(DPTensorFastGradientClipping):

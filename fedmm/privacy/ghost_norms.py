@@ -39,7 +39,7 @@ from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from opacus.utils.tensor_utils import unfold2d
 from torch import Tensor, nn
 
-__all__ = ["LayerNorms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
+__all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
 
 EMBEDDING_GRAM_MAX = 256  # longer token sequences take Opacus' sort-based embedding norm (no L x L matrix)
 EXPLICIT_MAX = 1 << 22  # a convolution's per-record weight gradients up to this many floats (16 MiB) are formed explicitly
@@ -151,6 +151,42 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
     if layer.bias is not None and layer.bias.requires_grad:  # type: ignore[union-attr]
         squared += _rows(big_g.sum(dim=1)).square()
     return LayerNorms(squared, largest, None, None if isinstance(layer, nn.Linear) else big_a)
+
+
+def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: torch.device) -> tuple[Tensor, Tensor, list[LayerNorms]]:
+    """Each record's gradient norm over all ``(layer, a, g)`` in ``captured`` (float64), its largest
+    entry bound over them, and each layer's :func:`layer_norms`.
+
+    Linear layers on one position (``a`` of ``[n, in]``) are taken together: their ``|g_i|`` and
+    ``|a_i|`` are stacked and combined in a handful of operations for all of them at once (the
+    same values as :func:`layer_norms`; a per-step cost that is mostly call overhead otherwise).
+    """
+    flat = [i for i, (layer, a, _) in enumerate(captured) if type(layer) is nn.Linear and a.dim() == 2]
+    found: list[LayerNorms | None] = [None if i in flat else layer_norms(*captured[i]) for i in range(len(captured))]
+    parts, bounds = [f.squared for f in found if f is not None], [f.largest for f in found if f is not None]
+    if flat:
+        layers = [cast(nn.Linear, captured[i][0]) for i in flat]
+        g_norm = torch.stack([torch.linalg.vector_norm(captured[i][2], dim=1) for i in flat]).double()  # [L, n], in g's dtype first (an overflow shows as inf)
+        a_norm = torch.stack([torch.linalg.vector_norm(captured[i][1], dim=1) for i in flat]).double()
+        weight = [layer.weight.requires_grad for layer in layers]
+        bias = [layer.bias is not None and layer.bias.requires_grad for layer in layers]
+        g_sq, a_sq = g_norm.square(), a_norm.square()
+        if all(weight) and all(bias):
+            squared = g_sq * (a_sq + 1.0)  # |g a^T|^2 + |g|^2
+        else:
+            on = torch.tensor([weight, bias], dtype=torch.float64, device=device).unsqueeze(-1)  # [2, L, 1]
+            squared = g_sq * (a_sq * on[0] + on[1])
+        largest = g_norm * a_norm.clamp(min=1.0)  # max(|g||a|, |g|) bounds every entry of g and of g a^T
+        for row, i in enumerate(flat):
+            found[i] = LayerNorms(squared[row], largest[row], None)
+        parts.append(squared.sum(dim=0))
+        bounds.append(largest.amax(dim=0))
+    if not parts:
+        zero = torch.zeros(n, dtype=torch.float64, device=device)
+        return zero, zero, []
+    total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
+    largest_all = bounds[0] if len(bounds) == 1 else torch.stack(bounds).amax(dim=0)
+    return total.sqrt(), largest_all, cast(list[LayerNorms], found)
 
 
 def _per_record(layer: nn.Module, a: Tensor, g: Tensor) -> dict[nn.Parameter, Tensor]:
