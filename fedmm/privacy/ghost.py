@@ -107,6 +107,16 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
     return norms
 
 
+def _own(layer: nn.Module) -> list[nn.Parameter]:
+    """``layer.parameters(recurse=False)``, read from the layer's own table (the generator walks named members)."""
+    return [p for p in layer._parameters.values() if p is not None]
+
+
+def _trainable_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that hold a trainable parameter of their own, in ``modules()`` order."""
+    return [layer for layer in model.modules() if any(p.requires_grad for p in _own(layer))]
+
+
 class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
     """``DPOptimizerFastGradientClipping`` with cheaper ``accumulate`` and ``add_noise``; its only
     new state is ``nonfinite_records``, the records the one-pass module left out (site-local)."""
@@ -155,15 +165,15 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         multi-tensor operation instead of one per tensor.
         """
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        # the parent's scale_grad: (sum + N(0, std^2)) / B, drawn as N(0, (std / B)^2) + sum / B in one pass
+        scale = 1.0 / (self.expected_batch_size * self.accumulated_iterations) if divide and self.loss_reduction == "mean" else 1.0
         sizes = [p.numel() for p in params]
-        noise = torch.normal(0.0, std, size=(sum(sizes),), generator=self.generator, dtype=params[0].dtype, device=params[0].device)
+        noise = torch.normal(0.0, std * scale, size=(sum(sizes),), generator=self.generator, dtype=params[0].dtype, device=params[0].device)
         parts = [part.view(p.shape) for p, part in zip(params, noise.split(sizes))]
         summed = [p.summed_grad for p in params]  # type: ignore[attr-defined]
         for s in summed:
             _check_processed_flag(s)
-        torch._foreach_add_(parts, summed)
-        if divide and self.loss_reduction == "mean":
-            noise.div_(self.expected_batch_size * self.accumulated_iterations)  # the parent's scale_grad
+        torch._foreach_add_(parts, summed, alpha=scale)
         for p, part, s in zip(params, parts, summed):
             p.grad = part
             _mark_as_processed(s)
@@ -234,11 +244,11 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         # The state GradSampleModuleFastGradientClipping.__init__ sets up (Opacus 1.6), built from one walk
         nn.Module.__init__(self)
         self._module = m
-        layers = [layer for layer in m.modules() if any(p.requires_grad for p in layer.parameters(recurse=False))]
+        layers = _trainable_layers(m)
         buffered = [f"{type(layer).__name__}" for layer in layers if any(True for _ in layer.buffers())]
         if buffered and strict:  # Opacus' validation: a trainable layer's buffers would not be private
             raise NotImplementedError(f"Model contains a trainable layer with buffers that Opacus doesn't currently support: {buffered}")
-        self.trainable_parameters = [p for layer in layers for p in layer.parameters(recurse=False) if p.requires_grad]
+        self.trainable_parameters = [p for layer in layers for p in _own(layer) if p.requires_grad]
         if len({id(p) for p in self.trainable_parameters}) < len(self.trainable_parameters):
             # one weight in two layers: each layer would set its .grad from its own records' share alone
             raise NotImplementedError("Parameter tying is not supported with Ghost Clipping: a trainable parameter belongs to more than one layer")
@@ -320,7 +330,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             backprops = backprops_of.get(layer)
             if backprops is None:
                 # no gradient reached this layer: every record's gradient here is 0
-                for p in layer.parameters(recurse=False):
+                for p in _own(layer):
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
                 continue
@@ -393,7 +403,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             and kwargs.get("wrap_model", True)
             and kwargs.get("batch_first", True)
             and not isinstance(module, AbstractGradSampleModule)
-            and all(supports(m) for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False)))
+            and all(supports(m) for m in _trainable_layers(module))
         )
         if not one_pass:
             return super()._prepare_model(module, **kwargs)
