@@ -204,13 +204,15 @@ def test_secure_aggregation_with_distributed_client_noise_through_flower(tmp_pat
     assert _flower_processes() <= before
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_says_what_it_left(tmp_path: Path, stop: signal.Signals) -> None:
+@pytest.mark.parametrize(("stop", "flags"), [(signal.SIGINT, ()), (signal.SIGTERM, ()), (signal.SIGTERM, ("--superlink",))], ids=["ctrl-c", "sigterm", "sigterm-superlink"])
+def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_says_what_it_left(tmp_path: Path, stop: signal.Signals, flags: tuple[str, ...]) -> None:
     # Before: Ctrl-C ended Flower's engine but the ServerApp's thread kept waiting for replies (the
-    # process never exited); SIGTERM killed the process without a word.
+    # process never exited); SIGTERM killed the process without a word (and, with --superlink, left
+    # the private SuperLink's temporary folder behind).
+    before = _flower_processes()
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
     out = tmp_path / "out.txt"
-    command = [FEDMM, "simulate", "--set", f"runs-dir={json.dumps(str(tmp_path))}", "--set", "rounds=40", "--set", 'run-name="cut"']
+    command = [FEDMM, "simulate", *flags, "--set", f"runs-dir={json.dumps(str(tmp_path))}", "--set", "rounds=40", "--set", 'run-name="cut"']
     with out.open("w") as sink:
         # a terminal's Ctrl-C: SIGINT as Python handles it by default (a shell's background job would ignore it)
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -226,8 +228,16 @@ def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_says_what_it_left(tmp_path:
             pytest.fail(f"still running 60 s after {stop.name}:\n{out.read_text()[-2000:]}")
     text = out.read_text()
     assert code == 130, text[-3000:]
-    assert "interrupted (Ctrl-C or SIGTERM): last checkpoint after round" in text and "privacy spent so far: " in text
     run_dir = tmp_path / "cut"
+    assert "interrupted (Ctrl-C or SIGTERM): last checkpoint after round" in text
+    if flags:  # the ServerApp's own process was stopped with the SuperLink: the sites' ledgers hold the spends
+        assert f"each site's spends are in its ledger: fedmm audit {run_dir / 'sites'}" in text
+    else:
+        assert "privacy spent so far: " in text and (run_dir / "privacy.json").is_file()
     checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
-    assert checkpoint["round"] >= 2 and (run_dir / "privacy.json").is_file() and (run_dir / "flower.log").is_file()
+    assert checkpoint["round"] >= 2 and (run_dir / "flower.log").is_file()
     assert not (run_dir / "summary.json").exists()  # not a finished run
+    deadline = time.monotonic() + 30  # the engine's processes (--superlink: SuperLink, SuperExec, Ray) are gone
+    while _flower_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _flower_processes() - before

@@ -182,6 +182,8 @@ def _report_interrupted(run_dir: Path, log_file: Path) -> int:
     done = json.loads(checkpoint.read_text()).get("round") if checkpoint.is_file() else None
     console.print(f"[yellow]interrupted[/yellow] (Ctrl-C or SIGTERM): {'no round was checkpointed' if done is None else f'last checkpoint after round {done}'}; run folder {run_dir}", highlight=False)
     _print_spends(run_dir, "privacy spent so far")  # every spend the server heard of; each site's ledger has its own
+    if not (run_dir / "privacy.json").is_file() and (run_dir / "sites").is_dir():  # --superlink: the ServerApp process was stopped before writing it
+        console.print(f"each site's spends are in its ledger: fedmm audit {run_dir / 'sites'}", markup=False, highlight=False)
     console.print(f"resume=true with the same run-name continues from the checkpoint (docs/runs.md); full log: {log_file}", highlight=False)
     return 130
 

@@ -46,7 +46,7 @@ from typing import Any
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
 from fedmm.runtime.grid import STOP_WAITING, paced
-from fedmm.runtime.simulation import SimulationOutcome, _children, find_app_dir
+from fedmm.runtime.simulation import SimulationOutcome, _children, find_app_dir, sigterm_as_interrupt
 from fedmm.runtime.sites_in_process import sites_in_process
 
 __all__ = ["run_embedded", "engine"]
@@ -223,7 +223,7 @@ def run_embedded(cfg: RunConfig, *, on_line: Callable[[str], None], verbose: boo
             flwr_logger.addHandler(handler)
             STOP_WAITING.clear()
             try:
-                with _sigterm_as_interrupt():
+                with sigterm_as_interrupt():
                     run_simulation(
                         num_supernodes=cfg.sites, server_app_attr=_SERVER_APP, client_app_attr=_CLIENT_APP, backend_name="ray",
                         backend_config=backend, app_dir=str(app_dir), run=run, server_app_context=context, is_app=True,
@@ -328,23 +328,6 @@ def _noop_federation() -> str:
     from flwr.supercore.constant import NOOP_FEDERATION_ID  # the federation a simulation runs in (as flwr-simulation sets it)
 
     return str(NOOP_FEDERATION_ID)
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the run as Ctrl-C does (a ``KeyboardInterrupt`` in the main thread), not the process at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_server_app(timeout: float = 30.0) -> None:

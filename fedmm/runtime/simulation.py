@@ -22,10 +22,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -114,7 +117,7 @@ def _process_groups(pids: list[int]) -> set[int]:
     return groups
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[Any]) -> None:
     """Stop the SuperLink and everything it started, by PID and process group."""
     descendants = _children(process.pid)
     groups = _process_groups([process.pid, *descendants]) - {os.getpgid(0)}
@@ -148,6 +151,23 @@ def _flwr(env: dict[str, str], *args: str) -> dict[str, object]:
         return dict(json.loads(done.stdout))
     except json.JSONDecodeError as err:
         raise FederationError(f"`flwr {' '.join(args)}` printed no JSON (exit {done.returncode}): {done.stderr.strip()[-2000:]}") from err
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a run as Ctrl-C does (a ``KeyboardInterrupt`` in the main thread), not the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None], ray: RaySettings | None = None) -> SimulationOutcome:
@@ -189,30 +209,38 @@ def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None], ray: RaySe
             cwd=work, env=env, stdout=sl_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     log_file = work / "flower.log"
+    run_id, stream = "", None
     try:
-        _wait_for_port(port, superlink, superlink_log)
-        started = _flwr(
-            env, "run", str(app_dir), CONNECTION, "--run-config", str(overrides),
-            "--federation-config", ray.federation_config(cfg.sites),
-        )
-        if not started.get("success"):
-            raise FederationError(f"Flower refused the run: {started.get('error-message', started)}")
-        run_id = str(started["run-id"])
-        with open(log_file, "w", encoding="utf-8") as log_out:
-            stream = subprocess.Popen(
-                [str(bin_dir / "flwr"), "log", run_id, CONNECTION, "--stream"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+        with sigterm_as_interrupt():
+            _wait_for_port(port, superlink, superlink_log)
+            started = _flwr(
+                env, "run", str(app_dir), CONNECTION, "--run-config", str(overrides),
+                "--federation-config", ray.federation_config(cfg.sites),
             )
-            assert stream.stdout is not None  # set by stdout=PIPE
-            for line in stream.stdout:
-                log_out.write(line)
-                on_line(line.rstrip("\n"))
-            stream.wait()
-        listing = _flwr(env, "ls", CONNECTION, "--run-id", run_id)
+            if not started.get("success"):
+                raise FederationError(f"Flower refused the run: {started.get('error-message', started)}")
+            run_id = str(started["run-id"])
+            with open(log_file, "w", encoding="utf-8") as log_out:
+                stream = subprocess.Popen(
+                    [str(bin_dir / "flwr"), "log", run_id, CONNECTION, "--stream"],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                )
+                assert stream.stdout is not None  # set by stdout=PIPE
+                for line in stream.stdout:
+                    log_out.write(line)
+                    on_line(line.rstrip("\n"))
+                stream.wait()
+            listing = _flwr(env, "ls", CONNECTION, "--run-id", run_id)
         runs = listing.get("runs") or [{}]
         info = dict(runs[0])  # type: ignore[index]
         status, details = str(info.get("status", "unknown")), str(info.get("status-details", ""))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the SuperLink and its apps are stopped below; each spend was committed before its update left
+        status, details = "finished:interrupted", "interrupted (Ctrl-C or SIGTERM)"
+        with open(log_file, "a", encoding="utf-8") as log_out:
+            log_out.write(f"run {details}\n")
     finally:
+        if stream is not None and stream.poll() is None:
+            _stop(stream)
         _stop(superlink)
     kept_log = run_dir / "flower.log" if run_dir.is_dir() else Path(cfg.runs_dir).resolve() / f"{cfg.run_name}.flower.log"
     kept_log.parent.mkdir(parents=True, exist_ok=True)
