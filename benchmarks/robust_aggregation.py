@@ -23,7 +23,7 @@ import numpy as np
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from fedmm.federation.book import check_update  # noqa: E402
+from fedmm.federation.checks import check_update  # noqa: E402
 from fedmm.federation.robust import Aggregation, aggregate  # noqa: E402
 
 

@@ -108,6 +108,19 @@ def test_a_ledger_lost_for_good_is_replaced_only_with_its_spend_carried_over(tmp
     assert audit["epsilon"] == pytest.approx(9.9) and "lost for good" in " ".join(audit["notes"])
 
 
+def test_a_replaced_ledger_whose_delta_the_run_cannot_take_refuses_before_it_spends(tmp_path: Path, site_data) -> None:
+    """Audit finding: the carried delta made every report weaker than target-delta; the server left each update
+    out and kept asking, so the site spent every round with no spend on the server's record."""
+    policy = SitePolicy(state_dir=tmp_path / "george", epsilon_budget=10.0, fresh_state=True)
+    assert _cli("ledger", "init", str(policy.state_dir), "--site", "george", "--replace-lost", "--carried-epsilon", "1",
+                "--carried-delta", "1e-5", "--reason", "disk failure, no backup")[0] == 0
+
+    with pytest.raises(BudgetExceededError, match=r"delta 2e-05 \(1e-05 of its own \+ 1e-05 carried .* target-delta >= 2e-05"):
+        _round(policy, site_data, server_round=1)
+    with PrivacyLedger.open(policy.ledger_path, site="george") as ledger:
+        assert ledger.entries() == []  # refused before any spend
+
+
 # 2. Two site processes on one state dir overspent.
 def test_one_process_per_ledger_and_the_other_is_named(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"

@@ -134,3 +134,66 @@ def test_a_site_that_spent_in_another_federation_between_rounds_is_not_called_a_
     _keep(book, 1, (1, _report("george", seq=1, steps=4)))
 
     assert _keep(book, 2, (1, _report("george", seq=4, steps=4 + 4 + 30))) == {}  # two entries of another study in between
+
+
+def test_a_report_sent_again_in_a_later_round_is_refused_and_the_site_not_asked_again() -> None:
+    """Audit finding: an identical report was taken as 'read twice' in any round, so a site that trained every
+    round while re-sending its round-1 report had its update aggregated and its epsilon stuck at one round."""
+    book = _book()
+    first = _report("george", seq=1, steps=4)
+    assert _keep(book, 1, (1, first)) == {} and _keep(book, 1, (1, first)) == {}  # SecAgg+ reads it twice in its round
+
+    replayed = _keep(book, 2, (1, first))
+
+    assert "sent the privacy report of round 1 again in round 2" in replayed[1]
+    assert 1 in book.refused_nodes  # its next round would be one more spend no report of it could vouch for
+    assert book.site_privacy["george"].ledger_seq == 1
+
+
+def test_under_secagg_one_refused_report_does_not_lose_the_honest_reports_after_it() -> None:
+    """Audit finding: without a refusal handler the first lie raised at once; later sites' spends went unrecorded."""
+    book = _book()
+    book.keep_reports(1, [(1, _report("george", seq=1, steps=4)), (2, _report("jackson", seq=1, steps=4))])
+
+    with pytest.raises(FederationError, match="which node 1 holds"):
+        book.keep_reports(2, [(3, _report("george", seq=2, steps=8)), (2, _report("jackson", seq=2, steps=8))])
+
+    assert book.site_privacy["jackson"].ledger_seq == 2 and 3 in book.refused_nodes
+
+
+def test_the_servers_own_account_of_each_site_survives_a_checkpoint() -> None:
+    """Audit finding: after a resume the server's accountant restarted from zero, so a site understating its
+    epsilon was recorded at the figure of the rounds since the resume only."""
+    book = _book()
+    for r in (1, 2, 3):
+        _keep(book, r, (1, _report("george", seq=r, steps=4 * r, epsilon=0.01)))
+    state = book.to_state()
+
+    resumed = _book()
+    resumed.restore(state, rounds_done=3)
+    refused = _keep(resumed, 4, (7, _report("george", seq=4, steps=16, epsilon=0.01)))  # a new node id after the restart
+
+    assert refused == {}
+    assert resumed.site_privacy["george"].epsilon_server == pytest.approx(_report("george", seq=4, steps=16)[protocol.EPSILON])
+    assert "sent the privacy report" in _keep(resumed, 5, (7, _report("george", seq=4, steps=16, epsilon=0.01)))[7]
+
+
+def test_client_level_rounds_before_a_resume_keep_the_noise_they_ran_with() -> None:
+    """Audit finding: the checkpoint kept only the number of client-level DP rounds, replayed at the resumed
+    run's noise: resuming with client-noise-multiplier 4 after 10 rounds at 0.8 cut their epsilon from 25.5 to ~2."""
+    from fedmm.config import RunConfig
+    from fedmm.privacy.client_dp import ClientDPPlan
+
+    def book(sigma: float) -> FederationBook:
+        return FederationBook(dp=False, client_dp=ClientDPPlan.from_config(RunConfig(client_dp=True, client_noise_multiplier=sigma, sites=3)))
+
+    before = book(0.8)
+    for _ in range(10):
+        before.client_accountant.record_round()
+    resumed = book(4.0)
+    resumed.restore(before.to_state(), rounds_done=10)
+
+    assert resumed.client_accountant.rounds == 10 and resumed.client_epsilon == pytest.approx(before.client_epsilon)
+    resumed.client_accountant.record_round()  # the next round at the resumed run's own noise
+    assert resumed.client_epsilon > before.client_epsilon
+    assert resumed.client_accountant.history[-1].noise_multiplier == 4.0

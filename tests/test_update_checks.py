@@ -12,7 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, FederationError
-from fedmm.federation.book import FederationBook, check_update, check_weight
+from fedmm.federation.book import FederationBook
+from fedmm.federation.checks import check_update, check_weight
 from fedmm.federation.robust import Aggregation, aggregate, least_updates, update_norm_bound
 from fedmm.federation.strategy import FedMMAvg
 

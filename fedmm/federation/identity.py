@@ -26,22 +26,25 @@ fedmm.errors.FederationError: node 8 claims site 'george', which node 7 holds in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedmm.config import AccountantKind
 from fedmm.errors import FederationError
-from fedmm.privacy.accounting import SiteAccountant
+from fedmm.privacy.accounting import PrivacyEvent, SiteAccountant
 
 __all__ = ["SiteAccount"]
 
 
 @dataclass
 class _Seen:
-    node: int
+    node: int | None  # None: restored from a checkpoint, not yet claimed by a node of this server's life
     seq: int | None
     epsilon: float
     steps: int
     accountant: SiteAccountant
+    round: int | None = None  # the round of the last report accounted
 
 
 @dataclass
@@ -60,7 +63,7 @@ class SiteAccount:
 
     def observe(
         self, *, node: int, site: str, seq: int | None, epsilon: float, noise_multiplier: float, sample_rate: float, steps: int,
-        delta: float | None = None,
+        delta: float | None = None, server_round: int | None = None,
     ) -> None:
         """Check one report against what the server knows and account it.
 
@@ -79,10 +82,15 @@ class SiteAccount:
         if held is not None and held != site:
             raise FederationError(f"node {node} reported as site {site!r} after reporting as {held!r}; refused (a site's name does not change)")
         seen = self._sites.get(site)
-        if seen is not None and seen.node != node:
+        if seen is not None and seen.node is not None and seen.node != node:
             raise FederationError(f"node {node} claims site {site!r}, which node {seen.node} holds in this run; refused (a borrowed or duplicated name)")
-        if seen is not None and (seen.node, seen.seq, seen.epsilon, seen.steps) == (node, seq, epsilon, steps):
-            return  # the same report again (SecAgg+ reads a reply's report as its vector arrives and again when aggregating)
+        if seen is not None and (seen.node, seen.seq, seen.epsilon, seen.steps, seen.round) == (node, seq, epsilon, steps, server_round):
+            return  # the same report again in the same round (SecAgg+ reads a reply's report as its vector arrives and again when aggregating)
+        if seen is not None and (seen.seq, seen.epsilon, seen.steps) == (seq, epsilon, steps):
+            raise FederationError(
+                f"site {site!r} sent the privacy report of round {seen.round} again in round {server_round} (ledger entry {seq}, epsilon {epsilon:.6g}, "
+                f"{steps} steps): a round that trained moves all three, so the report is refused"
+            )
         if seen is not None:
             if seq is not None and seen.seq is not None and seq <= seen.seq:
                 raise FederationError(f"site {site!r} reported ledger entry {seq} after entry {seen.seq}; a ledger only grows, so the report is refused")
@@ -102,8 +110,27 @@ class SiteAccount:
             )
         account = seen.accountant if seen is not None else SiteAccountant(AccountantKind(self.accountant))
         account.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=round_steps)
-        self._sites[site] = _Seen(node, seq, epsilon, steps, account)
+        self._sites[site] = _Seen(node, seq, epsilon, steps, account, server_round)
         self._nodes[node] = site
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: per site, the last report's ledger entry, epsilon and steps and the server's
+        own accountant (not the node: a restarted SuperLink numbers its nodes anew)."""
+        return {
+            site: {"seq": seen.seq, "epsilon": seen.epsilon, "steps": seen.steps, "round": seen.round,
+                   "history": [[e.noise_multiplier, e.sample_rate, e.steps] for e in seen.accountant.history]}
+            for site, seen in self._sites.items()
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue the account of :meth:`state`: each site's next report is checked against its last one, and the
+        server's epsilon for it counts the rounds before the checkpoint too. The first node to report a name claims it."""
+        for site, saved in state.items():
+            history = [PrivacyEvent(float(sigma), float(q), int(n)) for sigma, q, n in saved["history"]]
+            self._sites[str(site)] = _Seen(
+                None, None if saved["seq"] is None else int(saved["seq"]), float(saved["epsilon"]), int(saved["steps"]),
+                SiteAccountant(AccountantKind(self.accountant), history), None if saved.get("round") is None else int(saved["round"]),
+            )
 
     def server_epsilon(self, site: str, delta: float | None = None) -> float | None:
         """The server's own epsilon for ``site`` over the rounds of this run it saw, at ``delta`` (the run's by default)."""

@@ -67,7 +67,8 @@ from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.schema import Schema
 from fedmm.errors import FederationError, SitesExhausted
-from fedmm.federation.book import FederationBook, check_update, check_weight
+from fedmm.federation.book import FederationBook
+from fedmm.federation.checks import check_update, check_weight
 from fedmm.federation.robust import update_norm_bound
 from fedmm.federation.server_opt import ServerOptimizer, WithServerOptimizer, check_proximal
 from fedmm.plan import RunPlan

@@ -37,7 +37,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedmm import protocol
 from fedmm.errors import ConfigError, FederationError
-from fedmm.federation.book import FederationBook, SitePrivacy, aggregate_train_metrics, check_update, check_weight
+from fedmm.federation.book import FederationBook, SitePrivacy
+from fedmm.federation.checks import aggregate_train_metrics, check_update, check_weight
 from fedmm.federation.robust import Aggregation, aggregate, cast_like, least_updates, update_norm_bound
 from fedmm.federation.server_opt import ServerOptimizer, WithServerOptimizer, check_proximal
 from fedmm.plan import RunPlan

@@ -45,7 +45,7 @@ import dataclasses
 import functools
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,6 +228,12 @@ class ClientAccountant:
         """Account one more round."""
         self._accountant.record(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=1)
         self.rounds += 1
+
+    def restore(self, history: Iterable[PrivacyEvent]) -> None:
+        """Account rounds taken before a checkpoint, each at the mechanism it ran with (a resumed run may use another)."""
+        for event in history:
+            self._accountant.record(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps)
+            self.rounds += event.steps
 
     def epsilon(self, delta: float) -> float:
         """Client-level epsilon after the rounds so far (RDP)."""

@@ -233,6 +233,15 @@ def train_round(
                     f"{', with the spend of a lost ledger carried over' if carried.epsilon else ''}), over its budget "
                     f"epsilon-budget={policy.epsilon_budget:g}"
                 )
+            if policy.delta + carried.delta > cfg.target_delta * (1 + 1e-9):
+                # The server refuses a report at a weaker delta than the run's (epsilons at different deltas do not
+                # compare) and would leave out every update: each round trained would be a spend on no one's record.
+                raise BudgetExceededError(
+                    f"site {site} refuses round {server_round}: it states its lifetime epsilon at delta {policy.delta + carried.delta:g} "
+                    f"({policy.delta:g} of its own{f' + {carried.delta:g} carried from a ledger lost for good' if carried.delta else ''}), "
+                    f"weaker than the run's target-delta {cfg.target_delta:g}, which the server holds every report to. "
+                    f"Fix: run the federation with target-delta >= {policy.delta + carried.delta:g}, or leave this site out of it"
+                )
         if release:
             # Durable in the ledger before the statistics exist, let alone are used.
             stats_epsilon = _release_statistics(cfg, data, stats_columns, state=state, ledger=ledger, policy=policy, run_id=run_id, server_round=server_round)
