@@ -200,6 +200,29 @@ def test_a_deployed_site_takes_its_policy_from_its_own_node_config(tmp_path: Pat
         site_policy({"site": "george", "epsilon-budget": 3}, CFG, site="george", run_id="r")
 
 
+
+@pytest.mark.parametrize("process", ["executor", "flwr-clientapp"])
+def test_a_deployed_process_never_takes_the_simulation_policy(process: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Audit finding: a SuperNode started by hand with only partition-id (as Flower's tutorials do) got the
+    simulation's policy: budgets and dp set by the server, require-dp off, ledgers in the server's run folder."""
+    import fedmm.privacy.policy as policy_module
+
+    node = {"partition-id": 0, "num-partitions": 3}
+    assert site_policy(node, CFG, site="george", run_id="r").require_dp is False  # a simulation: the owner chose dp
+    monkeypatch.setattr(policy_module, "_DEPLOYED_PROCESS", False)  # put back after the test (the suite simulates in-process)
+    if process == "executor":  # `fedmm site`'s executor process marks itself on start
+        from fedmm.runtime import executor
+
+        monkeypatch.setattr(executor, "serve", lambda *a, **k: None)
+        monkeypatch.setattr(executor.signal, "signal", lambda *a: None)
+        executor.main(["--runtime-api-address", "127.0.0.1:1", "--secret-file", str(executor.make_secret(tmp_path))])
+    else:
+        monkeypatch.setattr(sys, "argv", ["/usr/bin/flwr-clientapp", "--insecure"])
+
+    with pytest.raises(ConfigError, match=r"partition-id\) but no site policy.*start the SuperNode with --node-config"):
+        site_policy(node, CFG, site="george", run_id="r")
+
+
 _KILLER = textwrap.dedent(
     """
     # Imports once; then, 10 times, forks two site processes that contend for one ledger (each

@@ -13,13 +13,17 @@ In a simulation (one person plays server and every site) the same policy comes f
 run config: ``site-budgets`` (e.g. ``"george:2,*:8"``; default ``target-epsilon`` for
 all), ``site-min-noise-multiplier``, and ``site-state-dir`` (default: the run's own
 folder, ``runs/<run-id>/sites/<site>``, so runs start from a fresh ledger unless it
-names a lasting directory, where spends then compose across runs).
+names a lasting directory, where spends then compose across runs). That simulation policy is
+never taken in a deployed site's process (``fedmm site``'s executor, or Flower's
+``flwr-clientapp``): a SuperNode started by hand with only ``partition-id`` in its node config,
+as Flower's tutorials do, is refused rather than given budgets and ``dp`` by the server.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +32,21 @@ from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
 
-__all__ = ["SitePolicy", "site_policy", "parse_site_budgets", "DEFAULT_MIN_NOISE"]
+__all__ = ["SitePolicy", "site_policy", "parse_site_budgets", "mark_deployed_process", "DEFAULT_MIN_NOISE"]
 
 DEFAULT_MIN_NOISE = 0.5
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_DEPLOYED_PROCESS = False  # set by a deployed site's own process (fedmm.runtime.executor.main)
+
+
+def mark_deployed_process() -> None:
+    """This process runs a deployed site's ClientApps: the simulation policy is never taken in it."""
+    global _DEPLOYED_PROCESS
+    _DEPLOYED_PROCESS = True
+
+
+def _deployed_process() -> bool:
+    return _DEPLOYED_PROCESS or Path(sys.argv[0]).name == "flwr-clientapp"  # Flower's own per-message ClientApp process
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,13 @@ def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str,
     if not _PLAIN_NAME.fullmatch(run_id) or run_id in (".", ".."):
         raise ConfigError("run id", "must be a plain name (letters, digits, '.', '_', '-'): it names a folder", value=run_id, fix="use fedmm's ServerApp and a plain run-name")
     deployed = any(k in node_config for k in (protocol.NODE_STATE_DIR, protocol.NODE_DATA, protocol.NODE_KEY, protocol.NODE_EPSILON_BUDGET))
+    example = "--node-config \"state-dir='/srv/fedmm' epsilon-budget=8 data='manifest:/srv/site/manifest.csv'\""
+    if protocol.NODE_PARTITION_ID in node_config and not deployed and _deployed_process():
+        raise ConfigError(
+            "node-config", "names a simulation's partition (partition-id) but no site policy, in a deployed site's process: "
+            "there the site, not the server, sets its budget, its ledger folder and whether DP is required",
+            value=dict(node_config), fix=f"start the SuperNode with {example}",
+        )
     if protocol.NODE_PARTITION_ID in node_config and not deployed:
         budgets = parse_site_budgets(cfg.site_budgets, cfg.target_epsilon)
         root = Path(cfg.site_state_dir).expanduser() if cfg.site_state_dir else Path(cfg.runs_dir).expanduser() / run_id / "sites"
@@ -90,7 +112,6 @@ def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str,
             min_noise_multiplier=cfg.site_min_noise_multiplier, require_dp=False,  # the simulation's owner chose dp
             fresh_state=not cfg.site_state_dir,  # a lasting folder's ledgers are made with `fedmm ledger init`
         )
-    example = "--node-config \"state-dir='/srv/fedmm' epsilon-budget=8 data='manifest:/srv/site/manifest.csv'\""
 
     def number(key: str, default: float | None) -> float:
         value = node_config.get(key, default)

@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret-file", required=True, type=Path, help="the SuperExec secret the SuperNode was given")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between asks for a task when idle")
     args = parser.parse_args(argv)
+    from fedmm.privacy.policy import mark_deployed_process
+
+    mark_deployed_process()  # a deployed site: never the simulation's server-set policy
     if not 0.005 <= args.poll_interval <= 10:
         parser.error(f"--poll-interval must be between 0.005 and 10 seconds, got {args.poll_interval}")
     def stop(*_: object) -> None:
