@@ -109,6 +109,11 @@ def main(grid: Grid, context: Context) -> None:
     cfg = plan.config
     if not cfg.resume:
         artifacts.save_config(cfg)
+    else:
+        changed = artifacts.record_resume(cfg, after_round=done)
+        if changed:
+            log(WARNING, "[fedmm] resumed with settings that differ from the run's config.toml (kept as config-resumed-%d.toml; rounds so far "
+                "stay accounted as they ran): %s", done, "; ".join(changed))
     train_config: dict[str, Any] = {protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: artifacts.run_id}
     strategy: FederationBook
     if cfg.secure_aggregation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedmm import protocol
@@ -197,3 +198,23 @@ def test_client_level_rounds_before_a_resume_keep_the_noise_they_ran_with() -> N
     resumed.client_accountant.record_round()  # the next round at the resumed run's own noise
     assert resumed.client_epsilon > before.client_epsilon
     assert resumed.client_accountant.history[-1].noise_multiplier == 4.0
+
+
+def test_a_resume_with_other_settings_says_what_changed_and_keeps_both_configs(tmp_path: Path) -> None:
+    """Audit finding: resume=true took any config silently and config.toml kept saying the first run's noise."""
+    from fedmm.config import RunConfig
+    from fedmm.federation.artifacts import RunArtifacts
+
+    first = RunConfig(runs_dir=str(tmp_path), run_name="run", client_dp=True, client_noise_multiplier=0.8, sites=3)
+    saved = RunArtifacts(first, "run")
+    saved.save_config(first)
+    saved.save_checkpoint(2, {"w": np.zeros(2, np.float32)}, {})
+    resumed = first.replace(client_noise_multiplier=4.0, resume=True)
+    artifacts = RunArtifacts(resumed, "run", resume=True)
+
+    assert artifacts.record_resume(first.replace(resume=True), after_round=2) == []  # the same settings: nothing to say
+    changed = artifacts.record_resume(resumed, after_round=2)
+
+    assert changed == ["client-noise-multiplier: 0.8 -> 4.0"]
+    assert "client-noise-multiplier = 0.8" in (tmp_path / "run" / "config.toml").read_text()
+    assert "client-noise-multiplier = 4.0" in (tmp_path / "run" / "config-resumed-2.toml").read_text()

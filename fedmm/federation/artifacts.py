@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+import tomllib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,6 +81,19 @@ class RunArtifacts:
     def save_config(self, cfg: RunConfig) -> None:
         """Write ``config.toml``: the run's configuration (the server rewrites it with every ``auto`` resolved)."""
         _write_atomic(self.dir / "config.toml", tomli_w.dumps(cfg.to_run_config()).encode())
+
+    def record_resume(self, cfg: RunConfig, *, after_round: int) -> list[str]:
+        """A resume's settings against ``config.toml``: each change as ``key: old -> new``. With any change,
+        the resumed run's configuration is kept as ``config-resumed-<round>.toml`` (``config.toml`` stays the
+        run's first): the rounds after ``after_round`` ran with it, and each is accounted as it ran."""
+        saved = self.dir / "config.toml"
+        before = tomllib.loads(saved.read_text()) if saved.is_file() else {}
+        now = cfg.to_run_config()
+        changes = [f"{key}: {before.get(key, '(unset)')!r} -> {value!r}" for key, value in sorted(now.items())
+                   if key != "resume" and before.get(key) != value]
+        if changes:
+            _write_atomic(self.dir / f"config-resumed-{after_round}.toml", tomli_w.dumps(now).encode())
+        return changes
 
     def save_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
         """After a round: the global model, the round and the server's state, atomically.
