@@ -84,6 +84,8 @@ def data_check(
             skips.add_row(reason, str(n))
         console.print(skips)
         _list_problems(report.problems, skipped_csv)
+    for warning in report.warnings:  # once the rows load: bad rows come first
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     console.print(f"[green]ok[/green]: {len(ds)} samples usable" + (f", {sum(ds.skipped.values())} skipped" if ds.skipped else ""))
 
 

@@ -16,6 +16,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
+from fedmm.data.wavheader import wav_truncation
 from fedmm.errors import DataError
 
 __all__ = ["CLIP_SAMPLES", "LOG_MEL_PARAMS", "N_MELS", "SAMPLE_RATE", "log_mel", "read_clip"]
@@ -33,7 +34,7 @@ def read_clip(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray
     Raises
     ------
     DataError
-        If the file is missing or undecodable, not mono, or recorded at another rate.
+        If the file is missing, undecodable or truncated, not mono, or recorded at another rate.
     """
     path = Path(path)
     if not path.is_file():
@@ -46,6 +47,12 @@ def read_clip(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray
         raise DataError(
             path, f"sample rate is {rate} Hz, expected {sample_rate} Hz",
             fix=f"resample the file to {sample_rate} Hz (e.g. sox in.wav -r {sample_rate} out.wav)",
+        )
+    truncated = wav_truncation(path)  # libsndfile would read a truncated WAV as a short clip, padded silently
+    if truncated is not None:
+        raise DataError(
+            path, f"is truncated: its header says {truncated[0]} frames, the file holds {truncated[1]}",
+            fix="copy the recording again from the original data (an interrupted copy?), or remove it",
         )
     if samples.shape[1] != 1:
         raise DataError(path, f"has {samples.shape[1]} channels, expected mono", fix="mix it down to one channel")

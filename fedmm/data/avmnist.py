@@ -24,6 +24,7 @@ reads another root.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -47,6 +48,7 @@ __all__ = [
     "builtin_root",
     "resolve_root",
     "list_recordings",
+    "unused_recordings",
     "load_site",
     "load_test",
 ]
@@ -62,6 +64,7 @@ SCHEMA = Schema(
     ),
     tuple(str(d) for d in range(10)),
 )
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)$")
 _AUDIO_SUFFIXES = (".wav", ".flac")
 
@@ -97,7 +100,17 @@ def resolve_root(spec: str) -> Path:
         raise ConfigError("data", "unknown data source", value=spec, fix="use 'avmnist' or 'avmnist:/path/to/root'")
     root = Path(location).expanduser().resolve() if location else builtin_root()
     if not root.is_dir():
-        raise ConfigError("data", f"data root {root} is not a folder", value=spec, fix="point it at a folder laid out like shared/data")
+        raise ConfigError("data", f"data root {root} is not a folder", value=spec, fix="point it at the folder that holds fsdd/recordings/ and mnist/ (as shared/data does)")
+    missing = [sub for sub in ("fsdd/recordings", "mnist") if not (root / sub).is_dir()]
+    if missing:
+        # a subfolder of the root (fsdd, fsdd/recordings or mnist) passed instead of the root itself?
+        parent = next((p for p in (root.parent, root.parent.parent) if (p / "fsdd" / "recordings").is_dir() and (p / "mnist").is_dir()), None)
+        raise ConfigError(
+            "data", f"data root {root} has no {' and no '.join(repr(m + '/') for m in missing)} subfolder"
+            + (f": it is a subfolder of the data root {parent}" if parent else ""), value=spec,
+            fix=(f"pass the data root itself, data='avmnist:{parent}'" if parent else "pass the folder that holds fsdd/recordings/ and mnist/")
+            + " (ROOT must hold fsdd/recordings/*.wav and mnist/t10k-*-ubyte.gz, as shared/data does)",
+        )
     return root
 
 
@@ -124,8 +137,36 @@ def list_recordings(root: Path, speaker: str) -> list[Recording]:
             raise DataError(path, "file name does not follow FSDD's {digit}_{speaker}_{index} with index 0-49", fix="rename or remove the file")
         found.append(Recording(int(match.group(1)), match.group(2), int(match.group(3)), path))
     if not found:
-        raise DataError(folder, f"no recording of speaker {speaker!r}", fix="check the data root, or lower 'sites'")
+        raise DataError(
+            folder, f"no recording of speaker {speaker!r}: AV-MNIST's sites are the six FSDD speakers ({', '.join(SPEAKERS)}), "
+            "and every one needs its recordings",
+            fix=f"add {speaker}'s recordings ({{digit}}_{speaker}_{{index}}.wav) to this folder, or use the built-in subset (data='avmnist'); "
+            "for other speakers, describe the recordings in a manifest (data='manifest:PATH', see docs/data.md)",
+        )
     return sorted(found, key=lambda r: (r.digit, r.index))
+
+
+@functools.lru_cache(maxsize=8)
+def unused_recordings(root: Path) -> tuple[str, ...]:
+    """Audio files of ``ROOT/fsdd/recordings`` that belong to no known speaker (so no site reads them); warned once a root."""
+    folder = root / "fsdd" / "recordings"
+    if not folder.is_dir():
+        return ()
+    unused = []
+    for path in folder.iterdir():
+        if path.suffix in _AUDIO_SUFFIXES:
+            match = _NAME.match(path.stem)
+            if (match is None and not any(f"_{s}_" in path.name for s in SPEAKERS)) or (match and match.group(2) not in SPEAKERS):
+                unused.append(path.name)  # (a misnamed file of a known speaker is refused by list_recordings)
+    unused.sort()
+    if unused:
+        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        log.warning(
+            "%s: %d recording(s) are of no FSDD speaker (%s) and are not used: %s. AV-MNIST's sites are those six speakers; "
+            "to train on other recordings, describe them in a manifest (data='manifest:PATH', see docs/data.md), or remove them",
+            folder, len(unused), ", ".join(SPEAKERS), shown,
+        )
+    return tuple(unused)
 
 
 @functools.lru_cache(maxsize=4)
@@ -145,6 +186,7 @@ def _mnist(root: Path) -> tuple[np.ndarray, dict[int, np.ndarray]]:
 
 @functools.lru_cache(maxsize=16)
 def _load(root: Path, speakers: tuple[str, ...], test: bool) -> MultimodalDataset:
+    unused_recordings(root)
     images, by_digit = _mnist(root)
     recordings = [
         r for s in speakers for r in list_recordings(root, s) if (r.index in TEST_INDICES) == test

@@ -11,7 +11,8 @@ error's ``detail``.
   [-1, 1] with fixed constants (mean 0.5, std 0.5); 16-bit grayscale by its own range;
 - audio: soundfile decodes (WAV, FLAC, OGG) the first ``audio-seconds``, multichannel is
   mixed down, librosa resamples (only when ``audio-resample`` allows it), and the clip is
-  padded or trimmed to a fixed length;
+  padded or trimmed to a fixed length; a file that holds fewer frames than its header says
+  (truncated) is refused, as a truncated ``.npy`` is;
 - sensors: ``.npy`` arrays ``[channels, time]`` (or ``[time]``), the first ``sensor-length``
   steps memory-mapped and copied, padded with zeros when shorter.
 """
@@ -27,6 +28,7 @@ import numpy as np
 from fedmm.data import checks
 from fedmm.data.checks import SampleError, SkipReason, check_range, file_error
 from fedmm.data.preprocess import Preprocessing
+from fedmm.data.wavheader import wav_truncation
 
 __all__ = ["load_image", "load_audio", "load_sensor", "npy_header"]
 
@@ -123,6 +125,9 @@ def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
         raise file_error(path, "cannot be decoded as audio (WAV, FLAC, OGG)", cause=err, **undecodable) from None
     rate, channels, frames = int(info.samplerate), int(info.channels), int(info.frames)
     _check_audio_header(path, prep, rate, channels, frames)
+    truncated = wav_truncation(path)  # libsndfile clamps a truncated WAV's length: read the header ourselves
+    if truncated is not None:
+        raise _truncated(path, rate, *truncated)
     resampling = rate != prep.audio_rate
     # only what the clip needs (plus 0.1 s for the resampling filter at the cut)
     needed = int(math.ceil(prep.audio_seconds * rate)) + (rate // 10 if resampling else 0)
@@ -134,6 +139,8 @@ def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
         raise file_error(path, "cannot be decoded as audio (corrupt or truncated)", cause=err, **undecodable) from None
     if samples.shape[0] == 0:
         raise file_error(path, "holds no samples", reason=SkipReason.EMPTY_AUDIO, fix="replace the empty recording, or remove its row")
+    if samples.shape[0] < min(needed, frames):  # FLAC/OGG: fewer frames than the header promised
+        raise _truncated(path, rate, frames, samples.shape[0])
     if not np.isfinite(samples).all():
         raise file_error(path, f"holds {int((~np.isfinite(samples)).sum())} NaN or infinite samples", reason=SkipReason.NON_FINITE, fix="re-export the recording, or remove its row")
     check_range(samples, path, "samples", fix="re-export the recording (samples in [-1, 1]), or remove its row")
@@ -150,6 +157,13 @@ def load_audio(path: Path, prep: Preprocessing) -> np.ndarray:
     n = min(prep.clip_samples, mono.shape[0])
     clip[:n] = mono[:n]
     return clip
+
+
+def _truncated(path: Path, rate: int, declared: int, held: int) -> SampleError:
+    return file_error(
+        path, f"is truncated: its header says {declared} frames ({declared / rate:.3f} s at {rate} Hz), the file holds {held} ({held / rate:.3f} s)",
+        reason=SkipReason.UNDECODABLE_AUDIO, fix="copy or export the recording again (an interrupted copy?), or remove its row",
+    )
 
 
 def _check_audio_header(path: Path, prep: Preprocessing, rate: int, channels: int, frames: int) -> None:

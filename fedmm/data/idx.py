@@ -30,7 +30,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "file not found", fix="point the data directory at a folder laid out like shared/data/mnist")
+        raise DataError(path, "file not found", fix="the data root (avmnist:ROOT) must hold mnist/t10k-images-idx3-ubyte.gz and mnist/t10k-labels-idx1-ubyte.gz, as shared/data does")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:

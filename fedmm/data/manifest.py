@@ -23,7 +23,9 @@ closest known name.
 Strict loading (the default) stops at the first bad row, naming the row (as a
 spreadsheet numbers it: the header is row 1, blank lines count), the column and the file.
 Lenient loading skips bad rows and counts them per reason
-(:class:`~fedmm.data.checks.SkipReason`); nothing is dropped silently.
+(:class:`~fedmm.data.checks.SkipReason`) and per site; nothing is dropped silently. A sensor
+column's channels are those most of its files declare (:mod:`fedmm.data.manifest_sensors`),
+and repeated files or train/test overlap are warned about (:mod:`fedmm.data.manifest_audit`).
 :func:`check_manifest` (``fedmm data check``) collects every bad row instead of stopping.
 An error's message names the row and column but no local path and no cell's value: those
 are in its ``detail``, for the site's own log (see :class:`~fedmm.errors.DataError`).
@@ -36,28 +38,29 @@ tabular columns whose raw values go beyond that.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fedmm.data import checks
 from fedmm.data.checks import FLOAT32_MAX, SampleError, SkipReason
-from fedmm.data.decoders import load_audio, load_image, load_sensor, npy_header
+from fedmm.data.decoders import load_audio, load_image, load_sensor
 from fedmm.data.labels import canonical_classes, canonical_label, spelling_notes
+from fedmm.data.manifest_audit import RowFile, duplicate_warnings, skips_by_site
+from fedmm.data.manifest_sensors import SensorColumn, layout_warnings, resolve_sensor_length, scan_sensors
 from fedmm.data.manifest_table import RESERVED, WHERE, ManifestColumns, TableRow, read_manifest_table, write_manifest
 from fedmm.data.preprocess import Preprocessing, audio_features, sentence_embeddings, tokenize
 from fedmm.data.schema import Modality, ModalityKind, MultimodalDataset, Schema
 from fedmm.errors import DataError
 
 __all__ = [
-    "ManifestColumns", "ManifestReport", "read_manifest_table", "write_manifest", "load_manifest", "check_manifest", "RESERVED",
+    "ManifestColumns", "ManifestReport", "read_manifest_table", "write_manifest", "load_manifest", "load_manifest_report", "check_manifest",
+    "RESERVED",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,11 +69,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ManifestReport:
     """What :func:`check_manifest` found: the data (None when nothing is usable, or when strict
-    loading found a bad row), every bad row in row order, and notes (label spellings merged)."""
+    loading found a bad row), every bad row in row order, notes (label spellings merged) and
+    warnings (a site or the test set left with no row, files used twice or by both splits, an
+    odd sensor layout or length). With lenient loading, skipped rows are also counted per site
+    (training rows; only with a ``site`` column) and among the ``split=test`` rows."""
 
     dataset: MultimodalDataset | None
     problems: tuple[SampleError, ...]
     notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    skipped_by_site: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> reason -> training rows skipped
+    skipped_test: dict[str, int] = field(default_factory=dict)  # reason -> split=test rows skipped
+    declares_test: bool = False  # some row (kept or skipped) says split=test
 
 
 def load_manifest(
@@ -91,11 +101,21 @@ def load_manifest(
     ConfigError
         When two of ``classes`` are one class, or one is a missing label's spelling.
     """
+    dataset = load_manifest_report(path, prep, classes=classes, lenient=lenient, roots=roots).dataset
+    assert dataset is not None
+    return dataset
+
+
+def load_manifest_report(
+    path: str | Path, prep: Preprocessing, *, classes: Sequence[str] = (), lenient: bool = False, roots: Sequence[str | Path] = (),
+) -> ManifestReport:
+    """:func:`load_manifest`, with what the loader found besides the data (skips per site, warnings,
+    logged here); the report's dataset is never None (raises as :func:`load_manifest` does)."""
     report = _load_manifest(*_arguments(path, classes, roots), prep, lenient, False)
     if report.dataset is None:
         skipped = dict(Counter(p.reason for p in report.problems))
         raise DataError(WHERE, f"has no usable row ({skipped} skipped)", fix="fix the rows listed by `fedmm data check`", detail=f"manifest {path}")
-    return report.dataset
+    return report
 
 
 def check_manifest(
@@ -119,6 +139,7 @@ class _Context:
     prep: Preprocessing
     cols: ManifestColumns
     class_index: dict[str, int]
+    sensors: dict[str, SensorColumn] = field(default_factory=dict)  # what each sensor column's headers declare
 
 
 @functools.lru_cache(maxsize=4)
@@ -141,30 +162,47 @@ def _load_manifest(
     class_list = classes or tuple(sorted(spellings))
     if not class_list:
         raise DataError(WHERE, "no row has a label", fix="fill the 'label' column", detail=f"manifest {path}")
-    prep = _sensor_length(rows, _Context(path, roots, prep, cols, {}), path)
-    ctx = _Context(path, roots, prep, cols, {c: i for i, c in enumerate(class_list)})
+    # each sensor column's channels: the most common among its files' headers (not the first row's: it may be the odd one)
+    scan_ctx = _Context(path, roots, prep, cols, {})
+    sensors = scan_sensors(rows, [c for c, kind in cols.modalities if kind is ModalityKind.SENSOR], lambda cell, row, col: _inside(cell, scan_ctx, col, row))
+    prep, warnings = resolve_sensor_length(prep, sensors, path.name)
+    warnings += layout_warnings(sensors, path.name)
+    ctx = _Context(path, roots, prep, cols, {c: i for i, c in enumerate(class_list)}, sensors)
 
-    # channels of each sensor column, fixed by the first *accepted* row that has it (and that row)
-    sensor_channels: dict[str, tuple[int, str] | None] = {col: None for col, kind in cols.modalities if kind is ModalityKind.SENSOR}
     kept: list[dict[str, object]] = []
     problems: list[SampleError] = []
     for row in rows:
         try:
-            kept.append(_load_row(row, ctx, sensor_channels))
+            kept.append(_load_row(row, ctx))
         except SampleError as err:
             if not (lenient or collect):
                 raise
             problems.append(err.with_traceback(None))
+    skips = skips_by_site(rows, problems, cols.has_site, path.name) if lenient else None
+    warnings += [*duplicate_warnings(_row_files(kept), path.name, by_content=collect), *(skips.warnings if skips else ())]
+    if not collect:  # `fedmm data check` prints them itself
+        for warning in warnings:
+            log.warning("%s", warning)
     if not kept or (problems and not lenient):
-        return ManifestReport(None, tuple(problems), notes)
+        return ManifestReport(None, tuple(problems), notes, tuple(warnings))
     skipped = dict(Counter(p.reason for p in problems))
-    return ManifestReport(_dataset(kept, ctx, class_list, sensor_channels, skipped), tuple(problems), notes)
+    dataset = _dataset(kept, ctx, class_list, skipped)
+    if skips is None:
+        return ManifestReport(dataset, tuple(problems), notes, tuple(warnings))
+    return ManifestReport(dataset, tuple(problems), notes, tuple(warnings), skips.by_site, skips.test, skips.declares_test)
 
 
-def _dataset(
-    kept: list[dict[str, object]], ctx: _Context, class_list: tuple[str, ...], sensor_channels: dict[str, tuple[int, str] | None],
-    skipped: dict[str, int],
-) -> MultimodalDataset:
+def _row_files(kept: list[dict[str, object]]) -> list[RowFile]:
+    out = []
+    for sample in kept:
+        groups, files, row = sample["groups"], sample["files"], sample["row"]
+        assert isinstance(groups, dict) and isinstance(files, dict) and isinstance(row, int)
+        split = "test" if groups.get("split") == "test" else "train"
+        out += [RowFile(row, split, cell, file) for cell, file in files.items()]
+    return out
+
+
+def _dataset(kept: list[dict[str, object]], ctx: _Context, class_list: tuple[str, ...], skipped: dict[str, int]) -> MultimodalDataset:
     cols, prep = ctx.cols, ctx.prep
     modalities: list[Modality] = []
     features: dict[str, np.ndarray] = {}
@@ -172,8 +210,7 @@ def _dataset(
     for col, kind in cols.modalities:
         present = np.array([sample[col] is not None for sample in kept])
         if kind is ModalityKind.SENSOR:
-            fixed = sensor_channels[col]
-            m = prep.modality(col, kind, channels=fixed[0] if fixed else 1)
+            m = prep.modality(col, kind, channels=ctx.sensors[col].channels)
         else:
             m = prep.modality(col, kind)
         if kind is ModalityKind.TEXT:
@@ -244,36 +281,7 @@ def _inside(cell: str, ctx: _Context, column: str, row: TableRow) -> Path:
     return resolved
 
 
-def _sensor_length(rows: Sequence[TableRow], ctx: _Context, path: Path) -> Preprocessing:
-    """``prep`` with ``sensor-length=auto`` resolved to the longest series of the manifest (headers
-    only are read); a warning says how many series ``sensor-length`` cuts, and by how much."""
-    prep = ctx.prep
-    columns = [c for c, kind in ctx.cols.modalities if kind is ModalityKind.SENSOR]
-    lengths: dict[str, list[int]] = {c: [] for c in columns}
-    for row in rows:
-        for col in columns:
-            if row.cells[col]:
-                try:
-                    lengths[col].append(npy_header(_inside(row.cells[col], ctx, col, row))[0][-1])
-                except (SampleError, OSError, ValueError, IndexError):
-                    continue  # a bad file is reported, with its row, when the rows are loaded
-    longest = max((n for found in lengths.values() for n in found), default=0)
-    if prep.sensor_length is None:
-        if longest > checks.MAX_SENSOR_LENGTH:
-            log.warning("%s: the longest sensor series has %d steps, beyond the limit of %d: sensor-length=auto uses the limit", path.name, longest, checks.MAX_SENSOR_LENGTH)
-        prep = dataclasses.replace(prep, sensor_length=min(max(longest, 4), checks.MAX_SENSOR_LENGTH))
-    for col, found in lengths.items():
-        cut = [n for n in found if n > prep.sensor_length]  # type: ignore[operator]
-        if cut:
-            log.warning(
-                "%s: %d of %d series of column %r are longer than sensor-length=%d and are cut to it (longest: %d steps). "
-                "Fix: sensor-length=auto (the data's length) or sensor-length=%d", path.name, len(cut), len(found), col,
-                prep.sensor_length, max(cut), min(max(cut), checks.MAX_SENSOR_LENGTH),
-            )
-    return prep
-
-
-def _load_row(row: TableRow, ctx: _Context, sensor_channels: dict[str, tuple[int, str] | None]) -> dict[str, object]:
+def _load_row(row: TableRow, ctx: _Context) -> dict[str, object]:
     cells, cols, prep = row.cells, ctx.cols, ctx.prep
     if row.width > len(cells):
         raise _row_error(row, ctx, None, f"has {row.width} cells, the header has {len(cells)}", reason=SkipReason.BAD_ROW,
@@ -292,7 +300,8 @@ def _load_row(row: TableRow, ctx: _Context, sensor_channels: dict[str, tuple[int
     if cols.has_split and cells["split"] not in ("", "train", "test"):
         raise _row_error(row, ctx, "split", "the split is neither 'train' nor 'test'", reason=SkipReason.BAD_SPLIT,
                          detail=f"cell {cells['split']!r}", fix="use train or test, or leave it empty (train)")
-    sample: dict[str, object] = {"label": ctx.class_index[label], "id": f"row {row.number}"}
+    files: dict[str, Path] = {}  # cell -> resolved file, for the duplicate check
+    sample: dict[str, object] = {"label": ctx.class_index[label], "id": f"row {row.number}", "row": row.number, "files": files}
     anything = False
     for col, kind in cols.modalities:
         cell = cells[col]
@@ -303,16 +312,14 @@ def _load_row(row: TableRow, ctx: _Context, sensor_channels: dict[str, tuple[int
         if kind is ModalityKind.TEXT:
             sample[col] = cell  # tokenized or embedded for all rows at once, by _dataset
             continue
-        file = _inside(cell, ctx, col, row)
+        file = files[cell] = _inside(cell, ctx, col, row)
         try:
             if kind is ModalityKind.IMAGE:
                 sample[col] = load_image(file, prep)
             elif kind is ModalityKind.AUDIO:
                 sample[col] = load_audio(file, prep)
-            else:
-                fixed = sensor_channels[col]
-                set_by = f"the first accepted row ({fixed[1]}) has" if fixed else ""
-                sample[col] = load_sensor(file, prep, channels=fixed[0] if fixed else None, set_by=set_by)
+            else:  # its channels are compared with the column's once the row is otherwise accepted (below)
+                sample[col] = load_sensor(file, prep, channels=None)
         except SampleError as err:
             raise _row_error(row, ctx, col, err.problem, reason=err.reason, fix=err.fix, file=cell, detail=err.detail) from None
         except MemoryError:
@@ -326,9 +333,11 @@ def _load_row(row: TableRow, ctx: _Context, sensor_channels: dict[str, tuple[int
                          fix="fill at least one modality, or remove the row")
     if cols.has_site and not cells["site"]:
         raise _row_error(row, ctx, "site", "has an empty 'site' cell", reason=SkipReason.MISSING_SITE, fix="name the site that holds the row")
-    for col, kind in cols.modalities:  # the row is accepted: it may fix a sensor column's channels
-        if kind is ModalityKind.SENSOR and sample[col] is not None and sensor_channels[col] is None:
-            sensor_channels[col] = (sample[col].shape[0], f"row {row.number}")  # type: ignore[attr-defined]
+    for col, kind in cols.modalities:  # last, so that a row bad for another reason is counted under that reason
+        if kind is ModalityKind.SENSOR and sample[col] is not None:
+            odd = ctx.sensors[col].mismatch(row.number, sample[col].shape[0])  # type: ignore[attr-defined]
+            if odd is not None:
+                raise _row_error(row, ctx, col, odd[0], reason=SkipReason.WRONG_SHAPE, file=cells[col], fix=odd[1])
     sample["groups"] = {name: cells[name] for name in _group_names(cols)}
     return sample
 

@@ -128,6 +128,8 @@ class Federation:
     notes: tuple[dict[str, Any], ...]
     unassigned: int = 0  # pool samples no site holds (pathological leaves classes out; natural with fewer sites)
     skipped: dict[str, int] = field(default_factory=dict)  # rows the (lenient) loader skipped, per reason
+    # sites of a natural split by 'site' whose training rows were all skipped: site -> reason -> rows
+    sites_all_skipped: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def site(self, name: str) -> MultimodalDataset:
         return self.sites[self.names.index(name)]
@@ -139,6 +141,7 @@ class Federation:
             "synthetic": any(s.synthetic for s in self.sites),
             "unassigned_samples": self.unassigned,
             "skipped_while_loading": dict(self.skipped),
+            "sites_all_rows_skipped": {name: dict(reasons) for name, reasons in self.sites_all_skipped.items()},
             "sites": {name: ds.counts() | note for name, ds, note in zip(self.names, self.sites, self.notes)},
         }
 
@@ -294,10 +297,14 @@ def _build(source: Source, plan: FederationPlan) -> Federation:
     names, rows = partition_indices(source.pool, plan, source.natural_by)
     kind = plan.partitioner if plan.partitioner != "auto" else ("natural" if (plan.partition_by or source.natural_by) else "iid")
     plan = replace(plan, sites=len(names))  # sites=auto resolved
+    # the loader's skips per site are a site's own only when the sites are the manifest's 'site' column
+    by_site = source.skipped_by_site if kind == "natural" and (plan.partition_by or source.natural_by) == "site" else {}
     sites, notes = [], []
-    for i, r in enumerate(rows):
-        site, note = degrade_site(source.pool.subset(r).replace(skipped={}), plan, i)
+    for i, (name, r) in enumerate(zip(names, rows)):
+        site, note = degrade_site(source.pool.subset(r).replace(skipped=dict(by_site.get(name, {}))), plan, i)
         sites.append(normalise(site, sensor_norm=plan.sensor_norm, site_statistics=plan.site_statistics))
         notes.append(note)
     unassigned = len(source.pool) - sum(len(r) for r in rows)
-    return Federation(tuple(names), tuple(sites), plan, kind, tuple(notes), unassigned, dict(source.pool.skipped))
+    held = set(source.pool.groups["site"].tolist()) if by_site else set()
+    lost = {gone: dict(reasons) for gone, reasons in by_site.items() if gone not in held}  # the loader warned about each
+    return Federation(tuple(names), tuple(sites), plan, kind, tuple(notes), unassigned, dict(source.pool.skipped), lost)

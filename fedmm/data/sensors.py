@@ -52,7 +52,7 @@ def read_ts(path: str | Path) -> SensorSeries:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(path.name, "file not found", fix="point the data root at a folder laid out like shared/data/basicmotions", detail=str(path))
+        raise DataError(path.name, "file not found", fix="the data root (basicmotions:ROOT) must hold basicmotions/BasicMotions_TRAIN.ts and basicmotions/BasicMotions_TEST.ts, as shared/data does: pass the basicmotions folder's parent", detail=str(path))
     header: dict[str, str] = {}
     rows: list[np.ndarray] = []
     labels: list[str] = []

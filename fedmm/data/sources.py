@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -36,15 +37,24 @@ SOURCE_NAMES = ("avmnist", "basicmotions", "manifest", "synthetic")
 
 @dataclass(frozen=True, eq=False)
 class Source:
-    """A loaded data source: the training pool, the test set, and its natural grouping."""
+    """A loaded data source: the training pool, the test set, and its natural grouping; for a
+    manifest loaded leniently, the skipped rows per site (training rows) and among the test rows."""
 
     name: str
     pool: MultimodalDataset  # may be empty: a manifest whose rows are all split=test
     test: MultimodalDataset | None  # None: nothing held out (a deployed site's own data)
     natural_by: str | None  # the group column that names natural sites
+    skipped_by_site: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # site -> reason -> training rows skipped
+    skipped_test: Mapping[str, int] = field(default_factory=dict)  # reason -> split=test rows skipped
 
     def require_test(self) -> MultimodalDataset:
-        """The held-out set for the server's evaluation, or a ConfigError saying how to get one."""
+        """The held-out set for the server's evaluation, or an error saying how to get one."""
+        if (self.test is None or len(self.test) == 0) and self.skipped_test:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped_test.items()))
+            raise DataError(
+                "manifest", f"every split=test row ({sum(self.skipped_test.values())}) was skipped by lenient loading ({reasons}), "
+                "so the server has no test set", fix="fix the test rows that `fedmm data check MANIFEST --lenient` lists",
+            )
         if self.test is None or len(self.test) == 0:
             raise ConfigError(
                 "test-fraction", f"0 rows of {self.name} are held out for the server's evaluation (no split=test row, "
@@ -110,6 +120,15 @@ def _basicmotions(location: str, sensor_length: int | None = None) -> Source:
     root = Path(location).expanduser() if location else Path(str(resources.files("fedmm.data").joinpath("builtin", "basicmotions")))
     if not root.is_dir():
         raise ConfigError("data", f"BasicMotions root {root} is not a folder", value=f"basicmotions:{location}", fix="point it at a folder holding basicmotions/*.ts")
+    if not (root / "basicmotions").is_dir():
+        inside = (root / "BasicMotions_TRAIN.ts").is_file() or root.name.lower() == "basicmotions"
+        parent = root.resolve().parent
+        raise ConfigError(
+            "data", f"{root} has no 'basicmotions' subfolder" + (": it is the basicmotions folder itself" if inside else ""),
+            value=f"basicmotions:{location}",
+            fix=(f"pass its parent folder, data='basicmotions:{parent}'" if inside else "pass the folder that holds basicmotions/")
+            + " (ROOT must hold basicmotions/BasicMotions_TRAIN.ts and basicmotions/BasicMotions_TEST.ts, as shared/data does)",
+        )
     train, test = load_basicmotions(root)
     if train.class_names != test.class_names:
         raise DataError(root, f"train and test declare different classes {train.class_names} vs {test.class_names}", fix="use the original files")
@@ -144,11 +163,17 @@ def _fit(values: np.ndarray, length: int) -> np.ndarray:
 
 
 def _manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient: bool, test_fraction: float, roots: tuple[str, ...]) -> Source:
-    from fedmm.data.manifest import load_manifest
+    from fedmm.data.manifest import load_manifest_report
 
-    rows = load_manifest(path, prep, classes=classes, lenient=lenient, roots=roots)
+    report = load_manifest_report(path, prep, classes=classes, lenient=lenient, roots=roots)
+    rows = report.dataset
+    assert rows is not None
     if "split" in rows.groups and (rows.groups["split"] == "test").any():
         test_rows = rows.groups["split"] == "test"
+    elif report.declares_test:
+        # The manifest named its test rows and lenient loading skipped them all: hold out no training row
+        # in their place (require_test says why there is no test set).
+        test_rows = np.zeros(len(rows), dtype=bool)
     else:
         # No test rows: hold out a seeded fraction for the server's evaluation (none at a deployed site).
         rng = np.random.default_rng(0)
@@ -156,4 +181,4 @@ def _manifest(path: Path, prep: Preprocessing, classes: tuple[str, ...], lenient
         test_rows[rng.permutation(len(rows))[: int(round(test_fraction * len(rows)))]] = True
     pool = rows.subset(np.flatnonzero(~test_rows))
     test = rows.subset(np.flatnonzero(test_rows)) if test_rows.any() else None
-    return Source("manifest", pool, test, "site" if "site" in rows.groups else None)
+    return Source("manifest", pool, test, "site" if "site" in rows.groups else None, report.skipped_by_site, report.skipped_test)
