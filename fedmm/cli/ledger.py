@@ -3,7 +3,9 @@
 A site trains under DP only with its ledger, and a missing ledger is never remade on its
 own (that would forget what the site has spent). ``fedmm ledger init`` makes a site's
 first one, and, with ``--replace-lost``, the replacement of one lost for good, carrying the
-lost spend over. Each is logged beside the ledger (``ledger.sqlite.log``).
+lost spend over. ``fedmm ledger recover`` adds back to a ledger restored from an older backup
+the spends its spend log (``ledger.sqlite.spends``) records past its end. Each is logged beside
+the ledger (``ledger.sqlite.log``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import typer
 from fedmm.cli.common import app, console, exit_on_error
 from fedmm.errors import ConfigError
 
-__all__ = ["ledger_app", "ledger_init"]
+__all__ = ["ledger_app", "ledger_init", "ledger_recover"]
 
-ledger_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make a site's privacy ledger (once, logged).")
+ledger_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make a site's privacy ledger (once, logged), or recover its spends after a restore.")
 app.add_typer(ledger_app, name="ledger")
 
 
@@ -53,3 +55,25 @@ def ledger_init(
         ledger.close()
     what = f"replacement ledger (carrying epsilon {carried.epsilon:g} at delta {carried.delta:g})" if carried else "ledger"
     console.print(f"site {site}: new {what} at {ledger.path}; logged in {ledger.path.name}.log", markup=False, highlight=False)
+
+
+@ledger_app.command("recover")
+def ledger_recover(
+    state_dir: Annotated[Path, typer.Argument(help="the site's state directory (STATE_DIR/ledger.sqlite, restored from a backup)")],
+    site: Annotated[str, typer.Option(help="the site's name, as in its site file and its SuperNode key")],
+) -> None:
+    """Add back to a ledger restored from an older backup the spends its spend log recorded after the backup."""
+    from fedmm.privacy.ledger import PrivacyLedger
+
+    path = state_dir / "ledger.sqlite"
+    with exit_on_error():
+        recovered = PrivacyLedger.recover(path, site=site)
+        with PrivacyLedger.open(path, site=site, wait=2.0) as ledger:  # the site's own check: refuses what still does not verify
+            seq, _ = ledger.head()
+            epsilon = ledger.entries()[-1].epsilon if seq else 0.0
+    if recovered:
+        what = f"added back entries {recovered[0].seq}-{recovered[-1].seq} from {path.name}.spends"
+    else:
+        what = "nothing to add back: the ledger holds every spend its spend log records"
+    console.print(f"site {site}: {what}; the ledger ends at entry {seq}, epsilon {epsilon:.6g}; logged in {path.name}.log",
+                  markup=False, highlight=False)

@@ -1,7 +1,9 @@
 """Audit of site ledgers: what each site spent, against which budget, and whether to believe it.
 
 Nothing a ledger states is taken on trust: every entry's epsilon is recomputed from
-the events (Opacus' accountant named in the entry, over all events up to it), the
+the events (Opacus' accountant named in the entry, over all events up to it; the larger
+of that and the figure recomputed for the entry before, since a stated epsilon never
+falls, also when a site changes accountant between runs), the
 hash chain and head anchor are verified, and each spend is checked against the
 budget the site held when it made it. Ledgers are opened read-only, and a file that is not a
 fedmm ledger is reported, never initialised. With witnesses (runs' ``privacy.json``, which
@@ -27,6 +29,7 @@ from fedmm.config import AccountantKind
 from fedmm.errors import PrivacyError
 from fedmm.privacy.accounting import PrivacyEvent, SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
+from fedmm.privacy.ledger_entry import own_accountant
 
 __all__ = ["SiteAudit", "audit_ledger", "load_witness", "run_summaries"]
 
@@ -117,15 +120,21 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
     carried_epsilon = carried.epsilon if carried else 0.0
     rows: list[dict[str, Any]] = []
     over = False
+    held: list[str] = []  # entries stating a figure held from an earlier accountant's (theirs alone gives less)
+    floor = 0.0  # the figure the entries before give: a stated epsilon never falls, as the site states it
     for i, entry in enumerate(entries):
         try:
-            accountant = SiteAccountant(AccountantKind(entry.accountant), [e.event for e in entries[: i + 1]])
-            recomputed = accountant.epsilon(entry.delta)
+            # The site's rule: its accountant over all the events, or the figure stated before if larger (another accountant's).
+            own = SiteAccountant(AccountantKind(own_accountant(entry.accountant)), [e.event for e in entries[: i + 1]]).epsilon(entry.delta)
+            recomputed = max(own, floor)
         except (ValueError, PrivacyError) as err:
             problems.append(f"entry {entry.seq}: cannot recompute epsilon ({err})")
-            recomputed = math.inf
+            own = recomputed = math.inf
         if not math.isclose(recomputed, entry.epsilon, rel_tol=_TOLERANCE, abs_tol=1e-9):
             problems.append(f"entry {entry.seq}: the ledger states epsilon {entry.epsilon:.6g}, its events give {recomputed:.6g}")
+        elif not math.isclose(own, recomputed, rel_tol=_TOLERANCE, abs_tol=1e-9):
+            held.append(f"{entry.seq} ({entry.accountant}: {own_accountant(entry.accountant)} alone gives {own:.6g})")
+        floor = recomputed if math.isfinite(recomputed) else max(floor, entry.epsilon)
         total = carried_epsilon + max(recomputed, entry.epsilon)  # the larger of stated and recomputed: never the kinder one
         if total > entry.epsilon_budget * (1 + _TOLERANCE):
             over = True
@@ -136,6 +145,9 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
             "delta": entry.delta, "accountant": entry.accountant, "epsilon": total, "epsilon_recomputed": recomputed,
             "epsilon_stated": entry.epsilon, "epsilon_budget": entry.epsilon_budget, "data": entry.data, "created": entry.created,
         })
+    held_note = [(f"entry {'; entry '.join(held)} states the figure stated before it, the larger: a stated epsilon never falls, and "
+                  "after a change of accountant the earlier one's figure can be above the new one's over all events (recomputed by "
+                  "the same rule)")] if held else []
     last = rows[-1] if rows else None
     headline = max((r["epsilon"] for r in rows), default=carried_epsilon)  # cumulative: an earlier, larger figure still counts
     return SiteAudit(
@@ -144,7 +156,7 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
         epsilon=headline, epsilon_budget=last["epsilon_budget"] if last else None,
         remaining=(last["epsilon_budget"] - headline) if last else None, last_spend=last["created"] if last else None,
         ledger_seq=seq, ledger_hash=digest, chain_ok=verdict.ok, over_budget=over, problems=problems,
-        notes=list(verdict.notes) + ([(f"carries epsilon {carried.epsilon:g} at delta {carried.delta:g} from a ledger lost for good ({carried.reason}); "
+        notes=list(verdict.notes) + held_note + ([(f"carries epsilon {carried.epsilon:g} at delta {carried.delta:g} from a ledger lost for good ({carried.reason}); "
                                        "its spends are added by basic composition")] if carried else []),
         epsilon_stated=carried_epsilon + last["epsilon_stated"] if last else None,
         epsilon_recomputed=carried_epsilon + last["epsilon_recomputed"] if last else None,
@@ -161,7 +173,7 @@ def run_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run_id, spends in runs.items():
         rounds = sorted({r["round"] for r in spends})
         try:
-            kind = AccountantKind(spends[-1]["accountant"])
+            kind = AccountantKind(own_accountant(spends[-1]["accountant"]))
             own = SiteAccountant(kind, [PrivacyEvent(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in spends]).epsilon(spends[-1]["delta"])
         except (ValueError, PrivacyError):
             own = math.inf

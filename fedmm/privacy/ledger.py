@@ -14,8 +14,9 @@ The ledger is the authority, so its absence is an error, never a fresh start:
   and why in ``ledger.sqlite.log``. A ledger lost for good is replaced only by an explicit
   ``--replace-lost`` that carries the lost spend over (:attr:`PrivacyLedger.carried`);
 - :meth:`PrivacyLedger.open` is the site's: it refuses a missing ledger when the anchor
-  or the log shows one existed, and holds an exclusive lock (one process per ledger)
-  from the budget check through the append;
+  or the log shows one existed, and one that lacks spends its spend log records (a ledger
+  restored from an older backup: :meth:`PrivacyLedger.recover` adds them back), and holds an
+  exclusive lock (one process per ledger) from the budget check through the append;
 - :meth:`PrivacyLedger.read` is the auditor's: read-only (SQLite ``mode=ro``), and it
   refuses a file that is not a fedmm ledger instead of making one of it.
 
@@ -25,7 +26,9 @@ number and hash) in ``ledger.sqlite.head`` and reports it with every update (the
 keeps it in ``privacy.json``, a witness ``fedmm audit --witness`` checks). The data
 digest in each entry is keyed (HMAC) with a secret kept in the ledger, so the head the
 server sees tells it nothing about the data. Someone who can rewrite the file and its
-anchor can forge both; only a witness held elsewhere catches that.
+anchor can forge both; only a witness held elsewhere catches that. Every spend is also
+written, whole, to ``ledger.sqlite.spends`` before it commits (:mod:`fedmm.privacy.ledger_spends`):
+a backup of the ledger lacks the spends made after it, that log does not.
 
 >>> import tempfile, pathlib
 >>> ledger = PrivacyLedger.create(pathlib.Path(tempfile.mkdtemp()) / "ledger.sqlite", site="george")
@@ -38,8 +41,7 @@ anchor can forge both; only a witness held elsewhere catches that.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import secrets
 import sqlite3
 from collections.abc import Iterable
@@ -49,74 +51,19 @@ from pathlib import Path
 
 from fedmm.errors import PrivacyError
 from fedmm.privacy.accounting import PrivacyEvent
+from fedmm.privacy.ledger_db import CREATE, SCHEMA_VERSION, checked, connect
+from fedmm.privacy.ledger_entry import COLUMNS as _COLUMNS
+from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry, chain_problems, held_label
 from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, read_log, write_anchor
+from fedmm.privacy.ledger_spends import RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, replace_fix, spends_path
 
 __all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers"]
 
+_log = logging.getLogger(__name__)
+
 MECHANISM = "dp-sgd: poisson-subsampled gaussian"
 SITE_STATS_MECHANISM = "site statistics: gaussian, sample rate 1"  # sensor-norm=site under DP, once a run
-GENESIS = "0" * 64
-SCHEMA_VERSION = 1
-
-_COLUMNS = (
-    "seq", "site", "run_id", "round", "mechanism", "noise_multiplier", "sample_rate", "steps",
-    "delta", "accountant", "epsilon", "epsilon_budget", "data", "created", "prev_hash", "hash",
-)
-_TYPES = {"seq": int, "round": int, "steps": int, "noise_multiplier": float, "sample_rate": float, "delta": float, "epsilon": float, "epsilon_budget": float}
-_CREATE = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE entries (
-    seq INTEGER PRIMARY KEY, site TEXT NOT NULL, run_id TEXT NOT NULL, round INTEGER NOT NULL,
-    mechanism TEXT NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
-    steps INTEGER NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, epsilon REAL NOT NULL,
-    epsilon_budget REAL NOT NULL, data TEXT NOT NULL, created TEXT NOT NULL,
-    prev_hash TEXT NOT NULL, hash TEXT NOT NULL
-);
-"""
 _INIT = "fedmm ledger init {dir} --site {site}"
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One spend, as stored."""
-
-    seq: int
-    site: str
-    run_id: str
-    round: int
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    delta: float
-    accountant: str
-    epsilon: float  # cumulative over this site's entries up to this one, at ``delta``
-    epsilon_budget: float  # the site's budget when it made this spend
-    data: str  # keyed digest of the training data the spend was on
-    created: str  # UTC, ISO 8601
-    prev_hash: str
-    hash: str
-
-    @classmethod
-    def from_row(cls, row: tuple[object, ...]) -> LedgerEntry:
-        """An entry from a stored row, each field checked for its type (a text epsilon is a break, not a crash)."""
-        values = dict(zip(_COLUMNS, row))
-        for name, value in values.items():
-            kind = _TYPES.get(name, str)
-            ok = isinstance(value, int) and not isinstance(value, bool) if kind is int else (
-                isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, str))
-            if not ok:
-                raise PrivacyError(f"ledger entry {values.get('seq')!r}: field {name} holds {value!r}, not {'a number' if kind is not str else 'text'}")
-        return cls(**{k: (float(v) if _TYPES.get(k) is float else v) for k, v in values.items()})  # type: ignore[arg-type]
-
-    @property
-    def event(self) -> PrivacyEvent:
-        return PrivacyEvent(self.noise_multiplier, self.sample_rate, self.steps)
-
-    def expected_hash(self) -> str:
-        """The hash this entry must carry: its fields (but ``hash``) chained to ``prev_hash``."""
-        content = {k: v for k, v in asdict(self).items() if k != "hash"}
-        return hashlib.sha256(json.dumps(content, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -127,15 +74,6 @@ class ChainVerdict:
     entries: int
     problems: tuple[str, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())  # tolerances used (an anchor one entry behind), to be stated
-
-
-@dataclass(frozen=True)
-class CarriedSpend:
-    """The spend of a ledger lost for good, carried into its replacement (basic composition)."""
-
-    epsilon: float
-    delta: float
-    reason: str
 
 
 class PrivacyLedger:
@@ -150,6 +88,7 @@ class PrivacyLedger:
             raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: restore it from a backup; never delete a ledger") from err
         self.site = str(meta.get("site", ""))
         self._meta = meta
+        self.recovered: tuple[LedgerEntry, ...] = ()  # spends open() added back from the log (a restored backup lacked them)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -178,8 +117,8 @@ class PrivacyLedger:
                 raise PrivacyError(_lost_message(path, site, evidence))
             append_log(_log_path(path), "replaced-lost" if carried else "created", site=site, reason=reason,
                        **({"carried_epsilon": carried.epsilon, "carried_delta": carried.delta, "evidence": evidence} if carried else {}))
-            db = _connect(path, readonly=False)
-            db.executescript(_CREATE)
+            db = connect(path, readonly=False)
+            db.executescript(CREATE)
             meta = {"site": site, "schema": str(SCHEMA_VERSION), "data_key": secrets.token_hex(32), "created": _now()}
             if carried is not None:
                 meta.update(carried_epsilon=repr(carried.epsilon), carried_delta=repr(carried.delta), carried_reason=carried.reason)
@@ -210,22 +149,53 @@ class PrivacyLedger:
             )
         lock = LedgerLock(path, wait=wait)
         try:
-            ledger = cls(path, _checked(path, readonly=False), lock=lock, writable=True)
+            ledger = cls(path, checked(path, readonly=False), lock=lock, writable=True)
         except BaseException:
             lock.release()
             raise
         if site is not None and ledger.site != site:
             ledger.close()
             raise PrivacyError(f"ledger {path} belongs to site {ledger.site!r}, not {site!r}. Fix: give each site its own state directory")
+        ledger._recover_from_log(at_most=1)  # the one spend a crash between the spend log and the commit leaves
         verdict = ledger.verify()
         if not verdict.ok:  # never spend on top of a ledger that lost or changed entries: its budget check would be wrong
+            behind = ledger._compare_with_log()
+            try:
+                entries = ledger.entries()
+            except PrivacyError:
+                entries = []
             ledger.close()
-            raise PrivacyError(
-                f"the privacy ledger {path} does not verify ({'; '.join(verdict.problems[:3])}); the site refuses to train on it. "
-                "Fix: restore the ledger and its .head anchor from a backup (fedmm audit shows what is wrong)"
-            )
+            fix = "Fix: restore the ledger and its .head anchor from a backup (fedmm audit shows what is wrong)"
+            if behind.problems:
+                fix = replace_fix(path, ledger.site, entries, ledger.carried, behind)
+            elif behind.missing and not chain_problems(entries):  # a restored backup: the problem says how (recover)
+                fix = "" if any("fedmm ledger recover" in problem for problem in verdict.problems[:3]) else (
+                    f"Fix: `fedmm ledger recover {path.parent} --site {ledger.site}` adds back the spends its spend log holds")
+            raise PrivacyError(f"the privacy ledger {path} does not verify ({'; '.join(verdict.problems[:3])}); the site refuses to train on it. {fix}".rstrip())
         ledger._prepare_for_writing()
         return ledger
+
+    @classmethod
+    def recover(cls, path: str | Path, *, site: str | None = None) -> tuple[LedgerEntry, ...]:
+        """Add back to a ledger (restored from an older backup, or cut) the spends its spend log records past its end.
+
+        ``fedmm ledger recover``; logged. Returns the entries added (none when the log holds
+        nothing more, or what it holds does not continue the ledger's chain: :meth:`open` then says why).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise PrivacyError(f"no privacy ledger at {path}. Fix: restore ledger.sqlite from a backup first, then recover the spends made after it")
+        lock = LedgerLock(path, wait=2.0)
+        try:
+            ledger = cls(path, checked(path, readonly=False), lock=lock, writable=True)
+        except BaseException:
+            lock.release()
+            raise
+        with ledger:
+            if site is not None and ledger.site != site:
+                raise PrivacyError(f"ledger {path} belongs to site {ledger.site!r}, not {site!r}. Fix: give the site's own state directory")
+            ledger._recover_from_log(at_most=None)
+            return ledger.recovered
 
     @classmethod
     def read(cls, path: str | Path) -> PrivacyLedger:
@@ -233,7 +203,7 @@ class PrivacyLedger:
         path = Path(path)
         if not path.is_file():
             raise PrivacyError(f"no privacy ledger at {path}. Fix: give the path of a site's ledger.sqlite (or its state directory)")
-        return cls(path, _checked(path, readonly=True), lock=None, writable=False)
+        return cls(path, checked(path, readonly=True), lock=None, writable=False)
 
     def _prepare_for_writing(self) -> None:
         if "data_key" not in self._meta:  # ledgers of fedmm 0.1 had none
@@ -246,7 +216,45 @@ class PrivacyLedger:
             write_anchor(self.head_path, seq, digest)
             append_log(_log_path(self.path), "anchor-repaired", site=self.site, reason=f"the anchor was at entry {anchor[0]}, the ledger at {seq}")
 
+    def _compare_with_log(self) -> LogComparison:
+        try:
+            return compare(self.entries(), spends_path(self.path), self.ledger_id, self.site)
+        except PrivacyError:  # an entry of the wrong type: verify() reports it
+            return LogComparison()
+
+    def _recover_from_log(self, *, at_most: int | None) -> None:
+        """Add back the spends the log records past the ledger's end (a ledger restored from an older backup).
+
+        Only when the ledger's own chain holds and the logged spends continue it, hash by hash; the
+        anchor is brought up only when it names an entry of the recovered chain (or none).
+        """
+        comparison = self._compare_with_log()
+        if not comparison.missing or comparison.problems or chain_problems(self.entries()) or (at_most is not None and len(comparison.missing) > at_most):
+            return
+        before_seq, before_epsilon = self.head()[0], (self.entries()[-1].epsilon if self.head()[0] else 0.0)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(f"INSERT INTO entries VALUES ({', '.join('?' * len(_COLUMNS))})", [tuple(asdict(e).values()) for e in comparison.missing])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        last, chain = comparison.missing[-1], {e.seq: e.hash for e in self.entries()}
+        anchor = read_anchor(self.head_path)
+        if anchor is None or anchor[0] == 0 or chain.get(anchor[0]) == anchor[1]:
+            write_anchor(self.head_path, last.seq, last.hash)
+        self.recovered = comparison.missing
+        what = (f"the ledger ended at entry {before_seq} (epsilon {before_epsilon:.6g}); its spend log recorded entries "
+                f"{comparison.missing[0].seq}-{last.seq} (up to epsilon {last.epsilon:.6g}), added back from it")
+        append_log(_log_path(self.path), RECOVERED, site=self.site, seqs=[e.seq for e in comparison.missing], epsilon=last.epsilon, reason=what)
+        _log.warning("[fedmm] privacy ledger %s: %s (a ledger restored from an older backup lacks the spends made after it)", self.path, what)
+
     # ------------------------------------------------------------------ reading
+    @property
+    def ledger_id(self) -> str:
+        """What names this ledger in its log (its creation time): a replacement's spends are not its own."""
+        return str(self._meta.get("created", ""))
+
     @property
     def head_path(self) -> Path:
         return _anchor_path(self.path)
@@ -294,7 +302,12 @@ class PrivacyLedger:
         self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
         delta: float, accountant: str, epsilon: float, epsilon_budget: float, data: str, mechanism: str = MECHANISM,
     ) -> LedgerEntry:
-        """Append one spend and return it once it is durably on disk (then update the head anchor)."""
+        """Append one spend and return it once it is durably on disk (spend log, then ledger, then head anchor).
+
+        When ``epsilon`` is the figure stated before, held because ``accountant`` gives less (a
+        stated epsilon never falls), and that figure came from another accountant, the entry's
+        accountant reads ``max(accountant,other)`` (:func:`fedmm.privacy.ledger_entry.held_label`).
+        """
         if not self.writable or self._lock is None:
             raise PrivacyError(f"ledger {self.path} is open read-only (or closed); a spend is recorded only by the site holding its lock")
         PrivacyEvent(noise_multiplier, sample_rate, steps)  # range checks
@@ -302,20 +315,34 @@ class PrivacyLedger:
         if carried + epsilon > epsilon_budget * (1 + 1e-9):
             raise PrivacyError(f"ledger {self.path}: a spend to epsilon {carried + epsilon:.6g} is over the site's budget {epsilon_budget:g}; refused")
         self._db.execute("BEGIN IMMEDIATE")  # one writer; the head read below cannot go stale
+        logged = False
         try:
             seq, prev = self.head()
-            last = self._db.execute("SELECT epsilon FROM entries WHERE seq = ?", (seq,)).fetchone()
+            last = self._db.execute("SELECT epsilon, accountant FROM entries WHERE seq = ?", (seq,)).fetchone()
             if last is not None and epsilon < float(last[0]):
                 raise PrivacyError(f"ledger {self.path}: cumulative epsilon would fall from {last[0]} to {epsilon}; refused")
+            # The figure stated before, held (a stated epsilon never falls): say which accountants it came from.
+            label = held_label(str(accountant), str(last[1])) if last is not None and float(epsilon) == float(last[0]) else str(accountant)
             draft = LedgerEntry(
                 seq + 1, self.site, run_id, int(round), str(mechanism), float(noise_multiplier), float(sample_rate), int(steps),
-                float(delta), str(accountant), float(epsilon), float(epsilon_budget), data, _now(), prev, "",
+                float(delta), label, float(epsilon), float(epsilon_budget), data, _now(), prev, "",
             )
             entry = LedgerEntry(**{**asdict(draft), "hash": draft.expected_hash()})
             self._db.execute(f"INSERT INTO entries VALUES ({', '.join('?' * len(_COLUMNS))})", tuple(asdict(entry).values()))
+            try:  # the log, which a backup of the ledger does not hold back, records the spend before it commits
+                log_spend(spends_path(self.path), self.ledger_id, entry)
+            except OSError as err:
+                raise PrivacyError(f"cannot record the spend in the ledger's spend log {spends_path(self.path)} ({err}); nothing was spent. "
+                                   "Fix: free disk space, or make the site's state directory writable") from err
+            logged = True
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
+            if logged:
+                try:
+                    log_rolled_back(spends_path(self.path), self.ledger_id, entry)
+                except OSError:
+                    pass  # the logged spend stays: added back on the next open, it errs on the safe side
             raise
         write_anchor(self.head_path, entry.seq, entry.hash)
         return entry
@@ -327,19 +354,8 @@ class PrivacyLedger:
             entries = self.entries()
         except PrivacyError as err:
             return ChainVerdict(False, 0, (str(err),))
-        problems: list[str] = []
+        problems = chain_problems(entries)
         notes: list[str] = []
-        prev, last_epsilon = GENESIS, 0.0
-        for position, entry in enumerate(entries, start=1):
-            if entry.seq != position:
-                problems.append(f"entry {entry.seq} is at position {position}: an entry was removed before it")
-            if entry.prev_hash != prev:
-                problems.append(f"entry {entry.seq}: its previous-hash does not match entry {position - 1}'s hash (removed or reordered entries)")
-            if entry.hash != entry.expected_hash():
-                problems.append(f"entry {entry.seq} (run {entry.run_id}, round {entry.round}): content does not match its hash (edited)")
-            if entry.epsilon < last_epsilon:
-                problems.append(f"entry {entry.seq}: cumulative epsilon falls from {last_epsilon} to {entry.epsilon}")
-            prev, last_epsilon = entry.hash, entry.epsilon
         replaced = [e for e in read_log(_log_path(self.path)) if e.get("event") == "replaced-lost"]
         if replaced:  # the carried spend sits outside the chain: the log that recorded it must agree
             logged, carried = replaced[-1], self.carried
@@ -365,6 +381,8 @@ class PrivacyLedger:
                     "commit and the anchor leaves it; the same picture results if the newest entry was removed together with the "
                     "anchor, which only a witness (--witness privacy.json) can rule out"
                 )
+        log_problems, log_notes = log_verdict(compare(entries, spends_path(self.path), self.ledger_id, self.site), entries, self.path, self.site)
+        problems, notes = problems + log_problems, notes + log_notes
         return ChainVerdict(not problems, len(entries), tuple(problems), tuple(notes))
 
 
@@ -381,9 +399,10 @@ def _log_path(path: Path) -> Path:
 
 
 def _evidence(path: Path) -> list[str]:
-    """What shows that a ledger existed at ``path``: its anchor, its log, SQLite's side files."""
+    """What shows that a ledger existed at ``path``: its spend log, anchor and log, SQLite's side files."""
     companions = [_anchor_path(path), _log_path(path), path.with_name(path.name + "-wal")]
-    return [p.name for p in companions if p.exists()]
+    found = [p.name for p in companions if p.exists()]
+    return found or [p.name for p in [spends_path(path)] if p.exists()]  # the spend log too, if it alone is left
 
 
 def _lost_message(path: Path, site: str, evidence: list[str]) -> str:
@@ -394,46 +413,6 @@ def _lost_message(path: Path, site: str, evidence: list[str]) -> str:
         f"{path.parent} --site {site} --replace-lost --carried-epsilon E --carried-delta D --reason '...'` with the spend "
         "the site had made (the last privacy.json of the server, or the last audit of this ledger)"
     )
-
-
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    try:
-        if readonly:
-            # With no write-ahead log beside it, every committed spend is in the file: open it immutable, so
-            # SQLite writes nothing at all (mode=ro alone still makes -shm and -wal files for a WAL database).
-            # A log left by a running or crashed site holds committed spends: read it (SQLite then keeps its index).
-            live_log = path.with_name(path.name + "-wal").exists()
-            db = sqlite3.connect(f"{path.resolve().as_uri()}?{'mode=ro' if live_log else 'immutable=1'}", uri=True, isolation_level=None)
-        else:
-            db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before append() returns
-    except sqlite3.DatabaseError as err:
-        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: restore it from a backup; never delete a ledger") from err
-    return db
-
-
-def _checked(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    """Open ``path`` and refuse anything that is not a fedmm ledger of a known schema."""
-    db = _connect(path, readonly=readonly)
-    try:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        columns = tuple(row[1] for row in db.execute("PRAGMA table_info(entries)"))
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
-    except sqlite3.DatabaseError as err:
-        db.close()
-        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: restore it from a backup; never delete a ledger") from err
-    why = None
-    if tables != {"meta", "entries"}:
-        why = f"its tables are {sorted(tables) or 'none (an empty file)'}, a ledger has exactly meta and entries"
-    elif columns != _COLUMNS:
-        why = f"its entries table has the columns {list(columns)}"
-    elif meta.get("schema") != str(SCHEMA_VERSION) or not meta.get("site"):
-        why = f"its meta table names schema {meta.get('schema')!r} and site {meta.get('site')!r}"
-    if why:
-        db.close()
-        raise PrivacyError(f"{path} is not a fedmm privacy ledger: {why}. Nothing was changed. Fix: give the ledger.sqlite of a site's state directory")
-    return db
 
 
 def find_ledgers(paths: Iterable[str | Path]) -> list[Path]:

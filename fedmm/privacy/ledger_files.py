@@ -5,8 +5,9 @@
 - ``ledger.sqlite.head``: the newest entry's sequence number and hash, written after each
   commit (fsync, then rename);
 - ``ledger.sqlite.log``: one JSON line per lifecycle event (created, replaced after a loss,
-  anchor repaired), with who, where and why. The log and the anchor are the evidence that a
-  ledger existed: a site that finds them without its ledger refuses to start a new one.
+  anchor repaired, spends recovered), with who, where and why. The log and the anchor are the evidence that a
+  ledger existed: a site that finds them without its ledger refuses to start a new one;
+- ``ledger.sqlite.spends``: every spend, whole, as JSON lines (``fedmm.privacy.ledger_spends``).
 """
 
 from __future__ import annotations

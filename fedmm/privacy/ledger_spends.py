@@ -1,0 +1,154 @@
+"""The spend log beside a ledger, and how it compares with the ledger (no SQLite here).
+
+Every spend is written to ``ledger.sqlite.spends`` (one ``spend`` line: the whole entry, its hash
+included, and the ledger it belongs to) before the ledger commits it. That log only grows and is
+not restored with a backup of the ledger, so it knows what a ledger restored from an older backup,
+or cut, has lost:
+
+- a logged spend the ledger holds under another hash: the ledger (or the log) was rewritten after
+  the spend, stated with the verdict (only a witness held elsewhere tells which is true);
+- logged spends past the ledger's newest entry that continue its chain (each one's hash matches its
+  fields and names the one before): the spends the ledger lost (:func:`compare`'s ``missing``). One
+  alone is what a crash between the log and the commit leaves (that spend never left the site): the
+  site adds it back when it opens the ledger, which errs on the safe side. More are a ledger restored
+  from an older backup, or cut: the site refuses it until ``fedmm ledger recover`` adds them back;
+- logged spends past the ledger's end that do not continue its chain (or a damaged log line):
+  the spends cannot be recovered, a problem whose fix names the epsilon to carry over.
+
+A line whose append was rolled back (the commit failed) is cancelled by a ``spend-rolled-back``
+line. Spends logged for another ledger (one replaced after a loss) are not this one's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmm.errors import PrivacyError
+from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry
+from fedmm.privacy.ledger_files import append_log, read_log
+
+__all__ = ["spends_path", "SPEND", "ROLLED_BACK", "RECOVERED", "LogComparison", "log_spend", "log_rolled_back", "logged_spends", "compare", "log_verdict", "replace_fix"]
+
+SPEND = "spend"
+ROLLED_BACK = "spend-rolled-back"
+RECOVERED = "recovered-from-log"
+
+
+def spends_path(ledger: Path) -> Path:
+    """The spend log of the ledger at ``ledger``: ``<ledger>.spends``."""
+    return ledger.with_name(ledger.name + ".spends")
+
+
+def log_spend(log: Path, ledger_id: str, entry: LedgerEntry) -> None:
+    """Record ``entry`` in the log, durably (before the ledger commits it)."""
+    append_log(log, SPEND, ledger=ledger_id, seq=entry.seq, entry=asdict(entry))
+
+
+def log_rolled_back(log: Path, ledger_id: str, entry: LedgerEntry) -> None:
+    """Cancel the logged ``entry``: its commit failed and the ledger rolled it back."""
+    append_log(log, ROLLED_BACK, ledger=ledger_id, seq=entry.seq, hash=entry.hash)
+
+
+def logged_spends(log: Path, ledger_id: str) -> tuple[dict[int, LedgerEntry], list[str]]:
+    """This ledger's spends as its log records them, by sequence number (the latest line for each), and damaged lines."""
+    spends: dict[int, LedgerEntry] = {}
+    damaged: list[str] = []
+    for number, line in enumerate(read_log(log), start=1):
+        if line.get("ledger") != ledger_id or line.get("event") not in (SPEND, ROLLED_BACK):
+            continue
+        if line["event"] == ROLLED_BACK:
+            seq = line.get("seq")
+            if isinstance(seq, int) and seq in spends and spends[seq].hash == line.get("hash"):
+                del spends[seq]
+            continue
+        try:
+            record: Any = line.get("entry")
+            entry = LedgerEntry.from_mapping(record if isinstance(record, dict) else {})
+        except PrivacyError as err:
+            damaged.append(f"line {number} of {log.name} ({err})")
+            continue
+        if entry.hash != entry.expected_hash():
+            damaged.append(f"line {number} of {log.name}: its record of entry {entry.seq} does not match its hash (edited)")
+            continue
+        spends[entry.seq] = entry
+    return spends, damaged
+
+
+@dataclass(frozen=True)
+class LogComparison:
+    """A ledger against its log: the spends it lacks that the log can give back, and what cannot be squared."""
+
+    missing: tuple[LedgerEntry, ...] = ()  # logged past the ledger's end, continuing its chain: to add back, in order
+    problems: tuple[str, ...] = field(default=())
+    logged_epsilon: float = 0.0  # the largest epsilon the log records for this ledger
+    logged_delta: float = 0.0  # the delta it is stated at
+    rewritten: tuple[str, ...] = field(default=())  # entries the ledger holds under another hash than the log: stated
+
+
+def compare(entries: list[LedgerEntry], log: Path, ledger_id: str, site: str) -> LogComparison:
+    """Compare a ledger's entries (in order) with the spends its log records for it (``ledger_id``, ``site``)."""
+    logged, damaged = logged_spends(log, ledger_id)
+    problems = [f"the ledger's spend log is damaged: {d}" for d in damaged]
+    stored = {e.seq: e for e in entries}
+    head_seq, head_hash = (entries[-1].seq, entries[-1].hash) if entries else (0, GENESIS)
+    head_epsilon = entries[-1].epsilon if entries else 0.0
+    rewritten = [
+        f"the spend log {log.name} records entry {seq} (epsilon {logged[seq].epsilon:.6g}, noise {logged[seq].noise_multiplier:g}) "
+        f"with hash {logged[seq].hash[:12]}, the ledger's entry {seq} (epsilon {stored[seq].epsilon:.6g}, noise "
+        f"{stored[seq].noise_multiplier:g}) has {stored[seq].hash[:12]}: the ledger or its spend log was rewritten after the spend; "
+        "only a witness held elsewhere (--witness privacy.json) tells which is true"
+        for seq in sorted(s for s in logged if s in stored and logged[s].hash != stored[s].hash)
+    ]
+    ahead = [logged[s] for s in sorted(s for s in logged if s > head_seq)]
+    top = max(logged.values(), key=lambda e: e.epsilon, default=None)
+    missing: list[LedgerEntry] = []
+    prev_seq, prev_hash = head_seq, head_hash
+    for entry in ahead:
+        if entry.seq != prev_seq + 1 or entry.prev_hash != prev_hash or entry.site != site:
+            last = ahead[-1]
+            problems.append(
+                f"the ledger ends at entry {head_seq} (epsilon {head_epsilon:.6g}), but its spend log {log.name} records spends up to "
+                f"entry {last.seq} (epsilon {last.epsilon:.6g}, run {last.run_id}, round {last.round}) that do not continue its "
+                f"chain (at entry {entry.seq}): they cannot be added back"
+            )
+            missing = []
+            break
+        missing.append(entry)
+        prev_seq, prev_hash = entry.seq, entry.hash
+    return LogComparison(tuple(missing), tuple(problems), top.epsilon if top else 0.0, top.delta if top else 0.0, tuple(rewritten))
+
+
+def log_verdict(comparison: LogComparison, entries: list[LedgerEntry], path: Path, site: str) -> tuple[list[str], list[str]]:
+    """The problems and the tolerated notes of a ledger (``path``) its log knows more of."""
+    problems, notes = list(comparison.problems), list(comparison.rewritten[:3])
+    log = spends_path(path)
+    if len(comparison.missing) > 1:
+        first, last = comparison.missing[0], comparison.missing[-1]
+        problems.append(
+            f"the ledger ends at entry {first.seq - 1} (epsilon {entries[-1].epsilon if entries else 0.0:.6g}), but its spend log {log.name} "
+            f"records the spends of entries {first.seq}-{last.seq} (up to epsilon {last.epsilon:.6g}, run {last.run_id}, round "
+            f"{last.round}): it was restored from an older backup, or cut, and lacks them. "
+            f"Fix: `fedmm ledger recover {path.parent} --site {site}` adds them back from the spend log"
+        )
+    elif comparison.missing:
+        notes.append(
+            f"tolerated: the spend log records entry {comparison.missing[0].seq} (epsilon {comparison.missing[0].epsilon:.6g}) past the "
+            "ledger's end, as a crash between that log and the commit leaves it; the same picture results if the newest entry was "
+            "removed, which only a witness (--witness privacy.json) can rule out. The site adds it back when it next opens the ledger"
+        )
+    return problems, notes
+
+
+def replace_fix(path: Path, site: str, entries: list[LedgerEntry], carried: CarriedSpend | None, comparison: LogComparison) -> str:
+    """The fix for a ledger whose log shows spends it lacks and cannot be given back: replace it, carrying what the log says."""
+    carried = carried or CarriedSpend(0.0, 0.0, "")
+    spent = carried.epsilon + max(comparison.logged_epsilon, entries[-1].epsilon if entries else 0.0)
+    delta = carried.delta + (entries[-1].delta if entries else comparison.logged_delta)
+    return (
+        f"Its spend log {spends_path(path).name} shows the site spent up to epsilon {spent:.6g} (delta {delta:g}), more than this ledger holds "
+        "(a backup lacks the spends made after it). Fix: restore a backup that holds every logged spend; else move "
+        f"{path.name} aside (keep it) and run `fedmm ledger init {path.parent} --site {site} --replace-lost --carried-epsilon "
+        f"{spent!r} --carried-delta {delta!r} --reason '...'`"
+    )
