@@ -1,7 +1,9 @@
 """Which site a node is, its training data, and the loss's class weights.
 
-A deployed site reads its own source (``data`` in its node config); a simulated site
-is one part of the federation built from the run config.
+A deployed site reads its own source (``data`` in its node config) and fits it to the
+model input the server sends (:func:`fit_to_server`: the federation's classes, its sensor
+series length), so that what a site trains under never depends on which of its records
+it holds; a simulated site is one part of the federation built from the run config.
 """
 
 from __future__ import annotations
@@ -17,22 +19,114 @@ import torch
 
 from fedmm import protocol
 from fedmm.config import RunConfig
+from fedmm.data.checks import SkipReason
 from fedmm.data.partition import FederationPlan, build_federation
 from fedmm.data.normalise import normalise
 from fedmm.data.preprocess import Preprocessing
-from fedmm.data.schema import MultimodalDataset
+from fedmm.data.schema import UNLABELLED, ModalityKind, MultimodalDataset, Schema
 from fedmm.data.sources import Source, load_source
-from fedmm.errors import ConfigError
+from fedmm.errors import ConfigError, FederationError
 from fedmm.site.training import balanced_class_weights
 
-__all__ = ["site_data", "class_weights"]
+__all__ = ["site_data", "class_weights", "fit_to_server"]
 
 _log = logging.getLogger("fedmm.site")
 
 
 @functools.lru_cache(maxsize=2)
-def _site_data_cache(source: object, dp: bool, sensor_norm: str) -> MultimodalDataset:
-    return normalise(source.pool, sensor_norm=sensor_norm, site_statistics=not dp)  # type: ignore[attr-defined]
+def _site_data_cache(source: object, dp: bool, sensor_norm: str, server: Schema | None = None, lenient: bool = False) -> MultimodalDataset:
+    pool: MultimodalDataset = source.pool  # type: ignore[attr-defined]
+    if server is not None:
+        pool = fit_to_server(pool, server, lenient=lenient)
+    return normalise(pool, sensor_norm=sensor_norm, site_statistics=not dp)
+
+
+def fit_to_server(pool: MultimodalDataset, server: Schema, *, lenient: bool = False) -> MultimodalDataset:
+    """A deployed site's loaded (not yet normalised) data fitted to the server's model input ``server``.
+
+    A site builds its classes from its own labels (``classes`` empty: the sorted labels it
+    holds) and its sensor length from its own longest series (``sensor-length=auto``), so on
+    their own both would depend on single records. Fitted here, before normalisation:
+
+    - **classes**: the federation's (the server's list, in its order). A site that lacks some
+      of them is normal (non-IID): its labels are renumbered into the server's list. A label
+      the federation does not have is a real incompatibility: strict, a
+      :class:`FederationError` (the same whatever the number of such records); lenient, those
+      records are skipped and counted (``unknown label``), as a manifest skips a label not in
+      ``classes``;
+    - **sensor series**: the server's length. Shorter ones are padded with zeros at the end,
+      longer ones cut to it (a warning in the site's log), as a fixed ``sensor-length`` pads
+      and cuts at loading;
+    - **modality order**: the server's, when the site has the same modalities.
+
+    Anything else that differs (modalities, channels, other shapes) is left for the round's
+    check against the server's schema (:func:`fedmm.site.round.train_round`). The errors'
+    text is for the site's own log: the server is told only that the round failed
+    (:mod:`fedmm.site.runner`).
+
+    >>> import numpy as np
+    >>> from fedmm.data.schema import Modality
+    >>> sensor = Modality("acc", ModalityKind.SENSOR, (1, 3), "series")
+    >>> pool = MultimodalDataset(Schema((sensor,), ("b",)), {"acc": np.ones((1, 1, 3), np.float32)}, np.ones((1, 1), bool), np.array([0]))
+    >>> server = Schema((Modality("acc", ModalityKind.SENSOR, (1, 5), "series"),), ("a", "b", "c"))
+    >>> fitted = fit_to_server(pool, server)
+    >>> fitted.schema == server, fitted.label.tolist(), fitted.features["acc"].tolist()
+    (True, [1], [[[1.0, 1.0, 1.0, 0.0, 0.0]]])
+    """
+    out = _fit_classes(pool, server.classes, lenient=lenient)
+    theirs = {m.name: m for m in server.modalities}
+    features, modalities = dict(out.features), []
+    for m in out.schema.modalities:
+        target = theirs.get(m.name)
+        if m.kind is ModalityKind.SENSOR and target is not None and target.kind is ModalityKind.SENSOR and target.shape[-1] != m.shape[-1]:
+            length, values = target.shape[-1], features[m.name]
+            if values.shape[-1] > length:
+                _log.warning(
+                    "[fedmm] sensor column %r: the site's series (up to %d steps) are cut to the federation's sensor length %d "
+                    "(the server's model input). Fix: to keep them whole, set sensor-length=%d (or more) in the run config",
+                    m.name, values.shape[-1], length, values.shape[-1],
+                )
+                values = values[..., :length]
+            else:
+                values = np.concatenate([values, np.zeros((*values.shape[:-1], length - values.shape[-1]), values.dtype)], axis=-1)
+            features[m.name] = np.ascontiguousarray(values)
+            m = dataclasses.replace(m, shape=(*m.shape[:-1], length))
+        modalities.append(m)
+    order = list(range(len(modalities)))
+    if sorted(theirs) == sorted(m.name for m in modalities):
+        position = {name: i for i, name in enumerate(m.name for m in server.modalities)}
+        order.sort(key=lambda j: position[modalities[j].name])
+    schema = dataclasses.replace(out.schema, modalities=tuple(modalities[j] for j in order))
+    return out.replace(schema=schema, features=features, present=out.present[:, order])
+
+
+def _fit_classes(pool: MultimodalDataset, classes: tuple[str, ...], *, lenient: bool) -> MultimodalDataset:
+    """``pool`` with its labels numbered in ``classes`` (see :func:`fit_to_server`)."""
+    mine = pool.schema.classes
+    if mine == classes:
+        return pool
+    index = {c: i for i, c in enumerate(classes)}
+    labelled = pool.label != UNLABELLED
+    held = sorted({mine[i] for i in np.unique(pool.label[labelled])})
+    foreign = [c for c in held if c not in index]
+    if foreign:
+        outside = labelled & np.isin(pool.label, [mine.index(c) for c in foreign])
+        if not lenient:
+            shown = ", ".join(repr(c) for c in foreign[:20]) + (" ..." if len(foreign) > 20 else "")
+            raise FederationError(
+                f"the site's data has labels the federation's model does not have: {shown} ({int(outside.sum())} records); "
+                f"its classes are {list(classes)[:50]}. Fix: correct those labels or remove their records, set 'lenient' to skip "
+                "them, or name every class in the run config's 'classes' (and in the server's held-out data)"
+            )
+        _log.warning("[fedmm] %d records skipped: their labels (%s) are not among the federation's classes (unknown label)", int(outside.sum()), ", ".join(foreign))
+        skipped = dict(pool.skipped)
+        reason = str(SkipReason.UNKNOWN_LABEL)
+        skipped[reason] = skipped.get(reason, 0) + int(outside.sum())
+        pool = pool.subset(np.flatnonzero(~outside)).replace(skipped=skipped)
+        labelled = pool.label != UNLABELLED
+    renumber = np.array([index.get(c, UNLABELLED) for c in mine] or [UNLABELLED], dtype=np.int64)
+    label = np.where(labelled, renumber[np.where(labelled, pool.label, 0)], UNLABELLED).astype(np.int64)
+    return pool.replace(schema=dataclasses.replace(pool.schema, classes=tuple(classes)), label=label)
 
 
 def class_weights(cfg: RunConfig, data: MultimodalDataset) -> torch.Tensor | None:
@@ -78,12 +172,13 @@ def own_rows(source: Source, name: str, spec: str) -> Source:
     return dataclasses.replace(source, pool=source.pool.subset(mine))
 
 
-def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, MultimodalDataset]:
+def site_data(node_config: Mapping[str, object], cfg: RunConfig, *, server: Schema | None = None) -> tuple[str, MultimodalDataset]:
     """Which site this node is, and its training data.
 
     - ``data`` in the node config (deployment): the site's own source, e.g.
       ``data='manifest:/srv/site/manifest.csv'``, trained on whole; its name is the
-      node config's ``site`` (or the source's);
+      node config's ``site`` (or the source's). With ``server`` (the model input the server
+      sent), fitted to it (:func:`fit_to_server`);
     - ``site`` alone: that site of the federation simulated from the run config;
     - ``partition-id`` (simulation): the site with that index.
 
@@ -97,7 +192,7 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[str, M
         name = str(node_config.get(protocol.NODE_SITE, spec))
         if len(source.pool) == 0:
             raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
-        return name, _site_data_cache(own_rows(source, name, spec), cfg.dp, cfg.sensor_norm)
+        return name, _site_data_cache(own_rows(source, name, spec), cfg.dp, cfg.sensor_norm, server, cfg.lenient)
     source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
     if protocol.NODE_SITE in node_config:

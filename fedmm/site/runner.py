@@ -18,21 +18,22 @@ import torch
 
 from fedmm import protocol
 from fedmm.config import RunConfig
-from fedmm.errors import BudgetExceededError, ConfigError, DataError, FederationError, PrivacyError
+from fedmm.data.schema import Schema
+from fedmm.errors import BudgetExceededError, ConfigError, DataError, FederationError, FedMMError, PrivacyError
 from fedmm.models import layout_fingerprint
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.privacy.policy import site_policy
 from fedmm.secure.identity import sign_claim
 from fedmm.secure.update import prepare_update
-from fedmm.site.io import RoundRequest, RoundResponse
+from fedmm.site.io import RoundRequest, RoundResponse, SiteRoundFailed
 from fedmm.plan import RunPlan
 from fedmm.site.data import site_data
 from fedmm.site.round import SiteState, train_round
 
 _log = logging.getLogger("fedmm.site")
 
-__all__ = ["run_round", "without_paths"]
+__all__ = ["run_round", "without_paths", "SiteRoundFailed"]
 
 
 def without_paths(message: str, ledger_path: Any) -> str:
@@ -55,11 +56,11 @@ def without_paths(message: str, ledger_path: Any) -> str:
 _DATA: dict[str, tuple[str, Any]] = {}  # a long-lived process keeps each site's data between rounds
 
 
-def _data(node_config: dict[str, Any], cfg: RunConfig) -> tuple[str, Any]:
-    key = json.dumps([node_config, cfg.to_run_config()], sort_keys=True, default=str)
+def _data(node_config: dict[str, Any], cfg: RunConfig, server: Schema | None = None) -> tuple[str, Any]:
+    key = json.dumps([node_config, cfg.to_run_config(), server.to_json() if server is not None else None], sort_keys=True, default=str)
     if key not in _DATA:
         _DATA.clear()  # one configuration at a time
-        _DATA[key] = site_data(node_config, cfg)
+        _DATA[key] = site_data(node_config, cfg, server=server)
     return _DATA[key]
 
 
@@ -69,24 +70,94 @@ def _for_server(message: str, ledger_path: Any, node_config: Any) -> str:
     return message if protocol.NODE_PARTITION_ID in node_config else without_paths(message, ledger_path)
 
 
+def _failed(err: BaseException, site: str | None, server_round: object, node_config: Any) -> SiteRoundFailed:
+    """The error the server gets for a round that failed at the site: its kind only. The whole of it goes to the site's log.
+
+    Whatever fails while the site loads its data, fits it to the server's model input, trains
+    or prepares its update may describe the records (a class list, a series length, counts, a
+    row), and whether it fails at all may hang on one record: neither is covered by DP.
+
+    A simulated site (``partition-id``) also attaches the whole error as a note, which a
+    traceback prints and ``str()`` leaves out: Flower's engine logs the traceback to the
+    run's ``flower.log``, whose tail ``fedmm simulate`` prints, while the reply still
+    carries only ``str()``.
+    """
+    detail = err.local_message if isinstance(err, DataError) else str(err)
+    unexpected = not isinstance(err, FedMMError)  # a bug or a library's error: the traceback helps the operator
+    _log.error("[fedmm] site %s: round %s failed: %s: %s", site or "?", server_round, type(err).__name__, detail, exc_info=err if unexpected else None)
+    failure = SiteRoundFailed(site, server_round, type(err).__name__, detail=detail)
+    if protocol.NODE_PARTITION_ID in node_config:
+        failure.add_note(f"at the site: {type(err).__name__}: {detail}")
+    return failure
+
+
+def _server_schema(config: dict[str, Any]) -> Schema | None:
+    """The model input the server sent (a malformed one is the server's error, and says so)."""
+    text = config.get(protocol.SCHEMA)
+    if text is None:
+        return None
+    try:
+        return Schema.from_json(str(text))
+    except (ValueError, KeyError, TypeError) as err:
+        raise FederationError(f"the server sent a model input schema this site cannot read ({type(err).__name__}). Fix: use fedmm's ServerApp, the same version at every site") from None
+
+
+class _Forward(Exception):
+    """Carries an error the server may read as it is (about its request, or the site's ledger) past the sanitising."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def run_round(req: RoundRequest) -> RoundResponse:
-    """Train this site for the round ``req.config`` describes; the site's own policy and ledger decide."""
+    """Train this site for the round ``req.config`` describes; the site's own policy and ledger decide.
+
+    Errors about the server's request (its run config, round, schema, SecAgg+ range) and
+    about the site's ledger keep their text (a deployed site's paths replaced); a refusal
+    is an answer with its reason. Any other failure, which may hang on the site's records,
+    reaches the server as :class:`SiteRoundFailed` (its kind only), and the site's log has
+    the whole error.
+    """
     torch.set_num_threads(1)
     cfg = RunPlan.from_run_config(req.run_config).config  # every part checked, before any data is read
-    try:
-        site, data = _data(req.node_config, cfg)
-    except DataError as err:
-        # The site's own log keeps the local detail (paths, values); the error that reaches the server does not.
-        _log.error("[fedmm] site data: %s", err.local_message)
-        raise
-    state = SiteState.from_json(req.saved_state) if req.saved_state else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
     server_round = req.config.get(protocol.SERVER_ROUND)
     if isinstance(server_round, bool) or not isinstance(server_round, int):
         raise ConfigError(protocol.SERVER_ROUND, "the server sent no integer round number", value=server_round, fix="use fedmm's ServerApp")
-    schema = req.config.get(protocol.SCHEMA)
+    server_schema = _server_schema(req.config)
+    # A deployed site's name as its operator set it (without one its name is its data's spec, a local path).
+    named = str(req.node_config[protocol.NODE_SITE]) if protocol.NODE_SITE in req.node_config else None
+    try:
+        site, data = _data(req.node_config, cfg, server_schema)
+    except Exception as err:  # noqa: BLE001 - whatever the site's data did, the server learns only that it failed
+        raise _failed(err, named, server_round, req.node_config) from None
+    try:
+        return _train(req, cfg, site, data, server_round, server_schema)
+    except _Forward as forward:
+        raise forward.error from None
+    except Exception as err:  # noqa: BLE001 - as above
+        raise _failed(err, named if protocol.NODE_DATA in req.node_config else site, server_round, req.node_config) from None
+
+
+def _prepare(local: Any, global_weights: Any, cfg: RunConfig, **kwargs: Any) -> Any:
+    """:func:`prepare_update`; its PrivacyError (this round's SecAgg+ range would truncate the noise share) is about
+    the server's settings, not the records, and the server may read it. Its other errors may describe the update."""
+    try:
+        return prepare_update(local, global_weights, cfg, **kwargs)
+    except PrivacyError as err:
+        raise _Forward(err) from None
+
+
+def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round: int, server_schema: Schema | None) -> RoundResponse:
+    """The round after the site's data is loaded: policy, ledger, training, the update."""
+    state = SiteState.from_json(req.saved_state) if req.saved_state else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
     run_id = str(req.config.get(protocol.RUN_ID, "run"))
-    # The site's own limits (its node config in a deployment) and its durable ledger.
-    policy = site_policy(req.node_config, cfg, site=site, run_id=run_id)
+    # The site's own limits (its node config in a deployment) and its durable ledger. Their errors are about the
+    # site's settings or the server's run id, never its records: the server may read them.
+    try:
+        policy = site_policy(req.node_config, cfg, site=site, run_id=run_id)
+    except ConfigError as err:
+        raise _Forward(err) from None
     # A deployed site signs its claim to its name with its enrolled key; the server checks it (fedmm.secure.identity).
     key = req.node_config.get(protocol.NODE_KEY)
     proof = sign_claim(str(key), run_id=run_id, server_round=server_round, node=req.node_id, site=site) if key else ""
@@ -97,11 +168,11 @@ def run_round(req: RoundRequest) -> RoundResponse:
     except PrivacyError as err:
         # The site's log keeps where its ledger lies; the server learns what is wrong, not the site's paths.
         _log.error("[fedmm] site %s cannot train round %d: %s", site, server_round, err)
-        raise PrivacyError(_for_server(str(err), policy.ledger_path, req.node_config)) from None
+        raise _Forward(PrivacyError(_for_server(str(err), policy.ledger_path, req.node_config))) from None
     try:
         update = train_round(
             cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
-            expected_schema=str(schema) if schema is not None else None, policy=policy, ledger=ledger, run_id=run_id,
+            expected_schema=server_schema.to_json() if server_schema is not None else None, policy=policy, ledger=ledger, run_id=run_id,
         )
     except BudgetExceededError as refusal:
         # A refusal is the site's answer, not a failure: no update, the reason, and its budget.
@@ -113,7 +184,7 @@ def run_round(req: RoundRequest) -> RoundResponse:
         if req.secagg is not None:
             # Inside SecAgg+: a zero update. Weight 0 takes no part in FedAvg; under client-level
             # DP (weights of 1) it still carries its noise share, so the noise never falls short.
-            out = prepare_update(global_t, req.global_weights, cfg, weight=1 if cfg.client_dp else 0, secagg=req.secagg, site=site)
+            out = _prepare(global_t, req.global_weights, cfg, weight=1 if cfg.client_dp else 0, secagg=req.secagg, site=site)
             response.arrays, response.weight = out.arrays, int(out.weight)
         return response
     finally:
@@ -132,7 +203,7 @@ def run_round(req: RoundRequest) -> RoundResponse:
     # the un-noised training loss. Without DP both are sent (no guarantee is claimed then).
     weight = 1 if cfg.dp else update.num_examples
     if cfg.sends_deltas:  # the update (clipped under client-level DP), not the weights
-        out = prepare_update(update.state_dict, req.global_weights, cfg, weight=weight, secagg=req.secagg, site=site)
+        out = _prepare(update.state_dict, req.global_weights, cfg, weight=weight, secagg=req.secagg, site=site)
         response.arrays, response.weight, response.clipped_values = out.arrays, int(out.weight), out.clipped_values
     else:
         response.arrays, response.weight = {k: v.numpy() for k, v in update.state_dict.items()}, weight

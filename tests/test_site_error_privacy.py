@@ -1,0 +1,177 @@
+"""What a deployed site's failure tells the server: that it failed, and the error's kind; nothing from its data.
+
+A site builds its classes from its own labels (``classes`` empty) and its sensor length from its
+own longest series (``sensor-length=auto``). Before, a site lacking one of the federation's
+classes failed, a site with one long record failed, and the error Flower forwards to the server
+carried the site's class list, its series shape or its exact counts. Now a site fits its data to
+the server's model input, and what cannot be fitted fails with a fixed text; the details stay in
+the site's log.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmm import protocol
+from fedmm.config import RunConfig
+from fedmm.data.normalise import normalise
+from fedmm.data.schema import MultimodalDataset, Schema
+from fedmm.data.sources import load_source
+from fedmm.errors import ConfigError, FederationError
+from fedmm.plan import RunPlan
+from fedmm.privacy.ledger import PrivacyLedger
+from fedmm.site import runner
+from fedmm.site import io
+from fedmm.site.data import site_data
+from fedmm.site.io import RoundRequest
+from fedmm.site.runner import run_round
+
+LENGTH = 16  # the server's series length (sensor-length=auto: its held-out set's longest)
+CLASSES = ("a", "b", "c")
+
+
+def _manifest(folder: Path, name: str, rows: list[tuple[str, int]], split: str = "train") -> str:
+    """A sensor manifest of ``rows`` (label, series length), one two-channel series a row."""
+    rng = np.random.default_rng(len(rows))
+    (folder / "s").mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["sensor:acc", "label", "split"])
+        writer.writeheader()
+        for i, (label, length) in enumerate(rows):
+            np.save(folder / "s" / f"{name}-{i}.npy", rng.normal(size=(2, length)).astype(np.float32))
+            writer.writerow({"sensor:acc": f"s/{name}-{i}.npy", "label": label, "split": split})
+    return f"manifest:{folder / name}.csv"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], str, dict[str, np.ndarray]]:
+    """The run config, the schema the server sends (as server/app.py makes it) and the global weights."""
+    folder = tmp_path_factory.mktemp("server")
+    spec = _manifest(folder, "server", [(c, LENGTH) for c in CLASSES * 4], split="test")
+    run = {"data": spec, "rounds": 2, "sites": 1, "batch-size": 4, "target-epsilon": 8.0}
+    plan = RunPlan.from_run_config(run)
+    cfg, recipe = plan.config, plan.model
+    source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    test = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
+    schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
+    weights = {k: v.numpy() for k, v in recipe.build(schema, seed=cfg.seed).state_dict().items()}
+    return run, schema.to_json(), weights
+
+
+def _request(folder: Path, spec: str, server: tuple[dict[str, object], str, dict[str, np.ndarray]], **run: object) -> RoundRequest:
+    run_config, schema, weights = server
+    state = folder / "state"
+    if not (state / "ledger.sqlite").exists():
+        PrivacyLedger.create(state / "ledger.sqlite", site="clinic").close()
+    node = {protocol.NODE_SITE: "clinic", protocol.NODE_DATA: spec, protocol.NODE_STATE_DIR: str(state), protocol.NODE_EPSILON_BUDGET: 20.0}
+    config = {protocol.SERVER_ROUND: 1, protocol.SCHEMA: schema, protocol.RUN_ID: "study-1"}
+    runner._DATA.clear()
+    return RoundRequest(run_config={**run_config, **run}, node_config=node, config=config, global_weights=weights, node_id=7)
+
+
+def _reason(err: BaseException) -> str:
+    """What Flower sends the server as the reply's error reason for an exception raised in a ClientApp."""
+    return str(type(err)) + ":<'" + str(err) + "'>"
+
+
+def test_a_site_missing_a_class_trains_under_the_servers_schema(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    spec = _manifest(tmp_path, "site", [("b", LENGTH), ("c", LENGTH)] * 6)  # no class 'a': non-IID, normal
+    response = run_round(_request(tmp_path, spec, server))
+
+    assert response.refused is None and np.isfinite(response.metrics[protocol.EPSILON])
+    assert {k: v.shape for k, v in response.arrays.items()} == {k: v.shape for k, v in server[2].items()}
+    cfg = RunPlan.from_run_config(server[0]).config
+    _, data = site_data({protocol.NODE_SITE: "clinic", protocol.NODE_DATA: spec}, cfg, server=Schema.from_json(server[1]))
+    assert data.schema.classes == CLASSES
+    assert sorted(set(data.label.tolist())) == [1, 2]  # 'b' and 'c' keep the federation's numbers, not 0 and 1
+
+
+def _own(spec: str, cfg: RunConfig) -> MultimodalDataset:
+    """The site's data as it loads on its own (its own classes and length)."""
+    return site_data({protocol.NODE_SITE: "clinic", protocol.NODE_DATA: spec}, cfg)[1]
+
+
+def test_shorter_series_take_the_servers_length_and_one_long_record_changes_nothing(
+    tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]], caplog: pytest.LogCaptureFixture
+) -> None:
+    short = [(c, 10) for c in CLASSES * 4]
+    outcomes = []
+    for name, rows in (("without", short), ("with", short + [("a", 3 * LENGTH)])):  # one record three times as long
+        with caplog.at_level(logging.WARNING, logger="fedmm.site"):
+            response = run_round(_request(tmp_path / name, _manifest(tmp_path / name, "site", rows), server))
+        outcomes.append((response.refused, sorted(response.arrays), response.layout))
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] is None
+    assert f"cut to the federation's sensor length {LENGTH}" in caplog.text  # the site's log says so
+
+    cfg = RunPlan.from_run_config(server[0]).config
+    own = _own(_manifest(tmp_path / "pad", "site", short), cfg)
+    assert own.schema.modalities[0].shape == (2, 10)  # on its own: its own length
+    from fedmm.site.data import fit_to_server
+
+    fitted = fit_to_server(own, Schema.from_json(server[1]))
+    assert fitted.features["sensor:acc"].shape[1:] == (2, LENGTH) and not fitted.features["sensor:acc"][..., 10:].any()  # zeros, as the loader pads
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+def test_an_error_reply_carries_nothing_derived_from_the_data(
+    tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]], caplog: pytest.LogCaptureFixture, lenient: bool
+) -> None:
+    """A label the federation lacks fails the round (strict), or leaves no record to train on (lenient: skipped):
+    the server is told the same fixed text however many such records there are; the site's log has the rest."""
+    reasons = []
+    for n in (1, 5):
+        rows = [("zebra-secret", 2 * LENGTH)] * n + ([] if lenient else [("b", LENGTH)] * 7)
+        folder = tmp_path / f"{n}"
+        with caplog.at_level(logging.ERROR, logger="fedmm.site"), pytest.raises(io.SiteRoundFailed) as err:
+            run_round(_request(folder, _manifest(folder, "site", rows), server, lenient=lenient))
+        reasons.append(_reason(err.value))
+        assert err.value.__cause__ is None and not getattr(err.value, "__notes__", None)  # a deployed site: nothing attached
+    assert reasons[0] == reasons[1]
+    kind = "FederationError"
+    assert reasons[0] == f"<class 'fedmm.site.io.SiteRoundFailed'>:<'site clinic: round 1 failed at the site ({kind}); the reason is in the site's own log, not sent to the server'>"
+    for leak in ("zebra", "'a'", "'b'", "[", "{", str(LENGTH), "per_class", "skipped", "unknown label"):
+        assert leak not in reasons[0]
+    # the site's own log: what, where, how many, and the fix
+    if lenient:
+        assert "no labelled sample" in caplog.text and "'unknown label': 5" in caplog.text
+    else:
+        assert "'zebra-secret' (5 records)" in caplog.text and "Fix:" in caplog.text
+
+
+def test_a_site_whose_data_cannot_load_tells_the_server_only_that(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]], caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "bad"
+    spec = _manifest(folder, "site", [("b", LENGTH)] * 9)
+    (folder / "s" / "site-6.npy").write_bytes(b"not an array")  # manifest row 8
+    with caplog.at_level(logging.ERROR, logger="fedmm.site"), pytest.raises(io.SiteRoundFailed) as err:
+        run_round(_request(folder, spec, server))
+    assert str(err.value) == f"site clinic: round 1 failed at the site ({err.value.kind}); the reason is in the site's own log, not sent to the server"
+    assert "manifest row 8" in caplog.text and str(folder) in caplog.text  # the operator sees where
+
+
+def test_what_is_wrong_with_the_servers_request_keeps_its_text(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    spec = _manifest(tmp_path, "site", [("b", LENGTH)] * 4)
+    request = _request(tmp_path, spec, server)
+    with pytest.raises(FederationError, match="the server sent a model input schema") as err:
+        run_round(RoundRequest(**{**request.__dict__, "config": {**request.config, protocol.SCHEMA: "{not json"}}))
+    assert not isinstance(err.value, io.SiteRoundFailed)
+    with pytest.raises(ConfigError, match="integer round number"):
+        run_round(RoundRequest(**{**request.__dict__, "config": {**request.config, protocol.SERVER_ROUND: "one"}}))
+
+
+def test_the_failure_travels_without_its_detail_and_a_simulated_site_shows_it_in_tracebacks() -> None:
+    failure = io.SiteRoundFailed("george", 2, "DataError", detail="manifest row 7: label 'patient-4711'")
+    copy = pickle.loads(pickle.dumps(failure))
+    assert str(copy) == str(failure) and copy.detail == "" and "4711" not in str(failure)
+
+    from fedmm.site.runner import _failed
+
+    simulated = _failed(FederationError("site 0: no labelled sample ({'per_class': {'x': 3}})"), "0", 1, {protocol.NODE_PARTITION_ID: 0})
+    deployed = _failed(FederationError("site 0: no labelled sample ({'per_class': {'x': 3}})"), "0", 1, {protocol.NODE_DATA: "manifest:x"})
+    assert "per_class" not in str(simulated) and "per_class" in "".join(simulated.__notes__)  # flower.log's traceback: the simulating user's
+    assert not getattr(deployed, "__notes__", None)
