@@ -336,3 +336,24 @@ def test_a_site_file_sets_the_supernodes_heartbeat(tmp_path: Path) -> None:
 
     assert SiteSettings.load(_site_file(tmp_path)).heartbeat_interval == 3.0
     assert SiteSettings.load(_site_file(tmp_path, "heartbeat-interval = 5\n")).heartbeat_interval == 5.0
+
+
+def test_a_sites_executor_runs_its_own_clientapp_never_the_servers_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audit finding: the executor installed and ran whatever app bundle (FAB) the server submitted: a server could
+    ship a ClientApp that trains without DP or skips the site's ledger."""
+    import types
+
+    import flwr.cli.install
+
+    from fedmm.runtime.executor import _Apps
+    from fedmm.site.clientapp import app as own_app
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the server's bundle was installed")
+
+    monkeypatch.setattr(flwr.cli.install, "install_from_fab", refuse)
+    apps = _Apps()
+    run = types.SimpleNamespace(run_id=1, fab_id="evil/app", fab_version="6.6.6")
+    for content in (b"a bundle whose clients/app.py skips the ledger", b"another"):
+        fab = types.SimpleNamespace(hash_str=content.hex()[:64], content=content)
+        assert apps.get(run, fab) is own_app

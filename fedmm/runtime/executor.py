@@ -50,33 +50,31 @@ def make_secret(state_dir: Path) -> Path:
 
 
 class _Apps:
-    """The installed app bundle (FAB) and its loaded ClientApp, installed and imported once per FAB hash.
+    """The ClientApp a task runs: always the site's own (:mod:`fedmm.site.clientapp`, from the fedmm
+    installed here), never code from the app bundle (FAB) the server submitted with the run.
 
-    A run with another bundle (new app code) replaces the previous one: its modules are
-    dropped from ``sys.modules`` first, so the new code is what runs, not a cached import.
+    A server's bundle could carry any ClientApp, one that trains without DP or skips the site's
+    ledger; Flower's own ``flwr-clientapp`` would install and run it. Here the bundle is only
+    named in the log (its id and hash); the run's settings still come from the task's context.
     """
 
     def __init__(self) -> None:
         self._hash = ""
-        self._dir: Path | None = None
         self._app: Any = None
 
     def get(self, run: Any, fab: Any) -> Any:
-        from flwr.cli.install import install_from_fab
-        from flwr.clientapp.utils import get_load_client_app_fn
-        from flwr.common.config import get_project_dir
+        if self._app is None:
+            from fedmm.site.clientapp import app
 
+            self._app = app
         if fab.hash_str != self._hash:
-            if self._dir is not None:
-                for name, module in list(sys.modules.items()):
-                    if Path(getattr(module, "__file__", None) or "/").is_relative_to(self._dir):
-                        del sys.modules[name]
-                if str(self._dir) in sys.path:
-                    sys.path.remove(str(self._dir))
-            install_from_fab(fab.content, skip_prompt=True)
-            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-            self._app = load(run.fab_id, run.fab_version, fab.hash_str)
-            self._hash, self._dir = fab.hash_str, Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str)).absolute()
+            from flwr.common.logger import log
+
+            from fedmm import __version__
+
+            log(INFO, "[fedmm executor] run %s: the server's app bundle %s (%s...) is not run here; this site runs its own fedmm %s ClientApp",
+                getattr(run, "run_id", "?"), getattr(run, "fab_id", "?"), str(fab.hash_str)[:12], __version__)
+            self._hash = fab.hash_str
         return self._app
 
 
