@@ -115,16 +115,22 @@ def test_pretrained_image_features_name_their_weights(tmp_path: Path) -> None:
     assert (one.features["image"][::4] == 0).all() and (one.features["image"][1::4] != 0).any()  # absent stays zeros
 
 
-def test_unreadable_or_foreign_image_weights_say_so(tmp_path: Path) -> None:
+def test_unreadable_or_foreign_image_weights_say_so_and_nothing_of_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The path comes from the run config (at a deployed site: from the server), and the error reaches the server:
+    # the same message for a missing, a foreign or a text file, none of its bytes; the cause in the local log.
     ds = make_synthetic(4, seed=0)
     foreign = tmp_path / "foreign.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
     text = tmp_path / "notes.txt"
-    text.write_text("not weights")
-    for path, message in ((tmp_path / "missing.pt", "no such file"), (foreign, "ConvImageEncoder"), (text, "ConvImageEncoder")):
-        with pytest.raises(ConfigError, match=message) as error:
+    text.write_text("secret: hunter2")
+    messages = set()
+    for path in (tmp_path / "missing.pt", foreign, text):
+        with pytest.raises(ConfigError, match="no readable state_dict of fedmm's ConvImageEncoder") as error:
             ModelRecipe("concat", ModelOptions(image_encoder="pretrained", image_weights=str(path))).prepare(ds)
-        assert error.value.key == "image-weights"
+        assert error.value.key == "image-weights" and "hunter2" not in str(error.value) and "'s'" not in str(error.value)
+        messages.add(str(error.value).replace(str(path), "PATH"))
+    assert len(messages) == 1
+    assert "FileNotFoundError" in caplog.text
 
 
 def test_embedding_fusion_needs_pretrained_features() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,19 +228,21 @@ def save_image_encoder(encoder: ConvImageEncoder, path: str | Path) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _frozen_image_encoder(path: str) -> tuple[ConvImageEncoder, str]:
+    # The path comes from the run config, which a deployed site gets from the server, and an error reaches the
+    # server: one message whether the file is missing, unreadable or another file (no existence bit, nor any of
+    # the file's bytes, which a decoder's message can quote); the cause goes to this process's own log.
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError("image-weights", "no such file", value=path, fix="give the path of a file saved with fedmm.models.save_image_encoder")
-    blob = file.read_bytes()
     try:
+        blob = file.read_bytes()
         state = torch.load(file, map_location="cpu", weights_only=True)  # weights only: a weights file runs no code
         first, last = state["net.0.weight"], state["net.8.weight"]
         encoder = ConvImageEncoder(channels=int(first.shape[1]), out_features=int(last.shape[0]))
         encoder.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001 - any unreadable or foreign file gets the same clear error
+    except Exception as exc:  # noqa: BLE001 - any missing, unreadable or foreign file gets the same clear error
+        logging.getLogger(__name__).warning("image-weights %s: %s: %s", path, type(exc).__name__, exc)
         raise ConfigError(
-            "image-weights", f"not the state_dict of fedmm's ConvImageEncoder ({type(exc).__name__}: {exc})", value=path,
-            fix="save the encoder with fedmm.models.save_image_encoder(encoder, path)",
+            "image-weights", "is no readable state_dict of fedmm's ConvImageEncoder (missing, unreadable or another file; the cause is in this "
+            "process's log)", value=path, fix="give the path of a file saved with fedmm.models.save_image_encoder(encoder, path)",
         ) from None
     encoder.eval().requires_grad_(False)
     return encoder, hashlib.sha256(blob).hexdigest()[:12]
