@@ -191,3 +191,29 @@ def test_a_missing_speaker_gets_a_fix_that_works(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no recording of speaker 'theo'") as err:
         avmnist.list_recordings(tmp_path, "theo")
     assert "sites" not in err.value.fix and "add theo's recordings" in err.value.fix and "manifest" in err.value.fix
+
+
+# 8. a misspelt label, a capitalised or semicolon-separated header: each pointed out
+def test_a_rare_label_close_to_a_common_one_is_pointed_out_as_a_likely_typo(tmp_path: Path) -> None:
+    lines = [f"{_series(tmp_path, f's{i}.npy', (3, 20), seed=i)},{'Walking' if i % 2 else 'Running'},train" for i in range(8)]
+    lines.append(f"{_series(tmp_path, 'x.npy', (3, 20), seed=99)},Walkng,train")
+    path = _manifest(tmp_path, "sensor,label,split", lines)
+
+    notes = check_manifest(path, PREP).notes
+
+    assert any("class 'Walkng' has 1 record(s) and its name is close to 'Walking' (4): a typo?" in n for n in notes)
+    (tmp_path / "without").mkdir()
+    for name in [f"s{i}.npy" for i in range(8)]:
+        shutil.copy(tmp_path / name, tmp_path / "without" / name)
+    assert not any("typo" in n for n in check_manifest(_manifest(tmp_path / "without", "sensor,label,split", lines[:-1]), PREP).notes)
+
+
+@pytest.mark.parametrize(("header", "hint"), [("sensor,Label,split", "its header has 'Label': column names are lower case"),
+                                               ("sensor;label;split", "separated by ';', not commas")])
+def test_a_header_nearly_right_says_what_is_wrong_with_it(tmp_path: Path, header: str, hint: str) -> None:
+    sep = ";" if ";" in header else ","
+    path = _manifest(tmp_path, header, [sep.join([_series(tmp_path, "s.npy", (3, 20)), "a", "train"])])
+
+    with pytest.raises(DataError, match="its first line has") as error:
+        load_manifest(path, PREP)
+    assert hint in error.value.local_message and hint not in str(error.value)  # the header's text stays local

@@ -14,14 +14,15 @@ never a class. When two spellings meet in one class, the loader reports it
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 
 from fedmm.errors import ConfigError
 
-__all__ = ["MISSING_SPELLINGS", "canonical_label", "canonical_classes", "spelling_notes"]
+__all__ = ["MISSING_SPELLINGS", "canonical_label", "canonical_classes", "rare_lookalikes", "spelling_notes"]
 
 MISSING_SPELLINGS = frozenset({"", "nan", "null", "none"})  # compared in lower case
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
@@ -79,4 +80,22 @@ def spelling_notes(spellings: dict[str, set[str]]) -> tuple[str, ...]:
             # NFC and NFD forms print alike: show those code point by code point
             show = ascii if len({unicodedata.normalize("NFC", s) for s in seen}) < len(seen) else repr
             notes.append(f"labels {', '.join(show(s) for s in sorted(seen))} are one class {canonical!r}")
+    return tuple(notes)
+
+
+def rare_lookalikes(counts: Mapping[str, int], *, rare: int = 2, likeness: float = 0.8) -> tuple[str, ...]:
+    """One note for each class of at most ``rare`` records whose name is close to a larger class's: a typo
+    (``Walkng`` beside ``Walking``) makes a class of its own, which nothing else would point out.
+
+    >>> rare_lookalikes({"Walking": 20, "Walkng": 1, "Running": 20})
+    ("class 'Walkng' has 1 record(s) and its name is close to 'Walking' (20): a typo? Fix it in the manifest, or set 'classes' to the intended ones",)
+    """
+    notes = []
+    common = [c for c, n in counts.items() if n > rare]
+    for name, n in sorted(counts.items()):
+        if n <= rare:
+            close = difflib.get_close_matches(name, common, n=1, cutoff=likeness)
+            if close:
+                notes.append(f"class {name!r} has {n} record(s) and its name is close to {close[0]!r} ({counts[close[0]]}): a typo? "
+                             "Fix it in the manifest, or set 'classes' to the intended ones")
     return tuple(notes)

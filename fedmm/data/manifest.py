@@ -50,7 +50,7 @@ import numpy as np
 
 from fedmm.data.checks import FLOAT32_MAX, SampleError, SkipReason
 from fedmm.data.decoders import load_audio, load_image, load_sensor
-from fedmm.data.labels import canonical_classes, canonical_label, spelling_notes
+from fedmm.data.labels import canonical_classes, canonical_label, rare_lookalikes, spelling_notes
 from fedmm.data.manifest_audit import RowFile, duplicate_warnings, skips_by_site
 from fedmm.data.manifest_sensors import SensorColumn, layout_warnings, resolve_sensor_length, scan_sensors
 from fedmm.data.manifest_table import RESERVED, WHERE, ManifestColumns, TableRow, read_manifest_table, write_manifest
@@ -152,11 +152,13 @@ def _load_manifest(
         if all(not r.cells[col] for r in rows):
             raise DataError(WHERE, f"column {col!r} is empty in every row", fix="fill it or remove the column", detail=f"manifest {path}")
     spellings: dict[str, set[str]] = {}
+    counts: Counter[str] = Counter()
     for r in rows:
         label = canonical_label(r.cells["label"])
         if label is not None:
             spellings.setdefault(label, set()).add(r.cells["label"])
-    notes = spelling_notes(spellings)
+            counts[label] += 1
+    notes = spelling_notes(spellings) + (() if classes else rare_lookalikes(counts))
     for note in notes:
         log.warning("%s: %s", path, note)
     class_list = classes or tuple(sorted(spellings))

@@ -48,9 +48,14 @@ class ManifestColumns:
         tabular, meta = [], []
         local = f"manifest {where}"
         if "label" not in columns:
+            # Quoted (locally) only when evidently a manifest's header, not another file's first line.
+            near = [c for c in columns if c.strip().lower() == "label"]
+            hint = f"; its header has {near[0]!r}: column names are lower case, rename it 'label'" if near else ""
+            if not near and len(columns) == 1 and any(sep in columns[0] for sep in ";\t|") and "label" in columns[0].lower():
+                hint = "; its header looks separated by " + next(repr(sep) for sep in ";\t|" if sep in columns[0]) + ", not commas: save it as comma-separated CSV"
             raise DataError(
                 WHERE, f"is not a CSV/Parquet manifest with a 'label' column: its first line has {len(columns)} fields",
-                fix="pass the site's manifest, whose header names a 'label' column (see docs/data.md)", detail=local,
+                fix="pass the site's manifest, whose header names a 'label' column (see docs/data.md)", detail=local + hint,
             )
         for number, col in enumerate(columns, start=1):
             prefix, sep, rest = col.partition(":")
