@@ -268,7 +268,7 @@ def test_a_task_the_supernode_dropped_ends_that_task_not_the_executor() -> None:
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse
 
-    from fedmm.runtime.executor import _Apps, _task_heartbeat_fn, run_task
+    from fedmm.runtime.executor import _OwnClientApp, _task_heartbeat_fn, run_task
 
     class RevokedToken(BaseHTTPRequestHandler):  # a SuperNode that no longer knows the task's token
         def do_POST(self) -> None:
@@ -285,7 +285,7 @@ def test_a_task_the_supernode_dropped_ends_that_task_not_the_executor() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), RevokedToken)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        status = run_task(f"127.0.0.1:{server.server_address[1]}", "a-dropped-token", _Apps())
+        status = run_task(f"127.0.0.1:{server.server_address[1]}", "a-dropped-token", _OwnClientApp())
         assert status == "failed" and not interrupted  # only this task ended; nothing signalled the process
 
         class Client:
@@ -345,14 +345,14 @@ def test_a_sites_executor_runs_its_own_clientapp_never_the_servers_bundle(monkey
 
     import flwr.cli.install
 
-    from fedmm.runtime.executor import _Apps
+    from fedmm.runtime.executor import _OwnClientApp
     from fedmm.site.clientapp import app as own_app
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the server's bundle was installed")
 
     monkeypatch.setattr(flwr.cli.install, "install_from_fab", refuse)
-    apps = _Apps()
+    apps = _OwnClientApp()
     run = types.SimpleNamespace(run_id=1, fab_id="evil/app", fab_version="6.6.6")
     for content in (b"a bundle whose clients/app.py skips the ledger", b"another"):
         fab = types.SimpleNamespace(hash_str=content.hex()[:64], content=content)

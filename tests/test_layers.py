@@ -146,6 +146,16 @@ def test_each_package_says_what_it_is_for(module: str) -> None:
         assert "import" in doc, f"{module}/__init__.py: say which floors the package may import"
 
 
+@pytest.mark.parametrize("module", sorted(m for m, p in _modules().items() if p.name == "__init__.py"))
+def test_every_name_a_package_exports_resolves(module: str) -> None:
+    """Review finding: fedmm.federation still pointed check_update at book.py after it moved to checks.py."""
+    import importlib
+
+    package = importlib.import_module(module)
+    missing = [name for name in getattr(package, "__all__", ()) if not hasattr(package, name)]
+    assert not missing, f"{module}.__all__ names what it cannot give: {missing}"
+
+
 def test_no_module_is_too_long_to_read() -> None:
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by concern): {long}"

@@ -168,6 +168,9 @@ def test_a_consistently_rewritten_chain_fails_against_the_witness(tmp_path: Path
     db.close()
     write_anchor(path.with_name("ledger.sqlite.head"), forged[-1].seq, forged[-1].hash)
 
+    code, output = _cli("audit", str(path))  # the spend log, written before each commit, still has the true spends
+    assert code == 1 and "the ledger or its spend log was rewritten after the spend" in output
+    path.with_name("ledger.sqlite.spends").unlink()  # the rewrite done thoroughly: the spend log gone too
     assert _cli("audit", str(path))[0] == 0  # self-consistent: only a witness held elsewhere can tell
     code, output = _cli("audit", str(path), "--witness", str(witness))
     assert code == 1 and "rewritten or cut" in output

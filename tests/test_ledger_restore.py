@@ -168,3 +168,35 @@ def test_a_spend_whose_commit_failed_is_cancelled_in_the_spend_log(tmp_path: Pat
     assert events == ["spend", "spend", "spend-rolled-back"]
     with PrivacyLedger.open(path, site="george") as ledger:  # nothing to add back: the failed spend never was
         assert len(ledger.entries()) == 1 and ledger.recovered == ()
+
+
+@pytest.mark.parametrize("damage", ["torn", "garbled"])
+def test_a_spend_log_line_that_is_not_a_whole_record_refuses_the_ledger_and_names_no_figure(tmp_path: Path, site_data, damage: str) -> None:
+    """Review finding: a line that is not JSON was skipped without a word, so a ledger restored one spend behind
+    took the line before it as 'a crash' and trained at the lower figure; the fix named too small an epsilon."""
+    policy = SitePolicy(state_dir=tmp_path / "george", epsilon_budget=1000.0, fresh_state=True)
+    _round(policy, site_data, run="r1")
+    _copy(PAIR, policy.state_dir, tmp_path / "backup")
+    _round(policy, site_data, run="r2")
+    _round(policy, site_data, run="r3")
+    spends = policy.state_dir / "ledger.sqlite.spends"
+    text = spends.read_bytes()
+    start = text.rstrip(b"\n").rfind(b"\n") + 1  # the newest spend's line: cut short, or its first byte changed
+    spends.write_bytes(text[:-40] if damage == "torn" else text[:start] + b"#" + text[start + 1 :])
+    _copy(PAIR, tmp_path / "backup", policy.state_dir)
+
+    with pytest.raises(PrivacyError, match="is not a whole record") as refusal:
+        _round(policy, site_data, run="r4")
+    assert "--carried-epsilon E" in str(refusal.value) and "privacy.json" in str(refusal.value)
+    assert not audit_ledger(policy.ledger_path).ok
+
+
+def test_a_line_torn_by_a_crash_does_not_swallow_the_next_spend(tmp_path: Path) -> None:
+    from fedmm.privacy.ledger_files import append_log, read_log
+
+    log = tmp_path / "ledger.sqlite.spends"
+    log.write_text('{"event": "spend", "seq": 1, "ent')  # a crash in the middle of a write
+    append_log(log, "spend", seq=2)
+
+    events = read_log(log)
+    assert [e.get("event") for e in events] == ["unreadable", "spend"] and events[1]["seq"] == 2

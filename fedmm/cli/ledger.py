@@ -72,8 +72,7 @@ def ledger_recover(
             seq, _ = ledger.head()
             epsilon = ledger.entries()[-1].epsilon if seq else 0.0
     if recovered:
-        what = f"added back entries {recovered[0].seq}-{recovered[-1].seq} from {path.name}.spends"
+        what = f"added back entries {recovered[0].seq}-{recovered[-1].seq} from {path.name}.spends; logged in {path.name}.log"
     else:
         what = "nothing to add back: the ledger holds every spend its spend log records"
-    console.print(f"site {site}: {what}; the ledger ends at entry {seq}, epsilon {epsilon:.6g}; logged in {path.name}.log",
-                  markup=False, highlight=False)
+    console.print(f"site {site}: {what}; the ledger ends at entry {seq}, epsilon {epsilon:.6g}", markup=False, highlight=False)

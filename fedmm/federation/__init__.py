@@ -1,8 +1,9 @@
 """The server's side of a federation, testable without a running Flower server.
 
 - ``fedmm.federation.book``: :class:`FederationBook` (per-site privacy reports as a
-  maximum, refusals, rejected updates, min-sites, client-level DP) and
-  :func:`check_update`, the checks an update passes before anything is summed;
+  maximum, refusals, rejected updates, min-sites, client-level DP);
+- ``fedmm.federation.checks``: :func:`check_update` and :func:`check_weight`, the checks an
+  update passes before anything is summed, and :func:`aggregate_train_metrics`;
 - ``fedmm.federation.strategy``: :class:`FedMMAvg` (plain aggregation);
 - ``fedmm.federation.central``: the central evaluation on the server's held-out set
   (accuracy, macro-F1, per-class scores, confusion matrix);
@@ -26,8 +27,9 @@ from fedmm._lazy import lazy_exports
 _EXPORTS = {
     "SitePrivacy": "fedmm.federation.book",
     "FederationBook": "fedmm.federation.book",
-    "check_update": "fedmm.federation.book",
-    "aggregate_train_metrics": "fedmm.federation.book",
+    "check_update": "fedmm.federation.checks",
+    "check_weight": "fedmm.federation.checks",
+    "aggregate_train_metrics": "fedmm.federation.checks",
     "FedMMAvg": "fedmm.federation.strategy",
     "make_central_evaluation": "fedmm.federation.central",
     "SecureFedMM": "fedmm.federation.secagg",

@@ -1,13 +1,12 @@
 """The server's book of its sites, whichever aggregation runs (testable without Flower's server).
 
 - :class:`SitePrivacy`: one site's privacy report as it sent it after a round;
-- :func:`check_update` and :func:`check_weight`: the checks an update passes before anything
-  is summed (the global model's tensors, exact dtypes and shapes, finite, its norm within
-  ``max-update-norm`` or client-level DP's clip; its weight an integer in the agreed range);
 - :class:`FederationBook`: privacy reports (aggregated as a maximum), refusals, rejected
   updates (per reason and per site), min-sites, the global model's finiteness, and
   client-level DP (sampling, noise and its accountant). Shared by
   :class:`fedmm.federation.strategy.FedMMAvg` and :class:`fedmm.federation.secagg.SecureFedMM`.
+
+The checks of one reply's update and weight are in :mod:`fedmm.federation.checks`.
 
 The reporting rule: a site spends its budget before its reply leaves it, so every privacy
 report the server receives is kept (:meth:`FederationBook.keep_reports`), first thing, in

@@ -102,8 +102,15 @@ def read_anchor(path: Path) -> tuple[int, str] | None:
 def append_log(path: Path, event: str, **fields: Any) -> None:
     """Append one lifecycle event to the ledger's log, durably."""
     line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, **fields, **_who()})
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell():  # a line torn by a crash (no newline) must not swallow this one
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+            handle.seek(0, os.SEEK_END)
+            if torn:
+                line = "\n" + line
+        handle.write((line + "\n").encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
 

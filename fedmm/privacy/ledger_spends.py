@@ -12,8 +12,10 @@ or cut, has lost:
   alone is what a crash between the log and the commit leaves (that spend never left the site): the
   site adds it back when it opens the ledger, which errs on the safe side. More are a ledger restored
   from an older backup, or cut: the site refuses it until ``fedmm ledger recover`` adds them back;
-- logged spends past the ledger's end that do not continue its chain (or a damaged log line):
-  the spends cannot be recovered, a problem whose fix names the epsilon to carry over.
+- logged spends past the ledger's end that do not continue its chain, a damaged log line (not
+  JSON: torn or edited, or a record that does not match its hash), or a logged spend the ledger
+  holds under another hash (one of them was rewritten): a problem; the site does not train until
+  it is fixed, and the fix names the epsilon to carry over (none from a log with a torn line).
 
 A line whose append was rolled back (the commit failed) is cancelled by a ``spend-rolled-back``
 line. Spends logged for another ledger (one replaced after a loss) are not this one's.
@@ -56,6 +58,9 @@ def logged_spends(log: Path, ledger_id: str) -> tuple[dict[int, LedgerEntry], li
     spends: dict[int, LedgerEntry] = {}
     damaged: list[str] = []
     for number, line in enumerate(read_log(log), start=1):
+        if line.get("event") == "unreadable":  # not JSON (torn by a crash, or edited): whose spend it was is unknown
+            damaged.append(f"line {number} of {log.name} is not a whole record (torn or edited): the spend it held cannot be read")
+            continue
         if line.get("ledger") != ledger_id or line.get("event") not in (SPEND, ROLLED_BACK):
             continue
         if line["event"] == ROLLED_BACK:
@@ -70,10 +75,20 @@ def logged_spends(log: Path, ledger_id: str) -> tuple[dict[int, LedgerEntry], li
             damaged.append(f"line {number} of {log.name} ({err})")
             continue
         if entry.hash != entry.expected_hash():
-            damaged.append(f"line {number} of {log.name}: its record of entry {entry.seq} does not match its hash (edited)")
+            damaged.append(f"line {number} of {log.name}: its record of entry {entry.seq} (epsilon {entry.epsilon:.6g}) does not match its hash (edited)")
             continue
         spends[entry.seq] = entry
     return spends, damaged
+
+
+def _damaged_epsilon(log: Path, ledger_id: str) -> float:
+    """The largest epsilon any record of this ledger's log states, damaged or not (for a fix that must not carry too little)."""
+    top = 0.0
+    for line in read_log(log):
+        record = line.get("entry")
+        if line.get("ledger") == ledger_id and isinstance(record, dict) and isinstance(record.get("epsilon"), (int, float)):
+            top = max(top, float(record["epsilon"]))
+    return top
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class LogComparison:
     logged_epsilon: float = 0.0  # the largest epsilon the log records for this ledger
     logged_delta: float = 0.0  # the delta it is stated at
     rewritten: tuple[str, ...] = field(default=())  # entries the ledger holds under another hash than the log: stated
+    unreadable: bool = False  # a line of the log is not a whole record: the log cannot say how much was spent
 
 
 def compare(entries: list[LedgerEntry], log: Path, ledger_id: str, site: str) -> LogComparison:
@@ -94,13 +110,16 @@ def compare(entries: list[LedgerEntry], log: Path, ledger_id: str, site: str) ->
     stored = {e.seq: e for e in entries}
     head_seq, head_hash = (entries[-1].seq, entries[-1].hash) if entries else (0, GENESIS)
     head_epsilon = entries[-1].epsilon if entries else 0.0
-    rewritten = [
+    # A logged spend the ledger holds otherwise: the ledger or the log was rewritten after the spend. Which one only a
+    # witness held elsewhere tells; either way the site does not train on the ledger's figure (a problem, not a note).
+    problems += [
         f"the spend log {log.name} records entry {seq} (epsilon {logged[seq].epsilon:.6g}, noise {logged[seq].noise_multiplier:g}) "
         f"with hash {logged[seq].hash[:12]}, the ledger's entry {seq} (epsilon {stored[seq].epsilon:.6g}, noise "
         f"{stored[seq].noise_multiplier:g}) has {stored[seq].hash[:12]}: the ledger or its spend log was rewritten after the spend; "
-        "only a witness held elsewhere (--witness privacy.json) tells which is true"
+        "a witness held elsewhere (--witness privacy.json) tells which is true"
         for seq in sorted(s for s in logged if s in stored and logged[s].hash != stored[s].hash)
     ]
+    rewritten: list[str] = []
     ahead = [logged[s] for s in sorted(s for s in logged if s > head_seq)]
     top = max(logged.values(), key=lambda e: e.epsilon, default=None)
     missing: list[LedgerEntry] = []
@@ -117,7 +136,8 @@ def compare(entries: list[LedgerEntry], log: Path, ledger_id: str, site: str) ->
             break
         missing.append(entry)
         prev_seq, prev_hash = entry.seq, entry.hash
-    return LogComparison(tuple(missing), tuple(problems), top.epsilon if top else 0.0, top.delta if top else 0.0, tuple(rewritten))
+    logged_epsilon = max(top.epsilon if top else 0.0, _damaged_epsilon(log, ledger_id) if damaged else 0.0)
+    return LogComparison(tuple(missing), tuple(problems), logged_epsilon, top.delta if top else 0.0, tuple(rewritten), unreadable=any("not a whole record" in d for d in damaged))
 
 
 def log_verdict(comparison: LogComparison, entries: list[LedgerEntry], path: Path, site: str) -> tuple[list[str], list[str]]:
@@ -144,6 +164,14 @@ def log_verdict(comparison: LogComparison, entries: list[LedgerEntry], path: Pat
 def replace_fix(path: Path, site: str, entries: list[LedgerEntry], carried: CarriedSpend | None, comparison: LogComparison) -> str:
     """The fix for a ledger whose log shows spends it lacks and cannot be given back: replace it, carrying what the log says."""
     carried = carried or CarriedSpend(0.0, 0.0, "")
+    if comparison.unreadable:  # a torn or edited line may have held the largest spend: no figure from this log is safe
+        return (
+            f"Its spend log {spends_path(path).name} has a line that is not a whole record, so it cannot tell how much the site "
+            "spent. Fix: restore a backup that holds every spend; else move "
+            f"{path.name} aside (keep it) and run `fedmm ledger init {path.parent} --site {site} --replace-lost --carried-epsilon E "
+            "--carried-delta D --reason '...'` with E and D the site's spend as the server last recorded it (its privacy.json; "
+            "`fedmm audit --witness` checks a ledger against it), plus any spend of a run the server never saw"
+        )
     spent = carried.epsilon + max(comparison.logged_epsilon, entries[-1].epsilon if entries else 0.0)
     delta = carried.delta + (entries[-1].delta if entries else comparison.logged_delta)
     return (

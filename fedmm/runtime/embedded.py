@@ -146,8 +146,6 @@ def _environment(values: dict[str, str | None]) -> Iterator[None]:
 def _stop_ours(before: set[int], marker: str) -> None:
     """Kill (by PID) what this run started: new descendants of this process, and every process whose
     environment holds this run's private ``RAY_TMPDIR`` (Ray's workers, orphaned once Ray shut its raylet down)."""
-    import signal
-
     mine = set(_children(os.getpid())) - before
     needle = marker.encode()
     for entry in Path("/proc").iterdir():

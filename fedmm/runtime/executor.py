@@ -49,7 +49,7 @@ def make_secret(state_dir: Path) -> Path:
     return path
 
 
-class _Apps:
+class _OwnClientApp:
     """The ClientApp a task runs: always the site's own (:mod:`fedmm.site.clientapp`, from the fedmm
     installed here), never code from the app bundle (FAB) the server submitted with the run.
 
@@ -188,7 +188,7 @@ def _stop(heartbeat: Any) -> None:
         pass
 
 
-def run_task(address: str, token: str, apps: _Apps) -> str:
+def run_task(address: str, token: str, apps: _OwnClientApp) -> str:
     """Run one ClientApp task in this process, as ``flwr-clientapp --token`` would; return its status."""
     from flwr.app import Message
     from flwr.app.error import Error
@@ -285,7 +285,7 @@ def serve(address: str, secret: bytes, *, poll_interval: float = 0.1, warm: bool
             SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})),
         ],
     )
-    apps = _Apps()
+    apps = _OwnClientApp()
     log(INFO, "[fedmm executor] ready (pid %d): asking %s for ClientApp tasks every %.2f s when idle", os.getpid(), address, poll_interval)
     try:
         while True:

@@ -79,8 +79,9 @@ def _failed(err: BaseException, site: str | None, server_round: object, node_con
 
     A simulated site (``partition-id``) also attaches the whole error as a note, which a
     traceback prints and ``str()`` leaves out: Flower's engine logs the traceback to the
-    run's ``flower.log``, whose tail ``fedmm simulate`` prints, while the reply still
-    carries only ``str()``.
+    run's ``flower.log``, whose tail ``fedmm simulate`` prints. With ``--ray`` Ray's error
+    text includes that traceback, note and all: a simulation's server is the same person as
+    its sites. A deployed site attaches no note.
     """
     detail = err.local_message if isinstance(err, DataError) else str(err)
     unexpected = not isinstance(err, FedMMError)  # a bug or a library's error: the traceback helps the operator
