@@ -218,7 +218,18 @@ def test_a_round_that_stops_below_min_sites_still_reports_what_its_sites_spent()
     with pytest.raises(FederationError, match="fewer than min-sites=3"):
         strategy.aggregate_train(1, replies)
 
-    assert strategy.max_epsilon == 3.5 and sorted(strategy.site_privacy) == ["a", "b"]
+    assert strategy.max_epsilon == 3.5 and sorted(strategy.site_privacy) == ["a", "b", "c"]  # c's refusal is on record too
+    refused = strategy.site_privacy["c"]
+    assert refused.epsilon == 1.9 and refused.epsilon_budget == 2.0 and refused.refused == "site c refuses round 1" and refused.steps == 0
+
+
+def test_a_site_that_refuses_the_first_round_it_is_asked_is_on_record_with_its_spend() -> None:
+    """Privacy-officer finding: a site that refused before it ever reported was missing from privacy.json (and from
+    --witness), though its refusal states its lifetime epsilon and budget."""
+    strategy = FedMMAvg(dp=True, sites=3, min_sites=1)
+    strategy.aggregate_train(1, [_site_reply(1, "a", np.ones(2), 1, 1.0, 1.5), _refusal(3, "c", "site c refuses round 1: over its budget")])
+
+    assert strategy.site_privacy["c"].epsilon == 1.9 and strategy.max_epsilon == 1.9 and 3 in strategy.refused_nodes
 
 
 def test_a_round_that_fails_still_reports_what_the_other_sites_spent() -> None:

@@ -115,7 +115,7 @@ def test_a_replaced_ledger_whose_delta_the_run_cannot_take_refuses_before_it_spe
     assert _cli("ledger", "init", str(policy.state_dir), "--site", "george", "--replace-lost", "--carried-epsilon", "1",
                 "--carried-delta", "1e-5", "--reason", "disk failure, no backup")[0] == 0
 
-    with pytest.raises(BudgetExceededError, match=r"delta 2e-05 \(1e-05 of its own \+ 1e-05 carried .* target-delta >= 2e-05"):
+    with pytest.raises(BudgetExceededError, match=r"delta 2e-05 \(1e-05 of its own \+ 1e-05 carried .* Fix: leave this site out: its carried delta alone reaches"):
         _round(policy, site_data, server_round=1)
     with PrivacyLedger.open(policy.ledger_path, site="george") as ledger:
         assert ledger.entries() == []  # refused before any spend
@@ -281,3 +281,26 @@ def test_the_data_digest_is_kept_per_dataset_and_key_and_a_changed_dataset_gets_
     assert data_digest(fewer, b"k" * 32) != first
     fresh = data.subset(range(40))  # equal content, another object: the same digest, computed anew
     assert data_digest(fresh, b"k" * 32) == first
+
+
+def test_a_refusal_states_the_spend_a_replaced_ledger_carries(tmp_path: Path) -> None:
+    """Privacy-officer finding: a replaced ledger's refusal said 'epsilon spent 0.000', leaving out the carried spend."""
+    from fedmm import protocol
+    from fedmm.plan import RunPlan
+    from fedmm.privacy.ledger import CarriedSpend
+    from fedmm.site.data import site_data as load_site_data
+    from fedmm.site.io import RoundRequest
+    from fedmm.site.runner import run_round
+
+    state = tmp_path / "site-0"
+    PrivacyLedger.create(state / "ledger.sqlite", site="0", reason="disk failure", carried=CarriedSpend(5.0, 0.0, "disk failure")).close()
+    run = {"data": "synthetic:60", "rounds": 3, "sites": 1, "batch-size": 16, "target-epsilon": 8.0}
+    node = {protocol.NODE_SITE: "0", protocol.NODE_STATE_DIR: str(state), protocol.NODE_EPSILON_BUDGET: 5.5}
+    plan = RunPlan.from_run_config(run)
+    schema = plan.model.prepare(load_site_data(node, plan.config)[1]).schema
+    weights = {k: v.numpy() for k, v in plan.model.build(schema).state_dict().items()}
+
+    response = run_round(RoundRequest(run_config=dict(run), node_config=node, global_weights=weights, saved_state=None, node_id=7,
+                                      config={protocol.SERVER_ROUND: 1, protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: "study-1"}))
+
+    assert response.refused is not None and "carried over" in response.refused and response.spent == 5.0

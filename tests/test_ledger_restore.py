@@ -107,6 +107,7 @@ def test_a_ledger_one_spend_behind_its_spend_log_gets_it_back_when_the_site_open
 
     audit = audit_ledger(policy.ledger_path)  # what a crash between the spend log and the commit also leaves: stated
     assert audit.ok and any("tolerated: the spend log records entry 2" in note for note in audit.notes), audit.notes
+    assert audit.epsilon == pytest.approx(spent[-1].epsilon)  # the headline counts it (it was the ledger's entry 1's figure)
 
     update = _round(policy, site_data, run="study-3")
 

@@ -246,7 +246,8 @@ def test_a_round_stopped_before_unmasking_still_reports_what_its_sites_spent() -
         _run_round(cfg, grid)
 
     strategy = grid_strategy(grid)
-    assert strategy.max_epsilon == 1.03 and sorted(strategy.site_privacy) == ["site-102", "site-103"]
+    assert strategy.max_epsilon == 1.03 and sorted(strategy.site_privacy) == ["site-101", "site-102", "site-103"]
+    assert strategy.site_privacy["site-101"].refused == "out of budget" and strategy.site_privacy["site-101"].epsilon == 1.0  # its refusal, on record
 
 
 def test_a_round_that_cannot_be_unmasked_still_reports_what_its_sites_spent() -> None:

@@ -40,6 +40,10 @@ from fedmm.secure.identity import EnrolledKeys
 __all__ = ["SitePrivacy", "Rejection", "FederationBook"]
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class SitePrivacy(PrivacyReport):
     """One site's cumulative privacy loss as it reported it after a round."""
@@ -246,12 +250,23 @@ class FederationBook:
         ours = self.accounts.server_epsilon(report.site, report.delta)
         return dataclasses.replace(report, epsilon=max(report.epsilon, ours or 0.0), epsilon_site=report.epsilon, epsilon_server=ours)
 
-    def note_refusal(self, server_round: int, node: int, site: str, reason: str) -> None:
-        """A site declined the round (budget or policy): keep its last report, do not ask it again."""
+    def note_refusal(self, server_round: int, node: int, site: str, reason: str, *, spent: object = None, budget: object = None) -> None:
+        """A site declined the round (budget or policy): keep its last report, do not ask it again.
+
+        A site that refuses the first round it is asked in has no report yet: it is put on record with what
+        its refusal states (``spent``: its ledger's lifetime epsilon; ``budget``), so ``privacy.json`` names
+        every site the run asked. Its figure is the site's own (no steps of this run to check it against).
+        """
         self.refused_nodes.add(node)
         known = self.site_privacy.get(site)
         if known is not None:
             self.site_privacy[site] = dataclasses.replace(known, refused=reason)
+        elif self.dp and _finite(spent) and not (self.accounts is not None and self.accounts.site_of(node) not in (None, site)):
+            self.site_privacy[site] = SitePrivacy(
+                site=site, epsilon=float(spent), delta=self.accounts.delta if self.accounts is not None else 0.0,  # type: ignore[arg-type]
+                accountant="as its ledger states", noise_multiplier=0.0, sample_rate=0.0, steps=0,
+                epsilon_budget=float(budget) if _finite(budget) else None, refused=reason, epsilon_site=float(spent),  # type: ignore[arg-type]
+            )
         log(INFO, "[fedmm] round %d: %s", server_round, reason)
 
     def reject(self, server_round: int, node: int, kind: str, detail: str, *, site: str | None = None) -> None:

@@ -328,7 +328,8 @@ class _CheckingGrid:
             metrics: Mapping[str, Any] = reply.content.config_records.get(_FITRES_METRICS) or {}
             if protocol.REASON in metrics:
                 site = str(metrics.get(protocol.SITE, reply.metadata.src_node_id))
-                strategy.note_refusal(server_round, reply.metadata.src_node_id, site, str(metrics[protocol.REASON]))
+                strategy.note_refusal(server_round, reply.metadata.src_node_id, site, str(metrics[protocol.REASON]),
+                                      spent=metrics.get(protocol.EPSILON), budget=metrics.get(protocol.BUDGET))
             else:
                 contributors += 1
         needed = max(2, strategy.min_sites)

@@ -144,7 +144,8 @@ class FedMMAvg(WithServerOptimizer, FedAvg, FederationBook):
             refusal = reply.content.config_records.get(protocol.REFUSED)
             if refusal is not None:
                 site = str(refusal.get(protocol.SITE, f"node-{reply.metadata.src_node_id}"))
-                self.note_refusal(server_round, reply.metadata.src_node_id, site, str(refusal.get(protocol.REASON, "no reason given")))
+                self.note_refusal(server_round, reply.metadata.src_node_id, site, str(refusal.get(protocol.REASON, "no reason given")),
+                                  spent=refusal.get(protocol.EPSILON), budget=refusal.get(protocol.BUDGET))
         for node, why in unvouched.items():
             self.reject(server_round, node, "identity", why)
         accepted = [

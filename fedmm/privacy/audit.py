@@ -101,6 +101,7 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
             entries = ledger.entries() if verdict.entries or verdict.ok else []
             seq, digest = ledger.head()
             site, carried = ledger.site, ledger.carried
+            ahead = ledger.logged_ahead()  # spends the ledger lacks: they count in the headline (the site counts them)
     except PrivacyError as err:
         return SiteAudit(
             site="?", path=str(Path(path).resolve()), entries=[], runs=0, accountant=None, delta=None, epsilon=0.0,
@@ -150,6 +151,11 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
                   "the same rule)")] if held else []
     last = rows[-1] if rows else None
     headline = max((r["epsilon"] for r in rows), default=carried_epsilon)  # cumulative: an earlier, larger figure still counts
+    if ahead:  # a spend the spend log has and the ledger lacks left the site all the same, or may have: it counts
+        headline = max(headline, carried_epsilon + max(e.epsilon for e in ahead))
+        if headline > ahead[-1].epsilon_budget * (1 + _TOLERANCE):
+            over = True
+            problems.append(f"the spend log's entry {ahead[-1].seq} (run {ahead[-1].run_id}): epsilon {headline:.4f} is over the budget {ahead[-1].epsilon_budget:g}")
     return SiteAudit(
         site=site, path=str(Path(path).resolve()), entries=rows, runs=len({r["run_id"] for r in rows}),
         accountant=last["accountant"] if last else None, delta=(last["delta"] + (carried.delta if carried else 0.0)) if last else None,

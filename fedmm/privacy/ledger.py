@@ -216,6 +216,10 @@ class PrivacyLedger:
             write_anchor(self.head_path, seq, digest)
             append_log(_log_path(self.path), "anchor-repaired", site=self.site, reason=f"the anchor was at entry {anchor[0]}, the ledger at {seq}")
 
+    def logged_ahead(self) -> tuple[LedgerEntry, ...]:
+        """Spends the spend log records past this ledger's end that continue its chain (a crash's one, or a backup's lag)."""
+        return self._compare_with_log().missing
+
     def _compare_with_log(self) -> LogComparison:
         try:
             return compare(self.entries(), spends_path(self.path), self.ledger_id, self.site)

@@ -240,7 +240,10 @@ def train_round(
                     f"site {site} refuses round {server_round}: it states its lifetime epsilon at delta {policy.delta + carried.delta:g} "
                     f"({policy.delta:g} of its own{f' + {carried.delta:g} carried from a ledger lost for good' if carried.delta else ''}), "
                     f"weaker than the run's target-delta {cfg.target_delta:g}, which the server holds every report to. "
-                    f"Fix: run the federation with target-delta >= {policy.delta + carried.delta:g}, or leave this site out of it"
+                    + (f"Fix: state the site's own spends at delta <= {cfg.target_delta - carried.delta:g} (its node-config delta; in a "
+                       "simulation the sites state theirs at target-delta, so a replaced ledger's carried delta cannot fit), or leave "
+                       "this site out of the federation" if carried.delta < cfg.target_delta else
+                       f"Fix: leave this site out: its carried delta alone reaches target-delta {cfg.target_delta:g}")
                 )
         if release:
             # Durable in the ledger before the statistics exist, let alone are used.

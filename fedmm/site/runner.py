@@ -178,7 +178,8 @@ def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round
     except BudgetExceededError as refusal:
         # A refusal is the site's answer, not a failure: no update, the reason, and its budget.
         entries = ledger.entries() if ledger is not None else []
-        spent = entries[-1].epsilon if entries else 0.0
+        carried = ledger.carried if ledger is not None else None
+        spent = (entries[-1].epsilon if entries else 0.0) + (carried.epsilon if carried is not None else 0.0)  # a lost ledger's spend counts
         _log.warning("[fedmm] site %s refuses round %d (epsilon spent %.3f of its budget %g): %s", site, server_round, spent, policy.epsilon_budget, refusal)
         reason = _for_server(str(refusal), policy.ledger_path, req.node_config)
         response = RoundResponse(site=site, refused=reason, spent=spent, budget=policy.epsilon_budget, proof=proof)
