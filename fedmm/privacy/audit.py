@@ -185,7 +185,7 @@ def run_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             own = math.inf
         out.append({
             "run_id": run_id, "rounds": rounds, "missing": sorted(set(range(1, rounds[-1] + 1)) - set(rounds)),
-            "epsilon": own, "delta": spends[-1]["delta"], "noise_multipliers": sorted({r["noise_multiplier"] for r in spends}),
+            "epsilon": own, "accountant": kind.value if math.isfinite(own) else spends[-1]["accountant"], "delta": spends[-1]["delta"], "noise_multipliers": sorted({r["noise_multiplier"] for r in spends}),
             "sample_rates": sorted({r["sample_rate"] for r in spends}), "steps": sum(r["steps"] for r in spends),
             "steps_per_round": sorted({r["steps"] for r in spends}), "first": spends[0]["created"], "last": spends[-1]["created"],
         })

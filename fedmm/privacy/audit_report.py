@@ -199,11 +199,11 @@ def _run_table(audits: Sequence[SiteAudit]) -> str:
             rows.append(
                 f"<tr><td>{e(run['run_id'])}</td><td>{e(a.site)}</td><td>{_ranges(run['rounds'])}{missing}</td>"
                 f"<td>{e(run['first'][:16].replace('T', ' '))} &ndash; {e(run['last'][:16].replace('T', ' '))}</td>"
-                f"<td class='num'>{_num(run['epsilon'])}</td><td class='num'>{_values(run['noise_multipliers'])}</td>"
+                f"<td class='num'>{_num(run['epsilon'])} ({e(str(run.get('accountant', '?')))}, &delta; {run['delta']:g})</td><td class='num'>{_values(run['noise_multipliers'])}</td>"
                 f"<td class='num'>{_values(run['sample_rates'])}</td><td class='num'>{run['steps']} ({e(per_round)} a round)</td></tr>"
             )
-    return ("<p class='small'>A run's epsilon is that of its own events alone (the site's accountant, at the delta of its last "
-            "entry); a site's runs compose, so its spent epsilon above is more than any one run's.</p>"
+    return ("<p class='small'>A run's epsilon is that of its own events alone, under the accountant the run used (named with "
+            "it), at the delta of its last entry; a site's runs compose, so its spent epsilon above is more than any one run's.</p>"
             "<table class='runs'><tr><th>run</th><th>site</th><th>rounds</th><th>spends (UTC)</th><th>epsilon of this run</th>"
             "<th>noise multiplier</th><th>sample rate</th><th>steps</th></tr>" + ("".join(rows) or "<tr><td colspan=8>no runs</td></tr>") + "</table>")
 
