@@ -159,7 +159,7 @@ def curves_plot(run: RunFiles) -> str:
         (axes[0, 0], "Accuracy (server's test set)", "accuracy", [("accuracy", "accuracy")] + [(k, k.removeprefix("accuracy_") + " accuracy") for k in sorted({k for r in run.rounds for k in r if k.startswith("accuracy_")})]),
         (axes[0, 1], "Macro-F1 (server's test set)", "macro-F1", [("macro_f1", "macro-F1")]),
         (axes[1, 0], "Loss", "loss", [("loss", "test loss (server)"), ("train_loss", "train loss (mean over sites)")]),
-        (axes[1, 1], "Privacy spent", "epsilon", [("max_epsilon", "max epsilon over sites"), ("client_epsilon", "client-level epsilon")]),
+        (axes[1, 1], "Privacy spent", "epsilon", [("max_epsilon", "max epsilon over sites (lifetime)"), ("client_epsilon", "client-level epsilon")]),
     )
     target: Any = run.config.get("target-epsilon") if run.config.get("dp", True) else None
     for ax, title, ylabel, fields in panels:
@@ -174,7 +174,7 @@ def curves_plot(run: RunFiles) -> str:
         for label, (xs, ys) in drawn:
             ax.plot(xs, ys, marker=marker, markersize=4, label=label)
         if ylabel == "epsilon" and _finite(target):
-            ax.axhline(float(target), color="#c62828", linestyle="--", linewidth=1.2, label=f"target epsilon {float(target):g}")
+            ax.axhline(float(target), color="#c62828", linestyle="--", linewidth=1.2, label=f"target epsilon {float(target):g} (this run's)")
         if ylabel in ("accuracy", "macro-F1"):
             ax.set_ylim(0, 1.02)
         ax.set(xlabel="round", ylabel=ylabel)
@@ -298,8 +298,14 @@ def _header(run: RunFiles) -> str:
     if dp is False:
         privacy = "none (dp=false: the sites' records are not protected by DP-SGD)"
     else:
-        privacy = (f"stated epsilon {_num(eps, '.3f')} against target {_num(cfg.get('target-epsilon'), 'g')}, "
-                   f"at delta {_num(delta, 'g')} ({e(str(accountant or 'accountant not recorded'))})")
+        # max_epsilon is the largest site's lifetime figure (its ledger: earlier runs included, with lasting ledgers); the
+        # target is per run, so it is set against the server's own figure for this run's rounds of each site.
+        this_run = [p.get("epsilon_server") for p in (run.privacy or {}).get("sites", []) or [] if isinstance(p, dict)]
+        this_run = [v for v in this_run if isinstance(v, (int, float))]
+        privacy = (f"stated epsilon {_num(eps, '.3f')} (the largest site's lifetime figure, earlier runs included), at delta "
+                   f"{_num(delta, 'g')} ({e(str(accountant or 'accountant not recorded'))}); this run alone "
+                   + (f"{_num(max(this_run), '.3f')} (the server's own accountant of each site)" if this_run else "not recorded")
+                   + f" against its target {_num(cfg.get('target-epsilon'), 'g')}")
     if summary.get("client_epsilon") is not None:
         privacy += f"; client-level epsilon {_num(summary['client_epsilon'], '.3f')} at delta {_num(summary.get('client_delta'), 'g')}"
     done = summary.get("rounds", len(run.rounds))
