@@ -198,6 +198,9 @@ def test_a_deployed_site_takes_its_policy_from_its_own_node_config(tmp_path: Pat
         site_policy({"site": "george", "state-dir": str(tmp_path)}, CFG, site="george", run_id="r")
     with pytest.raises(ConfigError, match="state-dir.*is required"):
         site_policy({"site": "george", "epsilon-budget": 3}, CFG, site="george", run_id="r")
+    # Operator finding: a misspelt policy key was ignored, and the site trained below the floor it meant to set.
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'min-noise-multipler' \(did you mean 'min-noise-multiplier'\?\)"):
+        site_policy({**node, "min-noise-multipler": 50}, CFG, site="george", run_id="r")
 
 
 

@@ -304,3 +304,17 @@ def test_a_refusal_states_the_spend_a_replaced_ledger_carries(tmp_path: Path) ->
                                       config={protocol.SERVER_ROUND: 1, protocol.SCHEMA: schema.to_json(), protocol.RUN_ID: "study-1"}))
 
     assert response.refused is not None and "carried over" in response.refused and response.spent == 5.0
+
+
+def test_a_site_audits_its_own_ledger_against_a_witness_that_names_others_too(tmp_path: Path) -> None:
+    """Operator finding: `fedmm audit state/jackson --witness privacy.json` always failed, with a garbled path, for the
+    other sites the witness names."""
+    path = tmp_path / "george" / "ledger.sqlite"
+    entries = _spent_ledger(path)
+    record = json.loads(_witness(tmp_path / "privacy.json", entries[-1]).read_text())
+    record["sites"].append({"site": "jackson", "epsilon": 1.0, "ledger_seq": 1, "ledger_hash": "0" * 64})
+    (tmp_path / "privacy.json").write_text(json.dumps(record))
+
+    code, output = _cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"))
+    assert code == 1 and "names site 'jackson', whose ledger was not given" in output and "--given-only" in output
+    assert _cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"), "--given-only")[0] == 0

@@ -175,3 +175,21 @@ def test_the_failure_travels_without_its_detail_and_a_simulated_site_shows_it_in
     deployed = _failed(FederationError("site 0: no labelled sample ({'per_class': {'x': 3}})"), "0", 1, {protocol.NODE_DATA: "manifest:x"})
     assert "per_class" not in str(simulated) and "per_class" in "".join(simulated.__notes__)  # flower.log's traceback: the simulating user's
     assert not getattr(deployed, "__notes__", None)
+
+
+def test_a_site_whose_manifest_rows_all_name_other_sites_refuses_to_train_on_them() -> None:
+    """Operator finding: a site pointed at a manifest whose 'site' column names only other sites trained on all
+    of it (a warning only), spending their records under its own ledger."""
+    from pathlib import Path
+
+    import fedmm
+    from fedmm.config import RunConfig
+    from fedmm.errors import ConfigError
+    from fedmm.site.data import site_data
+
+    manifest = Path(fedmm.__file__).parent / "data" / "builtin" / "manifest-example" / "manifest.csv"
+    node = {"site": "lucas", "data": f"manifest:{manifest}", "state-dir": "/tmp/unused", "epsilon-budget": 8}
+
+    with pytest.raises(ConfigError, match=r"'site' column whose \d+ rows name other sites \(george, .*none this site \('lucas'\)"):
+        site_data(node, RunConfig())
+    assert site_data({**node, "site": "george"}, RunConfig())[0] == "george"  # its own rows: trains on those

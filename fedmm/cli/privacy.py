@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -139,6 +141,10 @@ def audit(
     witness: Annotated[list[Path] | None, typer.Option(
         "--witness", help="a run's privacy.json (the server's record of each site's ledger head): every site it names must match",
     )] = None,
+    given_only: Annotated[bool, typer.Option(
+        "--given-only", help="with --witness: check only the sites whose ledgers are given (a site auditing its own ledger), "
+        "not fail for the other sites the witness names",
+    )] = False,
 ) -> None:
     """Check site privacy ledgers (read-only): spend against budget, runs, last spend, the hash chain, and witnesses.
 
@@ -157,8 +163,12 @@ def audit(
         audits = [audit_ledger(p, witnesses=witnesses) for p in paths]
     audited = {a.site for a in audits}
     for source, heads in witnesses.items():
-        for missing in sorted(set(heads) - audited):
-            audits.append(audit_ledger(Path(f"(no ledger given for site {missing}, named by {source})")))
+        for missing in [] if given_only else sorted(set(heads) - audited):
+            audits.append(dataclasses.replace(
+                audit_ledger(Path(f"(no ledger given for site {missing})")), site=missing,
+                problems=[f"the witness {source} names site {missing!r}, whose ledger was not given. Fix: give every site's ledger (or "
+                          "state directory), or --given-only to check only the sites given"],
+            ))
     ok = all(a.ok for a in audits)
     if html_file is not None:
         html_file.write_text(render_html(audits, witnesses=[str(w) for w in witness or []]), encoding="utf-8")

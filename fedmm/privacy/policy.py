@@ -21,6 +21,7 @@ as Flower's tutorials do, is refused rather than given budgets and ``dp`` by the
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import sys
@@ -36,6 +37,10 @@ __all__ = ["SitePolicy", "site_policy", "parse_site_budgets", "mark_deployed_pro
 
 DEFAULT_MIN_NOISE = 0.5
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_NODE_KEYS = frozenset({
+    protocol.NODE_SITE, protocol.NODE_DATA, protocol.NODE_STATE_DIR, protocol.NODE_EPSILON_BUDGET, protocol.NODE_DELTA,
+    protocol.NODE_MIN_NOISE, protocol.NODE_REQUIRE_DP, protocol.NODE_KEY, protocol.NODE_PARTITION_ID, "num-partitions",
+})  # every key a site's node config may hold (num-partitions: Flower's, beside partition-id)
 _DEPLOYED_PROCESS = False  # set by a deployed site's own process (fedmm.runtime.executor.main)
 
 
@@ -98,6 +103,14 @@ def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str,
         raise ConfigError("run id", "must be a plain name (letters, digits, '.', '_', '-'): it names a folder", value=run_id, fix="use fedmm's ServerApp and a plain run-name")
     deployed = any(k in node_config for k in (protocol.NODE_STATE_DIR, protocol.NODE_DATA, protocol.NODE_KEY, protocol.NODE_EPSILON_BUDGET))
     example = "--node-config \"state-dir='/srv/fedmm' epsilon-budget=8 data='manifest:/srv/site/manifest.csv'\""
+    if deployed:  # a misspelt policy key would be ignored: the site would train on a default it did not choose
+        unknown = sorted(set(map(str, node_config)) - _NODE_KEYS)
+        if unknown:
+            close = {k: difflib.get_close_matches(k, sorted(_NODE_KEYS), n=1) for k in unknown}
+            raise ConfigError(
+                "node-config", "has unknown key(s) " + ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items()),
+                value=unknown, fix=f"the site's node config takes {', '.join(sorted(_NODE_KEYS - {protocol.NODE_PARTITION_ID, 'num-partitions'}))}",
+            )
     if protocol.NODE_PARTITION_ID in node_config and not deployed and _deployed_process():
         raise ConfigError(
             "node-config", "names a simulation's partition (partition-id) but no site policy, in a deployed site's process: "

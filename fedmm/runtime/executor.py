@@ -311,6 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     from fedmm.privacy.policy import mark_deployed_process
 
     mark_deployed_process()  # a deployed site: never the simulation's server-set policy
+    import logging
+
+    site_log = logging.getLogger("fedmm.site")  # the site's own log: a line a round (what it spent, what is left), refusals, failures
+    site_log.setLevel(logging.INFO)
+    if not site_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        site_log.addHandler(handler)
+        site_log.propagate = False
     if not 0.005 <= args.poll_interval <= 10:
         parser.error(f"--poll-interval must be between 0.005 and 10 seconds, got {args.poll_interval}")
     def stop(*_: object) -> None:

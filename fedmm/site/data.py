@@ -152,21 +152,22 @@ def own_rows(source: Source, name: str, spec: str) -> Source:
     One manifest can then serve a trial of several sites on one machine (docs/deploy.md); a site's own
     manifest without that column is its data whole.
 
-    When the column names other sites only, the manifest is taken as the site's own, whole, with a
-    logged warning (a site's own export may carry a site column of its own naming).
+    When the column names other sites only, the site refuses: training on rows that name other
+    sites would spend their records under this site's ledger, which their own ledgers never see.
     """
     column = source.pool.groups.get("site") if source.natural_by == "site" else None
     if column is None:
         return source
     values = np.asarray(column).astype(str)
     mine = np.flatnonzero(values == name)
-    if len(mine) == 0:  # the column names no row this site's: the manifest is the site's own, whole (logged)
+    if len(mine) == 0:  # the rows are other sites' (a wrong manifest, or a wrong name): never trained on here
         names = sorted(set(values.tolist()))
-        _log.warning(
-            "[fedmm] site %s: its manifest's site column names %s, not this site; training on all %d of its rows "
-            "(name the site as its rows are named to train on those only)", name, ", ".join(names[:8]) + (" ..." if len(names) > 8 else ""), len(values),
+        raise ConfigError(
+            "node-config data", f"has a 'site' column whose {len(values)} rows name other sites ({', '.join(names[:8])}{' ...' if len(names) > 8 else ''}), "
+            f"none this site ({name!r}); training on them would spend their records under this site's ledger",
+            value=spec, fix="give the site the name its rows carry (the site file's name), point data at this site's own manifest, "
+            "or drop the 'site' column from a manifest that is this site's whole",
         )
-        return source
     if len(mine) == len(values):
         return source
     return dataclasses.replace(source, pool=source.pool.subset(mine))
