@@ -298,10 +298,8 @@ def _header(run: RunFiles) -> str:
     if dp is False:
         privacy = "none (dp=false: the sites' records are not protected by DP-SGD)"
     else:
-        # max_epsilon is the largest site's lifetime figure (its ledger: earlier runs included, with lasting ledgers); the
-        # target is per run, so it is set against the server's own figure for this run's rounds of each site.
-        this_run = [float(v) for p in (run.privacy or {}).get("sites", []) or [] if isinstance(p, dict)
-                    and isinstance(v := p.get("epsilon_server"), (int, float))]
+        # max_epsilon: the largest site's lifetime figure; the per-run target is set against the server's figure for this run
+        this_run = [float(v) for p in (run.privacy or {}).get("sites", []) or [] if isinstance(p, dict) and isinstance(v := p.get("epsilon_server"), (int, float))]
         privacy = (f"stated epsilon {_num(eps, '.3f')} (the largest site's lifetime figure, earlier runs included), at delta "
                    f"{_num(delta, 'g')} ({e(str(accountant or 'accountant not recorded'))}); this run alone "
                    + (f"{_num(max(this_run), '.3f')} (the server's own accountant of each site)" if this_run else "not recorded")
