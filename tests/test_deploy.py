@@ -357,3 +357,32 @@ def test_a_sites_executor_runs_its_own_clientapp_never_the_servers_bundle(monkey
     for content in (b"a bundle whose clients/app.py skips the ledger", b"another"):
         fab = types.SimpleNamespace(hash_str=content.hex()[:64], content=content)
         assert apps.get(run, fab) is own_app
+
+
+def test_a_server_with_a_broken_certificate_and_a_site_started_twice_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    """Operator findings: an expired server certificate started a half-alive SuperLink; a second `fedmm site` for the
+    same site died on Flower's 'address already in use' traceback."""
+    import datetime as dt
+    import socket
+
+    from fedmm.errors import ConfigError
+    from fedmm.runtime import deploy
+    from fedmm.secure import certs
+
+    pki = tmp_path / "pki"
+    certs.init_certificates(pki)
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=5000)
+    real_problems = certs.problems
+    import unittest.mock
+
+    with unittest.mock.patch.object(certs, "problems", lambda outdir: real_problems(outdir, now=later)):
+        with pytest.raises(ConfigError, match=r"cannot serve TLS: .*server.crt expired"):
+            deploy.run_server(pki, tmp_path / "server-state", host="127.0.0.1", port=1)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        site = deploy.SiteSettings.load(_site_file(tmp_path, f"clientapp-port = {port}\n"))
+        with pytest.raises(ConfigError, match=rf"127.0.0.1:{port} is in use: is site george .* already running"):
+            deploy.run_site(site)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -223,6 +224,13 @@ def executor_command(site: SiteSettings) -> list[str]:
 
 def run_server(pki: Path, state_dir: Path, *, host: str, port: int, in_memory: bool = False) -> int:
     """Run the SuperLink until it ends or is told to stop."""
+    from fedmm.secure.certs import problems
+
+    # An expired, missing or mis-signed certificate started a SuperLink whose SuperExec then failed, half alive.
+    trouble = {name: why for name, why in problems(pki).items() if name in ("ca.crt", "server.crt", "server.key")}
+    if trouble:
+        raise ConfigError("--pki", "cannot serve TLS: " + "; ".join(f"{name} {why}" for name, why in sorted(trouble.items())), value=str(pki),
+                          fix=f"make new server certificates (`fedmm certs init`, see docs/transport.md); `fedmm certs show {pki}` lists what is wrong")
     state_dir.mkdir(parents=True, exist_ok=True)
     command = server_command(pki, state_dir, host=host, port=port, in_memory=in_memory)
     print("[fedmm] " + " ".join(command), flush=True)
@@ -238,6 +246,14 @@ def run_site(site: SiteSettings) -> int:
     from fedmm.privacy.ledger import PrivacyLedger
 
     site.state_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as probe:  # the SuperNode's local port: taken when this site (or another) already runs here
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT by a site just stopped is free
+        try:
+            probe.bind(("127.0.0.1", site.clientapp_port))
+        except OSError:
+            raise ConfigError("clientapp-port", f"127.0.0.1:{site.clientapp_port} is in use: is site {site.name} (or another site) already running "
+                              "on this machine?", value=site.clientapp_port, fix="stop the running `fedmm site`, or give each site on one machine "
+                              "its own clientapp-port in its site file") from None
     # The site's ledger must be there (made once with `fedmm ledger init`), intact and not in use by another site process.
     PrivacyLedger.open(site.state_dir / "ledger.sqlite", site=site.name, wait=0.0).close()
     env = flower_env()
