@@ -291,8 +291,13 @@ def test_data_check_exits_nonzero_on_a_strict_failure_and_reports_lenient_skips(
 
 
 # ------------------------------------------------------------------ a deployed site trains on its manifest
+def _own(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A site's own manifest: its rows without a 'site' column (a site column naming other sites is refused)."""
+    return [{k: v for k, v in row.items() if k != "site"} for row in rows]
+
+
 def test_a_site_pointed_at_its_manifest_trains(site_folder: Path) -> None:
-    path = _write(site_folder, _rows(site_folder) * 3)
+    path = _write(site_folder, _own(_rows(site_folder) * 3))
     cfg = RunConfig(data=f"manifest:{path}", rounds=2, batch_size=4, classes="no,yes", augment="image:shift,sensor:jitter")
 
     name, data = site_data({"site": "clinic-a", "data": f"manifest:{path}"}, cfg)
@@ -315,7 +320,7 @@ def test_a_site_pointed_at_its_manifest_trains(site_folder: Path) -> None:
 def test_a_site_whose_data_differs_from_the_model_is_refused(site_folder: Path) -> None:
     from fedmm.errors import FederationError
 
-    path = _write(site_folder, _rows(site_folder))
+    path = _write(site_folder, _own(_rows(site_folder)))
     cfg = RunConfig(data=f"manifest:{path}", rounds=1)
     name, data = site_data({"site": "x", "data": f"manifest:{path}"}, cfg)
     other = ModelRecipe().prepare(load_manifest(EXAMPLE / "manifest.csv", PREP)).schema

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedmm import protocol
-from fedmm.errors import PrivacyError
+from fedmm.errors import ConfigError, PrivacyError
 from fedmm.models import ModelRecipe
 from fedmm.plan import RunPlan
 from fedmm.site.data import site_data
@@ -85,8 +85,9 @@ def test_a_site_trains_only_on_the_manifest_rows_that_carry_its_name() -> None:
         name, data = site_data({"site": site, "data": spec}, RunConfig(data=spec))
         seen[name] = len(data)
     assert seen == {"george": 40, "jackson": 40, "theo": 40}  # each its own 40 training rows, not all 120
-    name, data = site_data({"site": "lucas", "data": spec}, RunConfig(data=spec))  # no row of its name: its own manifest, whole
-    assert len(data) == 120
+    # No row of its name: refused (it trained on all 120 rows of george's, jackson's and theo's before)
+    with pytest.raises(ConfigError, match="none this site"):
+        site_data({"site": "lucas", "data": spec}, RunConfig(data=spec))
 
 
 def test_a_simulated_site_keeps_its_paths_in_what_the_server_is_told() -> None:
