@@ -171,3 +171,15 @@ def test_old_module_paths_still_import_with_a_warning() -> None:
     from fedmm.site.training import train
 
     assert old.train is train
+
+
+def test_the_cli_and_the_ledger_load_without_pytorch() -> None:
+    """`fedmm status`, `fedmm ledger init` and `fedmm --help` took 2-5 s each, most of it loading
+    PyTorch and Opacus they never use (an operator polls status; the deployment guide runs the
+    ledger commands per site). Checked in a fresh interpreter, as a command starts."""
+    import subprocess
+    import sys
+
+    probe = "import sys, fedmm.cli, fedmm.privacy.ledger, fedmm.cli.status; print(sorted(m for m in ('torch', 'opacus', 'flwr') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"the CLI loads {loaded} on start"

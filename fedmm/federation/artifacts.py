@@ -27,15 +27,17 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import tomli_w
-import torch
 
 from fedmm import __version__
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch  # loaded on use: `fedmm status` and the ledger commands never need it
 
 __all__ = ["RunArtifacts", "new_run_id", "CHECKPOINT", "MODEL", "BEST_MODEL"]
 
@@ -174,6 +176,8 @@ class RunArtifacts:
         path = self.dir / (BEST_MODEL if best else MODEL)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as handle:
+            import torch
+
             torch.save(dict(state_dict), handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -184,6 +188,8 @@ class RunArtifacts:
         path = self.dir / (BEST_MODEL if best else MODEL)
         if not path.is_file():
             return None
+        import torch
+
         return dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def save_privacy(self, privacy: Iterable[Any], *, rounds: int, client_epsilon: float | None = None) -> list[dict[str, Any]]:

@@ -18,7 +18,6 @@ import functools
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 from opacus.accountants import IAccountant, RDPAccountant, create_accountant
@@ -27,37 +26,9 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedmm.config import AccountantKind
 from fedmm.errors import PrivacyError
+from fedmm.privacy.events import PrivacyEvent, PrivacyReport
 
 __all__ = ["PrivacyEvent", "PrivacyReport", "SiteAccountant", "calibrate_noise_multiplier"]
-
-
-@dataclass(frozen=True)
-class PrivacyEvent:
-    """``steps`` DP-SGD steps with one noise multiplier and Poisson sample rate."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise PrivacyError(f"noise_multiplier must be > 0 for a DP guarantee, got {self.noise_multiplier!r}")
-        if not 0 < self.sample_rate <= 1:
-            raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
-        if self.steps < 1:
-            raise PrivacyError(f"steps must be >= 1, got {self.steps!r}")
-
-
-@dataclass(frozen=True)
-class PrivacyReport:
-    """A site's cumulative guarantee: always epsilon with its delta, accountant and steps."""
-
-    epsilon: float
-    delta: float
-    accountant: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
 
 
 class SiteAccountant:

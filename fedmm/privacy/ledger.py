@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedmm.errors import PrivacyError
-from fedmm.privacy.accounting import PrivacyEvent
+from fedmm.privacy.events import PrivacyEvent
 from fedmm.privacy.ledger_db import CREATE, SCHEMA_VERSION, checked, connect
 from fedmm.privacy.ledger_entry import COLUMNS as _COLUMNS
 from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry, chain_problems, held_label

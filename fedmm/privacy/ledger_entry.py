@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from fedmm.errors import PrivacyError
-from fedmm.privacy.accounting import PrivacyEvent
+from fedmm.privacy.events import PrivacyEvent
 
 __all__ = ["LedgerEntry", "CarriedSpend", "GENESIS", "COLUMNS", "chain_problems", "held_label", "own_accountant", "accountants_named"]
 
