@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,14 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
 
 
 def _site_file(tmp_path: Path, extra: str = "", *, drop: str = "") -> Path:
-    (tmp_path / "ca.crt").write_text("x")
-    (tmp_path / "george.key").write_text("x")
+    from fedmm.secure.certs import create_site_keys, init_certificates
+
+    pki = tmp_path / "site-pki"
+    if not pki.exists():
+        init_certificates(pki)
+        create_site_keys(pki, ["george"])
+    shutil.copy(pki / "ca.crt", tmp_path / "ca.crt")
+    shutil.copy(pki / "sites" / "george.key", tmp_path / "george.key")
     lines = {
         "name": '"george"', "superlink": '"127.0.0.1:9092"', "ca": '"ca.crt"', "key": '"george.key"',
         "state-dir": '"state"', "epsilon-budget": "8.0",

@@ -42,6 +42,7 @@ from typing import Any
 from fedmm import protocol
 from fedmm.federation.presence import DATABASE_ENV
 from fedmm.secure.identity import KEYS_ENV
+from fedmm.secure.probe import check_site_keys, probe_superlink
 from fedmm.errors import ConfigError
 from fedmm.runtime.executor import SECRET_FILE, make_secret
 from fedmm.runtime.supernode import HEARTBEAT_ENV, POLL_ENV
@@ -149,8 +150,14 @@ class SiteSettings:
                 "site.heartbeat-interval", "must be a number of seconds in [1, 30]", value=heartbeat,
                 fix="e.g. heartbeat-interval = 3.0 (the server names a dead site lost after about twice this)",
             )
+        ca_file, key_file = file("ca"), file("key")
+        wrong = check_site_keys(ca_file, key_file)  # a file that is not a certificate (or key) left the SuperNode retrying for ever
+        if wrong:
+            which = sorted(wrong)[0]
+            raise ConfigError(f"site.{which}", f"{ca_file if which == 'ca' else key_file} {wrong[which]}", value=table[which],
+                              fix="ca: the federation's ca.crt from the server operator; key: this site's <name>.key from `fedmm certs site` (docs/deploy.md)")
         return cls(
-            name=name, superlink=str(table["superlink"]), ca=file("ca"), key=file("key"),
+            name=name, superlink=str(table["superlink"]), ca=ca_file, key=key_file,
             state_dir=(base / str(table["state-dir"])).expanduser().resolve(), epsilon_budget=float(budget), data=data,
             delta=float(delta), min_noise_multiplier=float(floor),
             require_dp=require_dp, clientapp_port=int(port),
@@ -256,6 +263,7 @@ def run_site(site: SiteSettings) -> int:
                               "its own clientapp-port in its site file") from None
     # The site's ledger must be there (made once with `fedmm ledger init`), intact and not in use by another site process.
     PrivacyLedger.open(site.state_dir / "ledger.sqlite", site=site.name, wait=0.0).close()
+    _check_server(site)
     env = flower_env()
     processes: list[tuple[str, subprocess.Popen[bytes]]] = []
     if site.runtime == "fedmm":
@@ -270,6 +278,23 @@ def run_site(site: SiteSettings) -> int:
         print(f"[fedmm] site {site.name}: " + " ".join(command), flush=True)
         processes.append(("ClientApp executor", spawn(command, env=env)))
     return supervise(processes)
+
+
+def _check_server(site: SiteSettings) -> None:
+    """Refuse to start a site whose server fails TLS verification (Flower's SuperNode retries that for ever);
+    a server that does not answer yet only gets a note: the SuperNode keeps trying."""
+    probe = probe_superlink(site.superlink, site.ca)
+    if probe.verdict == "unreachable":
+        print(f"[fedmm] site {site.name}: the server at {site.superlink} does not answer yet ({probe.detail}); the SuperNode keeps trying", flush=True)
+        return
+    if probe.verdict == "untrusted":
+        raise ConfigError("site.ca", f"the server at {site.superlink} is not verified by {site.ca}: {probe.detail}", value=str(site.ca),
+                          fix="use the ca.crt of the federation's `fedmm certs init` folder (from the server operator), and an address "
+                          "the server's certificate names (`fedmm certs show` lists them; `fedmm certs init --san` adds one)")
+    if probe.verdict in ("not-tls", "bad-ca"):
+        raise ConfigError("site.superlink" if probe.verdict == "not-tls" else "site.ca",
+                          f"no TLS handshake with {site.superlink}: {probe.detail}", value=site.superlink if probe.verdict == "not-tls" else str(site.ca),
+                          fix="point superlink at the `fedmm server` of the federation (its port, 9092 by default)")
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca: Path) -> Path:
