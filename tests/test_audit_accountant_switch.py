@@ -113,3 +113,30 @@ def test_the_audit_stays_strict_a_stated_epsilon_below_what_the_events_give_fail
     assert f"entry 3: the ledger states epsilon {held:.6g}, its events give {truth:.6g}" in audit.problems
     assert audit.epsilon == pytest.approx(truth, rel=1e-9)  # the headline is the larger figure, never the kinder one
     assert _audit(str(path))[0] == 1
+
+
+def test_a_budget_raised_or_a_delta_loosened_between_runs_is_shown_by_the_audit(tmp_path: Path) -> None:
+    """Privacy-officer finding: a site that ran out raised its own budget and went on; each spend was
+    within the budget it was made under, so the audit was silent that the budget had moved. (A delta
+    raised would lower the stated epsilon, which the ledger refuses; a delta lowered is shown.)"""
+    from typer.testing import CliRunner
+
+    from fedmm.cli import app
+
+    path = tmp_path / "ledger.sqlite"
+    rdp = SiteAccountant(AccountantKind.RDP)
+    with PrivacyLedger.create(path, site="george") as ledger:
+        for run, r, budget, delta in (("a", 1, 1.0, 1e-5), ("a", 2, 1.0, 1e-5), ("b", 1, 4.0, 1e-5), ("c", 1, 4.0, 1e-6)):
+            rdp.record(noise_multiplier=3.0, sample_rate=0.05, steps=20)
+            ledger.append(run_id=run, round=r, noise_multiplier=3.0, sample_rate=0.05, steps=20, delta=delta, accountant="rdp",
+                          epsilon=rdp.epsilon(delta), epsilon_budget=budget, data="d")
+
+    audit = audit_ledger(path)
+
+    assert audit.ok, audit.problems  # every spend within the budget it was made under: not a violation
+    assert [(c["seq"], c["setting"], c["before"], c["after"]) for c in audit.changes] == [(3, "epsilon budget", 1.0, 4.0), (4, "delta", 1e-5, 1e-6)]
+    assert any("epsilon budget raised from 1 to 4 at entry 3 (run b" in n for n in audit.notes), audit.notes
+    assert any("delta lowered from 1e-05 to 1e-06 at entry 4 (run c" in n for n in audit.notes), audit.notes
+    shown = CliRunner().invoke(app, ["audit", str(path)], env={"COLUMNS": "250"})
+    assert "epsilon budget raised from 1 to 4" in shown.stdout, shown.stdout
+    assert json.loads(CliRunner().invoke(app, ["audit", str(path), "--json"]).stdout)["sites"][0]["changes"][0]["after"] == 4.0

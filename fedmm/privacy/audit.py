@@ -59,6 +59,7 @@ class SiteAudit:
     epsilon_stated: float | None = None  # what the site's ledger states after its last entry (carried spend included)
     epsilon_recomputed: float | None = None  # what its events give after the last entry (carried spend included)
     witness_ok: bool | None = None  # every witness naming this site matched its ledger; None: no witness named it
+    changes: list[dict[str, Any]] = field(default_factory=list)  # where the budget or delta differs from the entry before
     run_details: list[dict[str, Any]] = field(default_factory=list)  # per run: rounds, its own epsilon, noise, rate, steps
 
     @property
@@ -149,6 +150,7 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
     held_note = [(f"entry {'; entry '.join(held)} states the figure stated before it, the larger: a stated epsilon never falls, and "
                   "after a change of accountant the earlier one's figure can be above the new one's over all events (recomputed by "
                   "the same rule)")] if held else []
+    changes = setting_changes(rows)
     last = rows[-1] if rows else None
     headline = max((r["epsilon"] for r in rows), default=carried_epsilon)  # cumulative: an earlier, larger figure still counts
     if ahead:  # a spend the spend log has and the ledger lacks left the site all the same, or may have: it counts
@@ -162,12 +164,37 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
         epsilon=headline, epsilon_budget=last["epsilon_budget"] if last else None,
         remaining=(last["epsilon_budget"] - headline) if last else None, last_spend=last["created"] if last else None,
         ledger_seq=seq, ledger_hash=digest, chain_ok=verdict.ok, over_budget=over, problems=problems,
-        notes=list(verdict.notes) + held_note + ([(f"carries epsilon {carried.epsilon:g} at delta {carried.delta:g} from a ledger lost for good ({carried.reason}); "
+        notes=list(verdict.notes) + held_note + [_change_note(c) for c in changes] + ([(f"carries epsilon {carried.epsilon:g} at delta {carried.delta:g} from a ledger lost for good ({carried.reason}); "
                                        "its spends are added by basic composition")] if carried else []),
         epsilon_stated=carried_epsilon + last["epsilon_stated"] if last else None,
         epsilon_recomputed=carried_epsilon + last["epsilon_recomputed"] if last else None,
-        witness_ok=witness_ok, run_details=run_summaries(rows),
+        witness_ok=witness_ok, run_details=run_summaries(rows), changes=changes,
     )
+
+
+def setting_changes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each entry whose epsilon budget or delta differs from the entry before: ``{seq, run_id, created, setting, before, after}``.
+
+    A site may change its own settings between runs (a budget raised to go on, a delta loosened); each spend
+    is checked against the budget it was made under, so only this list shows that the budget moved.
+    """
+    changes = []
+    for before, entry in zip(rows, rows[1:]):
+        for setting, key in (("epsilon budget", "epsilon_budget"), ("delta", "delta")):
+            if entry[key] != before[key]:
+                changes.append({"seq": entry["seq"], "run_id": entry["run_id"], "created": entry["created"], "setting": setting,
+                                "before": before[key], "after": entry[key]})
+    return changes
+
+
+def _change_note(change: dict[str, Any]) -> str:
+    raised = change["after"] > change["before"]
+    why = {("epsilon budget", True): "spends from it on are checked against the larger budget",
+           ("epsilon budget", False): "spends from it on are checked against the smaller budget",
+           ("delta", True): "epsilon from it on is stated at the larger delta, a weaker guarantee",
+           ("delta", False): "epsilon from it on is stated at the smaller delta"}[(change["setting"], raised)]
+    return (f"{change['setting']} {'raised' if raised else 'lowered'} from {change['before']:g} to {change['after']:g} at entry {change['seq']} "
+            f"(run {change['run_id']}, {change['created']}): {why}")
 
 
 def run_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
