@@ -31,3 +31,16 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "fsdd" / "recordings").is_dir():
         pytest.skip(f"full datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def site_data() -> tuple[object, dict[str, object]]:
+    """A 64-record synthetic tabular site and the starting weights of its model (tests/ledger_support.TABULAR)."""
+    from ledger_support import TABULAR
+
+    from fedmm.data.synthetic import make_synthetic
+    from fedmm.models import ModelRecipe
+
+    data = make_synthetic(64, seed=0)
+    recipe = ModelRecipe.from_config(TABULAR)
+    return data, recipe.build(recipe.prepare(data).schema, seed=TABULAR.seed).state_dict()

@@ -15,8 +15,6 @@ from typer.testing import CliRunner
 
 from fedmm.cli import app
 from fedmm.config import AccountantKind, RunConfig
-from fedmm.data.synthetic import make_synthetic
-from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.audit import audit_ledger
 from fedmm.privacy.ledger import PrivacyLedger
@@ -25,13 +23,6 @@ from fedmm.site.round import SiteState, train_round
 
 RDP = RunConfig(data="synthetic", modalities="tabular", batch_size=16, noise_multiplier=1.0, target_epsilon=1000.0, rounds=100)
 PRV = RDP.replace(accountant=AccountantKind.PRV, noise_multiplier=50.0)  # nearly free: prv over all events stays below rdp's figure
-
-
-@pytest.fixture(scope="module")
-def site_data():
-    data = make_synthetic(64, seed=0)
-    recipe = ModelRecipe.from_config(RDP)
-    return data, recipe.build(recipe.prepare(data).schema, seed=RDP.seed).state_dict()
 
 
 def _round(cfg: RunConfig, policy: SitePolicy, site_data, *, run: str, server_round: int):

@@ -15,9 +15,7 @@ from typer.testing import CliRunner
 
 from fedmm.cli import app
 from fedmm.config import RunConfig
-from fedmm.data.synthetic import make_synthetic
 from fedmm.errors import BudgetExceededError, ConfigError, PrivacyError
-from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.privacy.policy import SitePolicy, site_policy
@@ -130,14 +128,6 @@ def test_a_spend_over_the_budget_fails_the_audit(tmp_path: Path) -> None:
 
 def test_no_ledger_found_exits_2(tmp_path: Path) -> None:
     assert _audit(str(tmp_path))[0] == 2
-
-
-@pytest.fixture(scope="module")
-def site_data():
-    data = make_synthetic(64, seed=0)
-    recipe = ModelRecipe.from_config(CFG)
-    weights = recipe.build(recipe.prepare(data).schema, seed=CFG.seed).state_dict()
-    return data, weights
 
 
 def _round(cfg: RunConfig, policy: SitePolicy, site_data, *, run: str, server_round: int, state: SiteState | None = None):

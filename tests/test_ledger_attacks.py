@@ -14,10 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from fedmm.cli import app
-from fedmm.config import RunConfig
+from ledger_support import TABULAR, run_cli
+
 from fedmm.data.synthetic import make_synthetic
 from fedmm.errors import BudgetExceededError, PrivacyError
 from fedmm.models import ModelRecipe
@@ -27,19 +26,7 @@ from fedmm.privacy.ledger_files import write_anchor
 from fedmm.privacy.policy import SitePolicy
 from fedmm.site.round import SiteState, data_digest, train_round
 
-CFG = RunConfig(data="synthetic", modalities="tabular", batch_size=16, noise_multiplier=1.0, target_epsilon=1000.0, rounds=100)
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "240"})
-    return result.exit_code, " ".join(result.output.split())
-
-
-@pytest.fixture(scope="module")
-def site_data():
-    data = make_synthetic(64, seed=0)
-    recipe = ModelRecipe.from_config(CFG)
-    return data, recipe.build(recipe.prepare(data).schema, seed=CFG.seed).state_dict()
+CFG = TABULAR
 
 
 def _round(policy: SitePolicy, site_data, *, server_round: int, run: str = "r1", create_if_new: bool = True):
@@ -76,7 +63,7 @@ def test_a_deleted_ledger_is_not_silently_remade(tmp_path: Path, site_data) -> N
         _round(policy, site_data, server_round=2)
 
     assert "--replace-lost --carried-epsilon" in str(err.value) and not policy.ledger_path.exists()
-    assert _cli("ledger", "init", str(policy.state_dir), "--site", "george")[0] == 1  # nor by the plain init command
+    assert run_cli("ledger", "init", str(policy.state_dir), "--site", "george")[0] == 1  # nor by the plain init command
 
 
 def test_a_site_without_a_ledger_is_told_to_make_one_explicitly(tmp_path: Path, site_data) -> None:
@@ -85,7 +72,7 @@ def test_a_site_without_a_ledger_is_told_to_make_one_explicitly(tmp_path: Path, 
     with pytest.raises(PrivacyError, match=r"no privacy ledger .* Fix: run `fedmm ledger init .*george --site george`"):
         _round(policy, site_data, server_round=1, create_if_new=False)
 
-    code, output = _cli("ledger", "init", str(policy.state_dir), "--site", "george")
+    code, output = run_cli("ledger", "init", str(policy.state_dir), "--site", "george")
     assert code == 0 and "new ledger" in output
     assert _round(policy, site_data, server_round=1, create_if_new=False).ledger_entry.seq == 1
     log = [json.loads(line) for line in (policy.state_dir / "ledger.sqlite.log").read_text().splitlines()]
@@ -97,13 +84,13 @@ def test_a_ledger_lost_for_good_is_replaced_only_with_its_spend_carried_over(tmp
     spent = _round(policy, site_data, server_round=1).privacy.epsilon
     policy.ledger_path.unlink()
 
-    code, output = _cli("ledger", "init", str(policy.state_dir), "--site", "george", "--replace-lost", "--carried-epsilon", "9.9",
+    code, output = run_cli("ledger", "init", str(policy.state_dir), "--site", "george", "--replace-lost", "--carried-epsilon", "9.9",
                         "--carried-delta", "1e-5", "--reason", "disk failure, no backup")
     assert code == 0 and "carrying epsilon 9.9" in output
     with pytest.raises(BudgetExceededError, match="carried over"):  # 9.9 + one more round is over 10
         _round(policy, site_data, server_round=2)
     assert spent < 9.9
-    code, output = _cli("audit", str(policy.state_dir), "--json")
+    code, output = run_cli("audit", str(policy.state_dir), "--json")
     audit = json.loads(output)["sites"][0]
     assert audit["epsilon"] == pytest.approx(9.9) and "lost for good" in " ".join(audit["notes"])
 
@@ -112,7 +99,7 @@ def test_a_replaced_ledger_whose_delta_the_run_cannot_take_refuses_before_it_spe
     """Audit finding: the carried delta made every report weaker than target-delta; the server left each update
     out and kept asking, so the site spent every round with no spend on the server's record."""
     policy = SitePolicy(state_dir=tmp_path / "george", epsilon_budget=10.0, fresh_state=True)
-    assert _cli("ledger", "init", str(policy.state_dir), "--site", "george", "--replace-lost", "--carried-epsilon", "1",
+    assert run_cli("ledger", "init", str(policy.state_dir), "--site", "george", "--replace-lost", "--carried-epsilon", "1",
                 "--carried-delta", "1e-5", "--reason", "disk failure, no backup")[0] == 0
 
     with pytest.raises(BudgetExceededError, match=r"delta 2e-05 \(1e-05 of its own \+ 1e-05 carried .* Fix: leave this site out: its carried delta alone reaches"):
@@ -143,10 +130,10 @@ def test_a_removed_newest_entry_with_its_anchor_is_stated_and_caught_by_the_witn
     db.close()
     write_anchor(path.with_name("ledger.sqlite.head"), 1, entries[0].hash)  # the anchor one behind, as after a crash
 
-    code, output = _cli("audit", str(path))
+    code, output = run_cli("audit", str(path))
     assert code == 0 and "tolerated: the head anchor is one entry behind" in output and "only a witness" in output
 
-    code, output = _cli("audit", str(path), "--witness", str(witness))
+    code, output = run_cli("audit", str(path), "--witness", str(witness))
     assert code == 1 and "recorded this site's ledger head as entry 3" in output
 
 
@@ -168,11 +155,11 @@ def test_a_consistently_rewritten_chain_fails_against_the_witness(tmp_path: Path
     db.close()
     write_anchor(path.with_name("ledger.sqlite.head"), forged[-1].seq, forged[-1].hash)
 
-    code, output = _cli("audit", str(path))  # the spend log, written before each commit, still has the true spends
+    code, output = run_cli("audit", str(path))  # the spend log, written before each commit, still has the true spends
     assert code == 1 and "the ledger or its spend log was rewritten after the spend" in output
     path.with_name("ledger.sqlite.spends").unlink()  # the rewrite done thoroughly: the spend log gone too
-    assert _cli("audit", str(path))[0] == 0  # self-consistent: only a witness held elsewhere can tell
-    code, output = _cli("audit", str(path), "--witness", str(witness))
+    assert run_cli("audit", str(path))[0] == 0  # self-consistent: only a witness held elsewhere can tell
+    code, output = run_cli("audit", str(path), "--witness", str(witness))
     assert code == 1 and "rewritten or cut" in output
 
 
@@ -196,7 +183,7 @@ def test_the_audit_reads_only_and_refuses_what_is_not_a_ledger(tmp_path: Path, k
         db.close()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    code, output = _cli("audit", str(path))
+    code, output = run_cli("audit", str(path))
 
     assert code == 1 and "Traceback" not in output
     expected = {"other-schema": "is not a fedmm privacy ledger: its tables are ['patients']", "empty-file": "is not a fedmm privacy ledger: its tables are none",
@@ -258,7 +245,7 @@ def test_the_carried_spend_of_a_lost_ledger_cannot_be_deleted_quietly(tmp_path: 
     state = tmp_path / "george"
     _spent_ledger(state / "ledger.sqlite")
     (state / "ledger.sqlite").unlink()
-    assert _cli("ledger", "init", str(state), "--site", "george", "--replace-lost", "--carried-epsilon", "5",
+    assert run_cli("ledger", "init", str(state), "--site", "george", "--replace-lost", "--carried-epsilon", "5",
                 "--carried-delta", "1e-5", "--reason", "disk failure")[0] == 0
     db = sqlite3.connect(state / "ledger.sqlite")
     db.execute("DELETE FROM meta WHERE key LIKE 'carried_%'")
@@ -267,7 +254,7 @@ def test_the_carried_spend_of_a_lost_ledger_cannot_be_deleted_quietly(tmp_path: 
 
     with pytest.raises(PrivacyError, match="the carried spend was changed or removed"):
         PrivacyLedger.open(state / "ledger.sqlite", site="george")
-    code, output = _cli("audit", str(state))
+    code, output = run_cli("audit", str(state))
     assert code == 1 and "carried spend was changed or removed" in output
 
 
@@ -315,6 +302,6 @@ def test_a_site_audits_its_own_ledger_against_a_witness_that_names_others_too(tm
     record["sites"].append({"site": "jackson", "epsilon": 1.0, "ledger_seq": 1, "ledger_hash": "0" * 64})
     (tmp_path / "privacy.json").write_text(json.dumps(record))
 
-    code, output = _cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"))
+    code, output = run_cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"))
     assert code == 1 and "names site 'jackson', whose ledger was not given" in output and "--given-only" in output
-    assert _cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"), "--given-only")[0] == 0
+    assert run_cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"), "--given-only")[0] == 0

@@ -15,33 +15,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from fedmm.cli import app
-from fedmm.config import RunConfig
-from fedmm.data.synthetic import make_synthetic
+from ledger_support import TABULAR, run_cli
+
 from fedmm.errors import BudgetExceededError, PrivacyError
-from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.audit import audit_ledger
 from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.privacy.policy import SitePolicy
 from fedmm.site.round import SiteState, train_round
 
-CFG = RunConfig(data="synthetic", modalities="tabular", batch_size=16, noise_multiplier=1.0, target_epsilon=1000.0, rounds=100)
+CFG = TABULAR
 PAIR = ("ledger.sqlite", "ledger.sqlite.head")  # what a backup of the ledger holds
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "240"})
-    return result.exit_code, " ".join(result.output.split())
-
-
-@pytest.fixture(scope="module")
-def site_data():
-    data = make_synthetic(64, seed=0)
-    recipe = ModelRecipe.from_config(CFG)
-    return data, recipe.build(recipe.prepare(data).schema, seed=CFG.seed).state_dict()
 
 
 def _round(policy: SitePolicy, site_data, *, run: str, server_round: int = 1):
@@ -89,7 +74,7 @@ def test_a_ledger_restored_from_an_older_backup_is_refused_until_its_spends_are_
     with PrivacyLedger.read(policy.ledger_path) as ledger:
         assert len(ledger.entries()) == 1  # nothing written by the refusal or the audit
 
-    code, output = _cli("ledger", "recover", str(policy.state_dir), "--site", "george")
+    code, output = run_cli("ledger", "recover", str(policy.state_dir), "--site", "george")
 
     assert code == 0 and "added back entries 2-4" in output, output
     with PrivacyLedger.read(policy.ledger_path) as ledger:
@@ -131,11 +116,11 @@ def test_a_spend_log_that_cannot_give_the_spends_back_names_the_epsilon_to_carry
         PrivacyLedger.open(policy.ledger_path, site="george")
     carried = f"--replace-lost --carried-epsilon {spent[-1].epsilon!r} --carried-delta 1e-05"  # exact: never rounded down
     assert carried in str(err.value) and "a backup lacks the spends made after it" in str(err.value)
-    assert _cli("ledger", "recover", str(policy.state_dir), "--site", "george")[0] == 1
+    assert run_cli("ledger", "recover", str(policy.state_dir), "--site", "george")[0] == 1
     assert not audit_ledger(policy.ledger_path).ok
 
     policy.ledger_path.rename(policy.state_dir / "ledger.sqlite.restored")  # the fix it names: moved aside, kept
-    code, _ = _cli("ledger", "init", str(policy.state_dir), "--site", "george", *carried.split(), "--reason", "backup behind, log damaged")
+    code, _ = run_cli("ledger", "init", str(policy.state_dir), "--site", "george", *carried.split(), "--reason", "backup behind, log damaged")
     assert code == 0
     audit = audit_ledger(policy.ledger_path)  # the old ledger's logged spends are not the new one's
     assert audit.ok and audit.epsilon == spent[-1].epsilon, audit.problems
