@@ -208,12 +208,14 @@ def main(grid: Grid, context: Context) -> None:
     except Exception:
         # A failed run has no summary, but what its sites spent (every report received) is on record.
         privacy = sorted(strategy.site_privacy.values(), key=lambda p: p.site)
+        error = sys.exc_info()[1]
         try:
             artifacts.save_privacy(privacy, rounds=int(final.get("round", done)), client_epsilon=strategy.client_epsilon)
+            artifacts.save_failure(f"{type(error).__name__}: {error}", rounds=int(final.get("round", done)), interrupted=isinstance(error, RunStopped))
         except OSError as err:  # the run's own error matters more; say why the record is missing
-            log(WARNING, "[fedmm] could not write privacy.json of the failed run: %s", err)
+            log(WARNING, "[fedmm] could not write privacy.json and failure.json of the failed run: %s", err)
         eps = strategy.max_epsilon
-        ended = "stopped from outside" if isinstance(sys.exc_info()[1], RunStopped) else "failed"
+        ended = "stopped from outside" if isinstance(error, RunStopped) else "failed"
         log(INFO, "[fedmm] run %s; privacy.json records %d site report(s), max epsilon %s", ended, len(privacy), "none" if eps is None else f"{eps:.3f}")
         raise
     artifacts.save_model(served(final_arrays).to_torch_state_dict())

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedmm.cli.status import run_status
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import builtin_root, load_test
 from fedmm.models import ModelRecipe
@@ -130,6 +131,11 @@ def test_a_failing_site_fails_the_run_with_its_reason(tmp_path: Path) -> None:
     # a lasting site-state-dir holds ledgers made with `fedmm ledger init`; none can be there (it is a file)
     assert "no privacy ledger at" in done.stdout and "fedmm ledger init" in done.stdout and str(blocker) in done.stdout
     assert not (tmp_path / "failing" / "summary.json").exists()
+    # why, on record in the run folder (a deployment has no flower.log there): fedmm status says it
+    failure = json.loads((tmp_path / "failing" / "failure.json").read_text())
+    assert failure["status"] == "failed" and "no privacy ledger at" in failure["reason"], failure
+    status = run_status(tmp_path / "failing")
+    assert status.state == "failed" and "no privacy ledger at" in status.reason
     # A failed run still records what its sites spent: here nothing (no site could keep a ledger).
     assert json.loads((tmp_path / "failing" / "privacy.json").read_text())["sites"] == []
     assert "privacy spent before the failure: no site reported a spend" in done.stdout

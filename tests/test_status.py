@@ -83,3 +83,19 @@ def test_presence_and_unknown_participants_are_shown_as_such(tmp_path: Path) -> 
     assert sites["george"]["rounds_trained"] is None
     shown = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "80"})
     assert "theo LOST 3 s ago: its heartbeats stopped" in shown.stdout and "rounds ?" in shown.stdout, shown.stdout
+
+
+def test_a_failed_deployment_run_says_why_and_where_its_log_is(tmp_path: Path) -> None:
+    """Operator finding: a run that failed on a site's config error said "see flower.log", which a
+    deployment's run folder does not have; the reason was only in the SuperLink's log."""
+    run = _run(tmp_path, rounds=0, summary=None)
+    result = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"})
+    assert "flwr log <run-id>" in result.output and "see flower.log" not in result.output  # no reason on record: where to look
+
+    reason = "FederationError: round 1: 1 of 3 sites failed (node 42: site jackson: config key 'node-config data': manifest not found)"
+    (run / "failure.json").write_text(json.dumps({"status": "failed", "reason": reason, "rounds": 0}))
+    result = CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1 and "FAILED" in result.output
+    assert "site jackson: config key 'node-config data': manifest not found" in " ".join(result.output.split()), result.output
+    (run / "flower.log").write_text("a simulation's log\n")
+    assert "details in flower.log" in " ".join(CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"}).output.split())

@@ -115,11 +115,11 @@ def run_status(run_dir: Path) -> RunStatus:
     planned = (summary or {}).get("rounds_planned") or config.get("rounds")
     changed = max((p.stat().st_mtime for p in run_dir.iterdir()), default=None)
     activity = None if changed is None else max(0.0, time.time() - changed)
-    state, reason = _state(summary, privacy, rounds_done)
+    state, reason = _state(summary, privacy, rounds_done, _json(run_dir / "failure.json"), (run_dir / "flower.log").is_file())
     return RunStatus(run_dir, state, reason, rounds_done, planned, activity, sorted(sites.values(), key=lambda s: s.name))
 
 
-def _state(summary: dict[str, Any] | None, privacy: Any, rounds_done: int) -> tuple[str, str]:
+def _state(summary: dict[str, Any] | None, privacy: Any, rounds_done: int, failure: Any = None, flower_log: bool = True) -> tuple[str, str]:
     if summary is not None:
         stated = summary.get("status")
         stopped = summary.get("stopped")
@@ -128,8 +128,11 @@ def _state(summary: dict[str, Any] | None, privacy: Any, rounds_done: int) -> tu
         if rounds_done == 0:
             return "failed", stopped or "no round was trained"
         return ("stopped", stopped) if stopped else ("completed", "")
+    log = "flower.log" if flower_log else "the server's log: `flwr log <run-id>`, or `fedmm server`'s output"
+    if isinstance(failure, dict) and failure.get("reason"):  # the ServerApp's own account (fedmm.federation.artifacts.FAILURE)
+        return "failed", f"{failure['reason']} (details in {log}; privacy.json records what the sites spent)"
     if privacy is not None:  # written alone only by a run that failed
-        return "failed", "the server failed (see flower.log); privacy.json records what the sites spent"
+        return "failed", f"the server failed (see {log}); privacy.json records what the sites spent"
     return "running", "no summary yet: the run is going on, or its server died (see the last activity)"
 
 

@@ -39,9 +39,10 @@ from fedmm.errors import ConfigError, DataError
 if TYPE_CHECKING:
     import torch  # loaded on use: `fedmm status` and the ledger commands never need it
 
-__all__ = ["RunArtifacts", "new_run_id", "CHECKPOINT", "MODEL", "BEST_MODEL"]
+__all__ = ["RunArtifacts", "new_run_id", "CHECKPOINT", "FAILURE", "MODEL", "BEST_MODEL"]
 
 CHECKPOINT = "checkpoint.json"
+FAILURE = "failure.json"  # why a run failed, from the ServerApp: a deployment's run folder has no flower.log to look in
 OPTIMIZER_PREFIX = "server-optimizer/"  # the server optimizer's arrays inside a checkpoint's npz
 MODEL = "model.pt"
 BEST_MODEL = "model-best.pt"
@@ -191,6 +192,12 @@ class RunArtifacts:
         import torch
 
         return dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def save_failure(self, reason: str, *, rounds: int, interrupted: bool) -> None:
+        """Write ``failure.json``: why the run ended without a summary, after how many rounds."""
+        text = json.dumps({"run_id": self.run_id, "status": "interrupted" if interrupted else "failed", "reason": reason[:4000],
+                           "rounds": rounds, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
+        (self.dir / FAILURE).write_text(text + "\n")
 
     def save_privacy(self, privacy: Iterable[Any], *, rounds: int, client_epsilon: float | None = None) -> list[dict[str, Any]]:
         """Write ``privacy.json``: every site report the server received, and the client-level guarantee.
