@@ -106,3 +106,33 @@ def test_studies_count_what_the_ledger_already_holds() -> None:
     assert studies_allowed(cfg, plan, study * 0.99).count == 0
     spent = [PrivacyEvent(1.0, 0.1, 40)]  # one study already in the ledger
     assert studies_allowed(cfg, plan, budget, history=spent).count == 2
+
+
+def test_plan_counts_the_rounds_a_lasting_ledger_still_allows(tmp_path: Path) -> None:
+    """Review finding: with a lasting site-state-dir, `fedmm plan` said a site could take every round
+    although its ledger had already spent most of its budget (the run then stopped early)."""
+    from fedmm.config import AccountantKind
+    from fedmm.privacy.accounting import SiteAccountant
+    from fedmm.privacy.ledger import PrivacyLedger
+
+    keys = ["plan", "--set", "data=synthetic:300", "--set", "sites=3", "--set", "rounds=4", "--set", "target-epsilon=4",
+            "--set", f"site-state-dir={tmp_path}", "--set", "site-budgets=*:8"]
+    for site in ("0", "1", "2"):
+        PrivacyLedger.create(tmp_path / site / "ledger.sqlite", site=site).close()
+    def rounds(out: str) -> dict[str, str]:  # site -> its "rounds" cell (columns: site records q steps noise epsilon budget rounds studies)
+        return {cells[0]: " ".join(cells[7:-1]) for line in out.splitlines() if re.match(r"^[0-2] ", line) for cells in [line.split()]}
+
+    assert rounds(_run(*keys)) == {"0": "all 4", "1": "all 4", "2": "all 4"}
+
+    accountant = SiteAccountant(AccountantKind.RDP)
+    accountant.record(noise_multiplier=1.2, sample_rate=0.2, steps=40)
+    spent = accountant.epsilon(1e-5)
+    assert 6 < spent < 8
+    with PrivacyLedger.open(tmp_path / "0" / "ledger.sqlite", site="0") as ledger:
+        ledger.append(run_id="earlier", round=1, noise_multiplier=1.2, sample_rate=0.2, steps=40, delta=1e-5, accountant="rdp",
+                      epsilon=spent, epsilon_budget=8.0, data="d")
+    out = _run(*keys)
+    _narrow(out)
+    left = rounds(out)
+    assert left["1"] == left["2"] == "all 4" and left["0"].isdigit() and int(left["0"]) < 4, out
+    assert f"site 0 has already spent epsilon {spent:.3f} of its lifetime budget 8" in re.sub(r"\s+", " ", out), out

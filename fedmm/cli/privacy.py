@@ -33,7 +33,8 @@ def plan_table(run_plan: RunPlan, federation: Any, *, warn_studies: bool = True)
     cfg, budgets, recipe = run_plan.config, run_plan.site_budgets, run_plan.model
     table = FitTable(
         f"DP plan: target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g} ({cfg.accountant}) over {cfg.rounds} rounds; "
-        "q: sample rate, noise: noise multiplier, budget: the site's lifetime epsilon, studies: whole runs of this plan it still allows",
+        "q: sample rate, noise: noise multiplier, budget: the site's lifetime epsilon, rounds: of this run its budget still allows, "
+        "studies: whole runs of this plan it still allows",
         ("site", "records", "q", "steps/rd", "noise", "epsilon", "budget", "rounds", "studies"),
     )
     for index, (name, ds) in enumerate(zip(federation.names, federation.sites)):
@@ -56,17 +57,23 @@ def _plan_row(cfg: RunConfig, name: str, records: int, budget: float) -> tuple[l
     from fedmm.site.round import plan_site
 
     plan = plan_site(cfg, records)
-    accountant, affordable = SiteAccountant(cfg.accountant), 0
+    # Rounds of this run the site's budget allows after what its lasting ledger (site-state-dir) already holds.
+    history, carried = spent_before(cfg, name)
+    accountant, affordable = SiteAccountant(cfg.accountant, history), 0
+    if plan.stats_noise_multiplier > 0:  # the site's statistics release, before its first round
+        accountant.record(noise_multiplier=plan.stats_noise_multiplier, sample_rate=1.0, steps=1)
     while affordable < cfg.rounds:
         accountant.record(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round)
-        if accountant.epsilon(cfg.target_delta) > budget:
+        if carried + accountant.epsilon(cfg.target_delta) > budget:
             break
         affordable += 1
     floor = " (below the sites' floor)" if plan.noise_multiplier < cfg.site_min_noise_multiplier else ""
-    history, carried = spent_before(cfg, name)
     studies = studies_allowed(cfg, plan, budget, history=history, carried=carried)
     warning = None
-    if studies.count < 2:
+    if studies.spent and affordable < cfg.rounds:
+        warning = (f"warning: site {name} has already spent epsilon {studies.spent:.3f} of its lifetime budget {budget:g} (its ledger under "
+                   f"site-state-dir): it can take part in {affordable} of this run's {cfg.rounds} rounds")
+    elif studies.count < 2:
         spent = f", {studies.spent:.3f} of it already spent," if studies.spent else ""
         warning = (f"warning: site {name}'s lifetime budget epsilon {budget:g}{spent} fits {studies.count} whole "
                    f"{'study' if studies.count == 1 else 'studies'} of this plan: raise its budget, or plan a smaller target-epsilon a study")
