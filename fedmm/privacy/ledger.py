@@ -81,6 +81,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path, db: sqlite3.Connection, *, lock: LedgerLock | None, writable: bool) -> None:
         self.path, self._db, self._lock, self.writable = path, db, lock, writable
+        self._log_seen: tuple[tuple[object, ...], LogComparison] | None = None  # the last spend-log comparison and what it was of
         try:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as err:
@@ -222,9 +223,23 @@ class PrivacyLedger:
 
     def _compare_with_log(self) -> LogComparison:
         try:
-            return compare(self.entries(), spends_path(self.path), self.ledger_id, self.site)
+            return self._compare(self.entries())
         except PrivacyError:  # an entry of the wrong type: verify() reports it
             return LogComparison()
+
+    def _compare(self, entries: list[LedgerEntry]) -> LogComparison:
+        """``compare`` of these entries with the spend log, read again only when either changed (open() compares
+        twice, and the log of a long-lived site is its whole history: 10,000 spends took 0.8 s a read)."""
+        log = spends_path(self.path)
+        try:
+            stat = log.stat()
+            seen: tuple[object, ...] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        except OSError:
+            seen = ()
+        key = (hash(tuple(e.hash for e in entries)), len(entries), seen)
+        if self._log_seen is None or self._log_seen[0] != key:
+            self._log_seen = (key, compare(entries, log, self.ledger_id, self.site))
+        return self._log_seen[1]
 
     def _recover_from_log(self, *, at_most: int | None) -> None:
         """Add back the spends the log records past the ledger's end (a ledger restored from an older backup).
@@ -385,7 +400,7 @@ class PrivacyLedger:
                     "commit and the anchor leaves it; the same picture results if the newest entry was removed together with the "
                     "anchor, which only a witness (--witness privacy.json) can rule out"
                 )
-        log_problems, log_notes = log_verdict(compare(entries, spends_path(self.path), self.ledger_id, self.site), entries, self.path, self.site)
+        log_problems, log_notes = log_verdict(self._compare(entries), entries, self.path, self.site)
         problems, notes = problems + log_problems, notes + log_notes
         return ChainVerdict(not problems, len(entries), tuple(problems), tuple(notes))
 
