@@ -25,7 +25,7 @@ from fedmm.data.partition import build_federation
 from fedmm.data.normalise import normalise, scale_warnings
 from fedmm.data.sources import load_source
 from fedmm.errors import ConfigError, FederationError, SitesExhausted
-from fedmm.federation.artifacts import RunArtifacts, new_run_id
+from fedmm.federation.artifacts import FAILURE, RunArtifacts, new_run_id
 from fedmm.federation.book import FederationBook
 from fedmm.federation.presence import PRESENCE_FILE, Presence, site_names
 from fedmm.federation.secagg import SecureFedMM, make_workflow
@@ -97,6 +97,7 @@ def main(grid: Grid, context: Context) -> None:
             raise FederationError(f"the checkpoint in {artifacts.dir} holds another model than run config builds; resume with the run's own config.toml")
         initial = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         log(INFO, "[fedmm] resuming run %s after round %d of %d, from its checkpoint", artifacts.run_id, done, cfg.rounds)
+        (artifacts.dir / FAILURE).unlink(missing_ok=True)  # the run goes on: its last failure is no longer what became of it
         best = BestRound.from_state(saved_state.get(BEST_STATE))
         trouble = best.keep_on_resume(artifacts, checkpoint_round=done, arrays=arrays)
         if trouble:

@@ -139,3 +139,52 @@ def test_a_server_that_does_not_speak_tls_is_refused(tmp_path: Path, monkeypatch
         site_file = _site(tmp_path, pki / "ca.crt", f"127.0.0.1:{listener.getsockname()[1]}")
         _refused_before_starting(monkeypatch, site_file, r"site\.superlink.*no TLS handshake with 127\.0\.0\.1:\d+")
         thread.join(5)
+
+
+def test_a_superlink_without_a_port_and_a_key_flower_cannot_use_are_refused(tmp_path: Path) -> None:
+    """Review findings: `superlink = "fl.example.org"` was called "does not answer yet" (Flower's SuperNode exits on
+    it); an Ed25519 key passed the key check (Flower's SuperNode authentication takes ECDSA only)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    pki = _pki(tmp_path / "own")
+    with pytest.raises(ConfigError, match=r"site\.superlink.*must be the server's host:port"):
+        deploy.SiteSettings.load(_site(tmp_path, pki / "ca.crt", "fl.example.org"))
+    ed = tmp_path / "ed.key"
+    ed.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    with pytest.raises(ConfigError, match=r"site\.key.*needs an ECDSA key"):
+        deploy.SiteSettings.load(_site(tmp_path, pki / "ca.crt", "127.0.0.1:9092", key=ed))
+
+
+def test_certs_server_renews_the_servers_certificate_from_the_same_ca(tmp_path: Path) -> None:
+    """The fix the pre-flight gives for an address the certificate does not name: a new server certificate, same CA."""
+    from cryptography import x509
+    from typer.testing import CliRunner
+
+    from fedmm.cli import app
+
+    pki = _pki(tmp_path / "own")
+    ca_before = (pki / "ca.crt").read_bytes()
+    done = CliRunner().invoke(app, ["certs", "server", str(pki), "--san", "fl.example.org", "--san", "127.0.0.1"])
+    assert done.exit_code == 0, done.output
+    assert (pki / "ca.crt").read_bytes() == ca_before  # every site's ca.crt stays valid
+    names = x509.load_pem_x509_certificate((pki / "server.crt").read_bytes()).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert CliRunner().invoke(app, ["certs", "show", str(pki)]).exit_code == 0  # the manifest and the chain agree
+
+
+def test_a_server_asking_for_a_client_certificate_is_named_as_such(tmp_path: Path) -> None:
+    """Review finding: a TLS 1.2 server requiring client certificates (a proxy; Flower's SuperLink never does) was "not TLS"."""
+    pki = _pki(tmp_path / "own")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(pki / "ca.crt")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        accept = threading.Thread(target=lambda: _handshake_once(listener, context), daemon=True)
+        accept.start()
+        probe = probe_superlink(f"127.0.0.1:{listener.getsockname()[1]}", pki / "ca.crt")
+        accept.join(5)
+    assert probe.verdict == "refused" and "client certificate" in probe.detail, probe

@@ -42,7 +42,7 @@ from typing import Any
 from fedmm import protocol
 from fedmm.federation.presence import DATABASE_ENV
 from fedmm.secure.identity import KEYS_ENV
-from fedmm.secure.probe import check_site_keys, probe_superlink
+from fedmm.secure.probe import check_site_keys, probe_superlink, split_address
 from fedmm.errors import ConfigError
 from fedmm.runtime.executor import SECRET_FILE, make_secret
 from fedmm.runtime.supernode import HEARTBEAT_ENV, POLL_ENV
@@ -150,6 +150,11 @@ class SiteSettings:
                 "site.heartbeat-interval", "must be a number of seconds in [1, 30]", value=heartbeat,
                 fix="e.g. heartbeat-interval = 3.0 (the server names a dead site lost after about twice this)",
             )
+        try:
+            split_address(str(table["superlink"]))
+        except ValueError:  # Flower's SuperNode exits on it; said here with the key and a fix
+            raise ConfigError("site.superlink", "must be the server's host:port", value=table["superlink"],
+                              fix='e.g. superlink = "fl.example.org:9092" (IPv6: "[2001:db8::1]:9092")') from None
         ca_file, key_file = file("ca"), file("key")
         wrong = check_site_keys(ca_file, key_file)  # a file that is not a certificate (or key) left the SuperNode retrying for ever
         if wrong:
@@ -290,10 +295,14 @@ def _check_server(site: SiteSettings) -> None:
     if probe.verdict == "untrusted":
         raise ConfigError("site.ca", f"the server at {site.superlink} is not verified by {site.ca}: {probe.detail}", value=str(site.ca),
                           fix="use the ca.crt of the federation's `fedmm certs init` folder (from the server operator), and an address "
-                          "the server's certificate names (`fedmm certs show` lists them; `fedmm certs init --san` adds one)")
-    if probe.verdict in ("not-tls", "bad-ca"):
-        raise ConfigError("site.superlink" if probe.verdict == "not-tls" else "site.ca",
-                          f"no TLS handshake with {site.superlink}: {probe.detail}", value=site.superlink if probe.verdict == "not-tls" else str(site.ca),
+                          "the server's certificate names (`fedmm certs show` lists them; the operator adds one with `fedmm certs server PKI --san ...`)")
+    if probe.verdict == "refused":
+        raise ConfigError("site.superlink", f"{site.superlink}: {probe.detail}", value=site.superlink,
+                          fix="point superlink at the `fedmm server` of the federation itself, not at a proxy that asks for client certificates")
+    if probe.verdict == "bad-ca":
+        raise ConfigError("site.ca", probe.detail, value=str(site.ca), fix="use the ca.crt of the federation's `fedmm certs init` folder")
+    if probe.verdict != "ok":  # not-tls, bad-address
+        raise ConfigError("site.superlink", f"no TLS handshake with {site.superlink}: {probe.detail}", value=site.superlink,
                           fix="point superlink at the `fedmm server` of the federation (its port, 9092 by default)")
 
 

@@ -2,6 +2,8 @@
 
 - ``fedmm certs init OUTDIR [--san HOST ...] [--days 365] [--ca-days 1825] [--force]``:
   a private CA and the SuperLink's certificate;
+- ``fedmm certs server OUTDIR --san HOST ... [--days 365]``: a new SuperLink certificate from the
+  same CA (another address, or a renewal): the sites' ``ca.crt`` stays valid;
 - ``fedmm certs site OUTDIR NAME [NAME ...] [--force]``: SuperNode key pairs for sites;
 - ``fedmm certs show OUTDIR``: what is there, expiry, fingerprints (exit 1 if anything is
   missing, expired, mis-signed or a private key is readable by others).
@@ -72,6 +74,21 @@ def init(
          f"  2. every site gets {certs.CA_CERT} (flower-supernode --root-certificates ca.crt)\n"
          f"  3. keep {certs.CA_KEY} offline: it is needed only to sign a new server certificate\n"
          f"  4. make each site's key: fedmm certs site {outdir} NAME ...")
+
+
+@certs_app.command("server")
+def server(
+    outdir: Annotated[Path, typer.Argument(help="the folder of `fedmm certs init` (its ca.crt and ca.key sign the new certificate)")],
+    san: Annotated[list[str] | None, typer.Option("--san", help="every DNS name or IP address sites dial; repeat it (default: localhost, 127.0.0.1)")] = None,
+    days: Annotated[int, typer.Option("--days", help="validity of the server certificate")] = certs.DEFAULT_DAYS,
+) -> None:
+    """Replace the SuperLink's certificate with a new one from the same CA (a new address, or a renewal); sites keep their ca.crt."""
+    sans = san or list(certs.DEFAULT_SANS)
+    with _exit_on_error():
+        certs.create_server_certificate(outdir, sans=sans, days=days, force=True)
+        certs.write_manifest(outdir)
+    _say(f"wrote {outdir.resolve()}: {certs.SERVER_CERT}, {certs.SERVER_KEY} ({days} days, SANs {', '.join(sans)}), signed by the same "
+         f"{certs.CA_CERT}; restart `fedmm server` to serve it (the sites need nothing new)")
 
 
 @certs_app.command("site")

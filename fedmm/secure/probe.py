@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 __all__ = ["Probe", "check_site_keys", "probe_superlink", "split_address"]
@@ -25,9 +27,10 @@ __all__ = ["Probe", "check_site_keys", "probe_superlink", "split_address"]
 
 @dataclass(frozen=True)
 class Probe:
-    """``verdict``: "ok", "unreachable" (nothing answered: not an error), "bad-ca" (the CA file
-    cannot be read as certificates), "untrusted" (the server's certificate does not verify
-    against the CA, or does not name the address) or "not-tls"; ``detail`` says why."""
+    """``verdict``: "ok", "unreachable" (nothing answered: not an error), "bad-address" (not
+    ``host:port``), "bad-ca" (the CA file cannot be read as certificates), "untrusted" (the
+    server's certificate does not verify against the CA, or does not name the address),
+    "refused" (the server ended the handshake) or "not-tls"; ``detail`` says why."""
 
     verdict: str
     detail: str = ""
@@ -51,8 +54,10 @@ def check_site_keys(ca: Path, key: Path) -> dict[str, str]:
     except (OSError, ValueError) as err:
         wrong["ca"] = f"is not a PEM certificate ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     try:
-        load_ssh_private_key(key.read_bytes(), password=None)  # as flower-supernode loads it
-    except (OSError, ValueError, TypeError) as err:
+        private = load_ssh_private_key(key.read_bytes(), password=None)  # as flower-supernode loads it
+        if not isinstance(private, ec.EllipticCurvePrivateKey):  # Flower's SuperNode authentication takes no other
+            wrong["key"] = f"is a {type(private).__name__.removeprefix('_')} key; SuperNode authentication needs an ECDSA key (`fedmm certs site` makes one)"
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
         wrong["key"] = f"is not an unencrypted OpenSSH private key ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return wrong
 
@@ -68,13 +73,15 @@ def probe_superlink(address: str, ca: Path, *, timeout: float = 5.0) -> Probe:
     try:
         host, port = split_address(address)
     except ValueError as err:
-        return Probe("unreachable", str(err))
+        return Probe("bad-address", str(err))
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw, server_hostname=host):
             return Probe("ok")
     except ssl.SSLCertVerificationError as err:
         return Probe("untrusted", err.verify_message or str(err))
     except ssl.SSLError as err:
+        if "ALERT" in str(err.reason or ""):  # the server spoke TLS and ended the handshake itself
+            return Probe("refused", f"the server ended the TLS handshake ({err.reason}); a server that asks for a client certificate does this")
         return Probe("not-tls", err.reason or str(err))
     except OSError as err:  # refused, no route, timeout, name not found: the server may not be up yet
         return Probe("unreachable", err.strerror or str(err) or type(err).__name__)
