@@ -21,7 +21,7 @@
   scores a run's saved model: accuracy, macro-F1, per-class scores, confusion matrix;
 - ``fedmm report RUN [--out FILE]`` writes an HTML page of a run (plots per round,
   participation, confusion matrix, per-class and privacy tables; docs/runs.md);
-- ``fedmm certs init|site|show`` makes a private CA, the SuperLink's TLS certificate
+- ``fedmm certs init|server|site|show`` makes a private CA, the SuperLink's TLS certificate (renewed from the same CA by ``server``)
   and the sites' SuperNode keys, and lists them with expiry (see docs/transport.md).
 
 Exit codes: 0 success, 1 failed run or bad data, 2 bad configuration.
