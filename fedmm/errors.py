@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "PrivacyError",
+    "SiteRefused",
     "BudgetExceededError",
     "FederationError",
 ]
@@ -68,7 +69,11 @@ class PrivacyError(FedMMError):
     """A privacy guarantee could not be established or would be broken."""
 
 
-class BudgetExceededError(PrivacyError):
+class SiteRefused(PrivacyError):
+    """A site declined a round by its own policy: an answer with its reason, not a failure."""
+
+
+class BudgetExceededError(SiteRefused):
     """A site refused a round because it would exceed the site's privacy budget."""
 
 

@@ -10,7 +10,7 @@ __all__ = [
     "ARRAYS", "METRICS", "PRIVACY", "CONFIG",
     "NUM_EXAMPLES", "TRAIN_LOSS", "EPSILON",
     "SITE", "DELTA", "ACCOUNTANT", "NOISE_MULTIPLIER", "SAMPLE_RATE", "STEPS",
-    "SERVER_ROUND", "STATE_KEY", "NODE_SITE", "NODE_PARTITION_ID", "NODE_KEY", "PROOF",
+    "SERVER_ROUND", "ENROLLED", "STATE_KEY", "NODE_SITE", "NODE_PARTITION_ID", "NODE_KEY", "PROOF",
 ]
 
 # RecordDict keys of a train message and its reply
@@ -35,6 +35,9 @@ STEPS = "steps"
 # Train ConfigRecord keys
 SERVER_ROUND = "server-round"
 RUN_ID = "run-id"  # the server's run id: labels the sites' ledger entries
+# deployment: the site name whose enrolled key this node registered with (the SuperLink's records); a site
+# whose own name differs refuses before it trains (another site's key: its update would be rejected after the spend)
+ENROLLED = "enrolled-site"
 
 # Reply ConfigRecord of a site that refuses the round (its budget or policy); no weights
 REFUSED = "refused"

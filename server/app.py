@@ -27,7 +27,7 @@ from fedmm.data.sources import load_source
 from fedmm.errors import ConfigError, FederationError, SitesExhausted
 from fedmm.federation.artifacts import FAILURE, RunArtifacts, new_run_id
 from fedmm.federation.book import FederationBook
-from fedmm.federation.presence import PRESENCE_FILE, Presence, site_names
+from fedmm.federation.presence import PRESENCE_FILE, Presence, enrolled_lookup, site_names
 from fedmm.federation.secagg import SecureFedMM, make_workflow
 from fedmm.federation.central import BEST_STATE, BestRound, Participants, make_central_evaluation, model_digest, round_fields, summary_fields
 from fedmm.federation.strategy import FedMMAvg
@@ -130,6 +130,7 @@ def main(grid: Grid, context: Context) -> None:
     keys = EnrolledKeys.load(keys_dir) if keys_dir else None
     strategy.expect_identities(accountant=cfg.accountant.value, delta=cfg.target_delta, local_epochs=cfg.local_epochs, run_id=artifacts.run_id, keys=keys)
     grid.presence = Presence(artifacts.dir / PRESENCE_FILE, site_names(strategy, keys))  # who is online, lost, back: by name
+    strategy.enrolled_name = enrolled_lookup(keys)  # each node is told the site its key is enrolled as; another's key refuses at once
     log(INFO, "[fedmm] site identity: %s", f"every report proves its site's name with one of {len(keys.keys)} enrolled keys" if keys else "names from the simulation's partition (no enrolled keys)")
     if saved_state is not None:
         strategy.restore(saved_state, rounds_done=done)

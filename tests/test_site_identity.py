@@ -218,3 +218,34 @@ def test_a_resume_with_other_settings_says_what_changed_and_keeps_both_configs(t
     assert changed == ["client-noise-multiplier: 0.8 -> 4.0"]
     assert "client-noise-multiplier = 0.8" in (tmp_path / "run" / "config.toml").read_text()
     assert "client-noise-multiplier = 4.0" in (tmp_path / "run" / "config-resumed-2.toml").read_text()
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_site_whose_key_is_enrolled_as_another_site_refuses_before_it_spends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secure: bool) -> None:
+    """Operator finding: a site started with another site's key trained and spent, then the server rejected its
+    update (its proof named the site with a key enrolled for another). Now the server tells each node the site its
+    registered key is enrolled as, and a site with another's key refuses the round with nothing spent."""
+    import json
+
+    import server.app as server_app
+    from clients.app import app as client_app
+    from flwr.app import Context, RecordDict
+
+    from fedmm.config import RunConfig
+    from fedmm.privacy.audit import audit_ledger
+    from fedmm.runtime.local import LocalGrid
+
+    cfg = RunConfig(data="synthetic:300", sites=3, rounds=2, min_sites=2, runs_dir=str(tmp_path), run_name="run", secure_aggregation=secure,
+                    noise_multiplier=1.5, target_epsilon=50.0)
+    enrolled = {101: "0", 102: "0", 103: "2"}  # node 102 runs site "1" with site 0's key
+    monkeypatch.setattr(server_app, "enrolled_lookup", lambda keys: enrolled.get)
+    run_config = cfg.to_run_config()
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], run_config)
+    server_app.main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 2
+    sites = {s["site"]: s for s in json.loads((run / "privacy.json").read_text())["sites"]}
+    assert "enrolled at the server as site '0', not '1'" in str(sites["1"]["refused"]), sites.get("1")
+    assert audit_ledger(run / "sites" / "1" / "ledger.sqlite").entries == []  # nothing spent
+    assert [e["round"] for e in audit_ledger(run / "sites" / "0" / "ledger.sqlite").entries] == [1, 2]

@@ -128,6 +128,7 @@ class FederationBook:
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
         self.accounts: SiteAccount | None = None  # the server's own account of each site (expect_identities)
         self.enrolled: EnrolledKeys | None = None  # a deployment's enrolled site keys: every report proves its name
+        self.enrolled_name: Callable[[int], str | None] | None = None  # a deployment: node -> the site its registered key is enrolled as
         self.run_id = ""
         self.unaggregated_spends: Counter[str] = Counter()  # ledger entries of rounds lost to a server restart
 
@@ -236,6 +237,12 @@ class FederationBook:
         against the server's own account of the site (:class:`fedmm.federation.identity.SiteAccount`)."""
         self.accounts = SiteAccount(accountant=accountant, delta=delta, local_epochs=local_epochs)
         self.enrolled, self.run_id = keys, run_id
+
+    def enrolled_config(self, node: int) -> dict[str, str]:
+        """The train config entry telling ``node`` which site its registered key is enrolled as (a deployment), so a
+        site given another's key refuses before it trains and spends; empty where the server does not know."""
+        name = self.enrolled_name(node) if self.enrolled_name is not None else None
+        return {protocol.ENROLLED: name} if name else {}
 
     def vouch(self, server_round: int, node: int, report: SitePrivacy, proof: object) -> SitePrivacy:
         """The report as the server records it (epsilon: the larger of the site's and its own), or FederationError."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-__all__ = ["DATABASE_ENV", "PRESENCE_FILE", "Presence", "SiteSeen", "enrolled_names", "site_names"]
+__all__ = ["DATABASE_ENV", "PRESENCE_FILE", "Presence", "SiteSeen", "enrolled_lookup", "enrolled_names", "site_names"]
 
 PRESENCE_FILE = "presence.json"
 DATABASE_ENV = "FEDMM_SUPERLINK_DATABASE"  # set by `fedmm server`: the SuperLink's database, for the nodes' registered keys
@@ -154,21 +154,32 @@ def enrolled_names(database: Path, keys: dict[str, object]) -> dict[int, str]:
     return names
 
 
-def site_names(strategy: object, keys: object | None) -> Callable[[int], str | None]:
-    """A node's site name: from its reports in this run, else (a deployment) from the enrolled key it registered with."""
+def enrolled_lookup(keys: object | None) -> Callable[[int], str | None] | None:
+    """A node's enrolled site name (the key it registered with), read from the SuperLink's database; None without
+    a deployment's database and keys. A node not seen before has the table read again (at most every 5 s)."""
     database = os.environ.get(DATABASE_ENV)
+    if database is None or keys is None:
+        return None
     cache: dict[int, str] = {}
     looked = {"at": -1e9}
 
     def name(node: int) -> str | None:
+        if node not in cache and time.monotonic() - looked["at"] > 5.0:
+            looked["at"] = time.monotonic()
+            cache.update(enrolled_names(Path(str(database)), getattr(keys, "keys", {})))
+        return cache.get(node)
+
+    return name
+
+
+def site_names(strategy: object, keys: object | None) -> Callable[[int], str | None]:
+    """A node's site name: from its reports in this run, else (a deployment) from the enrolled key it registered with."""
+    enrolled = enrolled_lookup(keys)
+
+    def name(node: int) -> str | None:
         accounts = getattr(strategy, "accounts", None)
         reported = accounts.site_of(node) if accounts is not None else None
-        if reported is not None or database is None or keys is None:
-            return reported
-        if node not in cache and time.monotonic() - looked["at"] > 5.0:  # a new node: read the SuperLink's table again
-            looked["at"] = time.monotonic()
-            cache.update(enrolled_names(Path(database), getattr(keys, "keys", {})))
-        return cache.get(node)
+        return reported if reported is not None or enrolled is None else enrolled(node)
 
     return name
 

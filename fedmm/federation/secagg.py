@@ -170,7 +170,7 @@ class SecureFedMM(WithServerOptimizer, Strategy, FederationBook):
             protocol.LAYOUT: self.layout,
         }
         self.round_report["asked"] = len(chosen)
-        return [(proxies[n], FitIns(parameters, dict(config))) for n in chosen]
+        return [(proxies[n], FitIns(parameters, {**config, **self.enrolled_config(n)})) for n in chosen]
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[tuple[ClientProxy, FitRes] | BaseException],

@@ -29,7 +29,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -114,7 +114,14 @@ class FedMMAvg(WithServerOptimizer, FedAvg, FederationBook):
         self.round_report = {"round": server_round}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         chosen = set(self.sample_nodes(server_round, (m.metadata.dst_node_id for m in messages)))
-        return [m for m in messages if m.metadata.dst_node_id in chosen]
+        asked = [m for m in messages if m.metadata.dst_node_id in chosen]
+        for message in asked:  # FedAvg's messages share one RecordDict: a node's own entry goes in a copy
+            enrolled = self.enrolled_config(message.metadata.dst_node_id)
+            if enrolled:
+                content = RecordDict(dict(message.content.items()))
+                content[protocol.CONFIG] = ConfigRecord({**message.content.config_records[protocol.CONFIG], **enrolled})
+                message.content = content
+        return asked
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the acceptable updates, or raise :class:`FederationError` if a site failed or none replied."""

@@ -19,7 +19,7 @@ import torch
 from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.data.schema import Schema
-from fedmm.errors import BudgetExceededError, ConfigError, DataError, FederationError, FedMMError, PrivacyError
+from fedmm.errors import ConfigError, DataError, FederationError, FedMMError, PrivacyError, SiteRefused
 from fedmm.models import layout_fingerprint
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
@@ -149,6 +149,18 @@ def _prepare(local: Any, global_weights: Any, cfg: RunConfig, **kwargs: Any) -> 
         raise _Forward(err) from None
 
 
+def _refuse_another_sites_key(config: dict[str, Any], site: str) -> None:
+    """Refuse, before any spend, a round whose server says this node's key is enrolled as another site: the update
+    would be rejected (its proof names this site) after the site had spent on it. A server that lies here only
+    makes the site refuse."""
+    enrolled = config.get(protocol.ENROLLED)
+    if enrolled is not None and str(enrolled) != site:
+        raise SiteRefused(
+            f"site {site}: this SuperNode's key is enrolled at the server as site {str(enrolled)!r}, not {site!r}; not training (nothing spent). "
+            f"Fix: give site {site} its own key (`fedmm certs site PKI {site}`, registered with `flwr supernode register`), or its right name"
+        )
+
+
 def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round: int, server_schema: Schema | None) -> RoundResponse:
     """The round after the site's data is loaded: policy, ledger, training, the update."""
     state = SiteState.from_json(req.saved_state) if req.saved_state else SiteState(plan=None, accountant=SiteAccountant(cfg.accountant))
@@ -171,11 +183,12 @@ def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round
         _log.error("[fedmm] site %s cannot train round %d: %s", site, server_round, err)
         raise _Forward(PrivacyError(_for_server(str(err), policy.ledger_path, req.node_config))) from None
     try:
+        _refuse_another_sites_key(req.config, site)
         update = train_round(
             cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
             expected_schema=server_schema.to_json() if server_schema is not None else None, policy=policy, ledger=ledger, run_id=run_id,
         )
-    except BudgetExceededError as refusal:
+    except SiteRefused as refusal:
         # A refusal is the site's answer, not a failure: no update, the reason, and its budget.
         entries = ledger.entries() if ledger is not None else []
         carried = ledger.carried if ledger is not None else None
