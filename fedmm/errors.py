@@ -70,7 +70,16 @@ class PrivacyError(FedMMError):
 
 
 class SiteRefused(PrivacyError):
-    """A site declined a round by its own policy: an answer with its reason, not a failure."""
+    """A site declined a round by its own policy: an answer with its reason, not a failure.
+
+    ``public`` is the reason the server may read. Where the full message holds figures that follow from
+    the site's records (a projected epsilon or a calibrated noise, functions of its record count), it
+    names the limit alone; the site's own log keeps the full message. Without it the message is public.
+    """
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = message if public is None else public
 
 
 class BudgetExceededError(SiteRefused):

@@ -193,3 +193,36 @@ def test_a_site_whose_manifest_rows_all_name_other_sites_refuses_to_train_on_the
     with pytest.raises(ConfigError, match=r"'site' column whose \d+ rows name other sites \(george, .*none this site \('lucas'\)"):
         site_data(node, RunConfig())
     assert site_data({**node, "site": "george"}, RunConfig())[0] == "george"  # its own rows: trains on those
+
+
+@pytest.mark.parametrize(("run", "limit"), [
+    ({"batch-size": 1, "noise-multiplier": 1.0, "target-epsilon": 1e-3}, "over the budget target-epsilon=0.001"),  # the run's budget
+    ({"batch-size": 1, "noise-multiplier": 0.5, "target-epsilon": 1000.0, "local-epochs": 5}, "lifetime epsilon over its budget epsilon-budget=20"),
+    ({"batch-size": 1, "target-epsilon": 60.0}, "below this site's floor min-noise-multiplier=0.5"),  # calibrated noise under the floor
+])
+def test_a_refusal_tells_the_server_the_same_text_whatever_the_sites_record_count(
+    tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]], caplog: pytest.LogCaptureFixture, run: dict[str, object], limit: str
+) -> None:
+    """Curious-server finding: a refusal's text held the projected epsilon (or the calibrated noise), both functions of
+    the site's exact record count; with batch-size=1 a server told 13 records from 14, free (a refusal spends nothing)
+    and as often as it liked. The server now reads the limit only; the site's log keeps the figures."""
+    reasons, spent = [], []
+    for n in (13, 14):
+        folder = tmp_path / str(n)
+        with caplog.at_level(logging.WARNING, logger="fedmm.site"):
+            response = run_round(_request(folder, _manifest(folder, "site", [(CLASSES[i % 3], LENGTH) for i in range(n)]), server, **run))
+        assert response.refused is not None, n
+        reasons.append(response.refused)
+        spent.append(len(PrivacyLedger.read(folder / "state" / "ledger.sqlite").entries()))
+    assert reasons[0] == reasons[1] and limit in reasons[0], reasons
+    assert spent == [0, 0]
+    assert "refuses round 1" in caplog.text  # the whole message, figures included, is in the site's log
+
+
+def test_a_deployed_site_without_a_name_is_refused_not_named_by_its_datas_path(tmp_path: Path) -> None:
+    """Curious-server finding: a node config with data and no site (the example in docs/privacy.md) sent the data's
+    local path as the site's name, in every report and refusal."""
+    spec = _manifest(tmp_path, "site", [("b", LENGTH)] * 4)
+    cfg = RunPlan.from_run_config({"data": spec, "rounds": 1}).config
+    with pytest.raises(ConfigError, match="node-config site.*is required with data"):
+        site_data({protocol.NODE_DATA: spec}, cfg)

@@ -178,7 +178,7 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig, *, server: Sche
 
     - ``data`` in the node config (deployment): the site's own source, e.g.
       ``data='manifest:/srv/site/manifest.csv'``, trained on whole; its name is the
-      node config's ``site`` (or the source's). With ``server`` (the model input the server
+      node config's ``site``, required with it (never the data's path). With ``server`` (the model input the server
       sent), fitted to it (:func:`fit_to_server`);
     - ``site`` alone: that site of the federation simulated from the run config;
     - ``partition-id`` (simulation): the site with that index.
@@ -189,8 +189,11 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig, *, server: Sche
     prep = Preprocessing.from_config(cfg)
     if protocol.NODE_DATA in node_config:
         spec = str(node_config[protocol.NODE_DATA])
+        if protocol.NODE_SITE not in node_config:  # its name would be the data's local path, in every report and ledger entry
+            raise ConfigError("node-config site", "is required with data: without it the site's name is its data's path, which the server would read",
+                              value=spec, fix="add site='NAME' to the SuperNode's --node-config (`fedmm site` sets it from the site file's name)")
         source = load_source(spec, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=0.0)
-        name = str(node_config.get(protocol.NODE_SITE, spec))
+        name = str(node_config[protocol.NODE_SITE])
         if len(source.pool) == 0:
             raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
         return name, _site_data_cache(own_rows(source, name, spec), cfg.dp, cfg.sensor_norm, server, cfg.lenient)

@@ -188,10 +188,12 @@ def train_round(
         if plan.noise_multiplier <= 0:
             raise BudgetExceededError(f"site {site}: noise-multiplier 0 gives no differential privacy; set dp=false to train without it")
         if policy is not None and plan.noise_multiplier < policy.min_noise_multiplier:
+            fix = "Fix: plan for more noise (lower target-epsilon, fewer rounds or local-epochs, or a larger noise-multiplier)"
             raise BudgetExceededError(
                 f"site {site} refuses round {server_round}: noise multiplier {plan.noise_multiplier:.4g} is below this site's floor "
-                f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: plan for more noise (lower target-epsilon, fewer rounds "
-                "or local-epochs, or a larger noise-multiplier)"
+                f"min-noise-multiplier={policy.min_noise_multiplier:g}. {fix}",
+                public=f"site {site} refuses round {server_round}: the noise multiplier of this plan is below this site's floor "
+                       f"min-noise-multiplier={policy.min_noise_multiplier:g}. {fix}",  # the calibrated noise follows from the record count
             )
         # The noisy statistics are released once a run, before its first training, and checked with this round.
         release = [stats_event(cfg)] if stats_columns and state.site_stats is None else []
@@ -212,7 +214,9 @@ def train_round(
                 f"site {site} refuses round {server_round}{with_stats}: it would take epsilon from "
                 f"{state.accountant.epsilon(cfg.target_delta):.3f} to "
                 f"{projected:.3f} (delta={cfg.target_delta}, {cfg.accountant}), over the budget "
-                f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds"
+                f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds",
+                public=f"site {site} refuses round {server_round}{with_stats}: it would take this run's epsilon over the budget "
+                       f"target-epsilon={cfg.target_epsilon} (delta={cfg.target_delta}, {cfg.accountant}). Fix: raise target-epsilon, or run fewer rounds",
             )
         if ledger is not None and policy is not None:
             lifetime = SiteAccountant(cfg.accountant, ledger.events())
@@ -231,7 +235,9 @@ def train_round(
                     f"{carried.epsilon + lifetime.epsilon(policy.delta):.3f} to {carried.epsilon + lifetime_epsilon:.3f} "
                     f"(delta={policy.delta + carried.delta:g}, {cfg.accountant}, {lifetime.steps} steps so far"
                     f"{', with the spend of a lost ledger carried over' if carried.epsilon else ''}), over its budget "
-                    f"epsilon-budget={policy.epsilon_budget:g}"
+                    f"epsilon-budget={policy.epsilon_budget:g}",
+                    public=f"site {site} refuses round {server_round}{with_stats}: it would take the site's lifetime epsilon over its budget "
+                           f"epsilon-budget={policy.epsilon_budget:g}{' (with the spend of a lost ledger carried over)' if carried.epsilon else ''}",
                 )
             if policy.delta + carried.delta > cfg.target_delta * (1 + 1e-9):
                 # The server refuses a report at a weaker delta than the run's (epsilons at different deltas do not

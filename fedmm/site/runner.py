@@ -194,7 +194,7 @@ def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round
         carried = ledger.carried if ledger is not None else None
         spent = (entries[-1].epsilon if entries else 0.0) + (carried.epsilon if carried is not None else 0.0)  # a lost ledger's spend counts
         _log.warning("[fedmm] site %s refuses round %d (epsilon spent %.3f of its budget %g): %s", site, server_round, spent, policy.epsilon_budget, refusal)
-        reason = _for_server(str(refusal), policy.ledger_path, req.node_config)
+        reason = _for_server(refusal.public, policy.ledger_path, req.node_config)  # without figures that follow from the records
         response = RoundResponse(site=site, refused=reason, spent=spent, budget=policy.epsilon_budget, proof=proof)
         if req.secagg is not None:
             # Inside SecAgg+: a zero update. Weight 0 takes no part in FedAvg; under client-level
