@@ -58,6 +58,7 @@ NODE_EPSILON_BUDGET = "epsilon-budget"
 NODE_DELTA = "delta"
 NODE_MIN_NOISE = "min-noise-multiplier"
 NODE_REQUIRE_DP = "require-dp"
+NODE_MIN_BATCH = "min-batch-size"  # the smallest batch-size the site takes: its sample rate tells its record count to within a batch
 NODE_KEY = "key"  # deployment: the site's SuperNode key, which signs its claim to its name (fedmm.secure.identity)
 
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)

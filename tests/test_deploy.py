@@ -176,7 +176,7 @@ def test_a_site_file_becomes_its_node_config(tmp_path: Path) -> None:
     command = supernode_command(site)
     node_config = command[command.index("--node-config") + 1]
     assert f"site='george' state-dir='{tmp_path / 'state'}' epsilon-budget=8.0" in node_config
-    assert f"min-noise-multiplier=0.8 require-dp=false key='{tmp_path / 'george.key'}'" in node_config
+    assert f"min-noise-multiplier=0.8 min-batch-size=16 require-dp=false key='{tmp_path / 'george.key'}'" in node_config
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert "--insecure" not in command
     # runtime "fedmm" (the default): Flower's process isolation, served by the site's own executor

@@ -69,7 +69,8 @@ def _request(folder: Path, spec: str, server: tuple[dict[str, object], str, dict
     state = folder / "state"
     if not (state / "ledger.sqlite").exists():
         PrivacyLedger.create(state / "ledger.sqlite", site="clinic").close()
-    node = {protocol.NODE_SITE: "clinic", protocol.NODE_DATA: spec, protocol.NODE_STATE_DIR: str(state), protocol.NODE_EPSILON_BUDGET: 20.0}
+    node = {protocol.NODE_SITE: "clinic", protocol.NODE_DATA: spec, protocol.NODE_STATE_DIR: str(state), protocol.NODE_EPSILON_BUDGET: 20.0,
+            protocol.NODE_MIN_BATCH: 1}  # these sites take the small batches of these tests
     config = {protocol.SERVER_ROUND: 1, protocol.SCHEMA: schema, protocol.RUN_ID: "study-1"}
     runner._DATA.clear()
     return RoundRequest(run_config={**run_config, **run}, node_config=node, config=config, global_weights=weights, node_id=7)
@@ -226,3 +227,17 @@ def test_a_deployed_site_without_a_name_is_refused_not_named_by_its_datas_path(t
     cfg = RunPlan.from_run_config({"data": spec, "rounds": 1}).config
     with pytest.raises(ConfigError, match="node-config site.*is required with data"):
         site_data({protocol.NODE_DATA: spec}, cfg)
+
+
+def test_a_deployed_site_refuses_a_batch_size_below_its_floor(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    """Curious-server finding: the sample rate 1 / ceil(n / batch) in a site's privacy report tells n to within a batch,
+    and the server sets the batch: batch-size=1 gave the exact record count. A deployed site takes no batch below its
+    own min-batch-size (16 unless its operator sets it)."""
+    folder = tmp_path / "floor"
+    request = _request(folder, _manifest(folder, "site", [(CLASSES[i % 3], LENGTH) for i in range(20)]), server, **{"batch-size": 1})
+    node = {k: v for k, v in request.node_config.items() if k != protocol.NODE_MIN_BATCH}  # the default floor
+    response = run_round(RoundRequest(**{**request.__dict__, "node_config": node}))
+    assert response.refused is not None and "batch-size=1 is below this site's floor min-batch-size=16" in response.refused
+    assert PrivacyLedger.read(folder / "state" / "ledger.sqlite").entries() == []
+    response = run_round(RoundRequest(**{**request.__dict__, "config": dict(request.config), "run_config": {**request.run_config, "batch-size": 16}, "node_config": node}))
+    assert response.refused is None

@@ -33,13 +33,16 @@ from fedmm import protocol
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError
 
-__all__ = ["SitePolicy", "site_policy", "parse_site_budgets", "mark_deployed_process", "DEFAULT_MIN_NOISE"]
+__all__ = ["SitePolicy", "site_policy", "parse_site_budgets", "mark_deployed_process", "DEFAULT_MIN_BATCH", "DEFAULT_MIN_NOISE"]
 
 DEFAULT_MIN_NOISE = 0.5
+# A deployed site's smallest batch-size: the sample rate 1 / ceil(n / batch) in its privacy report tells n to
+# within a batch, so a server asking for batch-size=1 would learn the exact record count.
+DEFAULT_MIN_BATCH = 16
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _NODE_KEYS = frozenset({
     protocol.NODE_SITE, protocol.NODE_DATA, protocol.NODE_STATE_DIR, protocol.NODE_EPSILON_BUDGET, protocol.NODE_DELTA,
-    protocol.NODE_MIN_NOISE, protocol.NODE_REQUIRE_DP, protocol.NODE_KEY, protocol.NODE_PARTITION_ID, "num-partitions",
+    protocol.NODE_MIN_NOISE, protocol.NODE_MIN_BATCH, protocol.NODE_REQUIRE_DP, protocol.NODE_KEY, protocol.NODE_PARTITION_ID, "num-partitions",
 })  # every key a site's node config may hold (num-partitions: Flower's, beside partition-id)
 _DEPLOYED_PROCESS = False  # set by a deployed site's own process (fedmm.runtime.executor.main)
 
@@ -63,6 +66,7 @@ class SitePolicy:
     delta: float = 1e-5
     min_noise_multiplier: float = DEFAULT_MIN_NOISE
     require_dp: bool = True
+    min_batch_size: int = 1  # a simulation's sites: no floor (one person plays every part)
     fresh_state: bool = False  # a simulation's own per-run folder: its first ledger is made on first use
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class SitePolicy:
             raise ConfigError("delta", "must be in (0, 1)", value=self.delta, fix="e.g. delta=1e-5")
         if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
             raise ConfigError("min-noise-multiplier", "must be a finite number >= 0", value=self.min_noise_multiplier, fix="e.g. min-noise-multiplier=0.5")
+        if isinstance(self.min_batch_size, bool) or not isinstance(self.min_batch_size, int) or self.min_batch_size < 1:
+            raise ConfigError("min-batch-size", "must be an integer >= 1", value=self.min_batch_size, fix=f"e.g. min-batch-size={DEFAULT_MIN_BATCH}")
 
     @property
     def ledger_path(self) -> Path:
@@ -143,7 +149,11 @@ def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str,
     require = node_config.get(protocol.NODE_REQUIRE_DP, True)
     if not isinstance(require, bool):
         raise ConfigError("node-config require-dp", "must be true or false", value=require, fix="e.g. require-dp=true")
+    floor = number(protocol.NODE_MIN_BATCH, DEFAULT_MIN_BATCH)
+    if floor != int(floor):
+        raise ConfigError(f"node-config {protocol.NODE_MIN_BATCH}", "must be a whole number", value=floor, fix=f"e.g. {protocol.NODE_MIN_BATCH}={DEFAULT_MIN_BATCH}")
     return SitePolicy(
         state_dir=Path(str(state_dir)).expanduser().resolve(), epsilon_budget=number(protocol.NODE_EPSILON_BUDGET, None),
         delta=number(protocol.NODE_DELTA, 1e-5), min_noise_multiplier=number(protocol.NODE_MIN_NOISE, DEFAULT_MIN_NOISE), require_dp=require,
+        min_batch_size=int(floor),
     )

@@ -21,6 +21,7 @@ A site's own settings live in its own TOML file, which the server never sees::
     epsilon-budget = 8.0                         # lifetime, over every run
     delta = 1e-5
     min-noise-multiplier = 0.5
+    min-batch-size = 16                          # the smallest batch-size it takes
     require-dp = true
 
 These become the SuperNode's ``--node-config``, which only the site sets and every round
@@ -41,6 +42,7 @@ from typing import Any
 
 from fedmm import protocol
 from fedmm.federation.presence import DATABASE_ENV
+from fedmm.privacy.policy import DEFAULT_MIN_BATCH
 from fedmm.secure.identity import KEYS_ENV
 from fedmm.secure.probe import check_site_keys, probe_superlink, split_address
 from fedmm.errors import ConfigError
@@ -51,7 +53,7 @@ from fedmm.runtime.supervise import spawn, supervise
 __all__ = ["SiteSettings", "executor_command", "flower_env", "run_server", "run_site", "server_command", "supernode_command", "write_connection"]
 
 _SITE_KEYS = {
-    "name", "superlink", "ca", "key", "data", "state-dir", "epsilon-budget", "delta", "min-noise-multiplier", "require-dp",
+    "name", "superlink", "ca", "key", "data", "state-dir", "epsilon-budget", "delta", "min-noise-multiplier", "min-batch-size", "require-dp",
     "clientapp-port", "runtime", "poll-interval", "heartbeat-interval",
 }
 _RUNTIMES = ("fedmm", "flower")
@@ -71,6 +73,7 @@ class SiteSettings:
     delta: float = 1e-5
     min_noise_multiplier: float = 0.5
     require_dp: bool = True
+    min_batch_size: int = DEFAULT_MIN_BATCH  # the smallest batch-size the site takes (its sample rate tells n to within a batch)
     clientapp_port: int = 9094  # the SuperNode's local Runtime API port (its ClientApp executor connects there)
     # "fedmm": one long-lived ClientApp executor (fedmm.runtime.executor) and short SuperNode waits (fedmm.runtime.supernode);
     # "flower": Flower's defaults, a new flwr-clientapp process for every message and a 3 s idle poll.
@@ -120,6 +123,9 @@ class SiteSettings:
         floor = table.get("min-noise-multiplier", 0.5)
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
             raise ConfigError("site.min-noise-multiplier", "must be a number >= 0", value=floor, fix="e.g. min-noise-multiplier = 0.5")
+        min_batch = table.get("min-batch-size", DEFAULT_MIN_BATCH)
+        if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
+            raise ConfigError("site.min-batch-size", "must be a whole number >= 1", value=min_batch, fix=f"e.g. min-batch-size = {DEFAULT_MIN_BATCH}")
         require_dp = table.get("require-dp", True)
         if not isinstance(require_dp, bool):  # "false" (a string) would read as true
             raise ConfigError("site.require-dp", "must be true or false, without quotes", value=require_dp, fix="e.g. require-dp = true")
@@ -164,7 +170,7 @@ class SiteSettings:
         return cls(
             name=name, superlink=str(table["superlink"]), ca=ca_file, key=key_file,
             state_dir=(base / str(table["state-dir"])).expanduser().resolve(), epsilon_budget=float(budget), data=data,
-            delta=float(delta), min_noise_multiplier=float(floor),
+            delta=float(delta), min_noise_multiplier=float(floor), min_batch_size=min_batch,
             require_dp=require_dp, clientapp_port=int(port),
             runtime=runtime, poll_interval=float(poll), heartbeat_interval=float(heartbeat),
         )
@@ -174,7 +180,7 @@ class SiteSettings:
         values: dict[str, Any] = {
             protocol.NODE_SITE: self.name, protocol.NODE_STATE_DIR: str(self.state_dir),
             protocol.NODE_EPSILON_BUDGET: self.epsilon_budget, protocol.NODE_DELTA: self.delta,
-            protocol.NODE_MIN_NOISE: self.min_noise_multiplier, protocol.NODE_REQUIRE_DP: self.require_dp,
+            protocol.NODE_MIN_NOISE: self.min_noise_multiplier, protocol.NODE_MIN_BATCH: self.min_batch_size, protocol.NODE_REQUIRE_DP: self.require_dp,
             protocol.NODE_KEY: str(self.key),  # signs the site's claim to its name in every reply (fedmm.secure.identity)
         }
         if self.data:

@@ -158,6 +158,12 @@ def train_round(
             f"site {site} refuses round {server_round}: its policy requires differential privacy and the run has dp=false. "
             "Fix: run with dp=true (or the site's operator sets require-dp=false)"
         )
+    if cfg.dp and policy is not None and batch_size(cfg) < policy.min_batch_size:
+        raise BudgetExceededError(
+            f"site {site} refuses round {server_round}: batch-size={batch_size(cfg)} is below this site's floor min-batch-size="
+            f"{policy.min_batch_size} (the sample rate it reports tells its record count to within a batch). Fix: run with "
+            f"batch-size >= {policy.min_batch_size} (or the site's operator lowers min-batch-size)"
+        )
     if cfg.dp and (policy is None) != (ledger is None):
         raise PrivacyError(f"site {site}: a site policy needs its ledger and a ledger its policy; got only one")
     run_plan = RunPlan.from_config(cfg)
