@@ -66,7 +66,7 @@ SCHEMA = "schema"
 
 # Secure aggregation (legacy FitIns config / FitRes metrics, fedmm.federation.secagg)
 TENSOR_NAMES = "tensor-names"  # JSON list: the names of the global model's tensors, in the order sent
-CLIPPED_VALUES = "clipped-values"  # values a site clipped to the SecAgg+ quantisation range this round
+CLIPPED_VALUES = "clipped-values"  # never sent: a site's count of values clipped to SecAgg+'s range stays in its log
 
 # Reply ConfigRecord describing the model the site trained
 MODEL = "model"

@@ -162,7 +162,7 @@ def main(grid: Grid, context: Context) -> None:
                 "delta": cfg.target_delta if cfg.dp else None,
                 **({"client_epsilon": client_eps, "client_delta": cfg.client_delta} if client_eps is not None else {}),
                 "rejected": report.get("rejected", 0), "rejected_by": strategy.rejected_in(server_round),
-                **({"dropped": report.get("dropped", 0), "clipped_values": report.get("clipped_values", 0)} if cfg.secure_aggregation
+                **({"dropped": report.get("dropped", 0)} if cfg.secure_aggregation
                    else {"dropped": report["dropped"]} if report.get("dropped") else {}),  # FedAvg: sites lost mid-round
                 **{f"accuracy_{name}": value for name, value in tasks.items()},
                 **round_fields(scores, participants.of_round(strategy, server_round)),

@@ -124,7 +124,7 @@ class FederationBook:
         self.rejected: Counter[str] = Counter()  # updates not aggregated, per reason, over the run
         self.rejections: list[Rejection] = []  # each of them: round, node, site and reason
         self.least_updates = 1  # what the aggregation rule needs, on top of min-sites
-        self.round_report: dict[str, int] = {}  # this round's counts: rejected, dropped, clipped values
+        self.round_report: dict[str, int] = {}  # this round's counts: rejected, dropped
         self.round_offset = 0  # rounds done before a resume: Flower counts from 1 again
         self.accounts: SiteAccount | None = None  # the server's own account of each site (expect_identities)
         self.enrolled: EnrolledKeys | None = None  # a deployment's enrolled site keys: every report proves its name

@@ -185,10 +185,9 @@ class SecureFedMM(WithServerOptimizer, Strategy, FederationBook):
         if dropped:
             log(WARNING, "[fedmm] round %d: %d site(s) dropped out or were rejected during secure aggregation: %s", server_round, dropped,
                 "; ".join(str(f) for f in failures) or "no reply")
-        taking_part, clipped = [], 0
+        taking_part = []
         for proxy, res in results:
             metrics = res.metrics
-            clipped += int(metrics.get(protocol.CLIPPED_VALUES, 0))  # type: ignore[call-overload]
             if protocol.REASON in metrics:
                 continue  # a refusal: noted before unmasking (_CheckingGrid)
             if metrics.get(protocol.LAYOUT) != self.layout:
@@ -198,10 +197,6 @@ class SecureFedMM(WithServerOptimizer, Strategy, FederationBook):
                     "Fix: run the same fedmm version and model, data modalities and preprocessing keys at every site"
                 )
             taking_part.append((proxy, res))
-        self.round_report["clipped_values"] = clipped
-        if clipped:
-            log(WARNING, "[fedmm] round %d: sites clipped %d update value(s) to the quantisation range (secagg-clip-range=%g)",
-                server_round, clipped, self.cfg.secagg_clip_range)
         if not taking_part and self.refused_nodes:
             raise SitesExhausted(f"round {server_round}: every site asked has refused (budget or policy). The run stops here")
         self.require_sites(server_round, len(taking_part))

@@ -34,6 +34,7 @@ from fedmm.site.io import RoundRequest
 # Opacus' import calls logging.basicConfig (a root handler): Flower's logger, which has its own handler,
 # would print every line twice (and `flwr log` show it twice). Keep Flower's lines to Flower's handler.
 logging.getLogger("flwr").propagate = False
+_log = logging.getLogger("fedmm.site")
 app = ClientApp()
 
 
@@ -75,6 +76,21 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def fit_metrics(response: Any) -> dict[str, Any]:
+    """The plain metrics of a SecAgg+ reply. How many of its values the site clipped to the quantisation range stays
+    in the site's log: a count per site, outside the masked sum, would tell the server about one site's update (with a
+    clip range of its choosing, how the values spread), which secure aggregation is there to hide."""
+    if response.clipped_values:
+        _log.warning("[fedmm] site %s: %d update value(s) clipped to SecAgg+'s quantisation range (secagg-clip-range); the count is not sent",
+                     response.site, response.clipped_values)
+    if response.refused is not None:
+        metrics: dict[str, Any] = {protocol.SITE: response.site, protocol.REASON: response.refused, protocol.EPSILON: response.spent, protocol.BUDGET: response.budget}
+    else:
+        metrics = {**response.metrics, protocol.LAYOUT: response.layout, **response.privacy}
+    metrics[protocol.PROOF] = response.proof
+    return metrics
+
+
 def _secure_fit(msg: Message, context: Context) -> Message:
     """The training stage of a SecAgg+ round: reply with the update Flower's mod will mask."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
@@ -84,10 +100,6 @@ def _secure_fit(msg: Message, context: Context) -> Message:
         raise ValueError(f"the server sent {len(tensors)} tensors named {len(names)} ways; is it fedmm's ServerApp?")
     params = SecAggParams.from_state(context.state.config_records.get(RECORD_KEY_STATE))
     response = _run(context, dict(fitins.config), dict(zip(names, tensors)), secagg=params)
-    if response.refused is not None:
-        metrics: dict[str, Any] = {protocol.SITE: response.site, protocol.REASON: response.refused, protocol.EPSILON: response.spent, protocol.BUDGET: response.budget}
-    else:
-        metrics = {**response.metrics, protocol.LAYOUT: response.layout, protocol.CLIPPED_VALUES: response.clipped_values, **response.privacy}
-    metrics[protocol.PROOF] = response.proof
+    metrics = fit_metrics(response)
     reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(response.arrays.values())), num_examples=response.weight, metrics=metrics)
     return Message(compat.fitres_to_recorddict(reply, keep_input=False), reply_to=msg)
