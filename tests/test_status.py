@@ -99,3 +99,10 @@ def test_a_failed_deployment_run_says_why_and_where_its_log_is(tmp_path: Path) -
     assert "site jackson: config key 'node-config data': manifest not found" in " ".join(result.output.split()), result.output
     (run / "flower.log").write_text("a simulation's log\n")
     assert "details in flower.log" in " ".join(CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"}).output.split())
+
+
+def test_an_interrupted_run_says_how_to_resume_it(tmp_path: Path) -> None:
+    run = _run(tmp_path, rounds=2, summary=None)
+    (run / "failure.json").write_text(json.dumps({"status": "interrupted", "reason": "RunStopped: the run was stopped", "rounds": 2}))
+    shown = " ".join(CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"}).output.split())
+    assert "interrupted (Ctrl-C or SIGTERM) after round 2: resume it with resume=true" in shown, shown

@@ -129,6 +129,9 @@ def _state(summary: dict[str, Any] | None, privacy: Any, rounds_done: int, failu
             return "failed", stopped or "no round was trained"
         return ("stopped", stopped) if stopped else ("completed", "")
     log = "flower.log" if flower_log else "the server's log: `flwr log <run-id>`, or `fedmm server`'s output"
+    if isinstance(failure, dict) and failure.get("status") == "interrupted":
+        return "failed", (f"interrupted (Ctrl-C or SIGTERM) after round {failure.get('rounds', rounds_done)}: resume it with resume=true and the "
+                          "same run-name; privacy.json records what the sites spent")
     if isinstance(failure, dict) and failure.get("reason"):  # the ServerApp's own account (fedmm.federation.artifacts.FAILURE)
         return "failed", f"{failure['reason']} (details in {log}; privacy.json records what the sites spent)"
     if privacy is not None:  # written alone only by a run that failed
