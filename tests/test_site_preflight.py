@@ -22,7 +22,7 @@ from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.runtime import deploy
 from fedmm.runtime.loopback import free_port
 from fedmm.secure.certs import create_site_keys, init_certificates
-from fedmm.secure.probe import probe_superlink
+from fedmm.secure.probe import Probe, probe_superlink
 
 
 def _pki(root: Path, *sans: str) -> Path:
@@ -99,12 +99,18 @@ def test_an_address_the_servers_certificate_does_not_name_is_refused(tmp_path: P
     pki = _pki(tmp_path / "own", "fl.example.org")  # a certificate for a DNS name only; the site dials the IP address
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    probe = _probe_one_handshake(context, pki / "ca.crt")
+    assert probe.verdict == "untrusted" and "mismatch" in probe.detail, probe
+
+
+def _probe_one_handshake(context: ssl.SSLContext, ca: Path) -> Probe:
+    """The site's probe against a loopback server that takes one handshake with ``context``."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         accept = threading.Thread(target=lambda: _handshake_once(listener, context), daemon=True)
         accept.start()
-        probe = probe_superlink(f"127.0.0.1:{listener.getsockname()[1]}", pki / "ca.crt")
+        probe = probe_superlink(f"127.0.0.1:{listener.getsockname()[1]}", ca)
         accept.join(5)
-    assert probe.verdict == "untrusted" and "mismatch" in probe.detail, probe
+    return probe
 
 
 def _handshake_once(listener: socket.socket, context: ssl.SSLContext) -> None:
@@ -182,9 +188,5 @@ def test_a_server_asking_for_a_client_certificate_is_named_as_such(tmp_path: Pat
     context.load_cert_chain(pki / "server.crt", pki / "server.key")
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(pki / "ca.crt")
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        accept = threading.Thread(target=lambda: _handshake_once(listener, context), daemon=True)
-        accept.start()
-        probe = probe_superlink(f"127.0.0.1:{listener.getsockname()[1]}", pki / "ca.crt")
-        accept.join(5)
+    probe = _probe_one_handshake(context, pki / "ca.crt")
     assert probe.verdict == "refused" and "client certificate" in probe.detail, probe
