@@ -196,9 +196,12 @@ def test_a_site_whose_manifest_rows_all_name_other_sites_refuses_to_train_on_the
     assert site_data({**node, "site": "george"}, RunConfig())[0] == "george"  # its own rows: trains on those
 
 
+LIMITS = "would break one of its limits (this run's target-epsilon="  # the one text the server reads for the three n-dependent checks
+
+
 @pytest.mark.parametrize(("run", "limit"), [
     ({"batch-size": 1, "noise-multiplier": 1.0, "target-epsilon": 1e-3}, "over the budget target-epsilon=0.001"),  # the run's budget
-    ({"batch-size": 1, "noise-multiplier": 0.5, "target-epsilon": 1000.0, "local-epochs": 5}, "lifetime epsilon over its budget epsilon-budget=20"),
+    ({"batch-size": 1, "noise-multiplier": 0.5, "target-epsilon": 1000.0, "local-epochs": 5}, "over its budget epsilon-budget=20"),
     ({"batch-size": 1, "target-epsilon": 60.0}, "below this site's floor min-noise-multiplier=0.5"),  # calibrated noise under the floor
 ])
 def test_a_refusal_tells_the_server_the_same_text_whatever_the_sites_record_count(
@@ -215,9 +218,9 @@ def test_a_refusal_tells_the_server_the_same_text_whatever_the_sites_record_coun
         assert response.refused is not None, n
         reasons.append(response.refused)
         spent.append(len(PrivacyLedger.read(folder / "state" / "ledger.sqlite").entries()))
-    assert reasons[0] == reasons[1] and limit in reasons[0], reasons
+    assert reasons[0] == reasons[1] and LIMITS in reasons[0], reasons
     assert spent == [0, 0]
-    assert "refuses round 1" in caplog.text  # the whole message, figures included, is in the site's log
+    assert limit in caplog.text  # which limit, with the figures: in the site's own log
 
 
 def test_a_deployed_site_without_a_name_is_refused_not_named_by_its_datas_path(tmp_path: Path) -> None:
@@ -241,3 +244,30 @@ def test_a_deployed_site_refuses_a_batch_size_below_its_floor(tmp_path: Path, se
     assert PrivacyLedger.read(folder / "state" / "ledger.sqlite").entries() == []
     response = run_round(RoundRequest(**{**request.__dict__, "config": dict(request.config), "run_config": {**request.run_config, "batch-size": 16}, "node_config": node}))
     assert response.refused is None
+
+
+def test_which_check_refuses_does_not_tell_the_record_count_either(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    """Review finding: with a target-delta below the site's delta (a refusal every round) and a target-epsilon between
+    what q=1 and q<1 give, the refusal named target-epsilon exactly when batch-size >= n: a binary search over batch-size
+    found n for free. The data-free checks now come first, and the n-dependent ones share one text."""
+    folder = tmp_path / "oracle"
+    spec = _manifest(folder, "site", [(CLASSES[i % 3], LENGTH) for i in range(37)])
+    reasons = set()
+    for batch in (16, 36, 37, 4096):
+        response = run_round(_request(folder, spec, server, **{"batch-size": batch, "noise-multiplier": 3.0, "target-epsilon": 1.47, "target-delta": 1e-6}))
+        reasons.add(response.refused)
+    assert len(reasons) == 1 and "weaker than the run's target-delta" in next(iter(reasons)), reasons
+    assert PrivacyLedger.read(folder / "state" / "ledger.sqlite").entries() == []
+    limits = {run_round(_request(folder, spec, server, **{"batch-size": b, "noise-multiplier": 3.0, "target-epsilon": 1e-3})).refused for b in (16, 37, 4096)}
+    assert len(limits) == 1 and LIMITS in next(iter(limits)), limits
+
+
+def test_the_servers_enrolled_name_is_not_echoed_back(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    """Review finding: the refusal repeated the server's enrolled-site string, with the site's own paths in it masked:
+    a server guessing paths learnt which guess was right."""
+    folder = tmp_path / "echo"
+    request = _request(folder, _manifest(folder, "site", [(CLASSES[i % 3], LENGTH) for i in range(20)]), server)
+    guess = f"/home/alice|{folder / 'state'}|/srv/other"
+    response = run_round(RoundRequest(**{**request.__dict__, "config": {**request.config, protocol.ENROLLED: guess}}))
+    assert response.refused is not None and "enrolled at the server as another site" in response.refused
+    assert "alice" not in response.refused and "srv" not in response.refused and "<" not in response.refused

@@ -150,7 +150,7 @@ def site_policy(node_config: Mapping[str, object], cfg: RunConfig, *, site: str,
     if not isinstance(require, bool):
         raise ConfigError("node-config require-dp", "must be true or false", value=require, fix="e.g. require-dp=true")
     floor = number(protocol.NODE_MIN_BATCH, DEFAULT_MIN_BATCH)
-    if floor != int(floor):
+    if not math.isfinite(floor) or floor != int(floor):
         raise ConfigError(f"node-config {protocol.NODE_MIN_BATCH}", "must be a whole number", value=floor, fix=f"e.g. {protocol.NODE_MIN_BATCH}={DEFAULT_MIN_BATCH}")
     return SitePolicy(
         state_dir=Path(str(state_dir)).expanduser().resolve(), epsilon_budget=number(protocol.NODE_EPSILON_BUDGET, None),

@@ -166,6 +166,21 @@ def train_round(
         )
     if cfg.dp and (policy is None) != (ledger is None):
         raise PrivacyError(f"site {site}: a site policy needs its ledger and a ledger its policy; got only one")
+    if cfg.dp and ledger is not None and policy is not None:
+        # Checked before anything that depends on the records: which check refuses first must not tell the server about them.
+        carried = ledger.carried or CarriedSpend(0.0, 0.0, "")
+        if policy.delta + carried.delta > cfg.target_delta * (1 + 1e-9):
+            # The server refuses a report at a weaker delta than the run's (epsilons at different deltas do not
+            # compare) and would leave out every update: each round trained would be a spend on no one's record.
+            raise BudgetExceededError(
+                f"site {site} refuses round {server_round}: it states its lifetime epsilon at delta {policy.delta + carried.delta:g} "
+                f"({policy.delta:g} of its own{f' + {carried.delta:g} carried from a ledger lost for good' if carried.delta else ''}), "
+                f"weaker than the run's target-delta {cfg.target_delta:g}, which the server holds every report to. "
+                + (f"Fix: state the site's own spends at delta <= {cfg.target_delta - carried.delta:g} (its node-config delta; in a "
+                   "simulation the sites state theirs at target-delta, so a replaced ledger's carried delta cannot fit), or leave "
+                   "this site out of the federation" if carried.delta < cfg.target_delta else
+                   f"Fix: leave this site out: its carried delta alone reaches target-delta {cfg.target_delta:g}")
+            )
     run_plan = RunPlan.from_config(cfg)
     recipe = run_plan.model
     server_schema = Schema.from_json(expected_schema) if expected_schema is not None else None
@@ -193,14 +208,6 @@ def train_round(
         plan = state.plan
         if plan.noise_multiplier <= 0:
             raise BudgetExceededError(f"site {site}: noise-multiplier 0 gives no differential privacy; set dp=false to train without it")
-        if policy is not None and plan.noise_multiplier < policy.min_noise_multiplier:
-            fix = "Fix: plan for more noise (lower target-epsilon, fewer rounds or local-epochs, or a larger noise-multiplier)"
-            raise BudgetExceededError(
-                f"site {site} refuses round {server_round}: noise multiplier {plan.noise_multiplier:.4g} is below this site's floor "
-                f"min-noise-multiplier={policy.min_noise_multiplier:g}. {fix}",
-                public=f"site {site} refuses round {server_round}: the noise multiplier of this plan is below this site's floor "
-                       f"min-noise-multiplier={policy.min_noise_multiplier:g}. {fix}",  # the calibrated noise follows from the record count
-            )
         # The noisy statistics are released once a run, before its first training, and checked with this round.
         release = [stats_event(cfg)] if stats_columns and state.site_stats is None else []
         with_stats = " with the release of its sensor statistics" if release else ""
@@ -208,6 +215,18 @@ def train_round(
             raise BudgetExceededError(
                 f"site {site} refuses round {server_round}: site-stats-noise={cfg.site_stats_noise:g} is below this site's floor "
                 f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: raise site-stats-noise"
+            )
+        # The three checks below depend on the plan's sample rate and noise, functions of the site's record count: which of
+        # them refuses would tell a server probing with its settings that count. The server reads one text for all three.
+        limits = (f"site {site} refuses round {server_round}{with_stats}: this round would break one of its limits (this run's "
+                  f"target-epsilon={cfg.target_epsilon:g}" + (f", its lifetime epsilon-budget={policy.epsilon_budget:g}, or its noise floor "
+                  f"min-noise-multiplier={policy.min_noise_multiplier:g}" if policy is not None else "") + "); which one, with the figures, "
+                  "is in the site's own log. Fix: plan for more noise, fewer rounds or local-epochs, or a larger target-epsilon")
+        if policy is not None and plan.noise_multiplier < policy.min_noise_multiplier:
+            raise BudgetExceededError(
+                f"site {site} refuses round {server_round}: noise multiplier {plan.noise_multiplier:.4g} is below this site's floor "
+                f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: plan for more noise (lower target-epsilon, fewer rounds "
+                "or local-epochs, or a larger noise-multiplier)", public=limits,
             )
         if ledger is not None:
             # This run's spends, as the ledger has them (it outlives the Flower node's state).
@@ -220,9 +239,7 @@ def train_round(
                 f"site {site} refuses round {server_round}{with_stats}: it would take epsilon from "
                 f"{state.accountant.epsilon(cfg.target_delta):.3f} to "
                 f"{projected:.3f} (delta={cfg.target_delta}, {cfg.accountant}), over the budget "
-                f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds",
-                public=f"site {site} refuses round {server_round}{with_stats}: it would take this run's epsilon over the budget "
-                       f"target-epsilon={cfg.target_epsilon} (delta={cfg.target_delta}, {cfg.accountant}). Fix: raise target-epsilon, or run fewer rounds",
+                f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds", public=limits,
             )
         if ledger is not None and policy is not None:
             lifetime = SiteAccountant(cfg.accountant, ledger.events())
@@ -241,21 +258,7 @@ def train_round(
                     f"{carried.epsilon + lifetime.epsilon(policy.delta):.3f} to {carried.epsilon + lifetime_epsilon:.3f} "
                     f"(delta={policy.delta + carried.delta:g}, {cfg.accountant}, {lifetime.steps} steps so far"
                     f"{', with the spend of a lost ledger carried over' if carried.epsilon else ''}), over its budget "
-                    f"epsilon-budget={policy.epsilon_budget:g}",
-                    public=f"site {site} refuses round {server_round}{with_stats}: it would take the site's lifetime epsilon over its budget "
-                           f"epsilon-budget={policy.epsilon_budget:g}{' (with the spend of a lost ledger carried over)' if carried.epsilon else ''}",
-                )
-            if policy.delta + carried.delta > cfg.target_delta * (1 + 1e-9):
-                # The server refuses a report at a weaker delta than the run's (epsilons at different deltas do not
-                # compare) and would leave out every update: each round trained would be a spend on no one's record.
-                raise BudgetExceededError(
-                    f"site {site} refuses round {server_round}: it states its lifetime epsilon at delta {policy.delta + carried.delta:g} "
-                    f"({policy.delta:g} of its own{f' + {carried.delta:g} carried from a ledger lost for good' if carried.delta else ''}), "
-                    f"weaker than the run's target-delta {cfg.target_delta:g}, which the server holds every report to. "
-                    + (f"Fix: state the site's own spends at delta <= {cfg.target_delta - carried.delta:g} (its node-config delta; in a "
-                       "simulation the sites state theirs at target-delta, so a replaced ledger's carried delta cannot fit), or leave "
-                       "this site out of the federation" if carried.delta < cfg.target_delta else
-                       f"Fix: leave this site out: its carried delta alone reaches target-delta {cfg.target_delta:g}")
+                    f"epsilon-budget={policy.epsilon_budget:g}", public=limits,
                 )
         if release:
             # Durable in the ledger before the statistics exist, let alone are used.

@@ -155,9 +155,12 @@ def _refuse_another_sites_key(config: dict[str, Any], site: str) -> None:
     makes the site refuse."""
     enrolled = config.get(protocol.ENROLLED)
     if enrolled is not None and str(enrolled) != site:
+        fix = (f"Fix: give site {site} its own key (`fedmm certs site PKI {site}`, registered with `flwr supernode register`), "
+               "or its right name")
         raise SiteRefused(
-            f"site {site}: this SuperNode's key is enrolled at the server as site {str(enrolled)!r}, not {site!r}; not training (nothing spent). "
-            f"Fix: give site {site} its own key (`fedmm certs site PKI {site}`, registered with `flwr supernode register`), or its right name"
+            f"site {site}: this SuperNode's key is enrolled at the server as site {str(enrolled)!r}, not {site!r}; not training (nothing spent). {fix}",
+            # the server's own string is not echoed: the site's paths in it would be masked, telling a prober which guess was right
+            public=f"site {site}: this SuperNode's key is enrolled at the server as another site; not training (nothing spent). {fix}",
         )
 
 
