@@ -150,7 +150,8 @@ def test_a_site_stops_at_its_own_budget_and_the_federation_goes_on(tmp_path: Pat
     done = _simulate(tmp_path, "rounds=8", "sites=2", "target-epsilon=4.0", 'site-budgets="george:2"', 'run-name="budget"')
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "site george refuses round" in done.stdout and "over its budget epsilon-budget=2" in done.stdout
+    assert "site george refuses round" in done.stdout and "its lifetime epsilon-budget=2" in done.stdout  # what the server reads
+    assert "over its budget epsilon-budget=2" in done.stdout + done.stderr  # which limit, with the figures: the site's own log
     run_dir = tmp_path / "budget"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 8 and summary["stopped"] is None
