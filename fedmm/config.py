@@ -97,7 +97,7 @@ class RunConfig:
     data: str = key("avmnist", "the data source: `avmnist[:ROOT]`, `basicmotions[:ROOT]`, `manifest:PATH`, `synthetic[:N]` (docs/data.md)")
     model: str = key(AUTO, "the fusion: `concat` (auto), `gated`, `attention`, `late`, `embedding`, or one you registered (docs/models.md)")
     local_epochs: int = key(1, "local epochs per round", bounds=(1, 1000))
-    batch_size: int | None = key(None, "expected (logical) batch size; with Poisson sampling the sample rate is 1 / ceil(n / batch-size); `auto`: 64, or 256 under DP with target-epsilon below 4, where larger batches were measured far better (docs/benchmarks.md)", bounds=(1, 1000000), integer=True)
+    batch_size: int | None = key(None, "expected (logical) batch size; with Poisson sampling the sample rate is 1 / k, k = ceil(n / batch-size) rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ... (so it tells n only to within about 1.5x); `auto`: 64, or 256 under DP with target-epsilon below 4, where larger batches were measured far better (docs/benchmarks.md)", bounds=(1, 1000000), integer=True)
     max_physical_batch_size: int = key(0, "most records in one forward/backward pass (Opacus' BatchMemoryManager): a larger batch-size fits in memory, same DP accounting; 0: no limit (docs/training.md)", bounds=(0, 1000000))
     augment_multiplicity: int = key(1, "augmented copies of each sampled record; under DP their gradients are averaged before clipping (De et al. 2022; needs augment, and grad-sample-mode hooks or functorch; docs/training.md)", bounds=(1, 64))
     learning_rate: float | None = key(None, "SGD learning rate; `auto`: the fusion's tuned rate (0.5 with linear encoders over fixed features, 0.2 with CNN, GRU or transformer encoders)", range="(0, 100] or auto")

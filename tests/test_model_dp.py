@@ -237,7 +237,7 @@ def test_presence_mask_reaches_the_model(name: str, synthetic: MultimodalDataset
 
 @pytest.mark.parametrize("mode", list(GradSampleMode))
 def test_empty_poisson_batches_still_take_a_noisy_step(mode: GradSampleMode, synthetic: MultimodalDataset) -> None:
-    # batch size 1 on 40 records: sample rate 1/40, so about a third of the 40 steps draw no record.
+    # batch size 1 on 40 records: sample rate 1/40 (40 steps: never more steps than records), so about a third draw no record.
     recipe = ModelRecipe()
     data = recipe.prepare(synthetic)
     model = recipe.build(data.schema)

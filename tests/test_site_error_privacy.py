@@ -11,6 +11,7 @@ the site's log.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -271,3 +272,19 @@ def test_the_servers_enrolled_name_is_not_echoed_back(tmp_path: Path, server: tu
     response = run_round(RoundRequest(**{**request.__dict__, "config": {**request.config, protocol.ENROLLED: guess}}))
     assert response.refused is not None and "enrolled at the server as another site" in response.refused
     assert "alice" not in response.refused and "srv" not in response.refused and "<" not in response.refused
+
+
+def test_the_sample_rate_a_site_reports_tells_its_record_count_only_roughly(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    """Curious-server finding: the report's sample rate 1 / ceil(n / batch) told the record count to within one batch
+    (at batch-size=2, 13 records gave 1/7 and 15 gave 1/8). It is 1 / k now, k rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ...:
+    both report 1/8, and the site's DP-SGD samples at exactly that rate (Opacus charged what it reports)."""
+    reported = []
+    for n in (13, 15):
+        folder = tmp_path / str(n)
+        response = run_round(_request(folder, _manifest(folder, "site", [(CLASSES[i % 3], LENGTH) for i in range(n)]), server,
+                                      **{"batch-size": 2, "noise-multiplier": 1.0, "target-epsilon": 1000.0}))
+        assert response.refused is None, response.refused
+        entry = PrivacyLedger.read(folder / "state" / "ledger.sqlite").entries()[-1]
+        charged = json.loads(str(response.state))["accountant"]["history"]  # what Opacus' optimizer charged, step by step
+        reported.append((response.privacy[protocol.SAMPLE_RATE], response.privacy[protocol.STEPS], entry.sample_rate, entry.steps, charged))
+    assert reported[0] == reported[1] == (1 / 8, 8, 1 / 8, 8, [[1.0, 1 / 8, 8]]), reported

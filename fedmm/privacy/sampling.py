@@ -35,10 +35,14 @@ class _StructureOnly(CollateFnWithEmpty):
         return super().__call__(batch)
 
 
-def poisson_loader(loader: DataLoader, generator: torch.Generator) -> DPDataLoader:
+def poisson_loader(loader: DataLoader, generator: torch.Generator, *, sample_rate: float | None = None) -> DPDataLoader:
     """``DPDataLoader.from_data_loader(loader, generator=generator)``, sampling each record
-    independently with rate ``1 / len(loader)``, whose empty batches keep the structure of the first."""
-    poisson = DPDataLoader.from_data_loader(loader, generator=generator)
+    independently with rate ``sample_rate`` (Opacus' ``1 / len(loader)`` by default), whose empty
+    batches keep the structure of the first."""
+    if sample_rate is None:
+        poisson = DPDataLoader.from_data_loader(loader, generator=generator)
+    else:
+        poisson = DPDataLoader(dataset=loader.dataset, sample_rate=sample_rate, collate_fn=loader.collate_fn, generator=generator)
     if type(poisson.collate_fn) is CollateFnWithEmpty:
         poisson.collate_fn.__class__ = _StructureOnly
     return poisson

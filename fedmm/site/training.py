@@ -66,17 +66,33 @@ class DPSettings:
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Batches per epoch, ``ceil(n / batch)``; with Poisson sampling the sample rate is its inverse (as in Opacus)."""
-    return max(1, math.ceil(num_examples / batch_size))
+    """DP-SGD steps per epoch: ``ceil(n / batch)`` rounded up to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+    (powers of two and 1.5 times them); the Poisson sample rate is its inverse.
+
+    The sample rate leaves the site in every privacy report (the accountant's guarantee is stated
+    for it). Opacus' ``1 / ceil(n / batch)`` told the server n to within one batch, and the server
+    sets the batch; rounded so, it tells n to within a factor of about 1.5. Each record is still
+    sampled with that rate; the expected batch is at least two thirds of ``batch-size`` (and at least one record).
+
+    >>> [steps_per_epoch(n, 64) for n in (64, 65, 250, 257, 400, 1000)]
+    [1, 2, 4, 6, 8, 16]
+    """
+    exact = max(1, math.ceil(num_examples / batch_size))
+    power = 1 << (exact - 1).bit_length()  # the power of two at or above exact
+    rounded = power * 3 // 4 if power >= 4 and power * 3 // 4 >= exact else power
+    # Never more steps than records: Opacus divides by the expected batch int(n / k), which must stay >= 1
+    # (only batch-size 1 reaches this; a deployed site takes no batch below its min-batch-size).
+    return max(1, min(rounded, num_examples))
 
 
 def poisson_steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """The DP-SGD steps Opacus' Poisson loader really takes per epoch: ``int(1 / sample_rate)``
-    with ``sample_rate = 1 / ceil(n / batch)``. Floating point makes it one less than
-    ``ceil(n / batch)`` for some sizes, and the plan must count what is taken.
+    with ``sample_rate = 1 / steps_per_epoch(n, batch)``. Floating point can make ``int(1 / (1 / k))``
+    one less than ``k`` (93 is such a k; no value of the rounded grid is, but batch-size 1 caps k at n),
+    and the plan must count what is taken.
 
-    >>> steps_per_epoch(93, 1), poisson_steps_per_epoch(93, 1)
-    (93, 92)
+    >>> steps_per_epoch(93, 1), poisson_steps_per_epoch(93, 1), poisson_steps_per_epoch(186, 2)
+    (93, 92, 96)
     """
     return int(1 / (1 / steps_per_epoch(num_examples, batch_size)))
 
@@ -279,7 +295,7 @@ def train(
             # from the run's public seed, anyone who knows the seed could regenerate the noise
             # and subtract it. Both come from a generator seeded by the OS, never the seed.
             secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-            poisson = poisson_loader(loader, generator=secret)
+            poisson = poisson_loader(loader, generator=secret, sample_rate=1.0 / steps_per_epoch(len(dataset), batch_size))
             wrapped = engine.make_private(
                 module=model, optimizer=optimizer, criterion=criterion, data_loader=poisson,
                 noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
