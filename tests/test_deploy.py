@@ -99,6 +99,13 @@ def _metrics_rounds(run: Path) -> list[int]:
     return [json.loads(line)["round"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _checkpoint_round(run: Path) -> int:
+    try:
+        return int(json.loads((run / "checkpoint.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path: Path) -> None:
     deploy = LoopbackDeployment(tmp_path)
     runs = tmp_path / "runs"
@@ -113,8 +120,9 @@ def test_loopback_deployment_survives_a_lost_site_and_a_server_restart(tmp_path:
         deploy.wait_for("round 1", lambda: 1 in _metrics_rounds(run))
         deploy.kill("lucas")  # SIGKILL mid-round 2: its SuperNode and its ClientApp executor
         deploy.wait_for("round 2 without lucas", lambda: 2 in _metrics_rounds(run))
+        # the round's metrics line is written just before its checkpoint: wait for the checkpoint (a kill in between was a flake)
+        deploy.wait_for("round 2's checkpoint", lambda: _checkpoint_round(run) >= 2, timeout=30)
         deploy.kill("server")  # SIGKILL after round 2's checkpoint: SuperLink, ServerApp and all
-        assert json.loads((run / "checkpoint.json").read_text())["round"] >= 2
 
         deploy.start("server", *deploy.server_args)  # same database: the registered sites come back by themselves
         deploy.wait_for("two sites back online", lambda: deploy.online() >= 2, interval=CLI_POLL)
