@@ -37,11 +37,13 @@ class Probe:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """``("host", port)`` of ``host:port`` or ``[v6]:port``; ValueError otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    """``("host", port)`` as Flower's SuperNode reads ``--superlink`` (its own ``parse_address``); ValueError otherwise."""
+    from flwr.supercore.address import parse_address
+
+    parsed = parse_address(address)
+    if parsed is None or not 0 < parsed[1] < 65536:
         raise ValueError(f"not host:port: {address!r}")
-    return host.removeprefix("[").removesuffix("]"), int(port)
+    return parsed[0], parsed[1]
 
 
 def check_site_keys(ca: Path, key: Path) -> dict[str, str]:

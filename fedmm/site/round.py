@@ -250,8 +250,7 @@ def train_round(
             # stated epsilon never falls, so take the larger of it and the last one stated.
             previous = ledger.entries()[-1].epsilon if lifetime.history else 0.0
             lifetime_epsilon = max(lifetime_epsilon, previous)
-            # A ledger that replaced one lost for good carries its spend (basic composition: epsilons and deltas add).
-            carried = ledger.carried or CarriedSpend(0.0, 0.0, "")
+            # A ledger that replaced one lost for good carries its spend (basic composition: epsilons and deltas add): `carried` above.
             if carried.epsilon + lifetime_epsilon > policy.epsilon_budget:
                 raise BudgetExceededError(
                     f"site {site} refuses round {server_round}{with_stats}: it would take the site's lifetime epsilon from "
