@@ -21,8 +21,7 @@ costs less for its shapes. A convolution's clipped sum over windows costs ``T * 
 record either way, so it forms the explicit gradients (reused for the sum) unless they would
 exceed ``EXPLICIT_MAX`` floats, and only then takes the ghost norm. An embedding's is ``sum_{t,s} [id_t = id_s] (g_t . g_s)``; a norm layer's
 per-record gradients (one value per channel) are formed explicitly (Opacus' own samplers).
-Convolution windows come from Opacus' ``unfold2d``, or for a ``Conv2d`` over several channels
-from a channels-last copy of its input (:func:`_channels_last_windows`).
+Convolution windows are gathered from the padded input with a cached index (:func:`_windows`).
 
 Everything here is computed in the dtype of ``a`` and ``g``: an overflow there makes a norm inf or
 NaN (never a wrong finite number), and the caller then takes the whole step again from float64
@@ -31,12 +30,12 @@ copies of ``a`` and ``g``; a record whose norm is still not finite is left out.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, cast
 
 import torch
 from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
-from opacus.utils.tensor_utils import unfold2d
 from torch import Tensor, nn
 
 __all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
@@ -95,13 +94,54 @@ def _positions(layer: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     n = g.shape[0]
     if isinstance(layer, nn.Linear):
         return a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
-    if isinstance(layer, nn.Conv2d):
-        windows = unfold2d(a, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation)  # type: ignore[arg-type]
-    else:  # Conv1d: a 2-D convolution of height 1
-        conv: nn.Conv1d = layer  # type: ignore[assignment]
-        padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
-        windows = unfold2d(a.unsqueeze(-2), kernel_size=(1, conv.kernel_size[0]), padding=padding, stride=(1, conv.stride[0]), dilation=(1, conv.dilation[0]))
-    return windows.transpose(1, 2), g.reshape(n, g.shape[1], -1).transpose(1, 2)
+    return _windows(cast(nn.Conv1d | nn.Conv2d, layer), a), g.reshape(n, g.shape[1], -1).transpose(1, 2)
+
+
+def _geometry(conv: nn.Conv1d | nn.Conv2d, size: tuple[int, ...]) -> tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, ...]]:
+    """A convolution as a 2-D one (a Conv1d has height 1): its ``F.pad`` amounts (left, right, top,
+    bottom), the padded input's ``(height, width)``, and ``(kh, kw, sh, sw, dh, dw)``."""
+    two_d = isinstance(conv, nn.Conv2d)
+    height, width = (size[-2], size[-1]) if two_d else (1, size[-1])
+    kh, kw = conv.kernel_size if two_d else (1, conv.kernel_size[0])
+    sh, sw = conv.stride if two_d else (1, conv.stride[0])
+    dh, dw = conv.dilation if two_d else (1, conv.dilation[0])
+    if conv.padding == "same":  # stride 1 (torch's rule); an odd total puts the extra zero after, as torch does
+        pad_h, pad_w = dh * (kh - 1), dw * (kw - 1)
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    elif conv.padding == "valid":
+        pads = (0, 0, 0, 0)
+    else:
+        ph, pw = cast(tuple[int, int], conv.padding) if two_d else (0, cast(tuple[int], conv.padding)[0])
+        pads = (pw, pw, ph, ph)
+    return pads, (height + pads[2] + pads[3], width + pads[0] + pads[1]), (kh, kw, sh, sw, dh, dw)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_index(channels: int, height: int, width: int, kernel: tuple[int, ...]) -> Tensor:
+    """Where each window's inputs lie in a record's flattened padded ``[channels, height, width]``:
+    ``[T * channels * kh * kw]``, windows in output order, each in the weight's ``(in, kh, kw)`` order."""
+    kh, kw, sh, sw, dh, dw = kernel
+    rows, cols = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    at = (
+        (torch.arange(rows) * sh * width).view(-1, 1, 1, 1, 1) + (torch.arange(cols) * sw).view(1, -1, 1, 1, 1)
+        + (torch.arange(channels) * height * width).view(1, 1, -1, 1, 1)
+        + (torch.arange(kh) * dh * width).view(1, 1, 1, -1, 1) + (torch.arange(kw) * dw).view(1, 1, 1, 1, -1)
+    )
+    return at.reshape(-1)
+
+
+def _windows(conv: nn.Conv1d | nn.Conv2d, a: Tensor) -> Tensor:
+    """``[n, T, in * kh * kw]``: each output position's input window, in the weight's layout.
+
+    One gather per record row (``index_select`` with a cached index) from the padded input: 2-4x
+    faster at our sizes than a strided copy of an ``unfold`` view (Opacus' ``unfold2d``), which
+    moves a few values at a time.
+    """
+    pads, (height, width), kernel = _geometry(conv, tuple(a.shape))
+    padded = nn.functional.pad(a, pads) if any(pads) else a
+    n, channels = a.shape[0], a.shape[1]
+    index = _window_index(channels, height, width, kernel).to(a.device)
+    return padded.reshape(n, -1).index_select(1, index).view(n, -1, channels * kernel[0] * kernel[1])
 
 
 def _ghost_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
@@ -201,41 +241,14 @@ def _per_record(layer: nn.Module, a: Tensor, g: Tensor) -> dict[nn.Parameter, Te
     if isinstance(layer, nn.LayerNorm):
         return compute_layer_norm_grad_sample(layer, [a], g)
     conv = cast(nn.Conv1d | nn.Conv2d, layer)
+    n, width = g.shape[:2]
+    big_g = g.reshape(n, width, -1)  # [n, out, T]
     grads: dict[nn.Parameter, Tensor] = {}
-    if isinstance(conv, nn.Conv2d) and conv.in_channels > 1 and not isinstance(conv.padding, str):
-        n, width = g.shape[:2]
-        big_g = g.reshape(n, width, -1)  # [n, out, T]
-        if conv.weight.requires_grad:
-            kh, kw = conv.kernel_size
-            windows = _channels_last_windows(conv, a.to(g.dtype))
-            grads[cast(nn.Parameter, conv.weight)] = torch.bmm(big_g, windows).view(n, width, kh, kw, conv.in_channels)
-        if conv.bias is not None and conv.bias.requires_grad:
-            grads[cast(nn.Parameter, conv.bias)] = big_g.sum(dim=2)
-        return grads
-    big_a, big_g = _positions(layer, a, g)
     if conv.weight.requires_grad:
-        grads[cast(nn.Parameter, conv.weight)] = torch.bmm(big_g.transpose(1, 2), big_a.to(big_g.dtype))  # [n, out, in]
+        grads[cast(nn.Parameter, conv.weight)] = torch.bmm(big_g, _windows(conv, a.to(g.dtype)))  # [n, out, in * kh * kw]
     if conv.bias is not None and conv.bias.requires_grad:
-        grads[cast(nn.Parameter, conv.bias)] = big_g.sum(dim=1)
+        grads[cast(nn.Parameter, conv.bias)] = big_g.sum(dim=2)
     return grads
-
-
-def _channels_last_windows(conv: nn.Conv2d, a: Tensor) -> Tensor:
-    """``[n, T, kh * kw * in_channels]``: each output position's input window, channels innermost.
-
-    From a channels-last copy of the padded input, each window row is ``kh`` runs of ``kw * C``
-    adjacent values, so the copy moves long runs (Opacus' ``unfold2d`` copies runs of one output
-    row, ``Wo`` values ``stride`` apart: 2.4x slower for a 3x3 stride-2 convolution over 16 channels).
-    """
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    ph, pw = cast(tuple[int, int], conv.padding)
-    n, channels, height, width = a.shape
-    x = nn.functional.pad(a, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()  # [n, H + 2ph, W + 2pw, C]
-    rows = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    cols = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    s0, s1, s2, s3 = x.stride()
-    windows = x.as_strided((n, rows, cols, kh, kw, channels), (s0, s1 * sh, s2 * sw, s1 * dh, s2 * dw, s3))
-    return windows.reshape(n, rows * cols, kh * kw * channels)
 
 
 def _explicit(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
@@ -296,10 +309,7 @@ def _clipped(layer: nn.Module, p: nn.Parameter, a: Tensor, g: Tensor, per_record
         out = torch.zeros(p.shape, dtype=dtype, device=p.device)
         return out.index_add_(0, a.reshape(-1), h.reshape(-1, h.shape[-1]))
     if p in per_record:
-        summed = _weighted_sum(coef, per_record[p])
-        if isinstance(layer, nn.Conv2d) and per_record[p].dim() == 5:  # [n, out, kh, kw, in] (channels-last windows): back to [out, in, kh, kw]
-            return summed.permute(0, 3, 1, 2).contiguous()
-        return summed.view_as(p)
+        return _weighted_sum(coef, per_record[p]).view_as(p)
     scaled = g.to(dtype) * coef.view(-1, *[1] * (g.dim() - 1))
     # convolutions (a Linear is clipped in clip_into): the weight's gradient of the scaled output gradients, sum over records and windows
     if p is layer.bias:
