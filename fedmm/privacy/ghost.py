@@ -14,11 +14,12 @@ Poisson sampling and accounting stay Opacus' own:
 - ``GhostClippingOptimizer`` (Opacus' ``DPOptimizerFastGradientClipping``) keeps each
   clipped sum without copying it when the step is taken at once (a skipped step of several
   physical batches keeps a copy) and adds
-  the Gaussian noise and divides by the expected batch size in one pass over one flat
-  buffer: one draw for every coordinate of every parameter and one multi-tensor sum, where the
-  parent draws, adds and divides per tensor. The noise is the same i.i.d.
-  N(0, (noise_multiplier * max_grad_norm)^2) per coordinate (a different random stream from
-  the parent's, so a seeded run does not repeat its exact noise).
+  the Gaussian noise and divides by the expected batch size in one pass: one draw for every
+  coordinate of every parameter and one multi-tensor sum, where the parent draws, adds and
+  divides per tensor. The noise is i.i.d. N(0, (noise_multiplier * max_grad_norm)^2) per
+  coordinate, drawn by :mod:`fedmm.privacy.noise` (AES-CTR keyed from ``os.urandom``; Opacus'
+  ``torch.normal`` cuts every draw off at 5.77 standard deviations, which the accountant does
+  not allow for). ``GradSampleClippingOptimizer`` draws its noise there too.
 - a model whose every trainable layer is one :mod:`fedmm.privacy.ghost_norms` supports
   (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.GroupNorm``,
   ``nn.LayerNorm``: the default AV-MNIST model and every fusion with CNN, bag-of-words or
@@ -79,6 +80,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fedmm.privacy.ghost_norms import all_norms, clip_into, row_norms, supports, zero_rows
+from fedmm.privacy.noise import add_noise
 
 __all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
 
@@ -143,8 +145,8 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
 
     def pre_step(self, closure: Any = None) -> bool:
         params = self.params
-        if self.secure_mode or not params or len({(p.dtype, p.device) for p in params}) != 1:
-            return bool(super().pre_step(closure))  # secure noise is built differently; mixed tensors cannot share one draw
+        if self.secure_mode or not params:
+            return bool(super().pre_step(closure))  # Opacus' secure mode (torchcsprng) keeps its own noise
         self.accumulate(params)
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
@@ -156,34 +158,17 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
         return True
 
     def _noise_and_scale(self, params: list[nn.Parameter], *, divide: bool = True) -> None:
-        """``add_noise`` and ``scale_grad`` of the parent in one pass over one flat buffer: each
-        ``.grad`` becomes ``(summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)) / batch``.
-
-        One draw for every coordinate of every parameter, split per tensor: the same distribution
-        as the parent's draw per tensor, issued once (a different random stream from the parent's,
-        so a seeded run does not repeat its exact noise); the sums and the division are each one
-        multi-tensor operation instead of one per tensor.
-        """
-        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
-        # the parent's scale_grad: (sum + N(0, std^2)) / B, drawn as N(0, (std / B)^2) + sum / B in one pass
+        """``add_noise`` and ``scale_grad`` of the parent in one pass: each ``.grad`` becomes
+        ``(summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)) / batch``, the noise from
+        :func:`fedmm.privacy.noise.add_noise` (a secure stream whose tails are not cut at 5.8 sigma)."""
         scale = 1.0 / (self.expected_batch_size * self.accumulated_iterations) if divide and self.loss_reduction == "mean" else 1.0
-        sizes = [p.numel() for p in params]
-        noise = torch.normal(0.0, std * scale, size=(sum(sizes),), generator=self.generator, dtype=params[0].dtype, device=params[0].device)
-        parts = [part.view(p.shape) for p, part in zip(params, noise.split(sizes))]
-        summed = [p.summed_grad for p in params]  # type: ignore[attr-defined]
-        for s in summed:
-            _check_processed_flag(s)
-        torch._foreach_add_(parts, summed, alpha=scale)
-        for p, part, s in zip(params, parts, summed):
-            p.grad = part
-            _mark_as_processed(s)
+        add_noise(self, scale=scale)
 
     def add_noise(self) -> None:  # the parent's API; ``pre_step`` above adds the noise and divides at once
-        params = self.params
-        if self.secure_mode or len({(p.dtype, p.device) for p in params}) != 1:
+        if self.secure_mode:
             super().add_noise()
             return
-        self._noise_and_scale(params, divide=False)
+        self._noise_and_scale(self.params, divide=False)
 
 
 class GradSampleClippingOptimizer(DPOptimizer):
@@ -227,6 +212,12 @@ class GradSampleClippingOptimizer(DPOptimizer):
             else:
                 p.summed_grad = grad
             _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        if self.secure_mode:
+            super().add_noise()
+            return
+        add_noise(self, scale=1.0)  # the secure, untruncated noise of fedmm.privacy.noise; the parent's scale_grad divides
 
 
 class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):

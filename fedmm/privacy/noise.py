@@ -1,0 +1,113 @@
+"""Gaussian noise for DP-SGD from a cryptographically secure stream, with tails as wide as the claim needs.
+
+Why not ``torch.normal``: on the CPU it draws 24-bit uniforms from mt19937 and takes Box-Muller
+in float32, so no draw ever exceeds ``sqrt(-2 ln 2^-24) = 5.77`` standard deviations (4e8 draws
+of it: largest 5.762; float64 draws: 6.25). A truncated Gaussian is not the Gaussian mechanism:
+where a record's gradient moves a coordinate by ``max_grad_norm``, an output beyond the cut-off
+on that side cannot happen without the record. That event has probability
+``q * P(N(0,1) > 5.77 - 1 / noise_multiplier)`` a step, which the accountant does not count:
+at the sites' noise floor 0.5 that is ``q * 8e-5`` a step, far over a delta of 1e-5 after a few
+hundred steps; at the default run's 1.67, ``2.3e-6`` over its 80 steps (q = 0.25).
+And mt19937 is not a secure generator (its state follows from 624 outputs).
+
+Here: the bits are AES-256 in counter mode (``cryptography``, hardware AES where the CPU has it)
+under a key from ``os.urandom``; each pair of values is Box-Muller ``sqrt(-2 ln u) (cos t, sin t)``
+with ``u`` from 64 bits (so ``u >= 2^-64`` and the largest radius is 9.42) taken in float64, and
+``t`` from 32 bits. The cut-off's probability then stays below ``q * 5.8e-10`` a step down to a
+noise multiplier of 0.3, and below ``q * 5.9e-14`` at 0.5. It costs what ``torch.normal`` costs
+(210,844 values: 0.83 ms against 0.84 ms, median of 400 pairs on one core).
+Known limit (as for every float sampler): the values are floats, so their low bits are not
+exactly those of a real Gaussian (the floating-point attacks of Mironov, CCS 2012, and Jin et
+al., S&P 2022, on such samplers are not addressed here).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+
+__all__ = ["GaussianNoise", "LARGEST_RADIUS", "add_noise"]
+
+LARGEST_RADIUS = math.sqrt(-2.0 * math.log(2.0**-64))  # 9.42: the largest |value| / std a draw can have
+
+
+class GaussianNoise:
+    """I.i.d. N(0, std^2) values from AES-256-CTR under ``key`` (32 bytes; ``os.urandom`` when None).
+
+    One object is one stream: each :meth:`sample` continues it. :meth:`from_generator` derives
+    the key from a seeded ``torch.Generator``, for tests that need repeatable noise.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        key = os.urandom(32) if key is None else key
+        if len(key) != 32:
+            raise ValueError(f"GaussianNoise needs a 32-byte key; got {len(key)} bytes")
+        self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        self._pairs = -1  # the workspace below is for this many pairs
+        self._zeros = b""
+        self._raw = bytearray()
+        self._radius = torch.empty(0, dtype=torch.float64)
+        self._angle = torch.empty(0)
+        self._scale = torch.empty(0)
+
+    @classmethod
+    def from_generator(cls, generator: torch.Generator) -> GaussianNoise:
+        """A stream whose key is 32 bytes drawn from ``generator`` (repeatable when it is seeded)."""
+        return cls(bytes(torch.randint(0, 256, (32,), dtype=torch.uint8, generator=generator).tolist()))
+
+    def _workspace(self, pairs: int) -> None:
+        if pairs != self._pairs:
+            self._pairs = pairs
+            self._zeros = bytes(12 * pairs)
+            self._raw = bytearray(12 * pairs + 16)  # update_into wants room for a block more
+            self._radius = torch.empty(pairs, dtype=torch.float64)
+            self._angle = torch.empty(pairs)
+            self._scale = torch.empty(pairs)
+
+    def sample(self, count: int, std: float, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``count`` values of N(0, std^2), a new tensor of ``dtype`` on ``device``."""
+        if count <= 0:
+            return torch.zeros(0, dtype=dtype, device=device)
+        pairs = (count + 1) // 2
+        self._workspace(pairs)
+        self._stream.update_into(self._zeros, self._raw)
+        words = torch.frombuffer(self._raw, dtype=torch.int64, count=pairs)
+        turns = torch.frombuffer(self._raw, dtype=torch.int32, count=pairs, offset=8 * pairs)
+        # u = |w| / 2^63 + 2^-64 for the signed 64-bit w: uniform on (0, 1], exact where it is small
+        # (the tail), so sqrt(-2 ln u) <= LARGEST_RADIUS; the log in float64, the rest in float32
+        logs = self._radius.copy_(words).mul_(2.0**-63).abs_().add_(2.0**-64).log_()
+        scale = self._scale.copy_(logs).mul_(-2.0 * std * std).sqrt_()
+        angle = self._angle.copy_(turns).mul_(2.0 * math.pi * 2.0**-32)  # [-pi, pi)
+        out = torch.empty(2 * pairs)
+        torch.cos(angle, out=out[:pairs]).mul_(scale)
+        torch.sin(angle, out=out[pairs:]).mul_(scale)
+        return out[:count].to(dtype=dtype, device=device)
+
+
+def add_noise(optimizer: DPOptimizer, *, scale: float) -> None:
+    """DP-SGD's noise step for an Opacus optimizer: each parameter's ``.grad`` becomes
+    ``(summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)) * scale``.
+
+    One draw for every coordinate of every parameter from the optimizer's :class:`GaussianNoise`
+    (keyed from ``os.urandom`` on first use, never from the run's seed or a torch generator), and
+    one multi-tensor sum, where Opacus draws ``torch.normal`` and adds per tensor.
+    """
+    stream = optimizer.__dict__.get("_gaussian")
+    if stream is None:
+        stream = optimizer.__dict__["_gaussian"] = GaussianNoise()
+    params = optimizer.params
+    std = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier) * optimizer.max_grad_norm
+    sizes = [p.numel() for p in params]
+    noise = stream.sample(sum(sizes), std * scale, dtype=params[0].dtype, device=params[0].device) if params else torch.zeros(0)
+    parts = [part.view(p.shape).to(dtype=p.dtype, device=p.device) for p, part in zip(params, noise.split(sizes))]
+    summed = [p.summed_grad for p in params]
+    for s in summed:
+        _check_processed_flag(s)
+    torch._foreach_add_(parts, [s.view(p.shape) for s, p in zip(summed, params)], alpha=scale)
+    for p, part, s in zip(params, parts, summed):
+        p.grad = part
+        _mark_as_processed(s)

@@ -1,0 +1,95 @@
+"""DP-SGD's Gaussian noise (fedmm.privacy.noise): the right distribution, tails that are not cut
+off where torch.normal cuts them (5.77 sigma), a secure key, and every DP optimizer using it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from fedmm.privacy import noise as noise_module
+from fedmm.privacy.ghost import PrivacyEngine
+from fedmm.privacy.noise import LARGEST_RADIUS, GaussianNoise
+
+TORCH_NORMAL_CUT = math.sqrt(-2.0 * math.log(2.0**-24))  # 5.77: torch.normal's largest float32 draw on the CPU
+
+
+class _Bits:
+    """A keystream that returns chosen bytes (for the tail of the transform)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def update_into(self, zeros: bytes, buf: bytearray) -> int:
+        buf[: len(self.data)] = self.data
+        return len(self.data)
+
+
+def test_the_samples_are_gaussian_with_the_asked_std() -> None:
+    draws = GaussianNoise(bytes(32)).sample(400_001, 2.5).double()  # a fixed key: the test cannot flake
+    assert draws.shape == (400_001,) and draws.dtype == torch.float64
+    assert abs(float(draws.mean())) < 0.02 and abs(float(draws.std()) - 2.5) < 0.02
+    assert stats.kstest((draws / 2.5).numpy(), "norm").pvalue > 1e-3
+    beyond = float((draws.abs() > 4 * 2.5).double().mean())  # P(|N| > 4) = 6.3e-5
+    assert 1e-5 < beyond < 2e-4
+
+
+def test_the_tail_reaches_past_where_torch_normal_stops() -> None:
+    # the smallest u (a 64-bit word of 0) gives the largest radius, 9.42 standard deviations, and the
+    # angle 0 (a 32-bit word of 0) puts all of it on the first value of the pair
+    stream = GaussianNoise(bytes(32))
+    stream._stream = _Bits(bytes(12))  # type: ignore[assignment]
+    largest = stream.sample(2, 1.0)
+    assert float(largest[0]) == pytest.approx(LARGEST_RADIUS, rel=1e-6) and LARGEST_RADIUS > 9.4 > TORCH_NORMAL_CUT
+    assert abs(float(largest[1])) < 1e-6
+
+
+def test_each_stream_has_its_own_key_and_a_seeded_one_repeats() -> None:
+    assert not torch.equal(GaussianNoise().sample(64, 1.0), GaussianNoise().sample(64, 1.0))
+    a = GaussianNoise.from_generator(torch.Generator().manual_seed(3)).sample(65, 1.0)
+    b = GaussianNoise.from_generator(torch.Generator().manual_seed(3)).sample(65, 1.0)
+    assert torch.equal(a, b) and a.shape == (65,)
+    stream = GaussianNoise(bytes(32))
+    assert not torch.equal(stream.sample(64, 1.0), stream.sample(64, 1.0))  # a stream goes on, never repeats
+    with pytest.raises(ValueError, match="32-byte key"):
+        GaussianNoise(b"short")
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_dp_optimizers_draw_from_the_secure_stream_not_the_torch_generator(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two optimizers given the same seeded generator still add different noise (Opacus' own would
+    repeat it), and every draw comes through GaussianNoise."""
+    drawn: list[int] = []
+    sample = GaussianNoise.sample
+
+    def counting(self: GaussianNoise, count: int, std: float, **kw: object) -> torch.Tensor:
+        drawn.append(count)
+        return sample(self, count, std, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GaussianNoise, "sample", counting)
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same model, data and generator both times: only the noise may differ
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=8)
+        engine = PrivacyEngine(accountant="rdp")
+        wrapped = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=data, noise_multiplier=1.0,
+            max_grad_norm=1.0, grad_sample_mode=mode, criterion=nn.CrossEntropyLoss(), poisson_sampling=False,
+            noise_generator=torch.Generator().manual_seed(0),
+        )
+        module, optimizer, criterion = wrapped[0], wrapped[1], (wrapped[2] if mode == "ghost" else nn.CrossEntropyLoss())
+        x, y = next(iter(data))
+        optimizer.zero_grad()
+        criterion(module(x), y).backward()
+        optimizer.step()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert drawn == [4 * 3 + 3 + 3 * 2 + 2] * 2  # one draw a step, every coordinate
+    assert not torch.equal(grads[0], grads[1])
+
+
+def test_the_module_states_its_cut_off() -> None:
+    assert f"{LARGEST_RADIUS:.2f}" == "9.42" and "9.42" in (noise_module.__doc__ or "")
