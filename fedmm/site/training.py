@@ -286,14 +286,16 @@ def train(
         # A PrivacyEngine is a per-round wrapper here: the accountant it charges is the
         # site's persistent one, restored from the site's history before the round.
         with warnings.catch_warnings():
-            # Opacus warns that the RNG is not cryptographically secure (secure_mode needs
-            # torchcsprng, which cannot be installed here); README states this limitation.
+            # Opacus warns that its RNG is not cryptographically secure (secure_mode needs
+            # torchcsprng, not installable here). Here it only draws the Poisson sample: the
+            # noise comes from fedmm.privacy.noise (AES-CTR keyed from os.urandom).
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=dp.accountant.kind.value)
             engine.accountant = dp.accountant.opacus
             # Which records a step samples and the noise it adds must be unpredictable: drawn
             # from the run's public seed, anyone who knows the seed could regenerate the noise
-            # and subtract it. Both come from a generator seeded by the OS, never the seed.
+            # and subtract it. The sample comes from a generator seeded by the OS, never the seed
+            # (Opacus' own noise, which fedmm's optimizers replace, would too).
             secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
             poisson = poisson_loader(loader, generator=secret, sample_rate=1.0 / steps_per_epoch(len(dataset), batch_size))
             wrapped = engine.make_private(
