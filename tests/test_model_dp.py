@@ -270,7 +270,8 @@ def test_ghost_optimizer_noise_is_gaussian_with_the_calibrated_std() -> None:
 
 def test_ghost_optimizer_step_divides_the_noised_sum_by_the_expected_batch_once() -> None:
     # pre_step adds the noise and divides in one pass (fedmm.privacy.ghost): (sum + noise) / batch,
-    # the clipped sum itself left as it was, and a second step without zero_grad refused (Opacus' rule)
+    # in the clipped sum's own tensor (no bare clipped sum is left behind), and a second step without
+    # zero_grad refused (Opacus' rule)
     from fedmm.privacy.ghost import GhostClippingOptimizer
 
     params = [nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(5))]
@@ -281,7 +282,7 @@ def test_ghost_optimizer_step_divides_the_noised_sum_by_the_expected_batch_once(
             p.grad = s.clone()
         assert optimizer.pre_step()
         for p, s in zip(params, sums):
-            assert torch.equal(p.summed_grad, s)  # the sum is read, never written
+            assert p.grad.data_ptr() == p.summed_grad.data_ptr()  # noised in place: the bare sum is gone
             if noise == 0.0:
                 assert torch.equal(p.grad, s / 4)
         if noise:

@@ -12,9 +12,9 @@ And mt19937 is not a secure generator (its state follows from 624 outputs).
 
 Here: the bits are AES-256 in counter mode (``cryptography``, hardware AES where the CPU has it)
 under a key from ``os.urandom``; each pair of values is Box-Muller ``sqrt(-2 ln u) (cos t, sin t)``
-with ``u`` from 64 bits (so ``u >= 2^-64`` and the largest radius is 9.42) taken in float64, and
-``t`` from 32 bits. The cut-off's probability then stays below ``q * 5.8e-10`` a step down to a
-noise multiplier of 0.3, and below ``q * 5.9e-14`` at 0.5. It costs what ``torch.normal`` costs
+with ``u`` from 62 bits (so ``u >= 2^-63`` and the largest radius is 9.35; float32 holds such
+small ``u`` exactly) and ``t`` from 32 bits. The cut-off's probability then stays below ``q * 9.2e-10`` a step down to a
+noise multiplier of 0.3, and below ``q * 1.1e-13`` at 0.5. It costs what ``torch.normal`` costs
 (210,844 values: 0.83 ms against 0.84 ms, median of 400 pairs on one core).
 Known limit (as for every float sampler): the values are floats, so their low bits are not
 exactly those of a real Gaussian (the floating-point attacks of Mironov, CCS 2012, and Jin et
@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
-__all__ = ["GaussianNoise", "LARGEST_RADIUS", "add_noise"]
+__all__ = ["GaussianNoise", "LARGEST_RADIUS", "add_noise", "thread_stream"]
 
-LARGEST_RADIUS = math.sqrt(-2.0 * math.log(2.0**-64))  # 9.42: the largest |value| / std a draw can have
+LARGEST_RADIUS = math.sqrt(-2.0 * math.log(2.0**-63))  # 9.35: the largest |value| / std a draw can have
 
 
 class GaussianNoise:
@@ -48,66 +49,76 @@ class GaussianNoise:
             raise ValueError(f"GaussianNoise needs a 32-byte key; got {len(key)} bytes")
         self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
         self._pairs = -1  # the workspace below is for this many pairs
-        self._zeros = b""
         self._raw = bytearray()
-        self._radius = torch.empty(0, dtype=torch.float64)
-        self._angle = torch.empty(0)
-        self._scale = torch.empty(0)
+        self._work = torch.empty(0)
+        self._out = torch.empty(0)
 
     @classmethod
     def from_generator(cls, generator: torch.Generator) -> GaussianNoise:
         """A stream whose key is 32 bytes drawn from ``generator`` (repeatable when it is seeded)."""
         return cls(bytes(torch.randint(0, 256, (32,), dtype=torch.uint8, generator=generator).tolist()))
 
-    def _workspace(self, pairs: int) -> None:
-        if pairs != self._pairs:
-            self._pairs = pairs
-            self._zeros = bytes(12 * pairs)
-            self._raw = bytearray(12 * pairs + 16)  # update_into wants room for a block more
-            self._radius = torch.empty(pairs, dtype=torch.float64)
-            self._angle = torch.empty(pairs)
-            self._scale = torch.empty(pairs)
-
     def sample(self, count: int, std: float, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """``count`` values of N(0, std^2), a new tensor of ``dtype`` on ``device``."""
+        return self.draw(count, std).to(dtype=dtype, device=device, copy=True)
+
+    def draw(self, count: int, std: float) -> torch.Tensor:
+        """``count`` float32 values of N(0, std^2) in this stream's workspace: valid until its next draw."""
         if count <= 0:
-            return torch.zeros(0, dtype=dtype, device=device)
+            return torch.zeros(0)
         pairs = (count + 1) // 2
-        self._workspace(pairs)
-        self._stream.update_into(self._zeros, self._raw)
-        words = torch.frombuffer(self._raw, dtype=torch.int64, count=pairs)
-        turns = torch.frombuffer(self._raw, dtype=torch.int32, count=pairs, offset=8 * pairs)
-        # u = |w| / 2^63 + 2^-64 for the signed 64-bit w: uniform on (0, 1], exact where it is small
-        # (the tail), so sqrt(-2 ln u) <= LARGEST_RADIUS; the log in float64, the rest in float32
-        logs = self._radius.copy_(words).mul_(2.0**-63).abs_().add_(2.0**-64).log_()
-        scale = self._scale.copy_(logs).mul_(-2.0 * std * std).sqrt_()
-        angle = self._angle.copy_(turns).mul_(2.0 * math.pi * 2.0**-32)  # [-pi, pi)
-        out = torch.empty(2 * pairs)
+        if pairs != self._pairs:  # one workspace for all draws of one size (a model's every step)
+            self._pairs = pairs
+            self._raw = bytearray(12 * pairs + 16)  # update_into wants room for a block more
+            self._work, self._out = torch.empty(2 * pairs), torch.empty(2 * pairs)
+        # The next 12 * pairs bytes of the keystream, XORed onto the buffer in place (its old bytes,
+        # zeros or an earlier draw, are independent of the new keystream: the result is as uniform)
+        self._stream.update_into(memoryview(self._raw)[: 12 * pairs], self._raw)
+        words = torch.frombuffer(self._raw, dtype=torch.int32, count=3 * pairs)
+        # u = (hi + lo / 2^31 + 2^-32) / 2^31 from two 31-bit words: uniform on (0, 1), exact in
+        # float32 where it is small (the tail), u >= 2^-63, so sqrt(-2 ln u) <= LARGEST_RADIUS
+        low31 = self._work.copy_(words[: 2 * pairs].bitwise_and_(0x7FFFFFFF))
+        scale, angle = low31[:pairs], low31[pairs:]
+        scale.add_(angle, alpha=2.0**-31).add_(2.0**-32).mul_(2.0**-31).log_().mul_(-2.0 * std * std).sqrt_()
+        angle.copy_(words[2 * pairs :]).mul_(2.0 * math.pi * 2.0**-32)  # [-pi, pi)
+        out = self._out
         torch.cos(angle, out=out[:pairs]).mul_(scale)
         torch.sin(angle, out=out[pairs:]).mul_(scale)
-        return out[:count].to(dtype=dtype, device=device)
+        return out[:count]
+
+
+_streams = threading.local()
+
+
+def thread_stream() -> GaussianNoise:
+    """This thread's stream, keyed from ``os.urandom`` on first use (and again in a forked child,
+    which must not repeat its parent's noise)."""
+    if getattr(_streams, "pid", None) != os.getpid():
+        _streams.stream, _streams.pid = GaussianNoise(), os.getpid()
+    stream: GaussianNoise = _streams.stream
+    return stream
 
 
 def add_noise(optimizer: DPOptimizer, *, scale: float) -> None:
     """DP-SGD's noise step for an Opacus optimizer: each parameter's ``.grad`` becomes
     ``(summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)) * scale``.
 
-    One draw for every coordinate of every parameter from the optimizer's :class:`GaussianNoise`
-    (keyed from ``os.urandom`` on first use, never from the run's seed or a torch generator), and
-    one multi-tensor sum, where Opacus draws ``torch.normal`` and adds per tensor.
+    One draw for every coordinate of every parameter from this thread's :class:`GaussianNoise`
+    (keyed from ``os.urandom``, never from the run's seed or a torch generator; a test may set
+    the optimizer's ``_gaussian``), added to the clipped sums in place, which then become the
+    ``.grad``: no clipped sum without its noise is left behind.
     """
-    stream = optimizer.__dict__.get("_gaussian")
-    if stream is None:
-        stream = optimizer.__dict__["_gaussian"] = GaussianNoise()
+    stream = optimizer.__dict__.get("_gaussian") or thread_stream()
     params = optimizer.params
     std = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier) * optimizer.max_grad_norm
     sizes = [p.numel() for p in params]
-    noise = stream.sample(sum(sizes), std * scale, dtype=params[0].dtype, device=params[0].device) if params else torch.zeros(0)
-    parts = [part.view(p.shape).to(dtype=p.dtype, device=p.device) for p, part in zip(params, noise.split(sizes))]
+    noise = stream.draw(sum(sizes), std * scale)
     summed = [p.summed_grad for p in params]
     for s in summed:
         _check_processed_flag(s)
-    torch._foreach_add_(parts, [s.view(p.shape) for s, p in zip(summed, params)], alpha=scale)
-    for p, part, s in zip(params, parts, summed):
-        p.grad = part
+    if scale != 1.0:
+        torch._foreach_mul_(summed, scale)
+    torch._foreach_add_(summed, [part.view(s.shape).to(s) for part, s in zip(noise.split(sizes), summed)])
+    for p, s in zip(params, summed):
+        p.grad = s.view_as(p)
         _mark_as_processed(s)
