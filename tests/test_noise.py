@@ -64,13 +64,13 @@ def test_dp_optimizers_draw_from_the_secure_stream_not_the_torch_generator(mode:
     """Two optimizers given the same seeded generator still add different noise (Opacus' own would
     repeat it), and every draw comes through GaussianNoise."""
     drawn: list[int] = []
-    draw = GaussianNoise.draw
+    polar = GaussianNoise._polar  # where every draw reads the keystream
 
-    def counting(self: GaussianNoise, count: int, std: float) -> torch.Tensor:
+    def counting(self: GaussianNoise, count: int, std: float) -> tuple[torch.Tensor, torch.Tensor, int]:
         drawn.append(count)
-        return draw(self, count, std)
+        return polar(self, count, std)
 
-    monkeypatch.setattr(GaussianNoise, "draw", counting)
+    monkeypatch.setattr(GaussianNoise, "_polar", counting)
     grads = []
     for _ in range(2):
         torch.manual_seed(0)  # the same model, data and generator both times: only the noise may differ
@@ -116,6 +116,48 @@ def test_the_noised_gradient_is_the_clipped_sum_plus_noise_and_no_bare_sum_is_le
     noise_module.add_noise(opt, scale=0.5)  # type: ignore[arg-type]
     assert weight.grad is not None and bias.grad is not None and weight.grad.data_ptr() == weight.summed_grad.data_ptr()  # type: ignore[attr-defined]
     assert abs(float(weight.grad.mean()) - 5.0) < 0.02 and abs(float(weight.grad.std()) - 1.5) < 0.02  # (10 + N(0, 3^2)) * 0.5
+
+
+@pytest.mark.parametrize("count", [1, 2, 1001])
+def test_adding_in_place_adds_the_values_a_draw_gives(count: int) -> None:
+    target = torch.full((count,), 3.0)
+    GaussianNoise(bytes(32)).add_into(target, 2.0)
+    expected = 3.0 + GaussianNoise(bytes(32)).draw(count, 2.0)
+    assert torch.allclose(target, expected, rtol=0, atol=1e-6)
+    strided = torch.zeros(4, 6)[:, ::2]  # not contiguous: drawn, then added
+    GaussianNoise(bytes(32)).add_into(strided, 1.0)
+    assert torch.allclose(strided.reshape(-1), GaussianNoise(bytes(32)).draw(12, 1.0), rtol=0, atol=1e-6)
+
+
+def test_a_buffer_that_does_not_hold_every_sum_is_not_trusted() -> None:
+    """The optimizer's ``grad_buffer`` (left by the one-pass module) is only noised in one pass when
+    the clipped sums tile it exactly, in order; a stale or partial one is ignored and every sum
+    still gets its own noise."""
+
+    class _Opt:
+        noise_multiplier, max_grad_norm = 1.0, 1.0
+
+    weight, bias = nn.Parameter(torch.zeros(50, 40)), nn.Parameter(torch.zeros(50))
+    buffer = torch.zeros(2050)
+    for case in ("stale", "reordered", "partial", "tiling"):
+        opt = _Opt()
+        opt.params = [weight, bias]  # type: ignore[attr-defined]
+        if case == "stale":
+            weight.summed_grad, bias.summed_grad = torch.zeros(50, 40), torch.zeros(50)  # type: ignore[attr-defined]
+        elif case == "reordered":
+            weight.summed_grad, bias.summed_grad = buffer[50:].view(50, 40), buffer[:50]  # type: ignore[attr-defined]
+        elif case == "partial":
+            weight.summed_grad, bias.summed_grad = buffer[:2000].view(50, 40), torch.zeros(50)  # type: ignore[attr-defined]
+        else:
+            weight.summed_grad, bias.summed_grad = buffer[:2000].view(50, 40), buffer[2000:]  # type: ignore[attr-defined]
+        buffer.zero_()
+        opt.grad_buffer = buffer  # type: ignore[attr-defined]
+        noise_module.add_noise(opt, scale=1.0)  # type: ignore[arg-type]
+        for p in (weight, bias):
+            assert p.grad is not None and bool((p.grad != 0).all()), case  # every coordinate of every sum got noise
+        if case == "stale":
+            assert not bool(buffer.any())  # nothing went to a buffer no sum lives in
+        assert "grad_buffer" not in opt.__dict__  # used once: a later step cannot reuse it by mistake
 
 
 def test_the_module_states_its_cut_off() -> None:

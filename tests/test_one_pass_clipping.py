@@ -179,6 +179,33 @@ def test_cnn_fusions_get_one_pass_clipping_and_match_opacus_hooks_before_noise(f
     assert torch.allclose(steps["ghost"], steps["hooks"], rtol=1e-4, atol=1e-7)
 
 
+def test_a_step_never_overwrites_a_gradient_someone_still_holds() -> None:
+    # Each step's clipped sums share one buffer, reused by the next step only when nothing else
+    # holds it: a .grad kept from step 1 keeps its values through step 2 (a new buffer then), and
+    # once it is let go, step 3 uses step 2's buffer again.
+    model, inputs, y = _fusion("concat")
+    module = OnePassGradSampleModule(model, max_grad_norm=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(records: slice) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        module.clipped_backward(nn.functional.cross_entropy(module(*[t[records] for t in inputs])[:, :10], y[records], reduction="none"))
+        assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(params, module.grad_buffer.split([p.numel() for p in params])))
+        return [p.grad for p in params]
+
+    kept = step(slice(0, 4))
+    values = [g.clone() for g in kept]
+    first = module.grad_buffer
+    second = step(slice(4, 8))
+    assert module.grad_buffer is not first and all(torch.equal(g, v) for g, v in zip(kept, values))
+    assert not all(torch.equal(g, v) for g, v in zip(second, values))  # a different batch: different sums
+    buffer = module.grad_buffer
+    del kept, second, first
+    step(slice(0, 4))
+    assert module.grad_buffer is buffer
+
+
 def test_a_record_with_a_huge_gradient_moves_the_sum_by_at_most_max_grad_norm() -> None:
     model, inputs, y = _fusion("concat")
     clip = 0.2

@@ -124,6 +124,7 @@ class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
     new state is ``nonfinite_records``, the records the one-pass module left out (site-local)."""
 
     nonfinite_records: int = 0
+    grad_buffer: torch.Tensor | None = None  # the one-pass module's buffer holding every clipped sum of this step, if any
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # Opacus' default zeroes every ``.grad`` in place; the next backward replaces them all anyway
@@ -229,6 +230,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
     """
 
     nonfinite_records: int = 0  # records left out so far (their norm was not finite); site-local
+    grad_buffer: torch.Tensor | None = None  # this step's clipped sums, every .grad a view of it (see _grad_buffer)
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean", strict: bool = True,
                  force_functorch: bool = False, max_grad_norm: float = 1.0, use_ghost_clipping: bool = True) -> None:
@@ -316,6 +318,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         edges = [records[layer][0][1] for layer in layers]
         outputs = torch.autograd.grad(loss_per_sample.sum(), edges, allow_unused=True) if edges else ()
         backprops_of = dict(zip(layers, outputs))
+        out = self._grad_buffer()
         captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         for layer in self._layers:
             backprops = backprops_of.get(layer)
@@ -323,7 +326,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
                 # no gradient reached this layer: every record's gradient here is 0
                 for p in _own(layer):
                     if p.requires_grad:
-                        p.grad = torch.zeros_like(p)
+                        p.grad = torch.zeros_like(p) if out is None else out[p].zero_()
                 continue
             captured.append((layer, records[layer][0][0], backprops))
         norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device)
@@ -333,11 +336,11 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             captured = [(layer, a.double() if a.is_floating_point() else a, g.double()) for layer, a, g in captured]
             norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device)
             all_finite, top = _finite_and_top(norms_all, largest)
-        self.per_sample_gradient_norms = norms_all
+        self.__dict__["_per_sample_gradient_norms"] = norms_all  # Opacus' per_sample_gradient_norms, set without nn.Module's __setattr__
         finite = None if all_finite else torch.isfinite(norms_all)
         left_out = 0 if finite is None else int((~finite).sum())
         self.nonfinite_records += left_out
-        coef = (self.max_grad_norm / (norms_all + 1e-6)).clamp(max=1.0)  # Opacus' get_clipping_coef
+        coef = (norms_all + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)  # Opacus' get_clipping_coef: max_grad_norm / (norm + 1e-6), at most 1
         if finite is not None:
             coef = torch.where(finite, coef, torch.zeros_like(coef))
         # float32 is exact enough, and cannot overflow, while every record's entry bound is <= WIDE: then
@@ -348,8 +351,38 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             dtype = torch.float64 if wide else backprops.dtype
             if dtype not in coefs:
                 coefs[dtype] = coef.to(dtype)
-            clip_into(layer, activations, backprops, norms, coefs[dtype], finite)
+            clip_into(layer, activations, backprops, norms, coefs[dtype], finite, out)
         return left_out
+
+    def _grad_buffer(self) -> dict[nn.Parameter, torch.Tensor] | None:
+        """Each trainable parameter's place in one buffer for this step's ``.grad`` (in
+        ``trainable_parameters`` order), kept as ``grad_buffer``: the optimizer then adds the
+        noise to all of them in one pass (:func:`fedmm.privacy.noise.add_noise`). None (and
+        a ``.grad`` of its own each) when the parameters differ in dtype or device.
+
+        The last step's buffer is used again when nothing holds a part of it any more (no
+        ``.grad`` or sum of that step is overwritten); else, as on the first step, a new one.
+        """
+        params = self.trainable_parameters
+        layout = self.__dict__.get("_buffer_layout")
+        if layout is None:
+            same = bool(params) and all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
+            layout = self.__dict__["_buffer_layout"] = [p.numel() for p in params] if same else []
+        if not layout:
+            self.__dict__["grad_buffer"] = None
+            return None
+        flat, alone = self.__dict__.get("_last_buffer", (None, None))
+        if flat is None or alone is None or _storage_users(flat) != alone:
+            flat = torch.empty(sum(layout), dtype=params[0].dtype, device=params[0].device)
+            self.__dict__["_last_buffer"] = (flat, _storage_users(flat))  # its count of users when nothing else holds it
+        self.__dict__["grad_buffer"] = flat  # a plain attribute (not a registered buffer)
+        return {p: part.view(p.shape) for p, part in zip(params, flat.split(layout))}
+
+
+def _storage_users(tensor: torch.Tensor) -> int | None:
+    """How many tensors share ``tensor``'s storage (None where torch cannot say: then nothing is reused)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return int(use_count(tensor.untyped_storage()._cdata)) if use_count is not None else None
 
 
 def _finite_and_top(norms: torch.Tensor, largest: torch.Tensor) -> tuple[bool, float]:
@@ -367,15 +400,16 @@ class _ClippedLoss(DPTensorFastGradientClipping):
         if not isinstance(self.module, OnePassGradSampleModule):
             super().backward()
             return
-        left_out = self.module.clipped_backward(self.loss_per_sample)
-        if isinstance(self.optimizer, GhostClippingOptimizer):
-            self.optimizer.nonfinite_records += left_out
         # Opacus' two-pass backward zeroes the optimizer's gradients between passes, which also
         # drops its summed gradient unless the last step was skipped; the same here (every
-        # ``.grad`` was just replaced).
+        # ``.grad`` is replaced below). Dropped first: the module may then reuse their buffer.
         if not self.optimizer._is_last_step_skipped:
             for p in self.optimizer.params:
                 p.summed_grad = None
+        left_out = self.module.clipped_backward(self.loss_per_sample)
+        if isinstance(self.optimizer, GhostClippingOptimizer):
+            self.optimizer.nonfinite_records += left_out
+            self.optimizer.grad_buffer = self.module.grad_buffer  # where the noise can go in one pass, if it still holds every sum
 
 
 class _ClippingCriterion(DPLossFastGradientClipping):

@@ -38,7 +38,7 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from torch import Tensor, nn
 
-__all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
+__all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "set_grad", "supports", "zero_rows"]
 
 EMBEDDING_GRAM_MAX = 256  # longer token sequences take Opacus' sort-based embedding norm (no L x L matrix)
 EXPLICIT_MAX = 1 << 22  # a convolution's per-record weight gradients up to this many floats (16 MiB) are formed explicitly
@@ -278,11 +278,14 @@ def _embedding_norms(layer: nn.Embedding, ids: Tensor, g: Tensor, g_norm: Tensor
     return LayerNorms(squared, g_norm, {cast(nn.Parameter, layer.weight): g})  # the (padding-masked) gradients, for clip_into
 
 
-def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: Tensor, keep: Tensor | None = None) -> None:
+def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: Tensor, keep: Tensor | None = None,
+              out: dict[nn.Parameter, Tensor] | None = None) -> None:
     """Set ``.grad`` of ``layer``'s trainable parameters to ``sum_i coef_i grad_i``, computed in ``coef``'s dtype.
 
     ``keep`` (bool ``[n]``, or None for all): records left out, whose rows of ``a``, ``g`` and the
-    per-record gradients are set to 0 before any product (never ``0 * NaN``).
+    per-record gradients are set to 0 before any product (never ``0 * NaN``). ``out``: a tensor of
+    each parameter's shape and dtype to hold its ``.grad`` (written in place and made the ``.grad``),
+    else a new tensor.
     """
     per_record = dict(norms.per_record or {})
     if keep is not None:
@@ -293,13 +296,30 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: T
         linear = cast(nn.Linear, layer)
         flat = (g.to(coef.dtype) * coef.view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
         if linear.weight.requires_grad:
-            linear.weight.grad = (flat.t() @ a.reshape(-1, a.shape[-1]).to(coef.dtype)).to(linear.weight.dtype)
+            inputs = a.reshape(-1, a.shape[-1]).to(coef.dtype)
+            target = None if out is None else out[linear.weight]
+            if target is not None and target.dtype == coef.dtype:
+                linear.weight.grad = torch.mm(flat.t(), inputs, out=target)
+            else:
+                set_grad(linear.weight, flat.t() @ inputs, out)
         if linear.bias is not None and linear.bias.requires_grad:
-            linear.bias.grad = flat.sum(dim=0).to(linear.bias.dtype)
+            target = None if out is None else out[linear.bias]
+            if target is not None and target.dtype == coef.dtype:
+                linear.bias.grad = torch.sum(flat, dim=0, out=target)
+            else:
+                set_grad(linear.bias, flat.sum(dim=0), out)
         return
     for p in _trainable(layer):
         windows = norms.windows if keep is None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
-        p.grad = _clipped(layer, p, a, g, per_record, coef, windows).to(p.dtype)
+        set_grad(p, _clipped(layer, p, a, g, per_record, coef, windows), out)
+
+
+def set_grad(p: nn.Parameter, value: Tensor, out: dict[nn.Parameter, Tensor] | None = None) -> None:
+    """``p.grad = value`` in ``p``'s dtype, written into ``out[p]`` when ``out`` is given."""
+    if out is None:
+        p.grad = value.to(p.dtype)
+    else:
+        p.grad = out[p].copy_(value)
 
 
 def _clipped(layer: nn.Module, p: nn.Parameter, a: Tensor, g: Tensor, per_record: dict[nn.Parameter, Tensor], coef: Tensor, windows: Tensor | None) -> Tensor:
