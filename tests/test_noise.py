@@ -124,6 +124,12 @@ def test_adding_in_place_adds_the_values_a_draw_gives(count: int) -> None:
     GaussianNoise(bytes(32)).add_into(target, 2.0)
     expected = 3.0 + GaussianNoise(bytes(32)).draw(count, 2.0)
     assert torch.allclose(target, expected, rtol=0, atol=1e-6)
+    mixed, drawn = GaussianNoise(bytes(32)), GaussianNoise(bytes(32))  # a stream's values do not depend on how the last were taken
+    mixed.add_into(torch.zeros(count), 1.0)
+    drawn.draw(count, 1.0)
+    again = torch.zeros(count)
+    mixed.add_into(again, 1.0)
+    assert torch.allclose(again, drawn.draw(count, 1.0), rtol=0, atol=1e-6)
     strided = torch.zeros(4, 6)[:, ::2]  # not contiguous: drawn, then added
     GaussianNoise(bytes(32)).add_into(strided, 1.0)
     assert torch.allclose(strided.reshape(-1), GaussianNoise(bytes(32)).draw(12, 1.0), rtol=0, atol=1e-6)

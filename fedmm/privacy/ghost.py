@@ -376,7 +376,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             flat = torch.empty(sum(layout), dtype=params[0].dtype, device=params[0].device)
             self.__dict__["_last_buffer"] = (flat, _storage_users(flat))  # its count of users when nothing else holds it
         self.__dict__["grad_buffer"] = flat  # a plain attribute (not a registered buffer)
-        return {p: part.view(p.shape) for p, part in zip(params, flat.split(layout))}
+        return {p: part if p.dim() == 1 else part.view(p.shape) for p, part in zip(params, flat.split(layout))}
 
 
 def _storage_users(tensor: torch.Tensor) -> int | None:

@@ -217,8 +217,8 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
             on = torch.tensor([weight, bias], dtype=torch.float64, device=device).unsqueeze(-1)  # [2, L, 1]
             squared = g_sq * (a_sq * on[0] + on[1])
         largest = g_norm * a_norm.clamp(min=1.0)  # max(|g||a|, |g|) bounds every entry of g and of g a^T
-        for row, i in enumerate(flat):
-            found[i] = LayerNorms(squared[row], largest[row], None)
+        for i, layer_squared, layer_largest in zip(flat, squared.unbind(0), largest.unbind(0)):
+            found[i] = LayerNorms(layer_squared, layer_largest, None)
         parts.append(squared.sum(dim=0))
         bounds.append(largest.amax(dim=0))
     if not parts:
