@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 
 from fedmm.data.synthetic import make_synthetic
@@ -276,3 +278,28 @@ def test_a_weight_shared_by_two_layers_is_refused() -> None:
     second.weight = first.weight
     with pytest.raises(NotImplementedError, match="Parameter tying"):
         OnePassGradSampleModule(nn.Sequential(first, nn.Tanh(), second), max_grad_norm=1.0)
+
+
+def test_the_one_pass_path_validates_as_opacus_does() -> None:
+    # fedmm checks the trainable layers it already found with Opacus' validators, instead of
+    # Opacus' own walks: the same refusals (a model in eval mode; a registered validator's error).
+    def private(model: nn.Module) -> object:
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 6), torch.randint(0, 3, (4,))), batch_size=4)
+        return PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(), data_loader=data,
+            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost", poisson_sampling=False,
+        )
+
+    with pytest.raises(UnsupportedModuleError, match="training mode"):
+        private(nn.Linear(6, 3).eval())
+    assert type(private(nn.Linear(6, 3))[0]) is OnePassGradSampleModule
+
+    def refuse(layer: nn.Module) -> list[Exception]:
+        return [UnsupportedModuleError(f"no {type(layer).__name__}")]
+
+    ModuleValidator.VALIDATORS[nn.Linear] = refuse
+    try:
+        with pytest.raises(UnsupportedModuleError, match="no Linear"):
+            private(nn.Linear(6, 3))
+    finally:
+        del ModuleValidator.VALIDATORS[nn.Linear]

@@ -76,6 +76,8 @@ from opacus.grad_sample.utils import register_norm_sampler
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from opacus.validators import ModuleValidator
+from opacus.validators.errors import IllegalModuleConfigurationError, UnsupportedModuleError
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
@@ -233,11 +235,12 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
     grad_buffer: torch.Tensor | None = None  # this step's clipped sums, every .grad a view of it (see _grad_buffer)
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean", strict: bool = True,
-                 force_functorch: bool = False, max_grad_norm: float = 1.0, use_ghost_clipping: bool = True) -> None:
+                 force_functorch: bool = False, max_grad_norm: float = 1.0, use_ghost_clipping: bool = True, layers: list[nn.Module] | None = None) -> None:
         # The state GradSampleModuleFastGradientClipping.__init__ sets up (Opacus 1.6), built from one walk
+        # (``layers``: the model's trainable layers, when the caller has them already)
         nn.Module.__init__(self)
         self._module = m
-        layers = _trainable_layers(m)
+        layers = _trainable_layers(m) if layers is None else layers
         buffered = [f"{type(layer).__name__}" for layer in layers if any(True for _ in layer.buffers())]
         if buffered and strict:  # Opacus' validation: a trainable layer's buffers would not be private
             raise NotImplementedError(f"Model contains a trainable layer with buffers that Opacus doesn't currently support: {buffered}")
@@ -393,6 +396,18 @@ def _finite_and_top(norms: torch.Tensor, largest: torch.Tensor) -> tuple[bool, f
     return math.isfinite(total) or bool(torch.isfinite(norms).all()), top
 
 
+def _validate(module: nn.Module, layers: list[nn.Module]) -> None:
+    """Opacus' ``ModuleValidator.validate(module, strict=True)`` on the trainable ``layers`` already
+    found (the modules it checks), without its walks over the model."""
+    errors: list[Exception] = [] if module.training else [IllegalModuleConfigurationError("Model needs to be in training mode")]
+    for layer in layers:
+        validator = ModuleValidator.VALIDATORS.get(type(layer))
+        if validator is not None:
+            errors.extend(validator(layer))
+    if errors:
+        raise UnsupportedModuleError(errors)
+
+
 class _ClippedLoss(DPTensorFastGradientClipping):
     """Opacus' ghost-clipping loss; its ``backward`` takes one pass on a ``OnePassGradSampleModule``."""
 
@@ -423,17 +438,21 @@ class PrivacyEngine(opacus.PrivacyEngine):
     """Opacus' ``PrivacyEngine`` with the faster ghost clipping of this module."""
 
     def _prepare_model(self, module: nn.Module, **kwargs: Any) -> Any:
+        layers = _trainable_layers(module)
         one_pass = (
             kwargs.get("grad_sample_mode") == "ghost"
             and kwargs.get("wrap_model", True)
             and kwargs.get("batch_first", True)
             and not isinstance(module, AbstractGradSampleModule)
-            and all(supports(m) for m in _trainable_layers(module))
+            and all(supports(m) for m in layers)
         )
         if not one_pass:
             return super()._prepare_model(module, **kwargs)
-        self.validate(module=module, optimizer=None, data_loader=None)
-        return OnePassGradSampleModule(module, batch_first=True, loss_reduction=kwargs.get("loss_reduction", "mean"), max_grad_norm=kwargs.get("max_grad_norm", 1.0), use_ghost_clipping=True)
+        _validate(module, layers)
+        return OnePassGradSampleModule(
+            module, batch_first=True, loss_reduction=kwargs.get("loss_reduction", "mean"), max_grad_norm=kwargs.get("max_grad_norm", 1.0),
+            use_ghost_clipping=True, layers=layers,
+        )
 
     def _prepare_optimizer(self, **kwargs: Any) -> DPOptimizer:
         optimizer = super()._prepare_optimizer(**kwargs)
