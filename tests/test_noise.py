@@ -166,5 +166,16 @@ def test_a_buffer_that_does_not_hold_every_sum_is_not_trusted() -> None:
         assert "grad_buffer" not in opt.__dict__  # used once: a later step cannot reuse it by mistake
 
 
+def test_numpys_float32_log_never_makes_a_radius_nan() -> None:
+    # The radius is sqrt(-2 ln u): a log above 0 for some u <= 1 would make it NaN. Checked for the
+    # 2^22 largest float32 values up to 1 (where rounding could push it over; the module's docs cite
+    # the whole range [2^-63, 1], checked once) and the smallest u the sampler can give.
+    import numpy as np
+
+    top = np.arange(np.float32(1.0).view(np.int32) - (1 << 22), np.float32(1.0).view(np.int32) + 1, dtype=np.int32).view(np.float32)
+    assert float(np.log(top).max()) == 0.0
+    assert math.isclose(float(np.sqrt(-2.0 * np.log(np.float32(2.0**-63)))), LARGEST_RADIUS, rel_tol=1e-6)
+
+
 def test_the_module_states_its_cut_off() -> None:
     assert f"{LARGEST_RADIUS:.2f}" == "9.35" and "9.35" in (noise_module.__doc__ or "")

@@ -14,9 +14,10 @@ Poisson sampling and accounting stay Opacus' own:
 - ``GhostClippingOptimizer`` (Opacus' ``DPOptimizerFastGradientClipping``) keeps each
   clipped sum without copying it when the step is taken at once (a skipped step of several
   physical batches keeps a copy) and adds
-  the Gaussian noise and divides by the expected batch size in one pass: one draw for every
-  coordinate of every parameter and one multi-tensor sum, where the parent draws, adds and
-  divides per tensor. The noise is i.i.d. N(0, (noise_multiplier * max_grad_norm)^2) per
+  the Gaussian noise and divides by the expected batch size in one pass: the one-pass module
+  below writes every clipped sum into one buffer (each ``.grad`` a view of it), which gets one
+  draw for all its coordinates, added in place; other sums get one draw and one multi-tensor
+  sum. The parent draws, adds and divides per tensor. The noise is i.i.d. N(0, (noise_multiplier * max_grad_norm)^2) per
   coordinate, drawn by :mod:`fedmm.privacy.noise` (AES-CTR keyed from ``os.urandom``; Opacus'
   ``torch.normal`` cuts every draw off at 5.77 standard deviations, which the accountant does
   not allow for). ``GradSampleClippingOptimizer`` draws its noise there too.

@@ -14,8 +14,11 @@ Here: the bits are AES-256 in counter mode (``cryptography``, hardware AES where
 under a key from ``os.urandom``; each pair of values is Box-Muller ``sqrt(-2 ln u) (cos t, sin t)``
 with ``u`` from 62 bits (so ``u >= 2^-63`` and the largest radius is 9.35; float32 holds such
 small ``u`` exactly) and ``t`` from 32 bits. The cut-off's probability then stays below ``q * 9.2e-10`` a step down to a
-noise multiplier of 0.3, and below ``q * 1.1e-13`` at 0.5. It costs what ``torch.normal`` costs
-(210,844 values: 0.83 ms against 0.84 ms, median of 400 pairs on one core).
+noise multiplier of 0.3, and below ``q * 1.1e-13`` at 0.5. ``log``, ``cos`` and ``sin`` are numpy's
+float32 SIMD kernels, twice as fast as torch's here (numpy's log is within 3.8 units in the last
+place of the float64 value for every float32 in [2^-63, 1], and never positive there; sin and cos
+within 7e-8). It costs less than ``torch.normal`` (210,844 values added to a gradient in place:
+0.93 ms against 1.20 ms for ``torch.normal`` and the add, median of 400 pairs on one core).
 Known limit (as for every float sampler): the values are floats, so their low bits are not
 exactly those of a real Gaussian (the floating-point attacks of Mironov, CCS 2012, and Jin et
 al., S&P 2022, on such samplers are not addressed here).
