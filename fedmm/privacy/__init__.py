@@ -1,7 +1,7 @@
 """Privacy: Opacus DP-SGD at each site, its accountant, policy and ledger, and the audit.
 
 - ``fedmm.privacy.events`` / ``accounting``: a privacy history's records; each site's persistent accountant (RDP or PRV) and noise calibration;
-- ``fedmm.privacy.ghost``: DP-SGD with one-pass ghost clipping (Opacus' optimizer); ``sampling``: its Poisson loader;
+- ``fedmm.privacy.ghost``: DP-SGD with one-pass ghost clipping (Opacus' engine; its optimizers in ``dp_optimizers``); ``sampling``: its Poisson loader;
 - ``fedmm.privacy.policy`` / ``ledger``: a site's own limits and its hash-chained spend ledger;
 - ``fedmm.privacy.client_dp``: client-level DP (DP-FedAvg) and its accountant;
 - ``fedmm.privacy.audit``: ``fedmm audit`` over ledgers.

@@ -11,7 +11,8 @@ Poisson sampling and accounting stay Opacus' own:
   ``einsum`` calls (a batched matmul each, several times slower at these sizes);
   sequence inputs still take Opacus' function. Registered for the whole process
   through Opacus' ``register_norm_sampler``, on import of this module;
-- ``GhostClippingOptimizer`` (Opacus' ``DPOptimizerFastGradientClipping``) keeps each
+- ``GhostClippingOptimizer`` (Opacus' ``DPOptimizerFastGradientClipping``, in
+  :mod:`fedmm.privacy.dp_optimizers` with ``GradSampleClippingOptimizer``) keeps each
   clipped sum without copying it when the step is taken at once (a skipped step of several
   physical batches keeps a copy) and adds
   the Gaussian noise and divides by the expected batch size in one pass: the one-pass module
@@ -74,7 +75,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS, AbstractGradSampleModule
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.grad_sample.utils import register_norm_sampler
-from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
@@ -82,13 +83,10 @@ from opacus.validators.errors import IllegalModuleConfigurationError, Unsupporte
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from fedmm.privacy.ghost_norms import all_norms, clip_into, row_norms, supports, zero_rows
-from fedmm.privacy.noise import add_noise
+from fedmm.privacy.dp_optimizers import WIDE, GhostClippingOptimizer, GradSampleClippingOptimizer
+from fedmm.privacy.ghost_norms import all_norms, clip_into, row_norms, supports
 
 __all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
-
-WIDE = 1e30  # a record's |g_i| |a_i| (or norm) above this takes the float64 path: float32 products could overflow
-
 
 @register_norm_sampler(nn.Linear)
 def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
@@ -120,108 +118,6 @@ def _own(layer: nn.Module) -> list[nn.Parameter]:
 def _trainable_layers(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that hold a trainable parameter of their own, in ``modules()`` order."""
     return [layer for layer in model.modules() if any(p.requires_grad for p in _own(layer))]
-
-
-class GhostClippingOptimizer(DPOptimizerFastGradientClipping):
-    """``DPOptimizerFastGradientClipping`` with cheaper ``accumulate`` and ``add_noise``; its only
-    new state is ``nonfinite_records``, the records the one-pass module left out (site-local)."""
-
-    nonfinite_records: int = 0
-    grad_buffer: torch.Tensor | None = None  # the one-pass module's buffer holding every clipped sum of this step, if any
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        # Opacus' default zeroes every ``.grad`` in place; the next backward replaces them all anyway
-        # (and the summed gradient is kept or dropped by the parent exactly as before).
-        super().zero_grad(set_to_none)
-
-    def accumulate(self, params: list[Any] | None = None) -> None:
-        # The parent deep-copies each gradient (copy.deepcopy). A step that is not skipped adds the
-        # noise to its sum at once and then replaces ``.grad``, so that sum can share ``.grad``'s
-        # storage; a skipped step (one physical batch of several) keeps a copy, as ``.grad`` may be
-        # zeroed in place before the next batch.
-        copy = self._check_skip_next_step(pop_next=False)
-        todo: list[Any] = self.params if params is None else params  # Opacus' own attributes on each parameter
-        for p in todo:
-            if p.summed_grad is not None:
-                p.summed_grad.add_(p.grad)
-            else:
-                p.summed_grad = p.grad.detach().clone() if copy else p.grad.detach()
-
-    def pre_step(self, closure: Any = None) -> bool:
-        params = self.params
-        if self.secure_mode or not params:
-            return bool(super().pre_step(closure))  # Opacus' secure mode (torchcsprng) keeps its own noise
-        self.accumulate(params)
-        if self._check_skip_next_step():
-            self._is_last_step_skipped = True
-            return False
-        self._noise_and_scale(params)
-        if self.step_hook:
-            self.step_hook(self)
-        self._is_last_step_skipped = False
-        return True
-
-    def _noise_and_scale(self, params: list[nn.Parameter], *, divide: bool = True) -> None:
-        """``add_noise`` and ``scale_grad`` of the parent in one pass: each ``.grad`` becomes
-        ``(summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)) / batch``, the noise from
-        :func:`fedmm.privacy.noise.add_noise` (a secure stream whose tails are not cut at 5.8 sigma)."""
-        scale = 1.0 / (self.expected_batch_size * self.accumulated_iterations) if divide and self.loss_reduction == "mean" else 1.0
-        add_noise(self, scale=scale)
-
-    def add_noise(self) -> None:  # the parent's API; ``pre_step`` above adds the noise and divides at once
-        if self.secure_mode:
-            super().add_noise()
-            return
-        self._noise_and_scale(self.params, divide=False)
-
-
-class GradSampleClippingOptimizer(DPOptimizer):
-    """Opacus' ``DPOptimizer`` (``hooks``, ``functorch``) whose per-sample clipping cannot overflow.
-
-    Opacus takes each record's norm in float32, where a gradient entry of 1e19 already
-    overflows (inf, then ``0 * inf``); here a batch whose float32 norms are not all finite
-    has them taken again in float64, a record whose norm is still not finite is zeroed and
-    counted in ``nonfinite_records`` (never sent), and the clipped sum is float64 when a norm
-    exceeds ``WIDE``. Otherwise (every common batch) the same arithmetic as the parent.
-    """
-
-    nonfinite_records: int = 0
-
-    def clip_and_accumulate(self) -> None:
-        grad_samples = self.grad_samples
-        if len(grad_samples[0]) == 0:
-            super().clip_and_accumulate()  # an empty batch: nothing to clip
-            return
-        # Opacus' float32 norms (a float64 reduction of these tensors is several times slower); a norm
-        # that overflowed (inf: entries beyond ~1e19) or is NaN is taken again in float64
-        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples], dim=1).norm(2, dim=1).double()
-        if not bool(torch.isfinite(norms).all()):
-            norms = torch.stack([row_norms(g) for g in grad_samples], dim=1).norm(2, dim=1)
-        finite = torch.isfinite(norms)
-        left_out = int((~finite).sum())
-        self.nonfinite_records += left_out
-        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping factor
-        if left_out:
-            coef = torch.where(finite, coef, torch.zeros_like(coef))
-        wide = left_out < len(norms) and float((norms[finite] if left_out else norms).max()) > WIDE
-        for p in self.params:
-            _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            if left_out:
-                grad_sample = zero_rows(grad_sample, finite)
-            dtype = torch.float64 if wide else p.dtype
-            grad = torch.einsum("i,i...", coef.to(device=grad_sample.device, dtype=dtype), grad_sample.to(dtype)).to(p.dtype)
-            if p.summed_grad is not None:
-                p.summed_grad += grad
-            else:
-                p.summed_grad = grad
-            _mark_as_processed(p.grad_sample)
-
-    def add_noise(self) -> None:
-        if self.secure_mode:
-            super().add_noise()
-            return
-        add_noise(self, scale=1.0)  # the secure, untruncated noise of fedmm.privacy.noise; the parent's scale_grad divides
 
 
 class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):

@@ -295,19 +295,20 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: T
         # weight and bias from one scaled output gradient: sum_i c_i g_i a_i^T = (c g)^T a, sum_i c_i g_i
         linear = cast(nn.Linear, layer)
         flat = (g.to(coef.dtype) * coef.view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
-        if linear.weight.requires_grad:
+        weight, bias = cast(nn.Parameter, linear.weight), cast(nn.Parameter | None, linear.bias)
+        if weight.requires_grad:
             inputs = a.reshape(-1, a.shape[-1]).to(coef.dtype)
-            target = None if out is None else out[linear.weight]
+            target = None if out is None else out[weight]
             if target is not None and target.dtype == coef.dtype:
-                linear.weight.grad = torch.mm(flat.t(), inputs, out=target)
+                weight.grad = torch.mm(flat.t(), inputs, out=target)
             else:
-                set_grad(linear.weight, flat.t() @ inputs, out)
-        if linear.bias is not None and linear.bias.requires_grad:
-            target = None if out is None else out[linear.bias]
+                set_grad(weight, flat.t() @ inputs, out)
+        if bias is not None and bias.requires_grad:
+            target = None if out is None else out[bias]
             if target is not None and target.dtype == coef.dtype:
-                linear.bias.grad = torch.sum(flat, dim=0, out=target)
+                bias.grad = torch.sum(flat, dim=0, out=target)
             else:
-                set_grad(linear.bias, flat.sum(dim=0), out)
+                set_grad(bias, flat.sum(dim=0), out)
         return
     for p in _trainable(layer):
         windows = norms.windows if keep is None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
