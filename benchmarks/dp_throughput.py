@@ -91,11 +91,19 @@ def main() -> None:
             print(f"{name:16s} {mode.value:8s} {n:7d} {p:13.3f} {d:10.3f} {n / p:11.0f} {n / d:9.0f} {ratio:8.2f}", flush=True)
             if mode is GradSampleMode.GHOST:
                 target = targets.get(name, 0.6)
-                verdict = "met" if low >= target else "NOT met" if high < target else "met in the median only" if ratio >= target else "NOT met in the median only"
-                summary.append(f"{name}: {ratio:.2f} [{low:.2f}, {high:.2f}] (target {target}: {verdict})")
+                summary.append(f"{name}: {ratio:.2f} [{low:.2f}, {high:.2f}] (target {target}: {verdict(ratio, low, high, target)})")
     print(f"(median of {args.repeats}, batch {args.batch}, {args.epochs} epoch(s) a call, {args.threads} torch thread(s), {args.clock} clock; DP/plain = median over repeats of plain s / DP s, each pair back to back)")
     if summary:
         print("ghost DP/plain [95% bootstrap interval of the median] against issue 20's targets: " + "; ".join(summary))
+
+
+def verdict(ratio: float, low: float, high: float, target: float) -> str:
+    """'met' or 'NOT met' when the whole interval ``[low, high]`` is on one side of ``target``, else which side the median is."""
+    if low >= target:
+        return "met"
+    if high < target:
+        return "NOT met"
+    return "met in the median only" if ratio >= target else "NOT met in the median only"
 
 
 def interval(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:

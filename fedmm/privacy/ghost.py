@@ -279,10 +279,12 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         return {p: part if p.dim() == 1 else part.view(p.shape) for p, part in zip(params, flat.split(layout))}
 
 
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private to torch: without it, no buffer is reused
+
+
 def _storage_users(tensor: torch.Tensor) -> int | None:
     """How many tensors share ``tensor``'s storage (None where torch cannot say: then nothing is reused)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return int(use_count(tensor.untyped_storage()._cdata)) if use_count is not None else None
+    return int(_STORAGE_USE_COUNT(tensor.untyped_storage()._cdata)) if _STORAGE_USE_COUNT is not None else None
 
 
 def _finite_and_top(norms: torch.Tensor, largest: torch.Tensor) -> tuple[bool, float]:

@@ -38,7 +38,7 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from torch import Tensor, nn
 
-__all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "set_grad", "supports", "zero_rows"]
+__all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
 
 EMBEDDING_GRAM_MAX = 256  # longer token sequences take Opacus' sort-based embedding norm (no L x L matrix)
 EXPLICIT_MAX = 1 << 22  # a convolution's per-record weight gradients up to this many floats (16 MiB) are formed explicitly
@@ -298,24 +298,28 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: T
         weight, bias = cast(nn.Parameter, linear.weight), cast(nn.Parameter | None, linear.bias)
         if weight.requires_grad:
             inputs = a.reshape(-1, a.shape[-1]).to(coef.dtype)
-            target = None if out is None else out[weight]
-            if target is not None and target.dtype == coef.dtype:
-                weight.grad = torch.mm(flat.t(), inputs, out=target)
+            if (target := _same_dtype(out, weight, coef.dtype)) is not None:
+                weight.grad = torch.mm(flat.t(), inputs, out=target)  # straight into its place: no copy
             else:
-                set_grad(weight, flat.t() @ inputs, out)
+                _set_grad(weight, flat.t() @ inputs, out)
         if bias is not None and bias.requires_grad:
-            target = None if out is None else out[bias]
-            if target is not None and target.dtype == coef.dtype:
+            if (target := _same_dtype(out, bias, coef.dtype)) is not None:
                 bias.grad = torch.sum(flat, dim=0, out=target)
             else:
-                set_grad(bias, flat.sum(dim=0), out)
+                _set_grad(bias, flat.sum(dim=0), out)
         return
     for p in _trainable(layer):
         windows = norms.windows if keep is None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
-        set_grad(p, _clipped(layer, p, a, g, per_record, coef, windows), out)
+        _set_grad(p, _clipped(layer, p, a, g, per_record, coef, windows), out)
 
 
-def set_grad(p: nn.Parameter, value: Tensor, out: dict[nn.Parameter, Tensor] | None = None) -> None:
+def _same_dtype(out: dict[nn.Parameter, Tensor] | None, p: nn.Parameter, dtype: torch.dtype) -> Tensor | None:
+    """``out[p]`` when there is one of ``dtype`` (a product can then be written into it directly), else None."""
+    target = None if out is None else out[p]
+    return target if target is not None and target.dtype == dtype else None
+
+
+def _set_grad(p: nn.Parameter, value: Tensor, out: dict[nn.Parameter, Tensor] | None) -> None:
     """``p.grad = value`` in ``p``'s dtype, written into ``out[p]`` when ``out`` is given."""
     if out is None:
         p.grad = value.to(p.dtype)

@@ -17,7 +17,7 @@ small ``u`` exactly) and ``t`` from 32 bits. The cut-off's probability then stay
 noise multiplier of 0.3, and below ``q * 1.1e-13`` at 0.5. ``log``, ``cos`` and ``sin`` are numpy's
 float32 SIMD kernels, twice as fast as torch's here (numpy's log is within 3.8 units in the last
 place of the float64 value for every float32 in [2^-63, 1], and never positive there; sin and cos
-within 7e-8). It costs less than ``torch.normal`` (210,844 values added to a gradient in place:
+within 7e-8 on 5e7 random float32 angles in [-pi, pi)). It costs less than ``torch.normal`` (210,844 values added to a gradient in place:
 0.93 ms against 1.20 ms for ``torch.normal`` and the add, median of 400 pairs on one core).
 Known limit (as for every float sampler): the values are floats, so their low bits are not
 exactly those of a real Gaussian (the floating-point attacks of Mironov, CCS 2012, and Jin et
