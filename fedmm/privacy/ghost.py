@@ -208,27 +208,30 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
     def clipped_backward(self, loss_per_sample: torch.Tensor) -> int:
         """Set each parameter's ``.grad`` to the sum over records of their gradients clipped to
         ``max_grad_norm``; return how many records were left out (norm not finite, see the module)."""
-        records, self._records = self._records, {}
-        for seen in records.values():
+        records = self._records
+        self.__dict__["_records"] = {}  # plain attributes here and below: nn.Module's __setattr__ costs microseconds a call
+        layers, inputs, edges = [], [], []
+        for layer in self._layers:
+            seen = records.get(layer)
+            if seen is None:
+                continue
             if len(seen) > 1:
                 raise NotImplementedError("Parameter tying is not supported with Ghost Clipping")  # Opacus' rule and words
+            layers.append(layer)
+            inputs.append(seen[0][0])
+            edges.append(seen[0][1])
         # The sum of per-record losses: the gradient reaching each output row is that record's own. Only
         # the layers' output gradients are asked for: autograd skips the (unclipped) parameter gradients.
-        layers = [layer for layer in self._layers if layer in records]
-        edges = [records[layer][0][1] for layer in layers]
         outputs = torch.autograd.grad(loss_per_sample.sum(), edges, allow_unused=True) if edges else ()
-        backprops_of = dict(zip(layers, outputs))
         out = self._grad_buffer()
-        captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        for layer in self._layers:
-            backprops = backprops_of.get(layer)
-            if backprops is None:
-                # no gradient reached this layer: every record's gradient here is 0
-                for p in _own(layer):
-                    if p.requires_grad:
-                        p.grad = torch.zeros_like(p) if out is None else out[p].zero_()
-                continue
-            captured.append((layer, records[layer][0][0], backprops))
+        captured = [(layer, a, g) for layer, a, g in zip(layers, inputs, outputs) if g is not None]
+        if len(captured) < len(self._layers):
+            reached = {id(layer) for layer, _, _ in captured}
+            for layer in self._layers:
+                if id(layer) not in reached:  # no gradient reached this layer: every record's gradient here is 0
+                    for p in _own(layer):
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p) if out is None else out[p].zero_()
         norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device)
         all_finite, top = _finite_and_top(norms_all, largest)
         if not all_finite and any(g.dtype != torch.float64 for _, _, g in captured):
@@ -239,7 +242,8 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         self.__dict__["_per_sample_gradient_norms"] = norms_all  # Opacus' per_sample_gradient_norms, set without nn.Module's __setattr__
         finite = None if all_finite else torch.isfinite(norms_all)
         left_out = 0 if finite is None else int((~finite).sum())
-        self.nonfinite_records += left_out
+        if left_out:
+            self.__dict__["nonfinite_records"] = self.nonfinite_records + left_out
         coef = (norms_all + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)  # Opacus' get_clipping_coef: max_grad_norm / (norm + 1e-6), at most 1
         if finite is not None:
             coef = torch.where(finite, coef, torch.zeros_like(coef))
@@ -291,6 +295,9 @@ def _finite_and_top(norms: torch.Tensor, largest: torch.Tensor) -> tuple[bool, f
     """Whether every record's norm is finite, and the largest entry bound (one read of two numbers)."""
     if norms.numel() == 0:
         return True, 0.0
+    if largest is norms:  # one reduction: max is NaN or inf where any norm is
+        top = float(norms.max())
+        return math.isfinite(top), top
     total, top = torch.stack([norms.sum(), largest.max()]).tolist()  # norms >= 0: the sum is finite iff each norm is (or it overflowed)
     return math.isfinite(total) or bool(torch.isfinite(norms).all()), top
 

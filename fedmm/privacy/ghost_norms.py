@@ -89,6 +89,12 @@ def _trainable(layer: nn.Module) -> list[nn.Parameter]:
     return [p for p in (getattr(layer, "weight", None), getattr(layer, "bias", None)) if isinstance(p, nn.Parameter) and p.requires_grad]
 
 
+def _trains(layer: nn.Module, name: str) -> bool:
+    """Whether ``layer`` has a parameter ``name`` that requires a gradient (read from its own table)."""
+    p = layer._parameters.get(name)
+    return p is not None and p.requires_grad
+
+
 def _positions(layer: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """``(A, G)``: ``[n, T, in]`` inputs and ``[n, T, out]`` output gradients per position (window)."""
     n = g.shape[0]
@@ -193,9 +199,13 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
     return LayerNorms(squared, largest, None, None if isinstance(layer, nn.Linear) else big_a)
 
 
-def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: torch.device) -> tuple[Tensor, Tensor, list[LayerNorms]]:
-    """Each record's gradient norm over all ``(layer, a, g)`` in ``captured`` (float64), its largest
-    entry bound over them, and each layer's :func:`layer_norms`.
+def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: torch.device) -> tuple[Tensor, Tensor, list[LayerNorms | None]]:
+    """Each record's gradient norm over all ``(layer, a, g)`` in ``captured`` (float64; float32 when
+    all are float32 Linear layers on one position, see below), its largest
+    entry bound over them, and each layer's :func:`layer_norms` (None for a Linear on one position:
+    :func:`clip_into` needs nothing of it). A Linear on one position multiplies no entry above the
+    record's norm (``|g_ij a_ik| <= |g_i| |a_i|`` and ``|g_ij| <= |g_i|``): its bound is the norm itself, so
+    for a model of such layers only (the default AV-MNIST model) the bound returned *is* the norms tensor.
 
     Linear layers on one position (``a`` of ``[n, in]``) are taken together: their ``|g_i|`` and
     ``|a_i|`` are stacked and combined in a handful of operations for all of them at once (the
@@ -206,27 +216,31 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
     parts, bounds = [f.squared for f in found if f is not None], [f.largest for f in found if f is not None]
     if flat:
         layers = [cast(nn.Linear, captured[i][0]) for i in flat]
-        g_norm = torch.stack([torch.linalg.vector_norm(captured[i][2], dim=1) for i in flat]).double()  # [L, n], in g's dtype first (an overflow shows as inf)
-        a_norm = torch.stack([torch.linalg.vector_norm(captured[i][1], dim=1) for i in flat]).double()
-        weight = [layer.weight.requires_grad for layer in layers]
-        bias = [layer.bias is not None and layer.bias.requires_grad for layer in layers]
-        g_sq, a_sq = g_norm.square(), a_norm.square()
+        count = len(flat)
+        # every |g_i| then every |a_i|, in g's and a's dtype first (an overflow shows as inf): [2L, n] in one stack
+        rows = torch.stack([torch.linalg.vector_norm(captured[i][2], dim=1) for i in flat] + [torch.linalg.vector_norm(captured[i][1], dim=1) for i in flat])
+        if parts or rows.dtype != torch.float32:
+            rows = rows.double()  # added to other layers' float64 norms
+        # else float32 throughout (a model of Linear layers only, the default one): a product that overflows
+        # is inf, and the caller takes the batch again in float64; the rounding is float32's, as in the norms
+        g_norm, a_norm = rows[:count], rows[count:]
+        weight = [_trains(layer, "weight") for layer in layers]
+        bias = [_trains(layer, "bias") for layer in layers]
+        g_sq = g_norm.square()
         if all(weight) and all(bias):
-            squared = g_sq * (a_sq + 1.0)  # |g a^T|^2 + |g|^2
+            squared = torch.addcmul(g_sq, g_sq, a_norm.square())  # |g a^T|^2 + |g|^2
         else:
             on = torch.tensor([weight, bias], dtype=torch.float64, device=device).unsqueeze(-1)  # [2, L, 1]
-            squared = g_sq * (a_sq * on[0] + on[1])
-        largest = g_norm * a_norm.clamp(min=1.0)  # max(|g||a|, |g|) bounds every entry of g and of g a^T
-        for i, layer_squared, layer_largest in zip(flat, squared.unbind(0), largest.unbind(0)):
-            found[i] = LayerNorms(layer_squared, layer_largest, None)
+            squared = g_sq * (a_norm.square() * on[0] + on[1])
         parts.append(squared.sum(dim=0))
-        bounds.append(largest.amax(dim=0))
     if not parts:
         zero = torch.zeros(n, dtype=torch.float64, device=device)
         return zero, zero, []
-    total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
-    largest_all = bounds[0] if len(bounds) == 1 else torch.stack(bounds).amax(dim=0)
-    return total.sqrt(), largest_all, cast(list[LayerNorms], found)
+    norms = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)).sqrt()
+    if not bounds:
+        return norms, norms, found
+    largest = bounds[0] if len(bounds) == 1 else torch.stack(bounds).amax(dim=0)
+    return norms, torch.maximum(largest, norms) if flat else largest, found
 
 
 def _per_record(layer: nn.Module, a: Tensor, g: Tensor) -> dict[nn.Parameter, Tensor]:
@@ -278,7 +292,7 @@ def _embedding_norms(layer: nn.Embedding, ids: Tensor, g: Tensor, g_norm: Tensor
     return LayerNorms(squared, g_norm, {cast(nn.Parameter, layer.weight): g})  # the (padding-masked) gradients, for clip_into
 
 
-def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: Tensor, keep: Tensor | None = None,
+def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms | None, coef: Tensor, keep: Tensor | None = None,
               out: dict[nn.Parameter, Tensor] | None = None) -> None:
     """Set ``.grad`` of ``layer``'s trainable parameters to ``sum_i coef_i grad_i``, computed in ``coef``'s dtype.
 
@@ -287,30 +301,39 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms, coef: T
     each parameter's shape and dtype to hold its ``.grad`` (written in place and made the ``.grad``),
     else a new tensor.
     """
-    per_record = dict(norms.per_record or {})
+    if type(layer) is nn.Linear or isinstance(layer, nn.Linear):  # never explicit per-record gradients (layer_norms)
+        if keep is not None:
+            a, g = zero_rows(a, keep), zero_rows(g, keep)
+        _clip_linear(layer, a, g, coef, out)
+        return
+    per_record = dict(norms.per_record or {}) if norms is not None else {}
     if keep is not None:
         a, g = zero_rows(a, keep), zero_rows(g, keep)
         per_record = {p: zero_rows(t, keep) for p, t in per_record.items()}
-    if isinstance(layer, nn.Linear):  # never explicit per-record gradients (layer_norms)
-        # weight and bias from one scaled output gradient: sum_i c_i g_i a_i^T = (c g)^T a, sum_i c_i g_i
-        linear = cast(nn.Linear, layer)
-        flat = (g.to(coef.dtype) * coef.view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
-        weight, bias = cast(nn.Parameter, linear.weight), cast(nn.Parameter | None, linear.bias)
-        if weight.requires_grad:
-            inputs = a.reshape(-1, a.shape[-1]).to(coef.dtype)
-            if (target := _same_dtype(out, weight, coef.dtype)) is not None:
-                weight.grad = torch.mm(flat.t(), inputs, out=target)  # straight into its place: no copy
-            else:
-                _set_grad(weight, flat.t() @ inputs, out)
-        if bias is not None and bias.requires_grad:
-            if (target := _same_dtype(out, bias, coef.dtype)) is not None:
-                bias.grad = torch.sum(flat, dim=0, out=target)
-            else:
-                _set_grad(bias, flat.sum(dim=0), out)
-        return
     for p in _trainable(layer):
-        windows = norms.windows if keep is None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
+        windows = norms.windows if keep is None and norms is not None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
         _set_grad(p, _clipped(layer, p, a, g, per_record, coef, windows), out)
+
+
+def _clip_linear(layer: nn.Module, a: Tensor, g: Tensor, coef: Tensor, out: dict[nn.Parameter, Tensor] | None) -> None:
+    """A Linear's weight and bias from one scaled output gradient: ``sum_i c_i g_i a_i^T = (c g)^T a`` and ``sum_i c_i g_i``."""
+    dtype = coef.dtype
+    scaled = (g if g.dtype == dtype else g.to(dtype)) * (coef.unsqueeze(1) if g.dim() == 2 else coef.view(-1, *[1] * (g.dim() - 1)))
+    flat = scaled if scaled.dim() == 2 else scaled.reshape(-1, g.shape[-1])
+    params = layer._parameters
+    weight, bias = params["weight"], params.get("bias")
+    if weight is not None and weight.requires_grad:
+        inputs = a if a.dim() == 2 else a.reshape(-1, a.shape[-1])
+        inputs = inputs if inputs.dtype == dtype else inputs.to(dtype)
+        if (target := _same_dtype(out, weight, dtype)) is not None:
+            weight.grad = torch.mm(flat.t(), inputs, out=target)  # straight into its place: no copy
+        else:
+            _set_grad(weight, flat.t() @ inputs, out)
+    if bias is not None and bias.requires_grad:
+        if (target := _same_dtype(out, bias, dtype)) is not None:
+            bias.grad = torch.sum(flat, dim=0, out=target)
+        else:
+            _set_grad(bias, flat.sum(dim=0), out)
 
 
 def _same_dtype(out: dict[nn.Parameter, Tensor] | None, p: nn.Parameter, dtype: torch.dtype) -> Tensor | None:
