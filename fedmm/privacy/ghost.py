@@ -116,8 +116,19 @@ def _own(layer: nn.Module) -> list[nn.Parameter]:
 
 
 def _trainable_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that hold a trainable parameter of their own, in ``modules()`` order."""
-    return [layer for layer in model.modules() if any(p.requires_grad for p in _own(layer))]
+    """The modules of ``model`` that hold a trainable parameter of their own, in ``modules()`` order
+    (depth first, each module once), read from the modules' own tables (``modules()`` is a generator of
+    generators: most of the cost of wrapping a small model)."""
+    found, seen, todo = [], set(), [model]
+    while todo:
+        layer = todo.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if any(p.requires_grad for p in _own(layer)):
+            found.append(layer)
+        todo.extend(reversed([child for child in layer._modules.values() if child is not None]))
+    return found
 
 
 class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
@@ -141,23 +152,19 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         buffered = [f"{type(layer).__name__}" for layer in layers if any(True for _ in layer.buffers())]
         if buffered and strict:  # Opacus' validation: a trainable layer's buffers would not be private
             raise NotImplementedError(f"Model contains a trainable layer with buffers that Opacus doesn't currently support: {buffered}")
-        self.trainable_parameters = [p for layer in layers for p in _own(layer) if p.requires_grad]
-        if len({id(p) for p in self.trainable_parameters}) < len(self.trainable_parameters):
+        trainable = self.__dict__["trainable_parameters"] = [p for layer in layers for p in _own(layer) if p.requires_grad]
+        if len({id(p) for p in trainable}) < len(trainable):
             # one weight in two layers: each layer would set its .grad from its own records' share alone
             raise NotImplementedError("Parameter tying is not supported with Ghost Clipping: a trainable parameter belongs to more than one layer")
-        for p in self.trainable_parameters:
+        for p in trainable:
             p.grad_sample = None  # type: ignore[attr-defined]
             p._forward_counter = 0  # type: ignore[attr-defined]
-        self.hooks_enabled = False
-        self.grad_accumulation_allowed = True
-        self.batch_first = batch_first
-        self.loss_reduction = loss_reduction
-        self.force_functorch = force_functorch
-        self._trainable_layers = layers
+        self.__dict__.update(  # plain attributes, set without nn.Module's __setattr__ (a round wraps the model once)
+            hooks_enabled=False, grad_accumulation_allowed=True, batch_first=batch_first, loss_reduction=loss_reduction,
+            force_functorch=force_functorch, _trainable_layers=layers, max_grad_norm=max_grad_norm,
+            use_ghost_clipping=use_ghost_clipping, _per_sample_gradient_norms=None,
+        )
         self.add_hooks(loss_reduction=loss_reduction, batch_first=batch_first, force_functorch=force_functorch)
-        self.max_grad_norm = max_grad_norm
-        self.use_ghost_clipping = use_ghost_clipping
-        self._per_sample_gradient_norms = None
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
         if hasattr(self._module, "autograd_grad_sample_hooks"):
@@ -171,29 +178,27 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             )
         handles: list[torch.utils.hooks.RemovableHandle] = []
         setattr(self._module, "autograd_grad_sample_hooks", handles)
-        self.autograd_grad_sample_hooks = handles
-        self._layers: list[nn.Module] = layers
-        self._records: dict[nn.Module, list[tuple[torch.Tensor, GradientEdge]]] = {}  # layer -> [(input, output edge)] of this step
+        records: dict[nn.Module, list[tuple[torch.Tensor, GradientEdge]]] = {}  # layer -> [(input, output edge)] of this step
+        self.__dict__.update(autograd_grad_sample_hooks=handles, _layers=layers, _records=records, hooks_enabled=True)
         handles.extend(layer.register_forward_hook(self._capture) for layer in layers)
-        self.enable_hooks()
 
     def remove_hooks(self) -> None:
-        self.disable_hooks()
-        self._records = {}
+        self.__dict__.update(hooks_enabled=False, _records={})  # disable_hooks(), without nn.Module's __setattr__
         handles = self.__dict__.pop("autograd_grad_sample_hooks", None)
         for handle in handles or ():
             handle.remove()
         self._module.__dict__.pop("autograd_grad_sample_hooks", None)
 
     def cleanup(self) -> None:
-        # Opacus' cleanup: the hooks, then every attribute Opacus puts on a parameter (one walk, not one per attribute)
+        # Opacus' cleanup: the hooks, then every attribute Opacus puts on a parameter (here only on the
+        # trainable ones, found at wrapping: no walk over the model)
         try:
             self.remove_hooks()
         finally:
-            for p in self._module.parameters():
+            for p in self.trainable_parameters:
+                attrs = p.__dict__
                 for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS:
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+                    attrs.pop(attr, None)
 
     def _capture(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not (self.hooks_enabled and layer.training and torch.is_grad_enabled() and output.requires_grad):

@@ -329,8 +329,7 @@ def train(
     if proximal is not None:
         proximal.remove()
     if dp is not None:
-        trained.eval()
-        _unwrap(trained)
+        _unwrap(trained, optimizer)  # the model is left in training mode, as without DP
         left_out = getattr(optimizer, "nonfinite_records", 0)
         if left_out:
             # data-derived: logged at the site only, never part of the update or its metrics
@@ -342,15 +341,16 @@ def train(
     return total / max(1, batches)
 
 
-def _unwrap(wrapped: nn.Module) -> None:
+def _unwrap(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Remove Opacus' hooks so the plain module can be reused (and saved) as it was, and the
-    optimizer's ``summed_grad`` from each parameter: the last step's clipped sum before its
-    noise, which Opacus leaves there and nothing may read."""
+    optimizer's ``summed_grad`` from each of its parameters (the only ones it sets it on): the last
+    step's clipped sum before its noise, which Opacus leaves there and nothing may read."""
     remove = getattr(wrapped, "_close", None)
     if callable(remove):
         remove()
-    for p in wrapped.parameters():
-        p.__dict__.pop("summed_grad", None)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.__dict__.pop("summed_grad", None)
 
 
 def _epochs(
