@@ -207,6 +207,22 @@ def test_a_step_never_overwrites_a_gradient_someone_still_holds() -> None:
     step(slice(0, 4))
     assert module.grad_buffer is buffer
 
+    # The buffer's views are used again too: a holder of one view itself (no alias, so the storage's
+    # count of users does not show it) keeps it from being overwritten, from Python or from C++
+    one = params[1].grad
+    kept_value = one.clone()
+    step(slice(4, 8))
+    assert module.grad_buffer is not buffer and torch.equal(one, kept_value)
+    buffer, holder = module.grad_buffer, nn.Parameter(torch.zeros_like(params[2]))
+    holder.grad, kept_value = params[2].grad, params[2].grad.clone()  # held by another parameter only (C++)
+    del one
+    step(slice(0, 4))
+    assert module.grad_buffer is not buffer and torch.equal(holder.grad, kept_value)
+    buffer = module.grad_buffer
+    holder.grad = None
+    step(slice(4, 8))
+    assert module.grad_buffer is buffer
+
 
 def test_a_record_with_a_huge_gradient_moves_the_sum_by_at_most_max_grad_norm() -> None:
     model, inputs, y = _fusion("concat")

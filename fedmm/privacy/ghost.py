@@ -67,6 +67,7 @@ that one extreme record moves a step by at most ``max_grad_norm``, in every mode
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import opacus
@@ -84,7 +85,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fedmm.privacy.dp_optimizers import WIDE, GhostClippingOptimizer, GradSampleClippingOptimizer
-from fedmm.privacy.ghost_norms import all_norms, clip_into, row_norms, supports
+from fedmm.privacy.ghost_norms import all_norms, clip_into, clip_linear, row_norms, supports
 
 __all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
 
@@ -256,11 +257,17 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         # no c_i g_ij a_ik exceeds WIDE, and c_i >= max_grad_norm / (2 WIDE sqrt(layers)) is a normal float
         wide = left_out < len(norms_all) and (top if finite is None else float(largest[finite].max())) > WIDE
         coefs: dict[torch.dtype, torch.Tensor] = {}
+        column = None  # the float32 factors as a column, for the Linear layers on one position
         for (layer, activations, backprops), norms in zip(captured, found):
             dtype = torch.float64 if wide else backprops.dtype
             if dtype not in coefs:
                 coefs[dtype] = coef.to(dtype)
-            clip_into(layer, activations, backprops, norms, coefs[dtype], finite, out)
+            if norms is None and finite is None and dtype is torch.float32:
+                if column is None:
+                    column = coefs[dtype].unsqueeze(1)
+                clip_linear(layer, activations, backprops, column, out)
+            else:
+                clip_into(layer, activations, backprops, norms, coefs[dtype], finite, out)
         return left_out
 
     def _grad_buffer(self) -> dict[nn.Parameter, torch.Tensor] | None:
@@ -269,8 +276,9 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         noise to all of them in one pass (:func:`fedmm.privacy.noise.add_noise`). None (and
         a ``.grad`` of its own each) when the parameters differ in dtype or device.
 
-        The last step's buffer is used again when nothing holds a part of it any more (no
-        ``.grad`` or sum of that step is overwritten); else, as on the first step, a new one.
+        The last step's buffer, and its views, are used again when nothing holds any of them any
+        more (:func:`_unheld`: no ``.grad``, sum or alias of that step is overwritten); else, as on
+        the first step, a new one.
         """
         params = self.trainable_parameters
         layout = self.__dict__.get("_buffer_layout")
@@ -280,12 +288,13 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         if not layout:
             self.__dict__["grad_buffer"] = None
             return None
-        flat, alone = self.__dict__.get("_last_buffer", (None, None))
-        if flat is None or alone is None or _storage_users(flat) != alone:
+        last = self.__dict__.get("_last_views")
+        if last is None or not _unheld(*last):
             flat = torch.empty(sum(layout), dtype=params[0].dtype, device=params[0].device)
-            self.__dict__["_last_buffer"] = (flat, _storage_users(flat))  # its count of users when nothing else holds it
-        self.__dict__["grad_buffer"] = flat  # a plain attribute (not a registered buffer)
-        return {p: part if p.dim() == 1 else part.view(p.shape) for p, part in zip(params, flat.split(layout))}
+            views = [part if p.dim() == 1 else part.view(p.shape) for p, part in zip(params, flat.split(layout))]
+            last = self.__dict__["_last_views"] = (flat, views, _storage_users(flat), _references(views))  # the counts when nothing else holds them
+        self.__dict__["grad_buffer"] = last[0]  # a plain attribute (not a registered buffer)
+        return dict(zip(params, last[1]))
 
 
 _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private to torch: without it, no buffer is reused
@@ -294,6 +303,20 @@ _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private to
 def _storage_users(tensor: torch.Tensor) -> int | None:
     """How many tensors share ``tensor``'s storage (None where torch cannot say: then nothing is reused)."""
     return int(_STORAGE_USE_COUNT(tensor.untyped_storage()._cdata)) if _STORAGE_USE_COUNT is not None else None
+
+
+def _references(views: list[torch.Tensor]) -> list[tuple[int, int]] | None:
+    """Each view's count of Python references and of C++ owners (a ``.grad`` it is, an autograd
+    record): a holder of the view itself, not of an alias, shows only here. None where torch cannot say."""
+    if not hasattr(torch.Tensor, "_use_count"):
+        return None
+    return [(sys.getrefcount(view), view._use_count()) for view in views]
+
+
+def _unheld(flat: torch.Tensor, views: list[torch.Tensor], users: int | None, references: list[tuple[int, int]] | None) -> bool:
+    """Whether nothing but the module holds ``flat`` or any of its ``views``: no other tensor shares
+    its storage and no one else refers to a view (counts as when they were made)."""
+    return users is not None and references is not None and _storage_users(flat) == users and _references(views) == references
 
 
 def _finite_and_top(norms: torch.Tensor, largest: torch.Tensor) -> tuple[bool, float]:
