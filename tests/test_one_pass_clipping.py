@@ -5,6 +5,7 @@ gradients, the clipped sum against Opacus' own per-sample clipping, and the sens
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -265,17 +266,23 @@ def test_a_record_whose_gradient_is_not_finite_is_left_out_and_counted() -> None
 
 def test_wrapping_and_closing_leave_the_model_as_it_was() -> None:
     # OnePassGradSampleModule builds and removes Opacus' state itself (one walk over the model):
-    # after _close no hook, no attribute on a parameter, and the same weights and state_dict keys
+    # after _close no recording forward (an instance attribute, in place of a forward hook), no
+    # attribute on a parameter, and the same weights and state_dict keys; a forward a layer had
+    # as its own attribute before is put back
     model, inputs, y = _fusion("concat")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
+    own = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    own.forward = own_forward = functools.partial(nn.Linear.forward, own)  # type: ignore[method-assign]
     module = OnePassGradSampleModule(model, max_grad_norm=1.0)
     assert module.trainable_parameters == params
     assert all(p.grad_sample is None and p._forward_counter == 0 for p in params)
-    assert sum(len(m._forward_hooks) for m in model.modules()) == len(module._layers) > 0
+    assert sum("forward" in m.__dict__ for m in model.modules()) == len(module._layers) > 0
+    assert all(not m._forward_hooks for m in model.modules())  # no hook: torch's fast call path
     module.clipped_backward(nn.functional.cross_entropy(module(*inputs), y, reduction="none"))
+    assert own.weight.grad is not None and bool(own.weight.grad.any())  # its own forward was recorded too
     module._close()
-    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert [m for m in model.modules() if "forward" in m.__dict__] == [own] and own.forward is own_forward
     assert not hasattr(model, "autograd_grad_sample_hooks") and not hasattr(module, "autograd_grad_sample_hooks")
     assert not any(hasattr(p, a) for p in params for a in ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample"))
     assert list(model.state_dict()) == list(before) and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
