@@ -18,7 +18,7 @@ from fedmm.data.synthetic import make_synthetic
 from fedmm.models import ModelRecipe
 from fedmm.models.evaluation import make_dataset
 from fedmm.privacy.ghost import OnePassGradSampleModule, PrivacyEngine
-from fedmm.privacy import ghost_norms
+from fedmm.privacy import ghost, ghost_norms
 from fedmm.privacy.ghost_norms import layer_norms
 
 CNN_FUSIONS = ("concat", "gated", "late", "attention")  # over every modality kind: Conv2d, Conv1d, Embedding, GroupNorm (+LayerNorm)
@@ -66,6 +66,7 @@ LAYERS = {
     "embedding-padding": (_embedding_with_padding, lambda n: torch.randint(0, 3, (n, 9)), 4),
     "embedding-single": (lambda: nn.Embedding(5, 4), lambda n: torch.randint(0, 5, (n,)), 4),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), lambda n: torch.randn(n, 4, 5, 5), 4 * 25),
+    "groupnorm-recomputed": (lambda: nn.GroupNorm(2, 4), lambda n: torch.randn(n, 4, 5, 5), 4 * 25),  # without the forward's saved stats
     "layernorm": (lambda: nn.LayerNorm(6), lambda n: torch.randn(n, 4, 6), 6),
     "layernorm-4d": (lambda: nn.LayerNorm((2, 3, 3, 3)), lambda n: torch.randn(n, 2, 3, 3, 3), 54),  # 5-D per-record gradients, not a Conv2d's
 }
@@ -93,6 +94,8 @@ def _clipped_reference(grads: list[torch.Tensor], clip: float) -> tuple[torch.Te
 def test_per_record_norms_and_clipped_sum_equal_explicit_per_record_gradients(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if name.endswith("-ghost"):  # as for a convolution whose per-record gradients would be too large to form
         monkeypatch.setattr(ghost_norms, "EXPLICIT_MAX", 0)
+    if name.endswith("-recomputed"):  # as for a GroupNorm whose graph node is not native_group_norm's: normalised again
+        monkeypatch.setattr(ghost, "_group_norm_stats", lambda layers, edges: {})
     make_layer, make_input, width = LAYERS[name]
     torch.manual_seed(0)
     model = _Probe(make_layer(), width).double()

@@ -229,6 +229,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             edges.append(seen[0][1])
         # The sum of per-record losses: the gradient reaching each output row is that record's own. Only
         # the layers' output gradients are asked for: autograd skips the (unclipped) parameter gradients.
+        stats = _group_norm_stats(layers, edges)  # read before the backward pass frees them
         outputs = torch.autograd.grad(loss_per_sample.sum(), edges, allow_unused=True) if edges else ()
         out = self._grad_buffer()
         captured = [(layer, a, g) for layer, a, g in zip(layers, inputs, outputs) if g is not None]
@@ -239,12 +240,12 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
                     for p in _own(layer):
                         if p.requires_grad:
                             p.grad = torch.zeros_like(p) if out is None else out[p].zero_()
-        norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device)
+        norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device, stats)
         all_finite, top = _finite_and_top(norms_all, largest)
         if not all_finite and any(g.dtype != torch.float64 for _, _, g in captured):
             # an overflow in the layers' dtype (inf or NaN, never a wrong finite norm): again, in float64
             captured = [(layer, a.double() if a.is_floating_point() else a, g.double()) for layer, a, g in captured]
-            norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device)
+            norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device, stats)
             all_finite, top = _finite_and_top(norms_all, largest)
         self.__dict__["_per_sample_gradient_norms"] = norms_all  # Opacus' per_sample_gradient_norms, set without nn.Module's __setattr__
         finite = None if all_finite else torch.isfinite(norms_all)
@@ -342,6 +343,20 @@ def _unheld(flat: torch.Tensor, views: list[torch.Tensor], users: int | None, re
     """Whether nothing but the module holds ``flat`` or any of its ``views``: no other tensor shares
     its storage and no one else refers to a view (counts as when they were made)."""
     return users is not None and references is not None and _storage_users(flat) == users and _references(views) == references
+
+
+def _group_norm_stats(layers: list[nn.Module], edges: list[GradientEdge]) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Each GroupNorm's per-record, per-group mean and inverse deviation, as its forward pass saved them
+    for its own backward (``native_group_norm``'s two extra results), so that its per-record weight
+    gradients need no second normalisation of the input. A layer whose graph node is another (a
+    composite GroupNorm) gets none and is normalised again."""
+    stats = {}
+    for layer, edge in zip(layers, edges):
+        if type(layer) is nn.GroupNorm and type(edge.node).__name__ == "NativeGroupNormBackward0":
+            mean, rstd = getattr(edge.node, "_saved_result1", None), getattr(edge.node, "_saved_result2", None)
+            if isinstance(mean, torch.Tensor) and isinstance(rstd, torch.Tensor) and mean.shape == rstd.shape == (edge.node._saved_N, layer.num_groups):
+                stats[layer] = (mean.detach(), rstd.detach())
+    return stats
 
 
 def _finite_and_top(norms: torch.Tensor, largest: torch.Tensor) -> tuple[bool, float]:

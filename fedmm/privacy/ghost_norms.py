@@ -166,12 +166,13 @@ def _weighted_sum(coef: Tensor, per_record: Tensor) -> Tensor:
     return (coef @ per_record.reshape(per_record.shape[0], -1).to(coef.dtype)).view(per_record.shape[1:])
 
 
-def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
-    """Each record's squared gradient norm over ``layer``'s trainable parameters (see the module)."""
+def layer_norms(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> LayerNorms:
+    """Each record's squared gradient norm over ``layer``'s trainable parameters (see the module).
+    ``stats``: a GroupNorm's per-record, per-group mean and inverse deviation from its forward pass (else recomputed)."""
     if isinstance(layer, nn.Embedding):
         return _embedding_norms(layer, a, g, _rows(g))
     if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
-        return _explicit(layer, a, g)
+        return _explicit(layer, a, g, stats)
     if not isinstance(layer, nn.Linear):  # a convolution: T windows of in_channels x kernel inputs
         weight = cast(nn.Parameter, layer.weight)
         if not (weight.requires_grad and _conv_ghost(g.shape[0], g[0, 0].numel(), weight[0].numel(), int(weight.shape[0]))):
@@ -199,7 +200,8 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
     return LayerNorms(squared, largest, None, None if isinstance(layer, nn.Linear) else big_a)
 
 
-def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: torch.device) -> tuple[Tensor, Tensor, list[LayerNorms | None]]:
+def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: torch.device,
+              stats: dict[nn.Module, tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, list[LayerNorms | None]]:
     """Each record's gradient norm over all ``(layer, a, g)`` in ``captured`` (float64; float32 when
     all are float32 Linear layers on one position, see below), its largest
     entry bound over them, and each layer's :func:`layer_norms` (None for a Linear on one position:
@@ -212,7 +214,8 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
     same values as :func:`layer_norms`; a per-step cost that is mostly call overhead otherwise).
     """
     flat = [i for i, (layer, a, _) in enumerate(captured) if type(layer) is nn.Linear and a.dim() == 2]
-    found: list[LayerNorms | None] = [None if i in flat else layer_norms(*captured[i]) for i in range(len(captured))]
+    saved = stats or {}
+    found: list[LayerNorms | None] = [None if i in flat else layer_norms(*captured[i], saved.get(captured[i][0])) for i in range(len(captured))]
     parts, bounds = [f.squared for f in found if f is not None], [f.largest for f in found if f is not None]
     if flat:
         layers = [cast(nn.Linear, captured[i][0]) for i in flat]
@@ -243,14 +246,22 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
     return norms, torch.maximum(largest, norms) if flat else largest, found
 
 
-def _per_record(layer: nn.Module, a: Tensor, g: Tensor) -> dict[nn.Parameter, Tensor]:
+def _per_record(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> dict[nn.Parameter, Tensor]:
     """Explicit per-record gradients of a norm layer (Opacus' samplers) or a convolution (windows x gradients)."""
     if isinstance(layer, nn.GroupNorm):  # Opacus' compute_group_norm_grad_sample, with sums for its einsums
         out = {}
+        g_sum = g.flatten(2).sum(dim=2) if g.dim() > 2 else g  # [n, C]: the bias's per-record gradients
         if layer.weight.requires_grad:
-            out[layer.weight] = (nn.functional.group_norm(a, layer.num_groups, eps=layer.eps) * g).flatten(2).sum(dim=2)
+            if stats is None:
+                out[layer.weight] = (nn.functional.group_norm(a, layer.num_groups, eps=layer.eps) * g).flatten(2).sum(dim=2)
+            else:
+                # sum_t (a_t - mean) rstd g_t = rstd (sum_t a_t g_t - mean sum_t g_t), per channel, with the
+                # group's mean and rstd from the forward pass: no second normalisation of the input
+                mean, rstd = (s.to(g.dtype).repeat_interleave(layer.num_channels // layer.num_groups, dim=1) for s in stats)
+                a_dot_g = (a.to(g.dtype) * g).flatten(2).sum(dim=2) if g.dim() > 2 else a.to(g.dtype) * g
+                out[layer.weight] = (a_dot_g - mean * g_sum) * rstd
         if layer.bias.requires_grad:
-            out[layer.bias] = g.flatten(2).sum(dim=2) if g.dim() > 2 else g
+            out[layer.bias] = g_sum
         return out
     if isinstance(layer, nn.LayerNorm):
         return compute_layer_norm_grad_sample(layer, [a], g)
@@ -265,10 +276,10 @@ def _per_record(layer: nn.Module, a: Tensor, g: Tensor) -> dict[nn.Parameter, Te
     return grads
 
 
-def _explicit(layer: nn.Module, a: Tensor, g: Tensor) -> LayerNorms:
+def _explicit(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> LayerNorms:
     """Norms from explicit per-record gradients. Every entry the clipped sum multiplies is one
     of theirs, so a record's norm bounds them."""
-    per_record = _per_record(layer, a, g)
+    per_record = _per_record(layer, a, g, stats)
     squared = sum((_rows(t).square() for t in per_record.values()), torch.zeros(g.shape[0], dtype=torch.float64, device=g.device))
     return LayerNorms(squared, squared.sqrt(), per_record)
 
