@@ -350,11 +350,12 @@ def _group_norm_stats(layers: list[nn.Module], edges: list[GradientEdge]) -> dic
     for its own backward (``native_group_norm``'s two extra results), so that its per-record weight
     gradients need no second normalisation of the input. A layer whose graph node is another (a
     composite GroupNorm) gets none and is normalised again."""
-    stats = {}
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer, edge in zip(layers, edges):
         if type(layer) is nn.GroupNorm and type(edge.node).__name__ == "NativeGroupNormBackward0":
-            mean, rstd = getattr(edge.node, "_saved_result1", None), getattr(edge.node, "_saved_result2", None)
-            if isinstance(mean, torch.Tensor) and isinstance(rstd, torch.Tensor) and mean.shape == rstd.shape == (edge.node._saved_N, layer.num_groups):
+            node: Any = edge.node  # its saved values are attributes of the generated node class
+            mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+            if isinstance(mean, torch.Tensor) and isinstance(rstd, torch.Tensor) and mean.shape == rstd.shape == (node._saved_N, layer.num_groups):
                 stats[layer] = (mean.detach(), rstd.detach())
     return stats
 
