@@ -202,8 +202,7 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Ten
 
 def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: torch.device,
               stats: dict[nn.Module, tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor, list[LayerNorms | None]]:
-    """Each record's gradient norm over all ``(layer, a, g)`` in ``captured`` (float64; float32 when
-    all are float32 Linear layers on one position, see below), its largest
+    """Each record's gradient norm over all ``(layer, a, g)`` in ``captured`` (float64), its largest
     entry bound over them, and each layer's :func:`layer_norms` (None for a Linear on one position:
     :func:`clip_into` needs nothing of it). A Linear on one position multiplies no entry above the
     record's norm (``|g_ij a_ik| <= |g_i| |a_i|`` and ``|g_ij| <= |g_i|``): its bound is the norm itself, so
@@ -221,11 +220,9 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
         layers = [cast(nn.Linear, captured[i][0]) for i in flat]
         count = len(flat)
         # every |g_i| then every |a_i|, in g's and a's dtype first (an overflow shows as inf): [2L, n] in one stack
-        rows = torch.stack([torch.linalg.vector_norm(captured[i][2], dim=1) for i in flat] + [torch.linalg.vector_norm(captured[i][1], dim=1) for i in flat])
-        if parts or rows.dtype != torch.float32:
-            rows = rows.double()  # added to other layers' float64 norms
-        # else float32 throughout (a model of Linear layers only, the default one): a product that overflows
-        # is inf, and the caller takes the batch again in float64; the rounding is float32's, as in the norms
+        # (float64 from here: in float32 a square of a norm below 1e-19 underflows, and a record could then
+        # pass unclipped where max-grad-norm is tiny)
+        rows = torch.stack([torch.linalg.vector_norm(captured[i][2], dim=1) for i in flat] + [torch.linalg.vector_norm(captured[i][1], dim=1) for i in flat]).double()
         g_norm, a_norm = rows[:count], rows[count:]
         weight = [_trains(layer, "weight") for layer in layers]
         bias = [_trains(layer, "bias") for layer in layers]
