@@ -86,7 +86,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fedmm.privacy.dp_optimizers import WIDE, GhostClippingOptimizer, GradSampleClippingOptimizer
-from fedmm.privacy.ghost_norms import all_norms, clip_into, clip_linear, row_norms, supports
+from fedmm.privacy.ghost_norms import all_norms, clip_into, row_norms, supports
 
 __all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
 
@@ -259,17 +259,11 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         # no c_i g_ij a_ik exceeds WIDE, and c_i >= max_grad_norm / (2 WIDE sqrt(layers)) is a normal float
         wide = left_out < len(norms_all) and (top if finite is None else float(largest[finite].max())) > WIDE
         coefs: dict[torch.dtype, torch.Tensor] = {}
-        column = None  # the float32 factors as a column, for the Linear layers on one position
         for (layer, activations, backprops), norms in zip(captured, found):
             dtype = torch.float64 if wide else backprops.dtype
             if dtype not in coefs:
                 coefs[dtype] = coef.to(dtype)
-            if norms is None and finite is None and dtype is torch.float32:
-                if column is None:
-                    column = coefs[dtype].unsqueeze(1)
-                clip_linear(layer, activations, backprops, column, out)
-            else:
-                clip_into(layer, activations, backprops, norms, coefs[dtype], finite, out)
+            clip_into(layer, activations, backprops, norms, coefs[dtype], finite, out)
         return left_out
 
     def _grad_buffer(self) -> dict[nn.Parameter, torch.Tensor] | None:

@@ -38,7 +38,7 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from torch import Tensor, nn
 
-__all__ = ["LayerNorms", "all_norms", "clip_into", "clip_linear", "layer_norms", "row_norms", "supports", "zero_rows"]
+__all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
 
 EMBEDDING_GRAM_MAX = 256  # longer token sequences take Opacus' sort-based embedding norm (no L x L matrix)
 EXPLICIT_MAX = 1 << 22  # a convolution's per-record weight gradients up to this many floats (16 MiB) are formed explicitly
@@ -309,10 +309,10 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms | None, 
     each parameter's shape and dtype to hold its ``.grad`` (written in place and made the ``.grad``),
     else a new tensor.
     """
-    if type(layer) is nn.Linear or isinstance(layer, nn.Linear):  # never explicit per-record gradients (layer_norms)
+    if isinstance(layer, nn.Linear):  # never explicit per-record gradients (layer_norms)
         if keep is not None:
             a, g = zero_rows(a, keep), zero_rows(g, keep)
-        clip_linear(layer, a, g, coef.view(-1, *[1] * (g.dim() - 1)), out)
+        _clip_linear(layer, a, g, coef.view(-1, *[1] * (g.dim() - 1)), out)
         return
     per_record = dict(norms.per_record or {}) if norms is not None else {}
     if keep is not None:
@@ -323,9 +323,9 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms | None, 
         _set_grad(p, _clipped(layer, p, a, g, per_record, coef, windows), out)
 
 
-def clip_linear(layer: nn.Module, a: Tensor, g: Tensor, coef: Tensor, out: dict[nn.Parameter, Tensor] | None) -> None:
-    """:func:`clip_into` for an ``nn.Linear`` with no record left out, ``coef`` shaped to multiply ``g``
-    (``[n, 1]`` for ``g`` of ``[n, out]``): the weight and bias from one scaled output gradient,
+def _clip_linear(layer: nn.Module, a: Tensor, g: Tensor, coef: Tensor, out: dict[nn.Parameter, Tensor] | None) -> None:
+    """:func:`clip_into` for an ``nn.Linear``, ``coef`` shaped to multiply ``g`` (``[n, 1]`` for ``g``
+    of ``[n, out]``): the weight and bias from one scaled output gradient,
     ``sum_i c_i g_i a_i^T = (c g)^T a`` and ``sum_i c_i g_i``, in ``coef``'s dtype."""
     dtype = coef.dtype
     scaled = (g if g.dtype == dtype else g.to(dtype)) * coef
