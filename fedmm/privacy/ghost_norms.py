@@ -75,13 +75,18 @@ def supports(layer: nn.Module) -> bool:
     return False
 
 
+Block = tuple[tuple[nn.Parameter, ...], Tensor]  # parameters, and their per-record gradients side by side: [n, their sizes' sum]
+
+
 class LayerNorms(NamedTuple):
     """One layer's share of each record's gradient: ``squared`` norm and ``largest`` entry bound
-    (float64, ``[n]``), and the explicit per-record gradients when they were formed (else None)."""
+    (float64, ``[n]``), and the explicit per-record gradients when they were formed (else None):
+    blocks of one or more of the layer's parameters, in their order, each block's gradients one
+    ``[n, ...]`` tensor (an embedding's: its padding-masked ``[n, L, dim]`` output gradients)."""
 
     squared: Tensor
     largest: Tensor
-    per_record: dict[nn.Parameter, Tensor] | None
+    per_record: list[Block] | None
     windows: Tensor | None = None  # the ``[n, T, in]`` inputs per position, when formed (convolutions)
 
 
@@ -161,11 +166,6 @@ def _conv_ghost(records: int, positions: int, fan_in: int, fan_out: int) -> bool
     return records * fan_in * fan_out > EXPLICIT_MAX and _ghost_cheaper(positions, fan_in, fan_out)
 
 
-def _weighted_sum(coef: Tensor, per_record: Tensor) -> Tensor:
-    """``sum_i coef_i per_record_i`` as one matrix-vector product."""
-    return (coef @ per_record.reshape(per_record.shape[0], -1).to(coef.dtype)).view(per_record.shape[1:])
-
-
 def layer_norms(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> LayerNorms:
     """Each record's squared gradient norm over ``layer``'s trainable parameters (see the module).
     ``stats``: a GroupNorm's per-record, per-group mean and inverse deviation from its forward pass (else recomputed)."""
@@ -243,42 +243,50 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
     return norms, torch.maximum(largest, norms) if flat else largest, found
 
 
-def _per_record(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> dict[nn.Parameter, Tensor]:
-    """Explicit per-record gradients of a norm layer (Opacus' samplers) or a convolution (windows x gradients)."""
+def _per_record(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> list[Block]:
+    """Explicit per-record gradients of a norm layer or a convolution (windows x gradients), as blocks
+    (see :class:`LayerNorms`): a GroupNorm's weight and bias in one ``[n, 2C]`` tensor."""
+    n = g.shape[0]
+    a = a if a.dtype == g.dtype else a.to(g.dtype)
     if isinstance(layer, nn.GroupNorm):  # Opacus' compute_group_norm_grad_sample, with sums for its einsums
-        out = {}
-        g_sum = g.flatten(2).sum(dim=2) if g.dim() > 2 else g  # [n, C]: the bias's per-record gradients
+        channels, groups = layer.num_channels, layer.num_groups
+        params = tuple(p for p in (layer.weight, layer.bias) if p.requires_grad)
+        flat_g = g.reshape(n, channels, -1)
+        grads = torch.empty(n, channels * len(params), dtype=g.dtype, device=g.device)  # weight's, then bias's
+        # the bias's per-record gradients: sum_t g_t per channel
+        g_sum = grads[:, -channels:] if layer.bias.requires_grad else torch.empty(n, channels, dtype=g.dtype, device=g.device)
+        torch.sum(flat_g, dim=2, out=g_sum)
         if layer.weight.requires_grad:
+            weight = grads[:, :channels]
             if stats is None:
-                out[layer.weight] = (nn.functional.group_norm(a, layer.num_groups, eps=layer.eps) * g).flatten(2).sum(dim=2)
+                torch.sum((nn.functional.group_norm(a, groups, eps=layer.eps) * g).reshape(n, channels, -1), dim=2, out=weight)
             else:
                 # sum_t (a_t - mean) rstd g_t = rstd (sum_t a_t g_t - mean sum_t g_t), per channel, with the
                 # group's mean and rstd from the forward pass: no second normalisation of the input
-                mean, rstd = (s.to(g.dtype).repeat_interleave(layer.num_channels // layer.num_groups, dim=1) for s in stats)
-                a_dot_g = (a.to(g.dtype) * g).flatten(2).sum(dim=2) if g.dim() > 2 else a.to(g.dtype) * g
-                out[layer.weight] = (a_dot_g - mean * g_sum) * rstd
-        if layer.bias.requires_grad:
-            out[layer.bias] = g_sum
-        return out
+                torch.sum(a.reshape(n, channels, -1) * flat_g, dim=2, out=weight)
+                mean, rstd = (s.unsqueeze(-1) if s.dtype == g.dtype else s.to(g.dtype).unsqueeze(-1) for s in stats)
+                per_group = channels // groups
+                weight.view(n, groups, per_group).addcmul_(mean, g_sum.view(n, groups, per_group), value=-1.0).mul_(rstd)
+        return [(params, grads)]
     if isinstance(layer, nn.LayerNorm):
-        return compute_layer_norm_grad_sample(layer, [a], g)
+        return [((p,), t.reshape(n, -1)) for p, t in compute_layer_norm_grad_sample(layer, [a], g).items()]
     conv = cast(nn.Conv1d | nn.Conv2d, layer)
-    n, width = g.shape[:2]
-    big_g = g.reshape(n, width, -1)  # [n, out, T]
-    grads: dict[nn.Parameter, Tensor] = {}
+    big_g = g.reshape(n, g.shape[1], -1)  # [n, out, T]
+    blocks: list[Block] = []
     if conv.weight.requires_grad:
-        grads[cast(nn.Parameter, conv.weight)] = torch.bmm(big_g, _windows(conv, a.to(g.dtype)))  # [n, out, in * kh * kw]
+        blocks.append(((cast(nn.Parameter, conv.weight),), torch.bmm(big_g, _windows(conv, a))))  # [n, out, in * kh * kw]
     if conv.bias is not None and conv.bias.requires_grad:
-        grads[cast(nn.Parameter, conv.bias)] = big_g.sum(dim=2)
-    return grads
+        blocks.append(((cast(nn.Parameter, conv.bias),), big_g.sum(dim=2)))
+    return blocks
 
 
 def _explicit(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> LayerNorms:
     """Norms from explicit per-record gradients. Every entry the clipped sum multiplies is one
-    of theirs, so a record's norm bounds them."""
-    per_record = _per_record(layer, a, g, stats)
-    squared = sum((_rows(t).square() for t in per_record.values()), torch.zeros(g.shape[0], dtype=torch.float64, device=g.device))
-    return LayerNorms(squared, squared.sqrt(), per_record)
+    of theirs, so a record's norm bounds them. Each block's norms are taken in its dtype (an
+    overflow shows as inf), joined with ``hypot`` (no square to overflow), then squared in float64."""
+    blocks = _per_record(layer, a, g, stats)
+    norm = functools.reduce(torch.hypot, [torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for _, t in blocks]).double()
+    return LayerNorms(norm.square(), norm, blocks)
 
 
 def _embedding_norms(layer: nn.Embedding, ids: Tensor, g: Tensor, g_norm: Tensor) -> LayerNorms:
@@ -297,7 +305,7 @@ def _embedding_norms(layer: nn.Embedding, ids: Tensor, g: Tensor, g_norm: Tensor
             squared = (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2)).double()
         else:
             squared = compute_embedding_norm_sample(layer, [ids], g)[layer.weight].double().square()
-    return LayerNorms(squared, g_norm, {cast(nn.Parameter, layer.weight): g})  # the (padding-masked) gradients, for clip_into
+    return LayerNorms(squared, g_norm, [((cast(nn.Parameter, layer.weight),), g)])  # the (padding-masked) gradients, for clip_into
 
 
 def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms | None, coef: Tensor, keep: Tensor | None = None,
@@ -314,13 +322,54 @@ def clip_into(layer: nn.Module, a: Tensor, g: Tensor, norms: LayerNorms | None, 
             a, g = zero_rows(a, keep), zero_rows(g, keep)
         _clip_linear(layer, a, g, coef.view(-1, *[1] * (g.dim() - 1)), out)
         return
-    per_record = dict(norms.per_record or {}) if norms is not None else {}
+    blocks = [] if norms is None or norms.per_record is None else norms.per_record
     if keep is not None:
         a, g = zero_rows(a, keep), zero_rows(g, keep)
-        per_record = {p: zero_rows(t, keep) for p, t in per_record.items()}
+        blocks = [(params, zero_rows(t, keep)) for params, t in blocks]
+    if blocks and not isinstance(layer, nn.Embedding):  # explicit per-record gradients: one product a block
+        for params, grads in blocks:
+            _clip_block(params, grads, coef, out)
+        return
     for p in _trainable(layer):
         windows = norms.windows if keep is None and norms is not None and norms.windows is not None and norms.windows.dtype == coef.dtype else None
-        _set_grad(p, _clipped(layer, p, a, g, per_record, coef, windows), out)
+        _set_grad(p, _clipped(layer, p, a, g, blocks, coef, windows), out)
+
+
+def _clip_block(params: tuple[nn.Parameter, ...], grads: Tensor, coef: Tensor, out: dict[nn.Parameter, Tensor] | None) -> None:
+    """``.grad`` of ``params`` from their per-record gradients ``grads`` (``[n, ...]``, side by side):
+    ``sum_i coef_i grads_i`` as one matrix-vector product, written straight into ``out``'s places
+    when they are side by side there in ``coef``'s dtype."""
+    flat = grads.reshape(grads.shape[0], -1)
+    place = _span(out, params)
+    if place is not None and place.dtype == coef.dtype == flat.dtype:
+        torch.mv(flat.t(), coef, out=place)
+    else:
+        summed = torch.mv((flat if flat.dtype == coef.dtype else flat.to(coef.dtype)).t(), coef)
+        place = summed.to(params[0].dtype) if place is None else place.copy_(summed)
+    if out is not None:
+        for p in params:
+            p.grad = out[p]
+        return
+    at = 0
+    for p in params:
+        p.grad = place[at : at + p.numel()].view(p.shape)
+        at += p.numel()
+
+
+def _span(out: dict[nn.Parameter, Tensor] | None, params: tuple[nn.Parameter, ...]) -> Tensor | None:
+    """One 1-D view over ``out[p]`` for every ``p`` of ``params``, when they lie side by side in that
+    order (one buffer's consecutive places, as :class:`fedmm.privacy.ghost.OnePassGradSampleModule`
+    lays a layer's parameters out); else None."""
+    if out is None:
+        return None
+    first = out[params[0]]
+    at, size, total = first.data_ptr(), first.element_size(), 0
+    for p in params:
+        place = out[p]
+        if place.data_ptr() != at + total * size or place.dtype != first.dtype or not place.is_contiguous():
+            return None
+        total += place.numel()
+    return first.view(-1) if len(params) == 1 else first.as_strided((total,), (1,))
 
 
 def _clip_linear(layer: nn.Module, a: Tensor, g: Tensor, coef: Tensor, out: dict[nn.Parameter, Tensor] | None) -> None:
@@ -360,14 +409,12 @@ def _set_grad(p: nn.Parameter, value: Tensor, out: dict[nn.Parameter, Tensor] | 
         p.grad = out[p].copy_(value)
 
 
-def _clipped(layer: nn.Module, p: nn.Parameter, a: Tensor, g: Tensor, per_record: dict[nn.Parameter, Tensor], coef: Tensor, windows: Tensor | None) -> Tensor:
+def _clipped(layer: nn.Module, p: nn.Parameter, a: Tensor, g: Tensor, blocks: list[Block], coef: Tensor, windows: Tensor | None) -> Tensor:
     dtype = coef.dtype
     if isinstance(layer, nn.Embedding):
-        h = per_record[p].to(dtype) * coef.view(-1, 1, 1)  # the padding-masked [n, L, dim] gradients
+        h = blocks[0][1].to(dtype) * coef.view(-1, 1, 1)  # the padding-masked [n, L, dim] gradients
         out = torch.zeros(p.shape, dtype=dtype, device=p.device)
         return out.index_add_(0, a.reshape(-1), h.reshape(-1, h.shape[-1]))
-    if p in per_record:
-        return _weighted_sum(coef, per_record[p]).view_as(p)
     scaled = g.to(dtype) * coef.view(-1, *[1] * (g.dim() - 1))
     # convolutions (a Linear is clipped in clip_into): the weight's gradient of the scaled output gradients, sum over records and windows
     if p is layer.bias:
