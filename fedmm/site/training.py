@@ -49,6 +49,7 @@ from fedmm.models.objective import Objective
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ghost import PrivacyEngine
 from fedmm.privacy.sampling import poisson_loader
+from fedmm.site.heap import keep_heap
 
 __all__ = ["DPSettings", "add_proximal_term", "average_copies", "repeat_records", "scheduled_learning_rate", "balanced_class_weights", "steps_per_epoch", "poisson_steps_per_epoch", "make_dataset", "drop_modalities", "train", "evaluate", "task_accuracies"]  # evaluate, task_accuracies: from fedmm.models.evaluation
 
@@ -265,6 +266,7 @@ def train(
     copies = max(1, augment_multiplicity)
     if dp is not None and copies > 1 and dp.grad_sample_mode is GradSampleMode.GHOST:
         raise ValueError("augment-multiplicity > 1 under DP needs grad-sample-mode hooks or functorch (ghost clipping never forms per-sample gradients)")
+    keep_heap()  # a DP step's megabytes of temporaries stay in the heap between steps (fedmm.site.heap)
     ds = ds.labelled()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,51 @@
+"""Keep freed memory in the training process's heap, so a DP-SGD step does not page it back in.
+
+A DP-SGD step allocates and frees megabytes of short-lived tensors (a convolution's input
+windows and per-record gradients, the noise's workspace). glibc's malloc hands freed memory
+back to the operating system once the free top of the heap exceeds its trim threshold, and
+serves a large request with a fresh ``mmap``; either way the next step touches new pages, and
+every first touch is a page fault that the kernel serves by zeroing a page. Measured on the
+2-core build machine: 3,500-6,300 page faults an epoch for a CNN fusion under DP (8 steps),
+about 8-30 ms of system time in a 160-290 ms epoch; plain SGD of the same model, none.
+
+glibc raises both thresholds on its own as large blocks are freed (up to a 32 MiB ``mmap``
+threshold and twice that to trim); :func:`keep_heap` sets them there at once with ``mallopt``.
+The process then keeps up to 64 MiB of freed memory for reuse (its peak footprint is
+unchanged: nothing is kept that was not in use before). Linux with glibc only; elsewhere, or
+with ``FEDMM_KEEP_HEAP=0`` in the environment, nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_heap"]
+
+logger = logging.getLogger(__name__)
+
+MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc sets with it
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+_done: set[int] = set()  # the processes (pids) already set: a forked child does it again
+
+
+def keep_heap() -> bool:
+    """Set this process's malloc thresholds as above, once; return whether they are set."""
+    pid = os.getpid()
+    if pid in _done:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("FEDMM_KEEP_HEAP", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's, when the process uses glibc
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+        logger.debug("mallopt refused fedmm's heap thresholds; the allocator keeps its own")
+        return False
+    _done.add(pid)
+    return True
