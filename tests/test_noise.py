@@ -64,13 +64,13 @@ def test_dp_optimizers_draw_from_the_secure_stream_not_the_torch_generator(mode:
     """Two optimizers given the same seeded generator still add different noise (Opacus' own would
     repeat it), and every draw comes through GaussianNoise."""
     drawn: list[int] = []
-    polar = GaussianNoise._polar  # where every draw reads the keystream
+    add_into = GaussianNoise.add_into  # where every draw reads the keystream
 
-    def counting(self: GaussianNoise, count: int, std: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-        drawn.append(count)
-        return polar(self, count, std)
+    def counting(self: GaussianNoise, target: torch.Tensor, std: float) -> None:
+        drawn.append(target.numel())
+        add_into(self, target, std)
 
-    monkeypatch.setattr(GaussianNoise, "_polar", counting)
+    monkeypatch.setattr(GaussianNoise, "add_into", counting)
     grads = []
     for _ in range(2):
         torch.manual_seed(0)  # the same model, data and generator both times: only the noise may differ
