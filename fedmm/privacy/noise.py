@@ -115,8 +115,10 @@ class GaussianNoise:
 
 
 class _Workspace:
-    """The keystream bytes and float32 scratch of one draw size, with every view of them made once
-    (a step of a small model takes the same draw each time; views cost microseconds a call)."""
+    """The keystream bytes of one draw size, with every view of them made once (a step of a small
+    model takes the same draw each time; views cost microseconds a call). The float32 values are
+    computed in place of the words they come from (radius over ``high``, angle over ``turn``, the
+    cosines and sines over ``low`` once it is used): half the memory a draw touches."""
 
     def __init__(self, pairs: int) -> None:
         self.pairs = pairs
@@ -124,7 +126,8 @@ class _Workspace:
         self.bytes = memoryview(self.raw)[: 12 * pairs]
         words = torch.frombuffer(self.raw, dtype=torch.int32, count=3 * pairs)
         self.high_low, self.high, self.low, self.turn = words[: 2 * pairs], words[:pairs], words[pairs : 2 * pairs], words[2 * pairs :]
-        self.radius, self.angle, self.trig = torch.empty(pairs), torch.empty(pairs), torch.empty(pairs)
+        floats = torch.frombuffer(self.raw, dtype=torch.float32, count=3 * pairs)
+        self.radius, self.trig, self.angle = floats[:pairs], floats[pairs : 2 * pairs], floats[2 * pairs :]
         self.radius_np, self.angle_np, self.trig_np = self.radius.numpy(), self.angle.numpy(), self.trig.numpy()
 
 
