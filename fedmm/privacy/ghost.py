@@ -207,7 +207,7 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
             return None
         # The output's place in the autograd graph as the layer left it: the gradient asked for there is that
         # of the layer's own output, even if an in-place op (ReLU(inplace=True)) changes the tensor later.
-        self._records.setdefault(layer, []).append((inputs[0].detach(), get_gradient_edge(output)))
+        self._records.setdefault(layer, []).append((inputs[0], get_gradient_edge(output)))  # used under no_grad only: no detach
         # A Linear on [batch, seq, features] returns a view; an in-place op on a view rewrites its history
         # (the edge above would get no gradient). The layer's users get a copy instead.
         return output.clone() if output._base is not None else None
@@ -231,40 +231,41 @@ class OnePassGradSampleModule(GradSampleModuleFastGradientClipping):
         # the layers' output gradients are asked for: autograd skips the (unclipped) parameter gradients.
         stats = _group_norm_stats(layers, edges)  # read before the backward pass frees them
         outputs = torch.autograd.grad(loss_per_sample.sum(), edges, allow_unused=True) if edges else ()
-        out = self._grad_buffer()
-        captured = [(layer, a, g) for layer, a, g in zip(layers, inputs, outputs) if g is not None]
-        if len(captured) < len(self._layers):
-            reached = {id(layer) for layer, _, _ in captured}
-            for layer in self._layers:
-                if id(layer) not in reached:  # no gradient reached this layer: every record's gradient here is 0
-                    for p in _own(layer):
-                        if p.requires_grad:
-                            p.grad = torch.zeros_like(p) if out is None else out[p].zero_()
-        norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device, stats)
-        all_finite, top = _finite_and_top(norms_all, largest)
-        if not all_finite and any(g.dtype != torch.float64 for _, _, g in captured):
-            # an overflow in the layers' dtype (inf or NaN, never a wrong finite norm): again, in float64
-            captured = [(layer, a.double() if a.is_floating_point() else a, g.double()) for layer, a, g in captured]
+        with torch.no_grad():  # the inputs kept are not detached: nothing below may enter the autograd graph
+            out = self._grad_buffer()
+            captured = [(layer, a, g) for layer, a, g in zip(layers, inputs, outputs) if g is not None]
+            if len(captured) < len(self._layers):
+                reached = {id(layer) for layer, _, _ in captured}
+                for layer in self._layers:
+                    if id(layer) not in reached:  # no gradient reached this layer: every record's gradient here is 0
+                        for p in _own(layer):
+                            if p.requires_grad:
+                                p.grad = torch.zeros_like(p) if out is None else out[p].zero_()
             norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device, stats)
             all_finite, top = _finite_and_top(norms_all, largest)
-        self.__dict__["_per_sample_gradient_norms"] = norms_all  # Opacus' per_sample_gradient_norms, set without nn.Module's __setattr__
-        finite = None if all_finite else torch.isfinite(norms_all)
-        left_out = 0 if finite is None else int((~finite).sum())
-        if left_out:
-            self.__dict__["nonfinite_records"] = self.nonfinite_records + left_out
-        coef = (norms_all + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)  # Opacus' get_clipping_coef: max_grad_norm / (norm + 1e-6), at most 1
-        if finite is not None:
-            coef = torch.where(finite, coef, torch.zeros_like(coef))
-        # float32 is exact enough, and cannot overflow, while every record's entry bound is <= WIDE: then
-        # no c_i g_ij a_ik exceeds WIDE, and c_i >= max_grad_norm / (2 WIDE sqrt(layers)) is a normal float
-        wide = left_out < len(norms_all) and (top if finite is None else float(largest[finite].max())) > WIDE
-        coefs: dict[torch.dtype, torch.Tensor] = {}
-        for (layer, activations, backprops), norms in zip(captured, found):
-            dtype = torch.float64 if wide else backprops.dtype
-            if dtype not in coefs:
-                coefs[dtype] = coef.to(dtype)
-            clip_into(layer, activations, backprops, norms, coefs[dtype], finite, out)
-        return left_out
+            if not all_finite and any(g.dtype != torch.float64 for _, _, g in captured):
+                # an overflow in the layers' dtype (inf or NaN, never a wrong finite norm): again, in float64
+                captured = [(layer, a.double() if a.is_floating_point() else a, g.double()) for layer, a, g in captured]
+                norms_all, largest, found = all_norms(captured, loss_per_sample.shape[0], loss_per_sample.device, stats)
+                all_finite, top = _finite_and_top(norms_all, largest)
+            self.__dict__["_per_sample_gradient_norms"] = norms_all  # Opacus' per_sample_gradient_norms, set without nn.Module's __setattr__
+            finite = None if all_finite else torch.isfinite(norms_all)
+            left_out = 0 if finite is None else int((~finite).sum())
+            if left_out:
+                self.__dict__["nonfinite_records"] = self.nonfinite_records + left_out
+            coef = (norms_all + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)  # Opacus' get_clipping_coef: max_grad_norm / (norm + 1e-6), at most 1
+            if finite is not None:
+                coef = torch.where(finite, coef, torch.zeros_like(coef))
+            # float32 is exact enough, and cannot overflow, while every record's entry bound is <= WIDE: then
+            # no c_i g_ij a_ik exceeds WIDE, and c_i >= max_grad_norm / (2 WIDE sqrt(layers)) is a normal float
+            wide = left_out < len(norms_all) and (top if finite is None else float(largest[finite].max())) > WIDE
+            coefs: dict[torch.dtype, torch.Tensor] = {}
+            for (layer, activations, backprops), norms in zip(captured, found):
+                dtype = torch.float64 if wide else backprops.dtype
+                if dtype not in coefs:
+                    coefs[dtype] = coef.to(dtype)
+                clip_into(layer, activations, backprops, norms, coefs[dtype], finite, out)
+            return left_out
 
     def _grad_buffer(self) -> dict[nn.Parameter, torch.Tensor] | None:
         """Each trainable parameter's place in one buffer for this step's ``.grad`` (in
@@ -379,6 +380,10 @@ def _validate(module: nn.Module, layers: list[nn.Module]) -> None:
 
 class _ClippedLoss(DPTensorFastGradientClipping):
     """Opacus' ghost-clipping loss; its ``backward`` takes one pass on a ``OnePassGradSampleModule``."""
+
+    def detach(self) -> torch.Tensor:
+        with torch.no_grad():  # one reduction, no graph (Opacus' reduces, then detaches)
+            return self.loss_per_sample.mean() if self.loss_reduction == "mean" else self.loss_per_sample.sum()
 
     def backward(self) -> None:
         if not isinstance(self.module, OnePassGradSampleModule):

@@ -222,16 +222,15 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
         # every |g_i| then every |a_i|, in g's and a's dtype first (an overflow shows as inf): [2L, n] in one stack
         # (float64 from here: in float32 a square of a norm below 1e-19 underflows, and a record could then
         # pass unclipped where max-grad-norm is tiny)
-        rows = torch.stack([torch.linalg.vector_norm(captured[i][2], dim=1) for i in flat] + [torch.linalg.vector_norm(captured[i][1], dim=1) for i in flat]).double()
-        g_norm, a_norm = rows[:count], rows[count:]
+        rows = torch.stack([torch.linalg.vector_norm(captured[i][2], dim=1) for i in flat] + [torch.linalg.vector_norm(captured[i][1], dim=1) for i in flat]).double().square_()
+        g_sq, a_sq = rows[:count], rows[count:]
         weight = [_trains(layer, "weight") for layer in layers]
         bias = [_trains(layer, "bias") for layer in layers]
-        g_sq = g_norm.square()
         if all(weight) and all(bias):
-            squared = torch.addcmul(g_sq, g_sq, a_norm.square())  # |g a^T|^2 + |g|^2
+            squared = torch.addcmul(g_sq, g_sq, a_sq)  # |g a^T|^2 + |g|^2
         else:
             on = torch.tensor([weight, bias], dtype=torch.float64, device=device).unsqueeze(-1)  # [2, L, 1]
-            squared = g_sq * (a_norm.square() * on[0] + on[1])
+            squared = g_sq * (a_sq * on[0] + on[1])
         parts.append(squared.sum(dim=0))
     if not parts:
         zero = torch.zeros(n, dtype=torch.float64, device=device)
