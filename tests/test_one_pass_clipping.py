@@ -132,6 +132,48 @@ def test_convolutions_form_per_record_gradients_unless_too_large(monkeypatch: py
         assert (layer_norms(layer, x, g).per_record is None) is ghost, name
 
 
+@pytest.mark.parametrize("layer", [nn.GroupNorm(2, 4), nn.Conv1d(2, 4, 3)], ids=["groupnorm", "conv1d"])
+def test_a_layers_clipped_sum_lands_in_its_places_side_by_side_apart_or_new(layer: nn.Module) -> None:
+    # A layer's per-record gradients are clipped block by block (a GroupNorm's weight and bias in one):
+    # straight into one buffer's span when its places lie side by side there, else part by part.
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 6) if isinstance(layer, nn.Conv1d) else torch.randn(5, 4, 6)
+    g = torch.randn_like(layer(x))
+    coef = torch.rand(5)
+    norms = layer_norms(layer, x, g)
+    params = [p for p in layer.parameters()]
+    ways: dict[str, dict[nn.Parameter, torch.Tensor] | None] = {"new": None}
+    flat = torch.full((sum(p.numel() for p in params),), float("nan"))
+    ways["side by side"], at = {}, 0
+    for p in params:
+        ways["side by side"][p] = flat[at : at + p.numel()].view(p.shape)  # type: ignore[index]
+        at += p.numel()
+    ways["apart"] = {p: torch.full(p.shape, float("nan")) for p in params}  # separate tensors: no span
+    results = {}
+    for way, out in ways.items():
+        for p in params:
+            p.grad = None
+        ghost_norms.clip_into(layer, x, g, norms, coef, None, out)
+        results[way] = [p.grad.clone() for p in params]
+        if out is not None:
+            assert all(p.grad is out[p] for p in params), way  # each .grad is its place
+    expected = [torch.einsum("i,i...->...", coef, t) for t in _explicit_per_record(layer, x, g)]
+    for way, grads in results.items():
+        for got, want in zip(grads, expected):
+            assert torch.allclose(got, want, atol=1e-5), way
+
+
+def _explicit_per_record(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """Each parameter's per-record gradients, one record at a time with torch.func."""
+    names = [name for name, _ in layer.named_parameters()]
+
+    def loss(params: dict[str, torch.Tensor], xi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
+        return (torch.func.functional_call(layer, params, (xi.unsqueeze(0),)) * gi.unsqueeze(0)).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(dict(layer.named_parameters()), x, g)
+    return [grads[name].detach() for name in names]
+
+
 def _fusion(name: str) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
     recipe = ModelRecipe(name)
     data = recipe.prepare(make_synthetic(24, seed=5))

@@ -344,15 +344,15 @@ def _clip_block(params: tuple[nn.Parameter, ...], grads: Tensor, coef: Tensor, o
         torch.mv(flat.t(), coef, out=place)
     else:
         summed = torch.mv((flat if flat.dtype == coef.dtype else flat.to(coef.dtype)).t(), coef)
-        place = summed.to(params[0].dtype) if place is None else place.copy_(summed)
-    if out is not None:
-        for p in params:
-            p.grad = out[p]
-        return
-    at = 0
+        if place is None:  # no buffer, or places apart: each parameter's part on its own
+            at = 0
+            for p in params:
+                _set_grad(p, summed[at : at + p.numel()].view(p.shape), out)
+                at += p.numel()
+            return
+        place.copy_(summed)
     for p in params:
-        p.grad = place[at : at + p.numel()].view(p.shape)
-        at += p.numel()
+        p.grad = out[p]  # type: ignore[index]  # a span was found: out is given
 
 
 def _span(out: dict[nn.Parameter, Tensor] | None, params: tuple[nn.Parameter, ...]) -> Tensor | None:
