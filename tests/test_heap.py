@@ -12,43 +12,45 @@ from fedmm.data.synthetic import make_synthetic
 from fedmm.models import ModelRecipe
 from fedmm.site import training
 
-# In a fresh process: allocate 20 MiB, touch it, free it, and again; print the page faults of the second touch.
+# In a fresh process: eight rounds of 40 tensors of 512 KiB, written, then freed (a DP step's temporaries,
+# larger); print whether the heap is kept and the page faults of each round.
 _PROBE = """
 import resource, sys
 import torch
 from fedmm.site.heap import keep_heap
-print("kept" if (keep_heap() if sys.argv[1] == "keep" else False) else "default")
-for _ in range(2):
+kept = keep_heap()
+faults = []
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = torch.empty(5 << 20)  # 20 MiB of float32
-    block.fill_(1.0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del block
-print(faults)
+    blocks = [torch.ones(1 << 17) for _ in range(40)]
+    del blocks
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("kept" if kept else "default", *faults)
 """
 
 linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc's mallopt")
 
 
-def _second_touch_faults(mode: str, **env: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True, env={**os.environ, **env}, timeout=120)
-    state, faults = out.stdout.split()
-    return state, int(faults)
+def _rounds(**env: str) -> tuple[str, list[int]]:
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, env={**os.environ, **env}, timeout=120)
+    state, *faults = out.stdout.split()
+    return state, [int(f) for f in faults]
 
 
 @linux_glibc
-def test_a_freed_block_is_reused_without_page_faults_once_the_heap_is_kept() -> None:
-    state, faults = _second_touch_faults("default")
-    # glibc's own thresholds: a 20 MiB block is a fresh mmap each time, every page faulted in again
-    assert state == "default" and faults > 4000, faults
-    state, faults = _second_touch_faults("keep")
-    assert state == "kept" and faults < 100, faults
+def test_freed_memory_is_used_again_without_page_faults_once_the_heap_is_kept() -> None:
+    # The first round faults its 20 MiB in (about 5,100 pages); once the heap holds them, a round takes
+    # none. (glibc's own thresholds sometimes get there too and sometimes fault every round: about
+    # 5,100 pages a round in 3 of 5 processes here, so that case is not asserted.)
+    state, faults = _rounds()
+    assert state == "kept" and faults[0] > 4000, faults
+    assert max(faults[3:]) < 100, faults
 
 
 @linux_glibc
 def test_the_heap_setting_can_be_turned_off() -> None:
-    state, faults = _second_touch_faults("keep", FEDMM_KEEP_HEAP="0")
-    assert state == "default" and faults > 4000, faults
+    state, _ = _rounds(FEDMM_KEEP_HEAP="0")
+    assert state == "default"
 
 
 def test_training_keeps_the_heap(monkeypatch: pytest.MonkeyPatch) -> None:
