@@ -60,3 +60,12 @@ def test_training_keeps_the_heap(monkeypatch: pytest.MonkeyPatch) -> None:
     data = recipe.prepare(make_synthetic(16, seed=0))
     training.train(recipe.build(data.schema, seed=0), data, epochs=1, batch_size=8, learning_rate=0.1, momentum=0.0, seed=0, dp=None)
     assert calls == [1]
+
+
+def test_a_malformed_heap_setting_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmm.site import heap
+
+    monkeypatch.setattr(heap, "_done", set())  # as in a process that has not set it yet
+    monkeypatch.setenv("FEDMM_KEEP_HEAP", "no")
+    with pytest.raises(ValueError, match=r"FEDMM_KEEP_HEAP='no'.*expected 0 .* or 1.*Fix: unset it"):
+        heap.keep_heap()
