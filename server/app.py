@@ -47,9 +47,17 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config and write ``runs/<run-id>/``."""
     plan = RunPlan.from_run_config(context.run_config)
+    cfg = plan.config
+    artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id), resume=cfg.resume)  # holds the run folder
+    try:
+        _federate(PromptGrid(grid), context, plan, artifacts)  # PromptGrid: replies noticed within 0.1 s, not Flower's fixed 3 s
+    finally:
+        artifacts.close()  # from here on the run may be resumed
+
+
+def _federate(grid: PromptGrid, context: Context, plan: RunPlan, artifacts: RunArtifacts) -> None:
+    """The run itself, with its folder held (see :func:`main`)."""
     cfg, recipe = plan.config, plan.model
-    grid = PromptGrid(grid)  # replies noticed within 0.1 s, not Flower's fixed 3 s
-    artifacts = RunArtifacts(cfg, cfg.run_name or new_run_id(context.run_id), resume=cfg.resume)
     log(INFO, "[fedmm] run %s: %s sites, %d rounds, dp=%s -> %s", artifacts.run_id, cfg.sites or "auto", cfg.rounds, cfg.dp, artifacts.dir)
     source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     if source.pool.synthetic:

@@ -106,6 +106,7 @@ def test_state_round_trips_a_checkpoint_and_resume_repeats_the_next_step(tmp_pat
         glob = first.server_opt.apply(glob, y)
     artifacts = RunArtifacts(cfg, "run")
     artifacts.save_checkpoint(2, glob, first.to_state())
+    artifacts.close()  # the run ends (a run still writing its folder cannot be resumed)
     done, arrays, state = RunArtifacts(cfg, "run", resume=True).load_checkpoint()
     resumed = FedMMAvg(dp=False, sites=2, server_opt=ServerOptimizer.from_config(cfg))
     resumed.restore(state, rounds_done=done)

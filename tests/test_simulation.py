@@ -18,6 +18,7 @@ import torch
 from fedmm.cli.status import run_status
 from fedmm.config import RunConfig
 from fedmm.data.avmnist import builtin_root, load_test
+from fedmm.federation.artifacts import run_in_use
 from fedmm.models import ModelRecipe
 from fedmm.plan import batch_size
 
@@ -227,6 +228,12 @@ def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_says_what_it_left(tmp_path:
         while "round 2/40" not in out.read_text():
             assert process.poll() is None and time.monotonic() < deadline, out.read_text()
             time.sleep(0.2)
+        # A careless operator resumes the run while it still goes on: refused before anything starts (it used
+        # to run a second federation on the same folder, interleaving the two runs' metrics and checkpoints)
+        second = _simulate(tmp_path, "rounds=40", 'run-name="cut"', "resume=true", flags=flags)
+        said = " ".join(second.stdout.split())  # as one line, whatever the terminal's width
+        assert second.returncode == 2 and "being written by another run" in said and "Fix: wait for that run to end" in said, second.stdout + second.stderr
+        assert not (tmp_path / "cut" / "flower.log").exists() and process.poll() is None  # nothing of the refused run's, and the run goes on
         process.send_signal(stop)
         try:
             code = process.wait(timeout=60)
@@ -244,6 +251,7 @@ def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_says_what_it_left(tmp_path:
     checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
     assert checkpoint["round"] >= 2 and (run_dir / "flower.log").is_file()
     assert not (run_dir / "summary.json").exists()  # not a finished run
+    assert run_in_use(run_dir) is None  # stopped, however: the run may be resumed
     deadline = time.monotonic() + 30  # the engine's processes (--superlink: SuperLink, SuperExec, Ray) are gone
     while _flower_processes() - before and time.monotonic() < deadline:
         time.sleep(0.5)

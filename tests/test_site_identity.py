@@ -209,6 +209,7 @@ def test_a_resume_with_other_settings_says_what_changed_and_keeps_both_configs(t
     saved = RunArtifacts(first, "run")
     saved.save_config(first)
     saved.save_checkpoint(2, {"w": np.zeros(2, np.float32)}, {})
+    saved.close()  # the run ends; then it is resumed
     resumed = first.replace(client_noise_multiplier=4.0, resume=True)
     artifacts = RunArtifacts(resumed, "run", resume=True)
 

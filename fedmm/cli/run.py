@@ -14,7 +14,7 @@ from rich.table import Table
 from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, federation_usage, load_federation, load_preset, parse_overrides
 from fedmm.config import RunConfig
 from fedmm.errors import FedMMError
-from fedmm.federation.artifacts import new_run_id
+from fedmm.federation.artifacts import check_run_folder, new_run_id
 
 __all__ = ["simulate", "server", "site"]
 
@@ -96,6 +96,7 @@ def simulate(
             run_name=cfg.run_name or new_run_id(), data=absolute_data(cfg.data),
             image_weights=str(Path(cfg.image_weights).expanduser().resolve()) if cfg.image_weights else "",
         )
+        check_run_folder(cfg.runs_dir, cfg.run_name, resume=cfg.resume)  # before anything is loaded or started
         run_plan = build_plan(cfg)
         federation = load_federation(run_plan)  # bad data or a bad split fails here, before Flower starts
     if cfg.sites is None:  # auto: every group of a natural partition (else the default count)

@@ -10,7 +10,9 @@
 - ``privacy.json``: each site's (epsilon, delta), accountant, noise, sample rate, steps;
 - ``model_card.json``: parameters per modality encoder and per head, DP layer replacements;
 - ``federation.json``: how the data was split (partitioner, seed) and, per site, the
-  samples per class and per modality, lost modalities, hidden or flipped labels, skips.
+  samples per class and per modality, lost modalities, hidden or flipped labels, skips;
+- ``run.lock``: held (an exclusive ``flock``) by the one process writing the folder, and naming
+  it: a second run on the same folder (a resume while the run still goes on) is refused.
 
 Files are written whole to a temporary name, then renamed, so a crash never
 leaves a half-written artifact.
@@ -35,17 +37,56 @@ import tomli_w
 from fedmm import __version__
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, DataError
+from fedmm.holder_lock import Held, HolderLock
 
 if TYPE_CHECKING:
     import torch  # loaded on use: `fedmm status` and the ledger commands never need it
 
-__all__ = ["RunArtifacts", "new_run_id", "CHECKPOINT", "FAILURE", "MODEL", "BEST_MODEL"]
+__all__ = ["RunArtifacts", "new_run_id", "check_run_folder", "run_in_use", "CHECKPOINT", "FAILURE", "LOCK", "MODEL", "BEST_MODEL"]
 
 CHECKPOINT = "checkpoint.json"
 FAILURE = "failure.json"  # why a run failed, from the ServerApp: a deployment's run folder has no flower.log to look in
 OPTIMIZER_PREFIX = "server-optimizer/"  # the server optimizer's arrays inside a checkpoint's npz
 MODEL = "model.pt"
 BEST_MODEL = "model-best.pt"
+LOCK = "run.lock"  # held by the process writing the run folder (its ServerApp), for the whole run
+
+
+def run_in_use(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s lock (a run writing it now), or None when no process does."""
+    if not (run_dir / LOCK).is_file():
+        return None
+    try:
+        HolderLock(run_dir / LOCK).release()
+    except Held as held:
+        return held.holder
+    return None
+
+
+def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool) -> None:
+    """Refuse now what :class:`RunArtifacts` would refuse for this folder when the run starts: a new
+    run on a folder that exists, a resume of a folder another run is writing (nothing is held here)."""
+    run_dir = Path(runs_dir).expanduser().resolve() / run_id
+    if not resume and run_dir.exists():
+        raise _exists_error(run_dir, run_id)
+    holder = run_in_use(run_dir) if resume else None
+    if holder is not None:
+        raise _in_use_error(run_dir, holder)
+
+
+def _exists_error(run_dir: Path, run_id: str) -> ConfigError:
+    return ConfigError(
+        "run-name", f"a run folder {run_dir} exists already", value=run_id,
+        fix="give this run another run-name, or set resume=true to continue that run from its checkpoint",
+    )
+
+
+def _in_use_error(run_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(
+        "run-name", f"run folder {run_dir} is being written by another run ({holder}); two runs on one folder would "
+        "interleave its metrics, checkpoints and summary", value=run_dir.name,
+        fix="wait for that run to end (or stop it) before resuming it, or give this run its own run-name",
+    )
 
 
 def new_run_id(flower_run_id: int | str | None = None) -> str:
@@ -77,9 +118,21 @@ class RunArtifacts:
                     "resume", f"no checkpoint to resume from at {self.dir / CHECKPOINT}", value=True,
                     fix="set run-name to the run to resume (its folder under runs-dir), or resume=false for a new run",
                 )
-            return
-        self.dir.mkdir(parents=True, exist_ok=False)
-        self.save_config(cfg)
+        else:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=False)  # one new run per folder, even when two start at once
+            except FileExistsError:
+                raise _exists_error(self.dir, run_id) from None
+        try:
+            self._lock = HolderLock(self.dir / LOCK)  # held until close(): no second run writes this folder meanwhile
+        except Held as held:
+            raise _in_use_error(self.dir, held.holder) from None
+        if not resume:
+            self.save_config(cfg)
+
+    def close(self) -> None:
+        """Release the run folder (its lock): the run writes nothing more, and may be resumed."""
+        self._lock.release()
 
     def save_config(self, cfg: RunConfig) -> None:
         """Write ``config.toml``: the run's configuration (the server rewrites it with every ``auto`` resolved)."""

@@ -12,70 +12,31 @@
 
 from __future__ import annotations
 
-import fcntl
-import getpass
 import json
 import os
-import socket
-import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedmm.errors import PrivacyError
+from fedmm.holder_lock import Held, HolderLock, who
 
 __all__ = ["LedgerLock", "write_anchor", "read_anchor", "append_log", "read_log"]
 
 
-def _who() -> dict[str, Any]:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return {"user": user, "host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:300]}
-
-
-class LedgerLock:
-    """One process per ledger: an exclusive, non-blocking ``flock`` on ``<ledger>.lock``.
-
-    The operating system releases it when the holder exits, however it exits (SIGKILL too).
-    """
+class LedgerLock(HolderLock):
+    """One process per ledger: an exclusive, non-blocking ``flock`` on ``<ledger>.lock``
+    (:class:`fedmm.holder_lock.HolderLock`), waited for up to ``wait`` seconds."""
 
     def __init__(self, ledger: Path, *, wait: float = 10.0) -> None:
-        self.path = ledger.with_name(ledger.name + ".lock")
-        self._handle: IO[str] | None = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  held until release()
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = self._holder()
-                    self.release()
-                    raise PrivacyError(
-                        f"the privacy ledger {ledger} is in use by another process ({holder}) and stayed so for {wait:g} s; "
-                        "only one process may check a site's budget and record its spends. Fix: stop the other fedmm site "
-                        "(or simulation) that uses this state directory, or give each its own"
-                    ) from None
-                time.sleep(0.05)
-        self._handle.seek(0)
-        self._handle.truncate()
-        self._handle.write(json.dumps({**_who(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
-        self._handle.flush()
-
-    def _holder(self) -> str:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-            return f"pid {data['pid']}, since {data['since']}; its host, user and command are in {self.path.name}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that did not say who it is"
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing the file drops the flock
-            self._handle = None
+            super().__init__(ledger.with_name(ledger.name + ".lock"), wait=wait)
+        except Held as held:
+            raise PrivacyError(
+                f"the privacy ledger {ledger} is in use by another process ({held.holder}) and stayed so for {wait:g} s; "
+                "only one process may check a site's budget and record its spends. Fix: stop the other fedmm site "
+                "(or simulation) that uses this state directory, or give each its own"
+            ) from None
 
 
 def write_anchor(path: Path, seq: int, digest: str) -> None:
@@ -101,7 +62,7 @@ def read_anchor(path: Path) -> tuple[int, str] | None:
 
 def append_log(path: Path, event: str, **fields: Any) -> None:
     """Append one lifecycle event to the ledger's log, durably."""
-    line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, **fields, **_who()})
+    line = json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, **fields, **who()})
     with open(path, "a+b") as handle:
         handle.seek(0, os.SEEK_END)
         if handle.tell():  # a line torn by a crash (no newline) must not swallow this one

@@ -1,0 +1,88 @@
+"""One process at a time: an exclusive ``flock`` on a file that names its holder.
+
+Used for a site's privacy ledger (``fedmm.privacy.ledger_files.LedgerLock``) and a run's folder
+(``fedmm.federation.artifacts.RunArtifacts``). The operating system drops the lock when its holder
+exits, however it exits (SIGKILL too), so a crashed holder never leaves it stuck. ``flock`` locks
+belong to an open file: a second lock on the same file conflicts even within one process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+__all__ = ["HolderLock", "Held", "who"]
+
+
+def who() -> dict[str, Any]:
+    """This process: user, host, pid and command line (cut to 300 characters)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return {"user": user, "host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:300]}
+
+
+class Held(Exception):
+    """The lock is held by another process (or another open of the file); ``holder`` says who."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+class HolderLock:
+    """An exclusive, non-blocking ``flock`` on ``path``, retried for up to ``wait`` seconds; raises
+    :class:`Held` if it stays taken. While held, the file holds who holds it (JSON: :func:`who`
+    and since when). :meth:`release` (or leaving a ``with`` block) drops it."""
+
+    def __init__(self, path: Path, *, wait: float = 0.0) -> None:
+        self.path = path
+        self._handle: IO[str] | None = open(path, "a+", encoding="utf-8")  # noqa: SIM115  held until release()
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = self.holder()
+                    self.release()
+                    raise Held(path, holder) from None
+                time.sleep(0.05)
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(json.dumps({**who(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+        self._handle.flush()
+
+    def holder(self) -> str:
+        """Who the file says holds (or last held) the lock, in a few words."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            return f"pid {data['pid']}, since {data['since']}; its host, user and command are in {self.path.name}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that did not say who it is"
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file drops the flock
+            self._handle = None
+
+    def __enter__(self) -> HolderLock:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.release()

@@ -1,0 +1,100 @@
+"""One run writes a run folder at a time: a second (a resume while the run goes on) is refused, with who holds it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmm.config import RunConfig
+from fedmm.errors import ConfigError
+from fedmm.federation.artifacts import LOCK, RunArtifacts, check_run_folder, run_in_use
+
+HOLD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from fedmm.config import RunConfig
+    from fedmm.federation.artifacts import RunArtifacts
+    cfg = RunConfig(runs_dir=sys.argv[1], run_name="run", sites=2)
+    artifacts = RunArtifacts(cfg, "run", resume=sys.argv[2] == "resume")
+    artifacts.save_checkpoint(1, {"w": np.zeros(2, np.float32)}, {})
+    print("holding", flush=True)
+    sys.stdin.read()  # until the test closes stdin, or kills this process
+    """
+)
+
+
+def _holder(runs: Path, *, resume: bool = False) -> subprocess.Popen[str]:
+    """Another process writing runs/run (as a running ServerApp does), once it says so."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(runs), "resume" if resume else "new"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "holding"
+    return process
+
+
+def test_a_run_being_written_cannot_be_resumed_by_another_process_until_it_ends(tmp_path: Path) -> None:
+    cfg = RunConfig(runs_dir=str(tmp_path), run_name="run", sites=2, resume=True)
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(ConfigError) as refused:
+            RunArtifacts(cfg, "run", resume=True)
+        message = str(refused.value)
+        assert "run-name" in message and "being written by another run" in message and f"pid {holder.pid}" in message
+        assert "Fix: wait for that run to end" in message
+        assert run_in_use(tmp_path / "run") is not None
+        with pytest.raises(ConfigError, match="being written by another run"):
+            check_run_folder(tmp_path, "run", resume=True)  # what `fedmm simulate` asks before it loads anything
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(["checkpoint-1.npz", "checkpoint.json", "config.toml", LOCK])
+    finally:
+        holder.kill()  # SIGKILL: the operating system drops the lock with the process
+        holder.wait(10)
+    assert holder.returncode == -signal.SIGKILL and run_in_use(tmp_path / "run") is None
+    resumed = RunArtifacts(cfg, "run", resume=True)
+    try:
+        assert resumed.load_checkpoint()[0] == 1
+        assert f"{os.getpid()}" in (tmp_path / "run" / LOCK).read_text()  # the lock file names its holder
+    finally:
+        resumed.close()
+
+
+def test_two_resumes_of_one_run_cannot_both_write_it(tmp_path: Path) -> None:
+    cfg = RunConfig(runs_dir=str(tmp_path), run_name="run", sites=2)
+    first = RunArtifacts(cfg, "run")
+    first.save_checkpoint(1, {"w": np.zeros(2, np.float32)}, {})
+    first.close()
+    holder = _holder(tmp_path, resume=True)
+    try:
+        with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
+            RunArtifacts(cfg.replace(resume=True), "run", resume=True)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the holder ends normally: the lock goes with its open file
+        holder.wait(10)
+    RunArtifacts(cfg.replace(resume=True), "run", resume=True).close()
+
+
+def test_in_one_process_a_second_writer_waits_for_close(tmp_path: Path) -> None:
+    cfg = RunConfig(runs_dir=str(tmp_path), run_name="run", sites=2)
+    first = RunArtifacts(cfg, "run")
+    first.save_checkpoint(1, {"w": np.zeros(2, np.float32)}, {})
+    with pytest.raises(ConfigError, match="being written by another run"):
+        RunArtifacts(cfg.replace(resume=True), "run", resume=True)
+    first.close()
+    RunArtifacts(cfg.replace(resume=True), "run", resume=True).close()
+
+
+def test_a_new_run_on_an_existing_folder_is_refused_with_the_fix(tmp_path: Path) -> None:
+    cfg = RunConfig(runs_dir=str(tmp_path), run_name="run", sites=2)
+    RunArtifacts(cfg, "run").close()
+    for refuse in (lambda: RunArtifacts(cfg, "run"), lambda: check_run_folder(tmp_path, "run", resume=False)):
+        with pytest.raises(ConfigError) as refused:
+            refuse()
+        assert "exists already" in str(refused.value) and "resume=true" in str(refused.value)
+    check_run_folder(tmp_path, "other", resume=False)  # a free name: nothing to say
+    check_run_folder(tmp_path, "run", resume=True)  # a folder no one holds may be resumed
