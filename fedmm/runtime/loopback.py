@@ -19,6 +19,8 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+from fedmm.runtime.app_bundle import staged_app
+
 __all__ = ["LoopbackDeployment", "free_port"]
 
 BIN = Path(sys.executable).parent
@@ -171,7 +173,9 @@ class LoopbackDeployment:
         return str(runs[0].get("status", "")) if runs else ""
 
     def submit(self, run_config: str) -> str:
-        done = self.flwr("run", str(PROJECT), "fedmm", "--run-config", run_config, "--format", "json", timeout=300)
+        # the checkout's bundle files on their own: the same FAB as `flwr run .` builds, without walking .venv (fedmm.runtime.app_bundle)
+        app = staged_app(PROJECT, self.root / "app")
+        done = self.flwr("run", str(app), "fedmm", "--run-config", run_config, "--format", "json", timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         return str(json.loads(done.stdout)["run-id"])
 

@@ -34,6 +34,7 @@ import tomli_w
 
 from fedmm.config import RunConfig
 from fedmm.errors import FederationError
+from fedmm.runtime.app_bundle import staged_app
 from fedmm.runtime.ray_cluster import RaySettings
 
 __all__ = ["SimulationOutcome", "find_app_dir", "run_simulation"]
@@ -214,7 +215,7 @@ def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None], ray: RaySe
         with sigterm_as_interrupt():
             _wait_for_port(port, superlink, superlink_log)
             started = _flwr(
-                env, "run", str(app_dir), CONNECTION, "--run-config", str(overrides),
+                env, "run", str(staged_app(app_dir, work / "app")), CONNECTION, "--run-config", str(overrides),
                 "--federation-config", ray.federation_config(cfg.sites),
             )
             if not started.get("success"):
