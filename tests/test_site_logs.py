@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_every_round_logs_its_spend_and_a_refusal_its_reason_without_paths(tmp_p
         trained = run_round(_request(state, 1, RUN))
         refused = run_round(_request(state, 2, {**RUN, "dp": False}))  # the site's policy requires DP
     assert trained.refused is None and np.isfinite(trained.metrics[protocol.EPSILON])
-    assert "site 0 round 1: trained, epsilon" in caplog.text and "left of its budget 20" in caplog.text
+    assert re.search(r"site 0 round 1: trained in \d+\.\d s, epsilon", caplog.text) and "left of its budget 20" in caplog.text
     assert refused.refused and "secret-hospital-path" not in refused.refused
     assert "site 0 refuses round 2" in caplog.text
 

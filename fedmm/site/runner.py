@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -187,6 +188,7 @@ def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round
         raise _Forward(PrivacyError(_for_server(str(err), policy.ledger_path, req.node_config))) from None
     try:
         _refuse_another_sites_key(req.config, site)
+        started = time.monotonic()
         update = train_round(
             cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
             expected_schema=server_schema.to_json() if server_schema is not None else None, policy=policy, ledger=ledger, run_id=run_id,
@@ -228,10 +230,10 @@ def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round
     report, entry = update.privacy, update.ledger_entry
     if report is not None:
         left = f", {policy.epsilon_budget - report.epsilon:.3f} left of its budget {policy.epsilon_budget:g}"
-        _log.info("[fedmm] site %s round %d: trained, epsilon %.3f (delta=%g, %s)%s, ledger entry %s", site, server_round,
-                  report.epsilon, report.delta, report.accountant, left, entry.seq if entry is not None else "-")
+        _log.info("[fedmm] site %s round %d: trained in %.1f s, epsilon %.3f (delta=%g, %s)%s, ledger entry %s", site, server_round,
+                  time.monotonic() - started, report.epsilon, report.delta, report.accountant, left, entry.seq if entry is not None else "-")
     else:
-        _log.info("[fedmm] site %s round %d: trained without DP (%d records)", site, server_round, update.num_examples)
+        _log.info("[fedmm] site %s round %d: trained without DP in %.1f s (%d records)", site, server_round, time.monotonic() - started, update.num_examples)
     response.metrics = {
         protocol.NUM_EXAMPLES: weight, **({} if cfg.dp else {protocol.TRAIN_LOSS: update.train_loss}),
         protocol.EPSILON: report.epsilon if report else 0.0,
