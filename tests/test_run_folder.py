@@ -47,7 +47,9 @@ def test_a_run_being_written_cannot_be_resumed_by_another_process_until_it_ends(
         message = str(refused.value)
         assert "run-name" in message and "being written by another run" in message and f"pid {holder.pid}" in message
         assert "Fix: wait for that run to end" in message
-        assert run_in_use(tmp_path / "run") is not None
+        lock_file = (tmp_path / "run" / LOCK).read_text()
+        assert run_in_use(tmp_path / "run") is not None and f'"pid": {holder.pid}' in lock_file
+        assert (tmp_path / "run" / LOCK).read_text() == lock_file  # looking did not write over who holds it
         with pytest.raises(ConfigError, match="being written by another run"):
             check_run_folder(tmp_path, "run", resume=True)  # what `fedmm simulate` asks before it loads anything
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(["checkpoint-1.npz", "checkpoint.json", "config.toml", LOCK])

@@ -37,7 +37,7 @@ import tomli_w
 from fedmm import __version__
 from fedmm.config import RunConfig
 from fedmm.errors import ConfigError, DataError
-from fedmm.holder_lock import Held, HolderLock
+from fedmm.holder_lock import Held, HolderLock, holder_of
 
 if TYPE_CHECKING:
     import torch  # loaded on use: `fedmm status` and the ledger commands never need it
@@ -53,14 +53,8 @@ LOCK = "run.lock"  # held by the process writing the run folder (its ServerApp),
 
 
 def run_in_use(run_dir: Path) -> str | None:
-    """Who holds ``run_dir``'s lock (a run writing it now), or None when no process does."""
-    if not (run_dir / LOCK).is_file():
-        return None
-    try:
-        HolderLock(run_dir / LOCK).release()
-    except Held as held:
-        return held.holder
-    return None
+    """Who holds ``run_dir``'s lock (a run writing it now), or None when no process does (nothing is written)."""
+    return holder_of(run_dir / LOCK)
 
 
 def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool) -> None:
