@@ -17,7 +17,6 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 __all__ = ["HolderLock", "Held", "holder_of", "who"]
@@ -66,7 +65,7 @@ class Held(Exception):
 class HolderLock:
     """An exclusive, non-blocking ``flock`` on ``path``, retried for up to ``wait`` seconds; raises
     :class:`Held` if it stays taken. While held, the file holds who holds it (JSON: :func:`who`
-    and since when). :meth:`release` (or leaving a ``with`` block) drops it."""
+    and since when). :meth:`release` drops it."""
 
     def __init__(self, path: Path, *, wait: float = 0.0) -> None:
         self.path = path
@@ -91,17 +90,7 @@ class HolderLock:
         """Who the file says holds (or last held) the lock, in a few words."""
         return _holder(self.path)
 
-    @property
-    def held(self) -> bool:
-        return self._handle is not None
-
     def release(self) -> None:
         if self._handle is not None:
             self._handle.close()  # closing the file drops the flock
             self._handle = None
-
-    def __enter__(self) -> HolderLock:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
-        self.release()

@@ -27,6 +27,7 @@ def staged_app(app_dir: Path, into: Path) -> Path:
     if not patterns:
         return app_dir
     staged = into / app_dir.name
+    shutil.rmtree(staged, ignore_errors=True)  # a file the app no longer has must not stay in its bundle
     for pattern in patterns:
         for source in sorted(app_dir.glob(pattern)):
             if source.is_file() and not source.is_symlink():  # Flower leaves symlinks out too
