@@ -89,16 +89,21 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log_file: Path) 
     raise FederationError(f"the SuperLink did not open port {port} within {_STARTUP_TIMEOUT_S:.0f} s; see {log_file}")
 
 
-def _children(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
+def _proc_stats() -> dict[int, list[str]]:
+    """Each process's /proc stat fields after its name: [state, ppid, pgrp, ...]."""
+    stats: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            parents[int(entry.name)] = int(fields[1])
+    return stats
+
+
+def _children(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (from /proc)."""
+    parents = {p: int(fields[1]) for p, fields in _proc_stats().items()}
     found, frontier = [], [pid]
     while frontier:
         current = frontier.pop()
@@ -140,6 +145,16 @@ def _stop(process: subprocess.Popen[Any]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # A kill is only sent, not done: the ServerApp may hold the run folder's lock until it is gone, and a
+    # caller told "stopped" may resume the run at once. Grandchildren cannot be waited for, so watch /proc.
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while _living(set(descendants), groups) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _living(pids: set[int], groups: set[int]) -> list[int]:
+    """Those of ``pids``, or of any process in ``groups``, that have not exited (a zombie has: its files are closed)."""
+    return [p for p, fields in _proc_stats().items() if fields[0] != "Z" and (p in pids or int(fields[2]) in groups)]
 
 
 def _flwr(env: dict[str, str], *args: str) -> dict[str, object]:
