@@ -373,17 +373,35 @@ def test_the_one_pass_path_validates_as_opacus_does() -> None:
         del ModuleValidator.VALIDATORS[nn.Linear]
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: per-record norms are taken in float32, where a row whose entries are all below ~1e-22 reads as norm 0")
-def test_a_record_whose_norm_squares_below_float32_is_still_clipped() -> None:
-    # |g| = 1.4e-23 and |a| = 1e19: the weight gradient's norm is 1.4e-4, but float32's vector_norm
-    # of |g| underflows to 0, so the norm reads as 0 and, with Opacus' factor clip / (norm + 1e-6)
-    # capped at 1, the record passes unclipped where max-grad-norm is below its norm. Opacus' own
-    # norms do the same. Through a site's training this needs an input far beyond INPUT_BOUND (1e6:
-    # a record's true norm must exceed 1e-6 while every output-gradient entry is below 1e-22, so
-    # |a| above about 3e15), which make_dataset clamps; a model given unbounded inputs directly is exposed.
+# Layers whose norm is a product of factors (|g| |a|, or the ghost sum of (a_t . a_s)(g_t . g_s)): an output
+# gradient whose entries square below float32's smallest normal (|g| = 1e-23 here) reads as norm 0 in float32,
+# while its input (1e18-5e18: a curious server's weights can make one that large from inputs inside INPUT_BOUND) makes
+# the record's true norm 1e-5 to 5e-5 x positions x sqrt(fan-in x fan-out), far above max-grad-norm (1e-5).
+UNDERFLOWING = {
+    "linear": (lambda: nn.Linear(4, 2), (3, 4), 5e18),  # one position: the default model's layers
+    "linear-positions": (lambda: nn.Linear(4, 2), (3, 5, 4), 5e18),  # over tokens: the ghost (Gram) norm
+    "conv1d-ghost": (lambda: nn.Conv1d(8, 16, 3), (3, 8, 5), 1e18),  # a convolution too large to form its gradients
+}
+
+
+@pytest.mark.parametrize("name", list(UNDERFLOWING))
+def test_a_record_whose_gradient_squares_below_float32_is_still_clipped(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ghost_norms, "EXPLICIT_MAX", 0)  # the convolution takes the ghost norm
+    make, shape, value = UNDERFLOWING[name]
     clip = 1e-5
-    layer = nn.Linear(4, 2)
+    layer = make()
     module = OnePassGradSampleModule(nn.Sequential(layer), max_grad_norm=clip)
-    module.clipped_backward((module(torch.full((3, 4), 5e18)) * 1e-23).sum(dim=1))
-    total = torch.sqrt(layer.weight.grad.double().square().sum() + layer.bias.grad.double().square().sum())
-    assert float(total) <= 3 * clip * (1 + 1e-5)  # three records, each clipped to max-grad-norm
+    out = module(torch.full(shape, value))
+    module.clipped_backward((out * 1e-23).reshape(shape[0], -1).sum(dim=1))
+    total = torch.sqrt(sum(p.grad.double().square().sum() for p in layer.parameters()))
+    assert float(total) <= shape[0] * clip * (1 + 1e-5)  # three records, each clipped to max-grad-norm
+    assert float(total) > 0  # clipped, not left out (an upper bound this far above the norm clips it far below max-grad-norm)
+
+
+def test_opacus_two_pass_linear_norm_over_positions_bounds_an_underflowing_record() -> None:
+    # fedmm's Linear norm sampler (Opacus' two-pass ghost clipping, for models with layers the one pass lacks)
+    layer = nn.Linear(4, 2)
+    a, g = torch.full((3, 5, 4), 5e18), torch.full((3, 5, 2), 1e-23)
+    norms = ghost.linear_norm_sample(layer, [a], g)
+    true = torch.einsum("ntj,ntk->njk", g.double(), a.double()).flatten(1).norm(dim=1)
+    assert bool((norms[layer.weight].double() >= true * (1 - 1e-6)).all()), (norms[layer.weight], true)
