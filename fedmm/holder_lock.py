@@ -4,6 +4,8 @@ Used for a site's privacy ledger (``fedmm.privacy.ledger_files.LedgerLock``) and
 (``fedmm.federation.artifacts.RunArtifacts``). The operating system drops the lock when its holder
 exits, however it exits (SIGKILL too), so a crashed holder never leaves it stuck. ``flock`` locks
 belong to an open file: a second lock on the same file conflicts even within one process.
+A lock file removed while held no longer excludes anyone (the next process makes a new one):
+:meth:`HolderLock.still_held` tells a holder so before it acts on what the lock protects.
 """
 
 from __future__ import annotations
@@ -69,17 +71,22 @@ class HolderLock:
 
     def __init__(self, path: Path, *, wait: float = 0.0) -> None:
         self.path = path
-        self._handle: IO[str] | None = open(path, "a+", encoding="utf-8")  # noqa: SIM115  held until release()
+        self._handle: IO[str] | None = None
         deadline = time.monotonic() + wait
         while True:
+            self._handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115  held until release()
             try:
                 fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if self.still_held():
+                    break
+                self.release()  # the file was removed or replaced between the open and the lock: lock the one there now
+                continue
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = self.holder()
                     self.release()
                     raise Held(path, holder) from None
+                self.release()
                 time.sleep(0.05)
         self._handle.seek(0)
         self._handle.truncate()
@@ -89,6 +96,18 @@ class HolderLock:
     def holder(self) -> str:
         """Who the file says holds (or last held) the lock, in a few words."""
         return _holder(self.path)
+
+    def still_held(self) -> bool:
+        """Whether the file this lock holds is still the one at its path. A lock file removed (or
+        replaced) while held leaves the lock on a file no one else opens: a second process then
+        locks a new file of the same name, and both think they hold it."""
+        if self._handle is None:
+            return False
+        try:
+            held, there = os.fstat(self._handle.fileno()), os.stat(self.path)
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:
         if self._handle is not None:

@@ -306,3 +306,50 @@ def test_a_site_audits_its_own_ledger_against_a_witness_that_names_others_too(tm
     code, output = run_cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"))
     assert code == 1 and "names site 'jackson', whose ledger was not given" in output and "--given-only" in output
     assert run_cli("audit", str(path), "--witness", str(tmp_path / "privacy.json"), "--given-only")[0] == 0
+
+
+# Review of 3 Dec: the lock file stays on disk after every run, and removing a "stale" one is an operator's habit. Removed
+# while a site ran, a second process opened the ledger too; both passed the budget check on the same entries and both spent.
+def _next_spend(ledger: PrivacyLedger, **extra: object) -> LedgerEntry:
+    accountant = SiteAccountant(CFG.accountant, ledger.events())
+    epsilon = accountant.projected_epsilon(1e-5, noise_multiplier=1.0, sample_rate=0.25, steps=4)
+    return ledger.append(run_id="r2", round=1, noise_multiplier=1.0, sample_rate=0.25, steps=4, delta=1e-5, accountant="rdp",
+                         epsilon=epsilon, epsilon_budget=20.0, data="d", **extra)  # type: ignore[arg-type]
+
+
+def test_a_removed_lock_file_lets_no_second_process_spend_beside_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    _spent_ledger(path, rounds=1)
+    first = PrivacyLedger.open(path, site="george")
+    try:
+        path.with_name("ledger.sqlite.lock").unlink()
+        with PrivacyLedger.open(path, site="george", wait=0.2) as second:  # a new lock file: the second process gets it
+            with pytest.raises(PrivacyError, match=r"lock file .*ledger.sqlite.lock was removed or replaced .* nothing was spent.*Fix: stop"):
+                _next_spend(first)
+            _next_spend(second)
+        assert len(PrivacyLedger.read(path).entries()) == 2  # one spend, not two
+    finally:
+        first.close()
+
+
+def test_a_spend_whose_budget_check_saw_an_older_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    _spent_ledger(path, rounds=2)
+    with PrivacyLedger.open(path, site="george") as ledger:
+        with pytest.raises(PrivacyError, match=r"budget check saw the ledger at entry 1, it is at entry 2 now; nothing was spent"):
+            _next_spend(ledger, follows=1)
+        assert _next_spend(ledger, follows=2).seq == 3
+
+
+def test_a_lock_knows_when_its_file_was_removed_or_replaced(tmp_path: Path) -> None:
+    from fedmm.holder_lock import HolderLock
+
+    path = tmp_path / "x.lock"
+    lock = HolderLock(path)
+    assert lock.still_held()
+    path.unlink()
+    assert not lock.still_held()
+    path.write_text("{}")  # another file at the same name
+    assert not lock.still_held()
+    lock.release()
+    assert not lock.still_held()

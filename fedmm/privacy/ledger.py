@@ -320,8 +320,14 @@ class PrivacyLedger:
     def append(
         self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int,
         delta: float, accountant: str, epsilon: float, epsilon_budget: float, data: str, mechanism: str = MECHANISM,
+        follows: int | None = None,
     ) -> LedgerEntry:
         """Append one spend and return it once it is durably on disk (spend log, then ledger, then head anchor).
+
+        ``follows``: the newest entry's sequence number when the budget check that allows this
+        spend read the ledger; the spend is refused if the ledger has moved on since (the check
+        was of other entries). It is refused too when this process's lock file is no longer the
+        one beside the ledger (removed while held: another process may have locked a new one).
 
         When ``epsilon`` is the figure stated before, held because ``accountant`` gives less (a
         stated epsilon never falls), and that figure came from another accountant, the entry's
@@ -336,7 +342,19 @@ class PrivacyLedger:
         self._db.execute("BEGIN IMMEDIATE")  # one writer; the head read below cannot go stale
         logged = False
         try:
+            if not self._lock.still_held():
+                raise PrivacyError(
+                    f"ledger {self.path}: this process's lock file {self._lock.path} was removed or replaced while it held it, so "
+                    "another process may have opened the ledger and be spending from it too; nothing was spent. Fix: stop every "
+                    "fedmm site (or simulation) using this state directory, then start one; never remove a .lock file by hand "
+                    "(the lock is the operating system's and goes with its process; the file only names the last holder)"
+                )
             seq, prev = self.head()
+            if follows is not None and seq != follows:
+                raise PrivacyError(
+                    f"ledger {self.path}: the budget check saw the ledger at entry {follows}, it is at entry {seq} now; nothing was "
+                    "spent. Fix: stop the other process that spends from this ledger (one site process per state directory)"
+                )
             last = self._db.execute("SELECT epsilon, accountant FROM entries WHERE seq = ?", (seq,)).fetchone()
             if last is not None and epsilon < float(last[0]):
                 raise PrivacyError(f"ledger {self.path}: cumulative epsilon would fall from {last[0]} to {epsilon}; refused")

@@ -228,9 +228,11 @@ def train_round(
                 f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: plan for more noise (lower target-epsilon, fewer rounds "
                 "or local-epochs, or a larger noise-multiplier)", public=limits,
             )
+        spent = ledger.entries() if ledger is not None else []  # one read: every check below and the append follow it
+        seen = spent[-1].seq if spent else 0
         if ledger is not None:
             # This run's spends, as the ledger has them (it outlives the Flower node's state).
-            state.accountant = SiteAccountant(cfg.accountant, ledger.events(run_id))
+            state.accountant = SiteAccountant(cfg.accountant, [e.event for e in spent if e.run_id == run_id])
         projected = SiteAccountant(cfg.accountant, [*state.accountant.history, *release]).projected_epsilon(
             cfg.target_delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round
         )
@@ -242,13 +244,13 @@ def train_round(
                 f"target-epsilon={cfg.target_epsilon}. Fix: raise target-epsilon, or run fewer rounds", public=limits,
             )
         if ledger is not None and policy is not None:
-            lifetime = SiteAccountant(cfg.accountant, ledger.events())
+            lifetime = SiteAccountant(cfg.accountant, [e.event for e in spent])
             lifetime_epsilon = SiteAccountant(cfg.accountant, [*lifetime.history, *release]).projected_epsilon(
                 policy.delta, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps_per_round
             )
             # Opacus' PRV can come out ~1e-8 lower after a nearly free step (float noise); a
             # stated epsilon never falls, so take the larger of it and the last one stated.
-            previous = ledger.entries()[-1].epsilon if lifetime.history else 0.0
+            previous = spent[-1].epsilon if spent else 0.0
             lifetime_epsilon = max(lifetime_epsilon, previous)
             # A ledger that replaced one lost for good carries its spend (basic composition: epsilons and deltas add): `carried` above.
             if carried.epsilon + lifetime_epsilon > policy.epsilon_budget:
@@ -261,7 +263,8 @@ def train_round(
                 )
         if release:
             # Durable in the ledger before the statistics exist, let alone are used.
-            stats_epsilon = _release_statistics(cfg, data, stats_columns, state=state, ledger=ledger, policy=policy, run_id=run_id, server_round=server_round)
+            stats_epsilon, seen = _release_statistics(cfg, data, stats_columns, state=state, ledger=ledger, policy=policy, run_id=run_id,
+                                                      server_round=server_round, follows=seen)
             if ledger is not None:
                 lifetime_epsilon = max(lifetime_epsilon, stats_epsilon)
         if state.site_stats is not None:
@@ -297,7 +300,7 @@ def train_round(
             entry = ledger.append(
                 run_id=run_id, round=server_round, noise_multiplier=state.plan.noise_multiplier, sample_rate=state.plan.sample_rate,
                 steps=state.plan.steps_per_round, delta=policy.delta, accountant=cfg.accountant.value, epsilon=lifetime_epsilon,
-                epsilon_budget=policy.epsilon_budget, data=data_digest(arrays, ledger.data_key),
+                epsilon_budget=policy.epsilon_budget, data=data_digest(arrays, ledger.data_key), follows=seen,
             )
             report = PrivacyReport(
                 epsilon=carried.epsilon + lifetime_epsilon, delta=policy.delta + carried.delta, accountant=cfg.accountant.value, noise_multiplier=entry.noise_multiplier,
@@ -309,26 +312,28 @@ def train_round(
 
 def _release_statistics(
     cfg: RunConfig, data: MultimodalDataset, columns: tuple[str, ...], *, state: SiteState, ledger: PrivacyLedger | None,
-    policy: SitePolicy | None, run_id: str, server_round: int,
-) -> float:
+    policy: SitePolicy | None, run_id: str, server_round: int, follows: int,
+) -> tuple[float, int]:
     """Record the statistics' spend (ledger, durably, then the accountant), then release them into ``state``.
 
-    Returns the site's lifetime epsilon after the release (0 without a ledger). The budget
-    checks that count it have run already.
+    Returns the site's lifetime epsilon after the release (0 without a ledger) and the ledger's
+    newest entry (``follows``, the one the budget checks that count the release read, without a
+    ledger): the checks have run already.
     """
     event, epsilon = stats_event(cfg), 0.0
     if ledger is not None and policy is not None:
-        lifetime = SiteAccountant(cfg.accountant, ledger.events())
+        spent = ledger.entries()
+        lifetime = SiteAccountant(cfg.accountant, [e.event for e in spent])
         epsilon = lifetime.projected_epsilon(policy.delta, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps)
-        epsilon = max(epsilon, ledger.entries()[-1].epsilon if lifetime.history else 0.0)  # a stated epsilon never falls
-        ledger.append(
+        epsilon = max(epsilon, spent[-1].epsilon if spent else 0.0)  # a stated epsilon never falls
+        follows = ledger.append(
             run_id=run_id, round=server_round, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps,
             delta=policy.delta, accountant=cfg.accountant.value, epsilon=epsilon, epsilon_budget=policy.epsilon_budget,
-            data=data_digest(data, ledger.data_key), mechanism=SITE_STATS_MECHANISM,
-        )
+            data=data_digest(data, ledger.data_key), mechanism=SITE_STATS_MECHANISM, follows=follows,
+        ).seq
     state.accountant.record(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps)
     state.site_stats = noisy_site_statistics(data, columns, bound=cfg.site_stats_bound, noise_multiplier=cfg.site_stats_noise)
-    return epsilon
+    return epsilon, follows
 
 
 _DIGESTS: weakref.WeakKeyDictionary[MultimodalDataset, dict[bytes, str]] = weakref.WeakKeyDictionary()  # kept while the data is
