@@ -288,3 +288,17 @@ def test_the_sample_rate_a_site_reports_tells_its_record_count_only_roughly(tmp_
         charged = json.loads(str(response.state))["accountant"]["history"]  # what Opacus' optimizer charged, step by step
         reported.append((response.privacy[protocol.SAMPLE_RATE], response.privacy[protocol.STEPS], entry.sample_rate, entry.steps, charged))
     assert reported[0] == reported[1] == (1 / 8, 8, 1 / 8, 8, [[1.0, 1 / 8, 8]]), reported
+
+
+def test_a_server_that_sends_no_model_input_learns_nothing_from_whether_the_round_fails(
+    tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]],
+) -> None:
+    """Review of 3 Dec: without the schema the site built its model from its own labels, so global weights sized for K
+    classes trained (and spent) at a site holding K classes and failed, for free, elsewhere: a probe of its class count."""
+    spec = _manifest(tmp_path, "site", [(c, LENGTH) for c in ("b", "c") * 6])  # two of the federation's three classes
+    request = _request(tmp_path, spec, server)
+    no_schema = {k: v for k, v in request.config.items() if k != protocol.SCHEMA}
+    with pytest.raises(ConfigError, match=r"config key 'schema': the server sent no model input .*nothing was read or spent.*Fix: use fedmm's ServerApp") as err:
+        run_round(RoundRequest(**{**request.__dict__, "config": no_schema}))
+    assert not isinstance(err.value, io.SiteRoundFailed)
+    assert PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []

@@ -93,11 +93,18 @@ def _failed(err: BaseException, site: str | None, server_round: object, node_con
     return failure
 
 
-def _server_schema(config: dict[str, Any]) -> Schema | None:
-    """The model input the server sent (a malformed one is the server's error, and says so)."""
+def _server_schema(config: dict[str, Any]) -> Schema:
+    """The model input the server sent (a malformed or missing one is the server's error, and says so).
+
+    Never made up from the site's own records: a model built from them (its classes, its series
+    length) would fit the global weights at some sites and not at others, so whether a round
+    fails would tell a server that left the schema out what the site holds.
+    """
     text = config.get(protocol.SCHEMA)
     if text is None:
-        return None
+        raise ConfigError(protocol.SCHEMA, "the server sent no model input (its classes, modalities and shapes), which every round "
+                          "needs; the site does not make one up from its own records, and nothing was read or spent",
+                          fix="use fedmm's ServerApp, the same version at every site")
     try:
         return Schema.from_json(str(text))
     except (ValueError, KeyError, TypeError) as err:
