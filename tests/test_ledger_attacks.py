@@ -23,6 +23,7 @@ from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedmm.privacy.ledger_files import write_anchor
+from fedmm.privacy.ledger_spends import log_spend
 from fedmm.privacy.policy import SitePolicy
 from fedmm.site.round import SiteState, data_digest, train_round
 
@@ -158,7 +159,14 @@ def test_a_consistently_rewritten_chain_fails_against_the_witness(tmp_path: Path
 
     code, output = run_cli("audit", str(path))  # the spend log, written before each commit, still has the true spends
     assert code == 1 and "the ledger or its spend log was rewritten after the spend" in output
-    path.with_name("ledger.sqlite.spends").unlink()  # the rewrite done thoroughly: the spend log gone too
+    spends = path.with_name("ledger.sqlite.spends")
+    spends.unlink()  # a spend log removed shows: each entry was logged before it committed
+    code, output = run_cli("audit", str(path))
+    assert code == 1 and "lacks entries 1-3" in output
+    reader = PrivacyLedger.read(path)
+    for f in forged:  # the rewrite done thoroughly: a spend log forged to match
+        log_spend(spends, reader.ledger_id, f)
+    reader.close()
     assert run_cli("audit", str(path))[0] == 0  # self-consistent: only a witness held elsewhere can tell
     code, output = run_cli("audit", str(path), "--witness", str(witness))
     assert code == 1 and "rewritten or cut" in output
@@ -244,9 +252,9 @@ def test_a_node_with_its_own_policy_is_never_taken_for_a_simulated_site(tmp_path
 def test_the_carried_spend_of_a_lost_ledger_cannot_be_deleted_quietly(tmp_path: Path) -> None:
     """Review finding: the carried spend lived in unhashed meta; removing it regained the lost budget."""
     state = tmp_path / "george"
-    _spent_ledger(state / "ledger.sqlite")
+    spent = _spent_ledger(state / "ledger.sqlite")[-1].epsilon
     (state / "ledger.sqlite").unlink()
-    assert run_cli("ledger", "init", str(state), "--site", "george", "--replace-lost", "--carried-epsilon", "5",
+    assert run_cli("ledger", "init", str(state), "--site", "george", "--replace-lost", "--carried-epsilon", repr(spent),
                 "--carried-delta", "1e-5", "--reason", "disk failure")[0] == 0
     db = sqlite3.connect(state / "ledger.sqlite")
     db.execute("DELETE FROM meta WHERE key LIKE 'carried_%'")
@@ -353,3 +361,57 @@ def test_a_lock_knows_when_its_file_was_removed_or_replaced(tmp_path: Path) -> N
     assert not lock.still_held()
     lock.release()
     assert not lock.still_held()
+
+
+# Review of 3 Dec: a fresh ledger of the same site, made elsewhere with `fedmm ledger init` and copied over the site's
+# ledger and anchor (the obvious way round init's refusal to make one in place), opened at epsilon 0: budget reset.
+def _fresh_ledger_copied_over(state: Path, tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere" / "ledger.sqlite"
+    PrivacyLedger.create(other, site="george").close()
+    for name in ("ledger.sqlite", "ledger.sqlite.head"):
+        (state / name).write_bytes(other.with_name(name).read_bytes())
+
+
+def test_another_ledger_copied_over_the_sites_does_not_reset_its_budget(tmp_path: Path) -> None:
+    state = tmp_path / "george"
+    _spent_ledger(state / "ledger.sqlite")
+    _fresh_ledger_copied_over(state, tmp_path)
+    with pytest.raises(PrivacyError, match=r"spend log .* records the spends of another ledger .*up to epsilon .*this ledger carries none"):
+        PrivacyLedger.open(state / "ledger.sqlite", site="george").close()
+    assert not PrivacyLedger.read(state / "ledger.sqlite").verify().ok  # and the audit fails it
+
+
+def test_another_ledger_copied_over_the_sites_is_refused_without_its_spend_log_too(tmp_path: Path) -> None:
+    state = tmp_path / "george"
+    _spent_ledger(state / "ledger.sqlite")
+    _fresh_ledger_copied_over(state, tmp_path)
+    (state / "ledger.sqlite.spends").unlink()
+    with pytest.raises(PrivacyError, match=r"is not the ledger this folder's log records as made here .*Fix: put back"):
+        PrivacyLedger.open(state / "ledger.sqlite", site="george").close()
+
+
+def test_an_older_backup_restored_with_the_spend_log_removed_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "george"
+    _spent_ledger(state / "ledger.sqlite", rounds=1)
+    backup = {name: (state / name).read_bytes() for name in ("ledger.sqlite", "ledger.sqlite.head")}
+    with PrivacyLedger.open(state / "ledger.sqlite", site="george") as ledger:
+        _next_spend(ledger)
+        _next_spend(ledger)
+    (state / "ledger.sqlite.spends").unlink()
+    for name, data in backup.items():
+        (state / name).write_bytes(data)
+    with pytest.raises(PrivacyError, match=r"spend log .* lacks entry 1 of the ledger"):
+        PrivacyLedger.open(state / "ledger.sqlite", site="george").close()
+
+
+def test_a_replacement_that_carries_the_logged_spend_opens(tmp_path: Path) -> None:
+    state = tmp_path / "george"
+    entries = _spent_ledger(state / "ledger.sqlite")
+    (state / "ledger.sqlite").unlink()
+    too_little = run_cli("ledger", "init", str(state), "--site", "george", "--replace-lost", "--carried-epsilon", "0.5",
+                         "--carried-delta", "1e-5", "--reason", "disk failure")
+    assert too_little[0] != 0 and f"up to epsilon {entries[-1].epsilon:.6g}" in too_little[1] and not (state / "ledger.sqlite").exists()
+    assert run_cli("ledger", "init", str(state), "--site", "george", "--replace-lost", "--carried-epsilon", repr(entries[-1].epsilon),
+                   "--carried-delta", "1e-5", "--reason", "disk failure")[0] == 0
+    with PrivacyLedger.open(state / "ledger.sqlite", site="george") as ledger:
+        assert ledger.carried is not None and ledger.entries() == []

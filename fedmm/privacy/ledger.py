@@ -55,7 +55,9 @@ from fedmm.privacy.ledger_db import CREATE, SCHEMA_VERSION, checked, connect
 from fedmm.privacy.ledger_entry import COLUMNS as _COLUMNS
 from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry, chain_problems, held_label
 from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, read_log, write_anchor
-from fedmm.privacy.ledger_spends import RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, replace_fix, spends_path
+from fedmm.privacy.ledger_spends import (
+    RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, other_ledgers, replace_fix, spends_path,
+)
 
 __all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers"]
 
@@ -116,11 +118,20 @@ class PrivacyLedger:
             evidence = _evidence(path)
             if evidence and carried is None:
                 raise PrivacyError(_lost_message(path, site, evidence))
-            append_log(_log_path(path), "replaced-lost" if carried else "created", site=site, reason=reason,
+            spent = sum(other_ledgers(spends_path(path), "").values())  # every ledger that spent from this folder
+            if spent > (carried.epsilon if carried else 0.0) * (1 + 1e-9):
+                raise PrivacyError(
+                    f"the spend log {spends_path(path)} records spends from this folder up to epsilon {spent:.6g} in all; a new ledger "
+                    f"here must carry at least that much (it would carry {carried.epsilon if carried else 0:g}). Fix: run `fedmm ledger "
+                    f"init {path.parent} --site {site} --replace-lost --carried-epsilon {spent!r} --carried-delta D --reason '...'`, "
+                    "with D the delta they were stated at (or more, with spends of runs this log does not show)"
+                )
+            created = _now()
+            append_log(_log_path(path), "replaced-lost" if carried else "created", site=site, reason=reason, ledger=created,
                        **({"carried_epsilon": carried.epsilon, "carried_delta": carried.delta, "evidence": evidence} if carried else {}))
             db = connect(path, readonly=False)
             db.executescript(CREATE)
-            meta = {"site": site, "schema": str(SCHEMA_VERSION), "data_key": secrets.token_hex(32), "created": _now()}
+            meta = {"site": site, "schema": str(SCHEMA_VERSION), "data_key": secrets.token_hex(32), "created": created, "spends_from": "1"}
             if carried is not None:
                 meta.update(carried_epsilon=repr(carried.epsilon), carried_delta=repr(carried.delta), carried_reason=carried.reason)
             db.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
@@ -211,6 +222,11 @@ class PrivacyLedger:
             self._meta["data_key"] = secrets.token_hex(32)
             self._db.execute("INSERT INTO meta VALUES ('data_key', ?)", (self._meta["data_key"],))
         seq, digest = self.head()
+        if "spends_from" not in self._meta:  # a ledger made before the mark: its entries logged so far, and every later one
+            logged = {e.seq for e in self.entries()} - set(self._compare_with_log().absent) if seq else set()
+            first = min((n for n in range(1, seq + 1) if all(m in logged for m in range(n, seq + 1))), default=seq + 1)
+            self._meta["spends_from"] = str(first)
+            self._db.execute("INSERT INTO meta VALUES ('spends_from', ?)", (self._meta["spends_from"],))
         anchor = read_anchor(self.head_path)
         if anchor is not None and anchor[0] == seq - 1 and self.verify(check_anchor=False).ok:
             # A crash between a commit and its anchor: the chain is intact, so bring the anchor up and say so.
@@ -238,8 +254,15 @@ class PrivacyLedger:
             seen = ()
         key = (hash(tuple(e.hash for e in entries)), len(entries), seen)
         if self._log_seen is None or self._log_seen[0] != key:
-            self._log_seen = (key, compare(entries, log, self.ledger_id, self.site))
+            self._log_seen = (key, compare(entries, log, self.ledger_id, self.site, self._spends_from()))
         return self._log_seen[1]
+
+    def _spends_from(self) -> int:
+        """The first entry the spend log must hold (1: every one); 0 for a ledger older than the log, until it is opened."""
+        try:
+            return max(0, int(self._meta.get("spends_from", 0)))
+        except (TypeError, ValueError):
+            return 1  # a damaged mark: every entry
 
     def _recover_from_log(self, *, at_most: int | None) -> None:
         """Add back the spends the log records past the ledger's end (a ledger restored from an older backup).
@@ -418,7 +441,26 @@ class PrivacyLedger:
                     "commit and the anchor leaves it; the same picture results if the newest entry was removed together with the "
                     "anchor, which only a witness (--witness privacy.json) can rule out"
                 )
-        log_problems, log_notes = log_verdict(self._compare(entries), entries, self.path, self.site)
+        made_here = [str(e["ledger"]) for e in read_log(_log_path(self.path)) if e.get("event") in ("created", "replaced-lost") and e.get("ledger")]
+        if made_here and self.ledger_id not in made_here:
+            problems.append(
+                f"this ledger (made {self.ledger_id or 'at an unknown time'}) is not the ledger this folder's log records as made here "
+                f"(the last: {made_here[-1]}): one made elsewhere was copied in, and the site's budget would start again. Fix: put "
+                "back this folder's own ledger and its .head anchor from a backup; if it is lost for good, `fedmm ledger init "
+                f"{self.path.parent} --site {self.site} --replace-lost ...` with the spend it had made"
+            )
+        comparison = self._compare(entries)
+        carried_epsilon = self.carried.epsilon if self.carried else 0.0
+        others = sum(comparison.others.values())
+        if others > carried_epsilon * (1 + 1e-9):
+            problems.append(
+                f"the spend log {spends_path(self.path).name} records the spends of another ledger of this folder "
+                f"({', '.join(f'made {k}: up to epsilon {v:.6g}' for k, v in comparison.others.items())}) that this ledger neither "
+                f"holds nor carries (this ledger carries {f'epsilon {carried_epsilon:g}' if self.carried else 'none'}): opened, it would start "
+                "the site's budget again. Fix: put back the ledger that made them; if it is lost for good, move this one aside and "
+                f"run `fedmm ledger init {self.path.parent} --site {self.site} --replace-lost --carried-epsilon {others!r} ...`"
+            )
+        log_problems, log_notes = log_verdict(comparison, entries, self.path, self.site)
         problems, notes = problems + log_problems, notes + log_notes
         return ChainVerdict(not problems, len(entries), tuple(problems), tuple(notes))
 

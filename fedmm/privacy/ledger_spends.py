@@ -18,7 +18,11 @@ or cut, has lost:
   it is fixed, and the fix names the epsilon to carry over (none from a log with a torn line).
 
 A line whose append was rolled back (the commit failed) is cancelled by a ``spend-rolled-back``
-line. Spends logged for another ledger (one replaced after a loss) are not this one's.
+line. Spends logged for another ledger (one replaced after a loss) are not this one's, but they
+were spent from this folder: the ledger must carry them (:func:`other_ledgers`), or a ledger made
+elsewhere and copied over the site's would start its budget again. And every entry of a ledger
+from its ``spends_from`` on (its first, for a ledger made since the log existed) must be in the
+log: a ledger restored from an older backup *and* its log removed would otherwise open behind.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from fedmm.errors import PrivacyError
 from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry
 from fedmm.privacy.ledger_files import append_log, read_log
 
-__all__ = ["spends_path", "SPEND", "ROLLED_BACK", "RECOVERED", "LogComparison", "log_spend", "log_rolled_back", "logged_spends", "compare", "log_verdict", "replace_fix"]
+__all__ = ["spends_path", "SPEND", "ROLLED_BACK", "RECOVERED", "LogComparison", "log_spend", "log_rolled_back", "logged_spends", "other_ledgers", "compare", "log_verdict", "replace_fix"]
 
 SPEND = "spend"
 ROLLED_BACK = "spend-rolled-back"
@@ -53,11 +57,12 @@ def log_rolled_back(log: Path, ledger_id: str, entry: LedgerEntry) -> None:
     append_log(log, ROLLED_BACK, ledger=ledger_id, seq=entry.seq, hash=entry.hash)
 
 
-def logged_spends(log: Path, ledger_id: str) -> tuple[dict[int, LedgerEntry], list[str]]:
-    """This ledger's spends as its log records them, by sequence number (the latest line for each), and damaged lines."""
+def logged_spends(log: Path, ledger_id: str, lines: list[dict[str, Any]] | None = None) -> tuple[dict[int, LedgerEntry], list[str]]:
+    """This ledger's spends as its log records them, by sequence number (the latest line for each), and damaged lines
+    (``lines``: the log's, when read already)."""
     spends: dict[int, LedgerEntry] = {}
     damaged: list[str] = []
-    for number, line in enumerate(read_log(log), start=1):
+    for number, line in enumerate(read_log(log) if lines is None else lines, start=1):
         if line.get("event") == "unreadable":  # not JSON (torn by a crash, or edited): whose spend it was is unknown
             damaged.append(f"line {number} of {log.name} is not a whole record (torn or edited): the spend it held cannot be read")
             continue
@@ -81,6 +86,22 @@ def logged_spends(log: Path, ledger_id: str) -> tuple[dict[int, LedgerEntry], li
     return spends, damaged
 
 
+def other_ledgers(log: Path, ledger_id: str, lines: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """The largest epsilon the log records for each ledger other than ``ledger_id`` that spent from this folder (as
+    stated, a record that does not match its hash too: the figure errs on the safe side)."""
+    spends: dict[str, dict[object, tuple[object, float]]] = {}
+    for line in read_log(log) if lines is None else lines:
+        other, record = line.get("ledger"), line.get("entry")
+        if other in (None, ledger_id):
+            continue
+        own = spends.setdefault(str(other), {})
+        if line.get("event") == SPEND and isinstance(record, dict) and isinstance(record.get("epsilon"), (int, float)):
+            own[line.get("seq")] = (record.get("hash"), float(record["epsilon"]))
+        elif line.get("event") == ROLLED_BACK and own.get(line.get("seq"), (None,))[0] == line.get("hash"):
+            del own[line.get("seq")]
+    return {other: max(e for _, e in own.values()) for other, own in sorted(spends.items()) if own}
+
+
 def _damaged_epsilon(log: Path, ledger_id: str) -> float:
     """The largest epsilon any record of this ledger's log states, damaged or not (for a fix that must not carry too little)."""
     top = 0.0
@@ -101,11 +122,16 @@ class LogComparison:
     logged_delta: float = 0.0  # the delta it is stated at
     rewritten: tuple[str, ...] = field(default=())  # entries the ledger holds under another hash than the log: stated
     unreadable: bool = False  # a line of the log is not a whole record: the log cannot say how much was spent
+    absent: tuple[int, ...] = ()  # entries the ledger holds (from its spends_from on) that the log does not: the log was removed or cut
+    others: dict[str, float] = field(default_factory=dict)  # other ledgers that spent from this folder: the largest epsilon of each
 
 
-def compare(entries: list[LedgerEntry], log: Path, ledger_id: str, site: str) -> LogComparison:
-    """Compare a ledger's entries (in order) with the spends its log records for it (``ledger_id``, ``site``)."""
-    logged, damaged = logged_spends(log, ledger_id)
+def compare(entries: list[LedgerEntry], log: Path, ledger_id: str, site: str, spends_from: int = 0) -> LogComparison:
+    """Compare a ledger's entries (in order) with the spends its log records for it (``ledger_id``, ``site``);
+    each entry from ``spends_from`` on (0: none) must be there."""
+    lines = read_log(log)
+    logged, damaged = logged_spends(log, ledger_id, lines)
+    absent = tuple(e.seq for e in entries if spends_from and e.seq >= spends_from and e.seq not in logged)
     problems = [f"the ledger's spend log is damaged: {d}" for d in damaged]
     stored = {e.seq: e for e in entries}
     head_seq, head_hash = (entries[-1].seq, entries[-1].hash) if entries else (0, GENESIS)
@@ -137,13 +163,24 @@ def compare(entries: list[LedgerEntry], log: Path, ledger_id: str, site: str) ->
         missing.append(entry)
         prev_seq, prev_hash = entry.seq, entry.hash
     logged_epsilon = max(top.epsilon if top else 0.0, _damaged_epsilon(log, ledger_id) if damaged else 0.0)
-    return LogComparison(tuple(missing), tuple(problems), logged_epsilon, top.delta if top else 0.0, tuple(rewritten), unreadable=any("not a whole record" in d for d in damaged))
+    return LogComparison(tuple(missing), tuple(problems), logged_epsilon, top.delta if top else 0.0, tuple(rewritten),
+                         unreadable=any("not a whole record" in d for d in damaged), absent=absent, others=other_ledgers(log, ledger_id, lines))
 
 
 def log_verdict(comparison: LogComparison, entries: list[LedgerEntry], path: Path, site: str) -> tuple[list[str], list[str]]:
     """The problems and the tolerated notes of a ledger (``path``) its log knows more of."""
     problems, notes = list(comparison.problems), list(comparison.rewritten[:3])
     log = spends_path(path)
+    if comparison.absent:
+        low, high = comparison.absent[0], comparison.absent[-1]
+        which = f"entry {low}" if low == high else f"entries {low}-{high} ({len(comparison.absent)})"
+        problems.append(
+            f"the spend log {log.name} lacks {which} of the ledger (every spend is logged before it commits): the log was "
+            "removed or cut, so it cannot show the spends a restored copy of the ledger lacks. Fix: put back the spend log; if it "
+            f"is lost, move {path.name} aside (keep it) and run `fedmm ledger init {path.parent} --site {site} --replace-lost "
+            "--carried-epsilon E --carried-delta D --reason '...'` with the site's spend as the server last recorded it (its "
+            "privacy.json), plus any spend of a run the server never saw"
+        )
     if len(comparison.missing) > 1:
         first, last = comparison.missing[0], comparison.missing[-1]
         problems.append(
