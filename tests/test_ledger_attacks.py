@@ -415,3 +415,19 @@ def test_a_replacement_that_carries_the_logged_spend_opens(tmp_path: Path) -> No
                    "--carried-delta", "1e-5", "--reason", "disk failure")[0] == 0
     with PrivacyLedger.open(state / "ledger.sqlite", site="george") as ledger:
         assert ledger.carried is not None and ledger.entries() == []
+
+
+def test_a_ledger_older_than_the_mark_is_held_to_its_spend_log_from_its_first_logged_entry(tmp_path: Path) -> None:
+    path = tmp_path / "george" / "ledger.sqlite"
+    _spent_ledger(path, rounds=3)
+    lines = path.with_name("ledger.sqlite.spends").read_text().splitlines()
+    path.with_name("ledger.sqlite.spends").write_text("\n".join(lines[1:]) + "\n")  # entry 1 predates the spend log
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM meta WHERE key = 'spends_from'")  # a ledger made before the mark
+    db.commit()
+    db.close()
+    with PrivacyLedger.open(path, site="george") as ledger:  # its unlogged first entry is tolerated, once, and marked
+        _next_spend(ledger)
+    path.with_name("ledger.sqlite.spends").unlink()
+    with pytest.raises(PrivacyError, match=r"lacks entries 2-4 \(3\)"):
+        PrivacyLedger.open(path, site="george").close()

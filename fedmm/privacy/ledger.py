@@ -56,7 +56,7 @@ from fedmm.privacy.ledger_entry import COLUMNS as _COLUMNS
 from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry, chain_problems, held_label
 from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, read_log, write_anchor
 from fedmm.privacy.ledger_spends import (
-    RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, other_ledgers, replace_fix, spends_path,
+    RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, logged_spends, other_ledgers, replace_fix, spends_path,
 )
 
 __all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers"]
@@ -223,8 +223,10 @@ class PrivacyLedger:
             self._db.execute("INSERT INTO meta VALUES ('data_key', ?)", (self._meta["data_key"],))
         seq, digest = self.head()
         if "spends_from" not in self._meta:  # a ledger made before the mark: its entries logged so far, and every later one
-            logged = {e.seq for e in self.entries()} - set(self._compare_with_log().absent) if seq else set()
-            first = min((n for n in range(1, seq + 1) if all(m in logged for m in range(n, seq + 1))), default=seq + 1)
+            logged = set(logged_spends(spends_path(self.path), self.ledger_id)[0])
+            first = seq + 1
+            while first > 1 and first - 1 in logged:  # the newest entries the log holds, without a gap
+                first -= 1
             self._meta["spends_from"] = str(first)
             self._db.execute("INSERT INTO meta VALUES ('spends_from', ?)", (self._meta["spends_from"],))
         anchor = read_anchor(self.head_path)
