@@ -35,6 +35,7 @@ from fedmm.errors import ConfigError
 __all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO", "SECTIONS", "STRATEGIES", "key"]
 
 # The server optimizers (``strategy``): FedAvg and the FedOpt family of Reddi et al. (ICLR 2021).
+MAX_TARGET_EPSILON = 1e4  # far past any privacy claim; Opacus' noise search never ends above about 1e15 (a bracket that stops shrinking)
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 # The groups of keys in docs/configuration.md, each named by the field it starts with.
 SECTIONS = {
@@ -122,7 +123,7 @@ class RunConfig:
     max_site_weight: int = key(1_000_000, "largest FedAvg weight (num-examples) a site may send without DP (under dp=true every weight is exactly 1); also the largest site, in records, the `auto` update-norm bound allows for", range=">= 1")
     max_update_norm: float | None = key(None, "an update whose L2 norm (site weights minus global weights) is above this is rejected; `auto`: derived from the plan (docs/privacy.md#what-the-server-sees)", range="> 0 or auto")
     dp: bool = key(True, "DP-SGD (Opacus) at every site")
-    target_epsilon: float = key(8.0, "each site's epsilon for this run: the noise is calibrated so that no site spends more", range="> 0")
+    target_epsilon: float = key(8.0, "each site's epsilon for this run: the noise is calibrated so that no site spends more", range="(0, 10000]")
     target_delta: float = key(1e-5, "the delta epsilon is stated at; well below 1 / records per site", range="(0, 1)")
     noise_multiplier: float | None = key(None, "noise std / max-grad-norm; `auto`: calibrated per site from target-epsilon (recorded in privacy.json)", range=">= 0 or auto")
     max_grad_norm: float = key(2.0, "per-sample clipping bound (L2)", range="> 0")
@@ -193,6 +194,9 @@ class RunConfig:
             raise ConfigError("momentum", "must be in [0, 1)", value=self.momentum, fix="e.g. momentum=0.9")
         self._check_server_optimizer()
         _positive("target-epsilon", self.target_epsilon, "set a positive privacy budget, e.g. target-epsilon=8.0")
+        if self.target_epsilon > MAX_TARGET_EPSILON:
+            raise ConfigError("target-epsilon", f"must be at most {MAX_TARGET_EPSILON:g}: an epsilon that large promises no privacy",
+                              value=self.target_epsilon, fix="e.g. target-epsilon=8.0, or dp=false to train without differential privacy")
         _at_least("min-sites", self.min_sites, 1, "e.g. min-sites=1")
         self._check_min_sites()
         robust = ("trimmed-mean", "median", "krum")

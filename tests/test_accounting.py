@@ -19,7 +19,7 @@ from scipy import integrate, stats
 from fedmm.config import AccountantKind, RunConfig
 from fedmm.data.avmnist import builtin_root, load_site
 from fedmm.data.schema import MultimodalDataset
-from fedmm.errors import BudgetExceededError, PrivacyError
+from fedmm.errors import BudgetExceededError, ConfigError, PrivacyError
 from fedmm.models import ModelRecipe
 from fedmm.privacy.accounting import PrivacyEvent, SiteAccountant, calibrate_noise_multiplier
 from fedmm.site import SiteState, plan_site, train_round
@@ -288,3 +288,12 @@ def test_client_level_epsilon_after_r_rounds_equals_an_independent_computation(s
     if q == 1.0:  # no sampling: the Gaussian mechanism's RDP is R * alpha / (2 sigma^2), in closed form
         closed, _ = get_privacy_spent(orders=ORDERS, rdp=rounds * ORDERS / (2 * sigma**2), delta=DELTA)
         assert acct.epsilon(DELTA) == pytest.approx(closed, rel=1e-9)
+
+
+def test_a_huge_target_epsilon_is_refused_at_once_not_searched_forever() -> None:
+    """Review of 3 Dec: target-epsilon=1e20 with noise 'auto' hung a site for good in Opacus' noise search (1e12: 1 s)."""
+    with pytest.raises(ConfigError, match=r"target-epsilon': must be at most 10000.*Fix: e.g. target-epsilon=8.0, or dp=false"):
+        RunConfig.from_run_config({"target-epsilon": 1e20})
+    with pytest.raises(PrivacyError, match=r"must be in \(0, 10000\]"):
+        calibrate_noise_multiplier(target_epsilon=1e308, target_delta=1e-5, sample_rate=0.25, steps=8, accountant="rdp")
+    assert calibrate_noise_multiplier(target_epsilon=1e4, target_delta=1e-5, sample_rate=0.25, steps=8, accountant="rdp") > 0

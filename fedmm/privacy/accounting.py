@@ -23,7 +23,7 @@ from opacus.accountants import IAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedmm.config import AccountantKind
+from fedmm.config import MAX_TARGET_EPSILON, AccountantKind
 from fedmm.errors import PrivacyError
 from fedmm.privacy.events import PrivacyEvent, PrivacyReport
 
@@ -134,6 +134,9 @@ def calibrate_noise_multiplier(
     PrivacyError
         When no noise multiplier Opacus can search reaches the target.
     """
+    if not 0 < target_epsilon <= MAX_TARGET_EPSILON:  # Opacus' search would never end for a huge one
+        raise PrivacyError(f"cannot calibrate noise for target-epsilon={target_epsilon}: it must be in (0, {MAX_TARGET_EPSILON:g}]. "
+                           "Fix: e.g. target-epsilon=8.0")
     kind = AccountantKind(accountant)
     prior = tuple(prior)
 
