@@ -431,3 +431,32 @@ def test_a_ledger_older_than_the_mark_is_held_to_its_spend_log_from_its_first_lo
     path.with_name("ledger.sqlite.spends").unlink()
     with pytest.raises(PrivacyError, match=r"lacks entries 2-4 \(3\)"):
         PrivacyLedger.open(path, site="george").close()
+
+
+def test_the_audit_of_a_folder_counts_a_site_whose_ledger_was_removed(tmp_path: Path) -> None:
+    """New-user finding of 3 Dec: with one site's ledger.sqlite removed, `fedmm audit runs/X/sites` left the site out and
+    said "every ledger intact and within budget" (exit 0)."""
+    _spent_ledger(tmp_path / "sites" / "george" / "ledger.sqlite")
+    _spent_ledger(tmp_path / "sites" / "jackson" / "ledger.sqlite")
+    (tmp_path / "sites" / "jackson" / "ledger.sqlite").unlink()
+    code, output = run_cli("audit", str(tmp_path / "sites"))
+    assert code == 1 and "audit failed" in output
+    assert "jackson" in output and "the privacy ledger" in output and "is missing" in output
+
+
+def test_the_audit_says_what_the_witness_showed(tmp_path: Path) -> None:
+    """New-user findings of 3 Dec: a passing --witness audit never named the witness; a site the witness names but
+    whose ledger was not given was shown at a made-up path; a site whose head the witness contradicts read "intact"."""
+    path = tmp_path / "george" / "ledger.sqlite"
+    entries = _spent_ledger(path)
+    witness = _witness(tmp_path / "privacy.json", entries[-1])
+    code, output = run_cli("audit", str(path), "--witness", str(witness))
+    assert code == 0 and "witness" in output and "matches" in output
+
+    record = json.loads(witness.read_text())
+    record["sites"].append({"site": "jackson", "epsilon": 1.0, "ledger_seq": 1, "ledger_hash": "0" * 64})
+    record["sites"][0]["ledger_hash"] = "f" * 64
+    witness.write_text(json.dumps(record))
+    code, output = run_cli("audit", str(path), "--witness", str(witness))
+    assert code == 1 and "(no ledger given" not in output and os.getcwd() not in output  # no made-up path
+    assert "DIFFERS" in output

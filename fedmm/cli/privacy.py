@@ -172,7 +172,7 @@ def audit(
     for source, heads in witnesses.items():
         for missing in [] if given_only else sorted(set(heads) - audited):
             audits.append(dataclasses.replace(
-                audit_ledger(Path(f"(no ledger given for site {missing})")), site=missing,
+                audit_ledger(Path(f"(no ledger given for site {missing})")), site=missing, path="",
                 problems=[f"the witness {source} names site {missing!r}, whose ledger was not given. Fix: give every site's ledger (or "
                           "state directory), or --given-only to check only the sites given"],
             ))
@@ -184,20 +184,25 @@ def audit(
     else:
         table = FitTable(
             "fedmm privacy audit (epsilon recomputed from each ledger's events)",
-            ("site", "epsilon", "budget", "remaining", "delta", "accountant", "runs", "spends", "last spend (UTC)", "hash chain"),
+            ("site", "epsilon", "budget", "remaining", "delta", "accountant", "runs", "spends", "last spend (UTC)", "hash chain",
+             *(("witness",) if witnesses else ())),
         )
+        named = {None: Text("not named"), True: Text("matches", "green"), False: Text("DIFFERS", "red")}
         for a in audits:
             table.add_row(
                 a.site, f"{a.epsilon:.4f}", "" if a.epsilon_budget is None else f"{a.epsilon_budget:g}",
                 "" if a.remaining is None else f"{a.remaining:.4f}", "" if a.delta is None else f"{a.delta:g}", a.accountant or "",
                 str(a.runs), str(len(a.entries)), (a.last_spend or "")[:19], Text("intact", "green") if a.chain_ok else Text("BROKEN", "red"),
+                *((named[a.witness_ok] if a.path else Text("no ledger", "red"),) if witnesses else ()),
             )
         console.print(table)
         for a in audits:
             for problem in a.problems:
-                console.print(Text.assemble((f"{a.site}:", "red"), f" {problem}  ({a.path})"))
+                console.print(Text.assemble((f"{a.site}:", "red"), f" {problem}" + (f"  ({a.path})" if a.path else "")))
             for note in a.notes:
                 console.print(Text.assemble((f"{a.site}:", "yellow"), f" {note}"))
+        if ok and witnesses:
+            console.print(f"[green]every ledger head matches {', '.join(witnesses)} where it names the site[/green]", highlight=False)
         console.print("[green]every ledger intact and within budget[/green]" if ok else "[red]audit failed[/red]")
         if html_file is not None:
             console.print(f"HTML report: {html_file}", markup=False, highlight=False)

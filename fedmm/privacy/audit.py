@@ -28,7 +28,7 @@ from typing import Any
 from fedmm.config import AccountantKind
 from fedmm.errors import PrivacyError
 from fedmm.privacy.accounting import PrivacyEvent, SiteAccountant
-from fedmm.privacy.ledger import PrivacyLedger
+from fedmm.privacy.ledger import PrivacyLedger, missing_ledger
 from fedmm.privacy.ledger_entry import own_accountant
 
 __all__ = ["SiteAudit", "audit_ledger", "load_witness", "run_summaries"]
@@ -104,10 +104,11 @@ def audit_ledger(path: str | Path, *, witnesses: Mapping[str, Mapping[str, tuple
             site, carried = ledger.site, ledger.carried
             ahead = ledger.logged_ahead()  # spends the ledger lacks: they count in the headline (the site counts them)
     except PrivacyError as err:
+        lost = missing_ledger(Path(path))
         return SiteAudit(
-            site="?", path=str(Path(path).resolve()), entries=[], runs=0, accountant=None, delta=None, epsilon=0.0,
+            site=lost[0] if lost else "?", path=str(Path(path).resolve()), entries=[], runs=0, accountant=None, delta=None, epsilon=0.0,
             epsilon_budget=None, remaining=None, last_spend=None, ledger_seq=0, ledger_hash="", chain_ok=False,
-            over_budget=False, problems=[str(err)],
+            over_budget=False, problems=[lost[1] if lost else str(err)],
         )
     problems = list(verdict.problems)
     stored = {e.seq: e.hash for e in entries}

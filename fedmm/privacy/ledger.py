@@ -59,7 +59,7 @@ from fedmm.privacy.ledger_spends import (
     RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, logged_spends, other_ledgers, replace_fix, spends_path,
 )
 
-__all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers"]
+__all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers", "missing_ledger"]
 
 _log = logging.getLogger(__name__)
 
@@ -497,12 +497,25 @@ def _lost_message(path: Path, site: str, evidence: list[str]) -> str:
 
 
 def find_ledgers(paths: Iterable[str | Path]) -> list[Path]:
-    """Ledger files named directly, or found under directories (``**/ledger.sqlite``)."""
+    """Ledger files named directly, or found under directories (``**/ledger.sqlite``, and where one is missing but
+    its anchor, log or spend log remains, its path: the audit then reports it missing, never leaves the site out)."""
     found: list[Path] = []
     for item in map(Path, paths):
         if item.is_dir():
-            found += sorted(item.rglob("ledger.sqlite"))
+            beside = {p.with_name("ledger.sqlite") for pattern in ("ledger.sqlite.head", "ledger.sqlite.log", "ledger.sqlite.spends", "ledger.sqlite-wal")
+                      for p in item.rglob(pattern)}
+            found += sorted({*item.rglob("ledger.sqlite"), *beside})
         else:
             found.append(item)
     return found
+
+
+def missing_ledger(path: Path) -> tuple[str, str] | None:
+    """``(site, problem)`` when ``path`` has no ledger but files beside it show that one existed; else None."""
+    evidence = _evidence(path)
+    if path.exists() or not evidence:
+        return None
+    sites = [str(e["site"]) for e in read_log(_log_path(path)) if e.get("event") in ("created", "replaced-lost") and e.get("site")]
+    site = sites[-1] if sites else path.parent.name
+    return site, _lost_message(path, site, evidence)
 
