@@ -460,3 +460,13 @@ def test_the_audit_says_what_the_witness_showed(tmp_path: Path) -> None:
     code, output = run_cli("audit", str(path), "--witness", str(witness))
     assert code == 1 and "(no ledger given" not in output and os.getcwd() not in output  # no made-up path
     assert "DIFFERS" in output
+
+
+def test_the_plan_does_not_take_a_site_whose_ledger_was_removed_for_a_fresh_one(tmp_path: Path) -> None:
+    """New-user finding of 3 Dec: with a lasting site-state-dir, `fedmm plan` showed such a site as fresh ("all" rounds,
+    1 study) though it had spent its budget; `fedmm simulate` found out only in round 1, inside a Flower traceback."""
+    _spent_ledger(tmp_path / "state" / "0" / "ledger.sqlite")
+    (tmp_path / "state" / "0" / "ledger.sqlite").unlink()
+    code, output = run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=1", "--set", "rounds=2",
+                           "--set", f"site-state-dir={tmp_path / 'state'}")
+    assert code != 0 and "the privacy ledger" in output and "is missing" in output and "fedmm ledger init" in output

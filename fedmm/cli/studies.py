@@ -31,13 +31,18 @@ class Studies:
 
 
 def spent_before(cfg: RunConfig, site: str) -> tuple[list[Any], float]:
-    """The site's ledger events and carried epsilon under ``site-state-dir`` (none without one, or without its ledger)."""
-    from fedmm.privacy.ledger import PrivacyLedger
+    """The site's ledger events and carried epsilon under ``site-state-dir`` (none without one, or for a site that never
+    had a ledger; a ledger that existed and is missing raises PrivacyError, as the site itself would refuse)."""
+    from fedmm.errors import PrivacyError
+    from fedmm.privacy.ledger import PrivacyLedger, missing_ledger
 
     if not cfg.site_state_dir:
         return [], 0.0
     path = Path(cfg.site_state_dir).expanduser() / site / "ledger.sqlite"
     if not path.is_file():
+        lost = missing_ledger(path)
+        if lost is not None:  # never planned as a fresh site: the site itself refuses to train without it
+            raise PrivacyError(lost[1])
         return [], 0.0
     ledger = PrivacyLedger.read(path)
     try:
