@@ -470,3 +470,10 @@ def test_the_plan_does_not_take_a_site_whose_ledger_was_removed_for_a_fresh_one(
     code, output = run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=1", "--set", "rounds=2",
                            "--set", f"site-state-dir={tmp_path / 'state'}")
     assert code != 0 and "the privacy ledger" in output and "is missing" in output and "fedmm ledger init" in output
+
+
+def test_a_misspelt_site_in_site_budgets_is_refused_not_left_at_the_default(tmp_path: Path) -> None:
+    """New-user finding of 3 Dec: site-budgets="clinc0:2" ran clinic0 at budget 8, without a word."""
+    code, output = run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=2", "--set", "rounds=2", "--set", "site-budgets=O:2")
+    assert code == 2 and "config key 'site-budgets': names site 'O', which is not a site of this federation" in output
+    assert run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=2", "--set", "rounds=2", "--set", "site-budgets=0:2")[0] == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,12 +106,26 @@ def load_federation(run_plan: RunPlan) -> Any:
     cfg, recipe = run_plan.config, run_plan.model
     source = load_source(cfg.data, run_plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, run_plan.federation)
+    _check_budget_names(run_plan.site_budgets, federation.names, cfg.site_budgets)
     test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test()))
     Augmenter(test.schema, run_plan.augment, seed=0)
     class_weights(cfg, test)
     if cfg.dp:
         recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, test.schema)
     return federation
+
+
+def _check_budget_names(budgets: Mapping[str, float], names: Sequence[str], spec: str) -> None:
+    """Every site ``site-budgets`` names is a site of the federation (a misspelt one would leave that site at ``*``'s budget)."""
+    import difflib
+
+    known = set(names)
+    for name in budgets:
+        if name != "*" and name not in known:
+            close = difflib.get_close_matches(name, list(names), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError("site-budgets", f"names site {name!r}, which is not a site of this federation ({', '.join(list(names)[:8])}"
+                              f"{', ...' if len(names) > 8 else ''})", value=spec, fix=f"{hint}use the sites' names, or '*' for every other site")
 
 
 def federation_usage(federation: Any) -> str:
