@@ -477,3 +477,16 @@ def test_a_misspelt_site_in_site_budgets_is_refused_not_left_at_the_default(tmp_
     code, output = run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=2", "--set", "rounds=2", "--set", "site-budgets=O:2")
     assert code == 2 and "config key 'site-budgets': names site 'O', which is not a site of this federation" in output
     assert run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=2", "--set", "rounds=2", "--set", "site-budgets=0:2")[0] == 0
+
+
+def test_a_stopped_run_states_the_spends_its_sites_ledgers_hold_that_the_server_never_heard_of(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """New-user finding of 3 Dec: Ctrl-C in round 1 printed "privacy spent so far: no site reported a spend", while two
+    sites' ledgers held this run's spends (made before their updates left, which the server never received)."""
+    from fedmm.cli.run import _print_spends
+
+    run_dir = tmp_path / "runs" / "r1"
+    entries = _spent_ledger(run_dir / "sites" / "george" / "ledger.sqlite", rounds=1)  # run id "r1"
+    (run_dir / "privacy.json").write_text(json.dumps({"sites": []}))
+    _print_spends(run_dir, "privacy spent so far")
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"privacy spent so far: george epsilon {entries[-1].epsilon:.3f}" in said and "the server heard of 0 of them" in said

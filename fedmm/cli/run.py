@@ -146,7 +146,7 @@ def simulate(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from err
     if outcome.status == "finished:interrupted":
-        code = _report_interrupted(outcome.run_dir, outcome.log_file)
+        code = _report_interrupted(outcome.run_dir, outcome.log_file, cfg.site_state_dir)
         # Everything of the run is on disk (each spend was committed before its update left), Flower's engine
         # and any Ray process are stopped and the private folder is gone. What an interrupted engine leaves
         # running in native code can abort the interpreter's own shutdown, so the process ends here.
@@ -162,27 +162,46 @@ def simulate(
         tail = outcome.log_file.read_text(errors="replace").splitlines()[-30:] if outcome.log_file.is_file() else []
         console.print("\n".join(tail), markup=False, highlight=False)
         console.print(f"full log: {outcome.log_file}")
-        _print_spends(outcome.run_dir, "privacy spent before the failure")  # on record: say so
+        _print_spends(outcome.run_dir, "privacy spent before the failure", cfg.site_state_dir)  # on record: say so
         raise typer.Exit(1)
     if _print_summary(outcome.run_dir) == "failed":  # Flower said completed, the run's own summary says otherwise
         raise typer.Exit(1)
 
 
-def _print_spends(run_dir: Path, heading: str) -> None:
-    """Each site's epsilon from a run's ``privacy.json`` (written by a run that failed or was stopped), if there is one."""
-    spent = run_dir / "privacy.json"
-    if spent.is_file():
-        sites = json.loads(spent.read_text()).get("sites", [])
-        spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in sites) or "no site reported a spend"
-        console.print(f"{heading}: {spends} (in {spent})", markup=False, highlight=False)
+def _print_spends(run_dir: Path, heading: str, state_dir: str = "") -> None:
+    """What each site spent in this run: from the sites' own ledgers (the authority: a site records its spend before its
+    update leaves, so a run stopped mid-round has spends the server never heard of), else from the run's ``privacy.json``
+    (the server's record, written by a run that failed or was stopped)."""
+    from fedmm.errors import PrivacyError
+    from fedmm.privacy.ledger import PrivacyLedger, find_ledgers
+
+    root = Path(state_dir).expanduser() if state_dir else run_dir / "sites"
+    ledgers: list[tuple[str, float]] = []
+    for path in find_ledgers([root]) if root.is_dir() else []:
+        try:
+            with PrivacyLedger.read(path) as ledger:
+                mine = [e for e in ledger.entries() if e.run_id == run_dir.name]
+                if mine:
+                    ledgers.append((ledger.site, mine[-1].epsilon))
+        except PrivacyError:
+            continue  # `fedmm audit` says what is wrong with it
+    record = run_dir / "privacy.json"
+    heard = json.loads(record.read_text()).get("sites", []) if record.is_file() else None
+    if ledgers:
+        told = "" if heard is None else f"; the server heard of {len(heard)} of them ({record})"
+        spends = ", ".join(f"{site} epsilon {epsilon:.3f}" for site, epsilon in ledgers)
+        console.print(f"{heading}: {spends} (lifetime, each site's own ledger: fedmm audit {root}){told}", markup=False, highlight=False)
+    elif heard is not None:
+        spends = ", ".join(f"{s['site']} epsilon {s['epsilon']:.3f}" for s in heard) or "no site reported a spend"
+        console.print(f"{heading}: {spends} (in {record})", markup=False, highlight=False)
 
 
-def _report_interrupted(run_dir: Path, log_file: Path) -> int:
+def _report_interrupted(run_dir: Path, log_file: Path, state_dir: str = "") -> int:
     """Say what an interrupted run left (its last checkpoint, what the sites spent); return 130, the shell's code for Ctrl-C."""
     checkpoint = run_dir / "checkpoint.json"
     done = json.loads(checkpoint.read_text()).get("round") if checkpoint.is_file() else None
     console.print(f"[yellow]interrupted[/yellow] (Ctrl-C or SIGTERM): {'no round was checkpointed' if done is None else f'last checkpoint after round {done}'}; run folder {run_dir}", highlight=False)
-    _print_spends(run_dir, "privacy spent so far")  # every spend the server heard of; each site's ledger has its own
+    _print_spends(run_dir, "privacy spent so far", state_dir)
     if not (run_dir / "privacy.json").is_file() and (run_dir / "sites").is_dir():  # --superlink: the ServerApp process was stopped before writing it
         console.print(f"each site's spends are in its ledger: fedmm audit {run_dir / 'sites'}", markup=False, highlight=False)
     console.print(f"resume=true with the same run-name continues from the checkpoint (docs/runs.md); full log: {log_file}", highlight=False)
