@@ -82,7 +82,7 @@ def test_spends_of_a_round_lost_with_the_server_are_kept_and_counted(tmp_path: P
 
 
 def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+    with pytest.raises(ConfigError, match="no run folder .* to resume"):
         _run(RunConfig(data="synthetic:300", sites=3, rounds=2, runs_dir=str(tmp_path), run_name="none", resume=True))
 
 

@@ -93,10 +93,39 @@ def test_in_one_process_a_second_writer_waits_for_close(tmp_path: Path) -> None:
 
 def test_a_new_run_on_an_existing_folder_is_refused_with_the_fix(tmp_path: Path) -> None:
     cfg = RunConfig(runs_dir=str(tmp_path), run_name="run", sites=2)
-    RunArtifacts(cfg, "run").close()
+    first = RunArtifacts(cfg, "run")
+    first.save_checkpoint(1, {"w": np.zeros(2, np.float32)}, {})
+    first.close()
     for refuse in (lambda: RunArtifacts(cfg, "run"), lambda: check_run_folder(tmp_path, "run", resume=False)):
         with pytest.raises(ConfigError) as refused:
             refuse()
         assert "exists already" in str(refused.value) and "resume=true" in str(refused.value)
     check_run_folder(tmp_path, "other", resume=False)  # a free name: nothing to say
     check_run_folder(tmp_path, "run", resume=True)  # a folder no one holds may be resumed
+
+
+def test_a_resume_refused_before_the_engine_starts_leaves_the_run_folder_as_it_was(tmp_path: Path) -> None:
+    """New-user findings of 3 Dec: resume=true of a completed run was refused only once Flower's engine ran, which had
+    already rewritten the run's flower.log and presence.json (the status then listed made-up sites); a run stopped
+    before its first checkpoint could be neither resumed nor started again under its name, each error pointing at the other."""
+    from ledger_support import run_cli
+
+    done = RunArtifacts(RunConfig(runs_dir=str(tmp_path), run_name="study", sites=2), "study")
+    done.save_checkpoint(1, {"w": np.zeros(2, np.float32)}, {})
+    done.close()
+    (tmp_path / "study" / "flower.log").write_text("the run's own log\n")
+    with pytest.raises(ConfigError, match=r"resume': run study already completed its 1 rounds \(rounds=1\).*Fix: raise rounds to train on \(e.g. rounds=11\)"):
+        check_run_folder(tmp_path, "study", resume=True, rounds=1)
+    check_run_folder(tmp_path, "study", resume=True, rounds=2)  # more rounds: fine
+
+    code, output = run_cli("simulate", "--set", f"runs-dir={tmp_path}", "--set", "run-name=study", "--set", "resume=true", "--set", "rounds=1",
+                           "--set", "data=synthetic:60", "--set", "sites=2")
+    assert code == 2 and "already completed its 1 rounds" in output
+    assert (tmp_path / "study" / "flower.log").read_text() == "the run's own log\n" and not (tmp_path / "study" / "presence.json").exists()
+
+    cut = RunArtifacts(RunConfig(runs_dir=str(tmp_path), run_name="cut", sites=2), "cut")
+    cut.close()  # stopped before its first round ended: no checkpoint
+    with pytest.raises(ConfigError, match=r"exists already.*Fix: give this run another run-name \(that run stopped before its first checkpoint"):
+        check_run_folder(tmp_path, "cut", resume=False)
+    with pytest.raises(ConfigError, match=r"run cut has no checkpoint .* nothing to resume.*Fix: start it again under another run-name"):
+        check_run_folder(tmp_path, "cut", resume=True, rounds=2)

@@ -96,7 +96,7 @@ def simulate(
             run_name=cfg.run_name or new_run_id(), data=absolute_data(cfg.data),
             image_weights=str(Path(cfg.image_weights).expanduser().resolve()) if cfg.image_weights else "",
         )
-        check_run_folder(cfg.runs_dir, cfg.run_name, resume=cfg.resume)  # before anything is loaded or started
+        check_run_folder(cfg.runs_dir, cfg.run_name, resume=cfg.resume, rounds=cfg.rounds)  # before anything is loaded or started
         run_plan = build_plan(cfg)
         federation = load_federation(run_plan)  # bad data or a bad split fails here, before Flower starts
     if cfg.sites is None:  # auto: every group of a natural partition (else the default count)
@@ -204,7 +204,10 @@ def _report_interrupted(run_dir: Path, log_file: Path, state_dir: str = "") -> i
     _print_spends(run_dir, "privacy spent so far", state_dir)
     if not (run_dir / "privacy.json").is_file() and (run_dir / "sites").is_dir():  # --superlink: the ServerApp process was stopped before writing it
         console.print(f"each site's spends are in its ledger: fedmm audit {run_dir / 'sites'}", markup=False, highlight=False)
-    console.print(f"resume=true with the same run-name continues from the checkpoint (docs/runs.md); full log: {log_file}", highlight=False)
+    if done is None:
+        console.print(f"nothing to resume (no round ended): start it again under another run-name; full log: {log_file}", highlight=False)
+    else:
+        console.print(f"resume=true with the same run-name continues from the checkpoint (docs/runs.md); full log: {log_file}", highlight=False)
     return 130
 
 

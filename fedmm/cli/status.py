@@ -130,7 +130,11 @@ def _state(summary: dict[str, Any] | None, privacy: Any, rounds_done: int, failu
         return ("stopped", stopped) if stopped else ("completed", "")
     log = "flower.log" if flower_log else "the server's log: `flwr log <run-id>`, or `fedmm server`'s output"
     if isinstance(failure, dict) and failure.get("status") == "interrupted":
-        return "failed", (f"interrupted (Ctrl-C or SIGTERM) after round {failure.get('rounds', rounds_done)}: resume it with resume=true and the "
+        after = failure.get("rounds", rounds_done)
+        if not after:
+            return "failed", ("interrupted (Ctrl-C or SIGTERM) before its first round ended: nothing to resume; start it again under "
+                              "another run-name (its sites' ledgers keep what they spent)")
+        return "failed", (f"interrupted (Ctrl-C or SIGTERM) after round {after}: resume it with resume=true and the "
                           "same run-name; privacy.json records what the sites spent")
     if isinstance(failure, dict) and failure.get("reason"):  # the ServerApp's own account (fedmm.federation.artifacts.FAILURE)
         return "failed", f"{failure['reason']} (details in {log}; privacy.json records what the sites spent)"

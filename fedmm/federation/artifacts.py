@@ -57,18 +57,45 @@ def run_in_use(run_dir: Path) -> str | None:
     return holder_of(run_dir / LOCK)
 
 
-def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool) -> None:
-    """Refuse now what :class:`RunArtifacts` would refuse for this folder when the run starts: a new
-    run on a folder that exists, a resume of a folder another run is writing (nothing is held here)."""
+def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool, rounds: int | None = None) -> None:
+    """Refuse now what :class:`RunArtifacts` and the ServerApp would refuse for this folder when the run
+    starts (nothing is held or written here): a new run on a folder that exists; a resume of a folder with
+    no checkpoint, of one another run is writing, or of a run that completed its ``rounds`` already (the
+    engine, once started, would have written its log and site presence into the completed run's folder)."""
     run_dir = Path(runs_dir).expanduser().resolve() / run_id
-    if not resume and run_dir.exists():
-        raise _exists_error(run_dir, run_id)
-    holder = run_in_use(run_dir) if resume else None
+    if not resume:
+        if run_dir.exists():
+            raise _exists_error(run_dir, run_id)
+        return
+    if not (run_dir / CHECKPOINT).is_file():
+        raise _no_checkpoint_error(run_dir)
+    holder = run_in_use(run_dir)
     if holder is not None:
         raise _in_use_error(run_dir, holder)
+    try:
+        done = int(json.loads((run_dir / CHECKPOINT).read_text()).get("round", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # the ServerApp's load_checkpoint says what is wrong with it
+    if rounds is not None and done >= rounds:
+        raise ConfigError("resume", f"run {run_id} already completed its {done} rounds (rounds={rounds})", value=True,
+                          fix=f"raise rounds to train on (e.g. rounds={done + 10}), or start a new run")
+
+
+def _no_checkpoint_error(run_dir: Path) -> ConfigError:
+    if run_dir.is_dir():
+        return ConfigError(
+            "resume", f"run {run_dir.name} has no checkpoint ({run_dir / CHECKPOINT}): it stopped before its first round "
+            "ended, so there is nothing to resume", value=True,
+            fix=f"start it again under another run-name; {run_dir} keeps its log, and its sites' ledgers what they spent",
+        )
+    return ConfigError("resume", f"no run folder {run_dir} to resume", value=True,
+                       fix="set run-name to the run to resume (its folder under runs-dir), or resume=false for a new run")
 
 
 def _exists_error(run_dir: Path, run_id: str) -> ConfigError:
+    if not (run_dir / CHECKPOINT).is_file():
+        return ConfigError("run-name", f"a run folder {run_dir} exists already", value=run_id,
+                           fix="give this run another run-name (that run stopped before its first checkpoint: nothing to resume)")
     return ConfigError(
         "run-name", f"a run folder {run_dir} exists already", value=run_id,
         fix="give this run another run-name, or set resume=true to continue that run from its checkpoint",
@@ -108,10 +135,7 @@ class RunArtifacts:
         self.started = time.monotonic()
         if resume:
             if not (self.dir / CHECKPOINT).is_file():
-                raise ConfigError(
-                    "resume", f"no checkpoint to resume from at {self.dir / CHECKPOINT}", value=True,
-                    fix="set run-name to the run to resume (its folder under runs-dir), or resume=false for a new run",
-                )
+                raise _no_checkpoint_error(self.dir)
         else:
             try:
                 self.dir.mkdir(parents=True, exist_ok=False)  # one new run per folder, even when two start at once
