@@ -112,3 +112,15 @@ def test_a_row_with_too_many_cells_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"row 3: has 3 cells, the header has 2"):
         load_manifest(path, PREP)
     assert len(load_manifest(path, PREP, lenient=True)) == 2
+
+
+def test_a_row_cut_short_is_named_not_read_with_empty_cells(tmp_path: Path) -> None:
+    """New-user finding of 3 Dec: a manifest cut mid-line (an interrupted copy) ending 'x.npy,Badminton,clin' was read with
+    an empty last cell, and 'clin' became a site of one record."""
+    path = tmp_path / "m.csv"
+    path.write_text("tabular:x,label,site,split\n1,a,clinic0,train\n2,b,clinic0,train\n3,a,clin")
+
+    with pytest.raises(DataError, match=r"row 4: has 3 cells, the header has 4: it was cut short.*Fix: complete the row"):
+        load_manifest(path, PREP)
+    ds = load_manifest(path, PREP, lenient=True)
+    assert len(ds) == 2 and set(ds.groups["site"]) == {"clinic0"}

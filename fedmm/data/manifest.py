@@ -288,6 +288,9 @@ def _load_row(row: TableRow, ctx: _Context) -> dict[str, object]:
     if row.width > len(cells):
         raise _row_error(row, ctx, None, f"has {row.width} cells, the header has {len(cells)}", reason=SkipReason.BAD_ROW,
                          fix="quote cells that hold the separator, or remove the extra cells")
+    if row.width < len(cells):  # a line cut short (an interrupted copy): its last cell may be cut too, a site name say
+        raise _row_error(row, ctx, None, f"has {row.width} cells, the header has {len(cells)}: it was cut short", reason=SkipReason.BAD_ROW,
+                         fix="complete the row (an empty cell still needs its separator), or remove it")
     raw = cells["label"]
     label = canonical_label(raw)
     if label is None:
