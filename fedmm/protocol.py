@@ -10,7 +10,7 @@ __all__ = [
     "ARRAYS", "METRICS", "PRIVACY", "CONFIG",
     "NUM_EXAMPLES", "TRAIN_LOSS", "EPSILON",
     "SITE", "DELTA", "ACCOUNTANT", "NOISE_MULTIPLIER", "SAMPLE_RATE", "STEPS",
-    "SERVER_ROUND", "ENROLLED", "STATE_KEY", "NODE_SITE", "NODE_PARTITION_ID", "NODE_KEY", "PROOF",
+    "SERVER_ROUND", "ENROLLED", "STATE_KEY", "NODE_SITE", "NODE_PARTITION_ID", "NODE_KEY", "NODE_LENIENT", "PROOF",
 ]
 
 # RecordDict keys of a train message and its reply
@@ -60,6 +60,7 @@ NODE_MIN_NOISE = "min-noise-multiplier"
 NODE_REQUIRE_DP = "require-dp"
 NODE_MIN_BATCH = "min-batch-size"  # the smallest batch-size the site takes: its sample rate tells its record count to within a batch
 NODE_KEY = "key"  # deployment: the site's SuperNode key, which signs its claim to its name (fedmm.secure.identity)
+NODE_LENIENT = "lenient"  # deployment: skip (and count) bad rows of the site's own data; the run config's lenient is not taken
 
 # Train ConfigRecord: the model input the server built its model for (Schema.to_json)
 SCHEMA = "schema"

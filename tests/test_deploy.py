@@ -220,6 +220,9 @@ def test_runtime_flower_is_flowers_own_supernode(tmp_path: Path) -> None:
         ("clientapp-port = 70000\n", "", "site.clientapp-port.*port number"),
         ("heartbeat-interval = 0.5\n", "", "site.heartbeat-interval.*\\[1, 30\\]"),
         ('heartbeat-interval = "3"\n', "", "site.heartbeat-interval"),
+        # new-user findings of 3 Dec: a site file's typo got no suggestion; lenient is the site's own setting now
+        ("epsilon_budget = 3\n", "", "site.epsilon_budget.*unknown key.*did you mean 'epsilon-budget'"),
+        ('lenient = "yes"\n', "", "site.lenient.*true or false"),
     ],
 )
 def test_a_bad_site_file_is_refused_with_the_key_and_a_fix(tmp_path: Path, extra: str, drop: str, message: str | None) -> None:

@@ -65,13 +65,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object],
     return run, schema.to_json(), weights
 
 
-def _request(folder: Path, spec: str, server: tuple[dict[str, object], str, dict[str, np.ndarray]], **run: object) -> RoundRequest:
+def _request(folder: Path, spec: str, server: tuple[dict[str, object], str, dict[str, np.ndarray]], *, lenient: bool = False, **run: object) -> RoundRequest:
+    """A round's request to a deployed site 'clinic' (``lenient``: the site's own setting, in its node config)."""
     run_config, schema, weights = server
     state = folder / "state"
     if not (state / "ledger.sqlite").exists():
         PrivacyLedger.create(state / "ledger.sqlite", site="clinic").close()
     node = {protocol.NODE_SITE: "clinic", protocol.NODE_DATA: spec, protocol.NODE_STATE_DIR: str(state), protocol.NODE_EPSILON_BUDGET: 20.0,
-            protocol.NODE_MIN_BATCH: 1}  # these sites take the small batches of these tests
+            protocol.NODE_MIN_BATCH: 1, protocol.NODE_LENIENT: lenient}  # these sites take the small batches of these tests
     config = {protocol.SERVER_ROUND: 1, protocol.SCHEMA: schema, protocol.RUN_ID: "study-1"}
     runner._DATA.clear()
     return RoundRequest(run_config={**run_config, **run}, node_config=node, config=config, global_weights=weights, node_id=7)
@@ -301,4 +302,31 @@ def test_a_server_that_sends_no_model_input_learns_nothing_from_whether_the_roun
     with pytest.raises(ConfigError, match=r"config key 'schema': the server sent no model input .*nothing was read or spent.*Fix: use fedmm's ServerApp") as err:
         run_round(RoundRequest(**{**request.__dict__, "config": no_schema}))
     assert not isinstance(err.value, io.SiteRoundFailed)
+    assert PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []
+
+
+def test_the_server_cannot_turn_on_lenient_loading_at_a_deployed_site(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    """Review of 3 Dec: with classes='X' lenient=true from the server, a site trained on its class-X records only, and the
+    sample rate in its privacy report gave their count to within 1.5x: a label histogram, one run a class, outside DP.
+    Which records a site skips is the site's own setting (lenient in its site file), never the server's."""
+    spec = _manifest(tmp_path, "site", [(c, LENGTH) for c in ("a", "b", "c", "z") * 5])  # 'z': not one of the federation's
+    request = _request(tmp_path, spec, server)
+    request = RoundRequest(**{**request.__dict__, "run_config": {**request.run_config, "lenient": True}})
+    with pytest.raises(io.SiteRoundFailed):  # the server's lenient=true is not taken: a label it lacks fails the round
+        run_round(request)
+    assert PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []
+    own = RoundRequest(**{**request.__dict__, "node_config": {**request.node_config, protocol.NODE_LENIENT: True}})
+    response = run_round(own)  # the site's own choice: its 'z' records are skipped (and counted in its log)
+    assert response.refused is None and len(PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries()) == 1
+
+
+def test_a_deployed_site_without_its_own_data_reads_no_file_the_server_names(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    """Review of 3 Dec: a site file without `data` made the site train on whatever manifest the server's run config named
+    on the site's machine (another project's, say), and the kind of failure told whether a file exists there."""
+    spec = _manifest(tmp_path, "elsewhere", [(c, LENGTH) for c in ("a", "b", "c")] * 4)
+    request = _request(tmp_path, spec, server)
+    node = {k: v for k, v in request.node_config.items() if k not in (protocol.NODE_DATA, protocol.NODE_LENIENT)}
+    for data in (spec, "manifest:/etc/hostname", "basicmotions:/srv/other"):
+        with pytest.raises(ConfigError, match=r"node-config data': is not set.*names files on this machine.*nothing was read or spent"):
+            run_round(RoundRequest(**{**request.__dict__, "node_config": node, "run_config": {**request.run_config, "data": data}}))
     assert PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []

@@ -43,6 +43,7 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _NODE_KEYS = frozenset({
     protocol.NODE_SITE, protocol.NODE_DATA, protocol.NODE_STATE_DIR, protocol.NODE_EPSILON_BUDGET, protocol.NODE_DELTA,
     protocol.NODE_MIN_NOISE, protocol.NODE_MIN_BATCH, protocol.NODE_REQUIRE_DP, protocol.NODE_KEY, protocol.NODE_PARTITION_ID, "num-partitions",
+    protocol.NODE_LENIENT,
 })  # every key a site's node config may hold (num-partitions: Flower's, beside partition-id)
 _DEPLOYED_PROCESS = False  # set by a deployed site's own process (fedmm.runtime.executor.main)
 

@@ -30,6 +30,7 @@ reads (:mod:`fedmm.privacy.policy`): the server cannot raise a budget or lower a
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import socket
@@ -54,7 +55,7 @@ __all__ = ["SiteSettings", "executor_command", "flower_env", "run_server", "run_
 
 _SITE_KEYS = {
     "name", "superlink", "ca", "key", "data", "state-dir", "epsilon-budget", "delta", "min-noise-multiplier", "min-batch-size", "require-dp",
-    "clientapp-port", "runtime", "poll-interval", "heartbeat-interval",
+    "clientapp-port", "runtime", "poll-interval", "heartbeat-interval", "lenient",
 }
 _RUNTIMES = ("fedmm", "flower")
 
@@ -73,6 +74,7 @@ class SiteSettings:
     delta: float = 1e-5
     min_noise_multiplier: float = 0.5
     require_dp: bool = True
+    lenient: bool = False  # skip (and count) the site's own bad rows; never the server's to set
     min_batch_size: int = DEFAULT_MIN_BATCH  # the smallest batch-size the site takes (its sample rate tells n to within a batch)
     clientapp_port: int = 9094  # the SuperNode's local Runtime API port (its ClientApp executor connects there)
     # "fedmm": one long-lived ClientApp executor (fedmm.runtime.executor) and short SuperNode waits (fedmm.runtime.supernode);
@@ -102,7 +104,9 @@ class SiteSettings:
             raise ConfigError("site config", f"{path} has no [site] table", value=str(path), fix="put the site's keys under [site]")
         unknown = sorted(set(table) - _SITE_KEYS)
         if unknown:
-            raise ConfigError(f"site.{unknown[0]}", f"unknown key in {path}", value=table[unknown[0]], fix=f"known keys: {', '.join(sorted(_SITE_KEYS))}")
+            close = difflib.get_close_matches(unknown[0].replace("_", "-"), sorted(_SITE_KEYS), n=1)
+            raise ConfigError(f"site.{unknown[0]}", f"unknown key in {path}", value=table[unknown[0]],
+                              fix=(f"did you mean {close[0]!r}? " if close else "") + f"known keys: {', '.join(sorted(_SITE_KEYS))}")
         for key in ("name", "superlink", "ca", "key", "state-dir", "epsilon-budget"):
             if key not in table:
                 raise ConfigError(f"site.{key}", f"missing in {path}", fix="see docs/deploy.md for a complete site file")
@@ -129,6 +133,9 @@ class SiteSettings:
         require_dp = table.get("require-dp", True)
         if not isinstance(require_dp, bool):  # "false" (a string) would read as true
             raise ConfigError("site.require-dp", "must be true or false, without quotes", value=require_dp, fix="e.g. require-dp = true")
+        lenient = table.get("lenient", False)
+        if not isinstance(lenient, bool):
+            raise ConfigError("site.lenient", "must be true or false, without quotes", value=lenient, fix="e.g. lenient = true")
         for key, kind in (("name", str), ("superlink", str), ("data", str), ("clientapp-port", int)):
             if key in table and (isinstance(table[key], bool) or not isinstance(table[key], kind)):
                 raise ConfigError(f"site.{key}", f"must be {'text' if kind is str else 'an integer'}", value=table[key], fix=f"see docs/deploy.md for {key}")
@@ -171,7 +178,7 @@ class SiteSettings:
             name=name, superlink=str(table["superlink"]), ca=ca_file, key=key_file,
             state_dir=(base / str(table["state-dir"])).expanduser().resolve(), epsilon_budget=float(budget), data=data,
             delta=float(delta), min_noise_multiplier=float(floor), min_batch_size=min_batch,
-            require_dp=require_dp, clientapp_port=int(port),
+            require_dp=require_dp, lenient=lenient, clientapp_port=int(port),
             runtime=runtime, poll_interval=float(poll), heartbeat_interval=float(heartbeat),
         )
 
@@ -185,6 +192,7 @@ class SiteSettings:
         }
         if self.data:
             values[protocol.NODE_DATA] = self.data
+            values[protocol.NODE_LENIENT] = self.lenient
         return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 

@@ -173,13 +173,28 @@ def own_rows(source: Source, name: str, spec: str) -> Source:
     return dataclasses.replace(source, pool=source.pool.subset(mine))
 
 
+def check_own_data(node_config: Mapping[str, object], cfg: RunConfig) -> None:
+    """Refuse a deployed site without its own ``data`` a run config whose data names files on its machine.
+
+    A site's own data is its site file's ``data``; without it the site takes only a built-in
+    data set (trials), never files the server's run config names (which it would train on,
+    and the kind of failure would tell whether they exist)."""
+    deployed = any(k in node_config for k in (protocol.NODE_STATE_DIR, protocol.NODE_KEY, protocol.NODE_EPSILON_BUDGET))
+    kind, _, location = cfg.data.partition(":")
+    if deployed and protocol.NODE_DATA not in node_config and (kind == "manifest" or location):
+        raise ConfigError("node-config data", f"is not set, and the run config's data={cfg.data!r} names files on this machine: a "
+                          "deployed site reads only its own data; nothing was read or spent", fix="set data in the site's file "
+                          "(e.g. data = \"manifest:/srv/site/manifest.csv\"); without it a site takes part in trials on built-in data only")
+
+
 def site_data(node_config: Mapping[str, object], cfg: RunConfig, *, server: Schema | None = None) -> tuple[str, MultimodalDataset]:
     """Which site this node is, and its training data.
 
     - ``data`` in the node config (deployment): the site's own source, e.g.
       ``data='manifest:/srv/site/manifest.csv'``, trained on whole; its name is the
       node config's ``site``, required with it (never the data's path). With ``server`` (the model input the server
-      sent), fitted to it (:func:`fit_to_server`);
+      sent), fitted to it (:func:`fit_to_server`). Bad rows are skipped only where the node config says
+      ``lenient=true`` (the run config's ``lenient`` is the server's, and is not taken);
     - ``site`` alone: that site of the federation simulated from the run config;
     - ``partition-id`` (simulation): the site with that index.
 
@@ -192,11 +207,17 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig, *, server: Sche
         if protocol.NODE_SITE not in node_config:  # its name would be the data's local path, in every report and ledger entry
             raise ConfigError("node-config site", "is required with data: without it the site's name is its data's path, which the server would read",
                               value=spec, fix="add site='NAME' to the SuperNode's --node-config (`fedmm site` sets it from the site file's name)")
-        source = load_source(spec, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=0.0)
+        # Which of its records a site skips is its own setting, never the server's: a server's classes='X' with lenient
+        # would keep only the class-X records, and the sample rate in the site's privacy report would count them.
+        lenient = node_config.get(protocol.NODE_LENIENT, False)
+        if not isinstance(lenient, bool):
+            raise ConfigError(f"node-config {protocol.NODE_LENIENT}", "must be true or false", value=lenient, fix="e.g. lenient = true in the site file")
+        source = load_source(spec, prep, classes=cfg.class_list, lenient=lenient, test_fraction=0.0)
         name = str(node_config[protocol.NODE_SITE])
         if len(source.pool) == 0:
             raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
-        return name, _site_data_cache(own_rows(source, name, spec), cfg.dp, cfg.sensor_norm, server, cfg.lenient)
+        return name, _site_data_cache(own_rows(source, name, spec), cfg.dp, cfg.sensor_norm, server, lenient)
+    check_own_data(node_config, cfg)
     source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
     if protocol.NODE_SITE in node_config:

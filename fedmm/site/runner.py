@@ -29,7 +29,7 @@ from fedmm.secure.identity import sign_claim
 from fedmm.secure.update import prepare_update
 from fedmm.site.io import RoundRequest, RoundResponse, SiteRoundFailed
 from fedmm.plan import RunPlan
-from fedmm.site.data import site_data
+from fedmm.site.data import check_own_data, site_data
 from fedmm.site.round import SiteState, train_round
 
 _log = logging.getLogger("fedmm.site")
@@ -134,6 +134,7 @@ def run_round(req: RoundRequest) -> RoundResponse:
     if isinstance(server_round, bool) or not isinstance(server_round, int):
         raise ConfigError(protocol.SERVER_ROUND, "the server sent no integer round number", value=server_round, fix="use fedmm's ServerApp")
     server_schema = _server_schema(req.config)
+    check_own_data(req.node_config, cfg)  # about the server's request and the site's settings: the server may read it
     # A deployed site's name as its operator set it (without one its name is its data's spec, a local path).
     named = str(req.node_config[protocol.NODE_SITE]) if protocol.NODE_SITE in req.node_config else None
     try:
