@@ -24,7 +24,7 @@ from fedmm.config import RunConfig
 from fedmm.data.normalise import normalise
 from fedmm.data.schema import MultimodalDataset, Schema
 from fedmm.data.sources import load_source
-from fedmm.errors import ConfigError, FederationError
+from fedmm.errors import ConfigError, FederationError, PrivacyError
 from fedmm.plan import RunPlan
 from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.site import runner
@@ -330,3 +330,29 @@ def test_a_deployed_site_without_its_own_data_reads_no_file_the_server_names(tmp
         with pytest.raises(ConfigError, match=r"node-config data': is not set.*names files on this machine.*nothing was read or spent"):
             run_round(RoundRequest(**{**request.__dict__, "node_config": node, "run_config": {**request.run_config, "data": data}}))
     assert PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []
+
+
+def test_a_noise_share_the_rounds_range_would_truncate_is_refused_before_any_spend(tmp_path: Path) -> None:
+    """Review of 3 Dec: under distributed client-level noise, a SecAgg+ clip range too small for the site's noise share
+    was found only after the site had trained and recorded the round's spend, then sent nothing."""
+    import torch
+
+    from fedmm.models import layout_fingerprint
+    from fedmm.secure.params import SecAggParams
+
+    folder = tmp_path / "server"
+    server_spec = _manifest(folder, "server", [(c, LENGTH) for c in CLASSES * 4], split="test")
+    run = {"data": server_spec, "rounds": 2, "sites": 3, "batch-size": 4, "target-epsilon": 8.0,
+           "secure-aggregation": True, "client-dp": True, "client-noise": "distributed"}
+    plan = RunPlan.from_run_config(run)
+    cfg, recipe = plan.config, plan.model
+    source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
+    test = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
+    schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
+    weights = {k: v.numpy() for k, v in recipe.build(schema, seed=cfg.seed).state_dict().items()}
+    request = _request(tmp_path, _manifest(tmp_path, "site", [(c, LENGTH) for c in CLASSES * 8]), (run, schema.to_json(), weights))
+    request.config[protocol.LAYOUT] = layout_fingerprint({k: torch.from_numpy(v) for k, v in weights.items()})
+    request.secagg = SecAggParams(clip_range=2.0, max_weight=1.0, target_range=1 << 22, threshold=2)
+    with pytest.raises(PrivacyError, match="would truncate the site's noise share"):
+        run_round(request)
+    assert PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []  # nothing spent

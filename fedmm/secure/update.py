@@ -31,7 +31,7 @@ from fedmm.errors import FederationError, PrivacyError
 from fedmm.privacy.client_dp import SHARE_TRUNCATION_Z, ClientDPPlan, clip_update, gaussian_noise, noise_share_std, share_clip_bound
 from fedmm.secure.params import SecAggParams
 
-__all__ = ["OutgoingUpdate", "prepare_update", "weight_ratio"]
+__all__ = ["OutgoingUpdate", "check_noise_share", "prepare_update", "weight_ratio"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,25 @@ def _check_share_range(plan: ClientDPPlan, secagg: SecAggParams, site: str) -> N
             f"{SHARE_TRUNCATION_Z:g} x share std = {needed:.4g}); the update is not sent. Fix: run with the server's own config "
             "(fedmm plan checks secagg-clip-range), or raise secagg-clip-range"
         )
+
+
+def check_noise_share(cfg: RunConfig, secagg: SecAggParams | None, site: str = "site") -> None:
+    """Before training: refuse a round whose SecAgg+ setup cannot carry the site's distributed noise share (no secure
+    aggregation, or a clip range that would truncate it), so that the site spends nothing on an update it would not send.
+
+    Raises
+    ------
+    FederationError
+        With distributed noise and no secure aggregation this round.
+    fedmm.errors.PrivacyError
+        When the round's clip range would truncate the noise share.
+    """
+    plan = ClientDPPlan.from_config(cfg)
+    if plan is None or not plan.distributed:
+        return
+    if secagg is None:
+        raise FederationError(f"site {site}: client-noise=distributed needs secure aggregation, and this round has none")
+    _check_share_range(plan, secagg, site)
 
 
 def prepare_update(

@@ -26,7 +26,7 @@ from fedmm.privacy.accounting import SiteAccountant
 from fedmm.privacy.ledger import PrivacyLedger
 from fedmm.privacy.policy import site_policy
 from fedmm.secure.identity import sign_claim
-from fedmm.secure.update import prepare_update
+from fedmm.secure.update import check_noise_share, prepare_update
 from fedmm.site.io import RoundRequest, RoundResponse, SiteRoundFailed
 from fedmm.plan import RunPlan
 from fedmm.site.data import check_own_data, site_data
@@ -196,6 +196,10 @@ def _train(req: RoundRequest, cfg: RunConfig, site: str, data: Any, server_round
         raise _Forward(PrivacyError(_for_server(str(err), policy.ledger_path, req.node_config))) from None
     try:
         _refuse_another_sites_key(req.config, site)
+        try:  # the server's SecAgg+ setup must carry the site's noise share: known before training, so nothing is spent
+            check_noise_share(cfg, req.secagg, site)
+        except (PrivacyError, FederationError) as err:
+            raise _Forward(err) from None
         started = time.monotonic()
         update = train_round(
             cfg=cfg, site=site, data=data, global_weights=global_t, server_round=server_round, state=state,
