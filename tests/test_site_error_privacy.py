@@ -356,3 +356,13 @@ def test_a_noise_share_the_rounds_range_would_truncate_is_refused_before_any_spe
     with pytest.raises(PrivacyError, match="would truncate the site's noise share"):
         run_round(request)
     assert PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []  # nothing spent
+
+
+def test_a_plan_that_cannot_meet_target_epsilon_is_a_refusal_in_the_shared_words(tmp_path: Path, server: tuple[dict[str, object], str, dict[str, np.ndarray]]) -> None:
+    """Review of 3 Dec: site-stats-noise=0.6 (its release alone over target-epsilon 8) reached the server as "failed at the
+    site (PrivacyError)", though the cause is the server's settings; whether it fails depends on the site's sample rate,
+    so it is told in the words every limit shares."""
+    spec = _manifest(tmp_path, "site", [(c, LENGTH) for c in CLASSES * 8])
+    response = run_round(_request(tmp_path, spec, server, **{"sensor-norm": "site", "site-stats-noise": 0.6}))
+    assert response.refused is not None and "this round would break one of its limits (this run's target-epsilon=8" in response.refused
+    assert "0.6" not in response.refused.replace("target-epsilon=8", "") and PrivacyLedger.read(tmp_path / "state" / "ledger.sqlite").entries() == []

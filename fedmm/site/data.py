@@ -181,7 +181,7 @@ def check_own_data(node_config: Mapping[str, object], cfg: RunConfig) -> None:
     and the kind of failure would tell whether they exist)."""
     deployed = any(k in node_config for k in (protocol.NODE_STATE_DIR, protocol.NODE_KEY, protocol.NODE_EPSILON_BUDGET))
     kind, _, location = cfg.data.partition(":")
-    if deployed and protocol.NODE_DATA not in node_config and (kind == "manifest" or location):
+    if deployed and protocol.NODE_DATA not in node_config and (kind == "manifest" or (kind != "synthetic" and location)):  # synthetic:N: a size
         raise ConfigError("node-config data", f"is not set, and the run config's data={cfg.data!r} names files on this machine: a "
                           "deployed site reads only its own data; nothing was read or spent", fix="set data in the site's file "
                           "(e.g. data = \"manifest:/srv/site/manifest.csv\"); without it a site takes part in trials on built-in data only")

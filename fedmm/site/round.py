@@ -197,8 +197,20 @@ def train_round(
     dp = None
     stats_columns = site_columns(data, cfg.sensor_norm) if cfg.dp else ()  # sensor-norm=site under DP (else normalised already)
     if cfg.dp:
+        # The noisy statistics are released once a run, before its first training, and checked with this round.
+        release = [stats_event(cfg)] if stats_columns and state.site_stats is None else []
+        with_stats = " with the release of its sensor statistics" if release else ""
+        # The checks below depend on the plan's sample rate and noise, functions of the site's record count: which of
+        # them refuses would tell a server probing with its settings that count. The server reads one text for all.
+        limits = (f"site {site} refuses round {server_round}{with_stats}: this round would break one of its limits (this run's "
+                  f"target-epsilon={cfg.target_epsilon:g}" + (f", its lifetime epsilon-budget={policy.epsilon_budget:g}, or its noise floor "
+                  f"min-noise-multiplier={policy.min_noise_multiplier:g}" if policy is not None else "") + "); which one, with the figures, "
+                  "is in the site's own log. Fix: plan for more noise, fewer rounds or local-epochs, or a larger target-epsilon")
         if state.plan is None or state.plan.num_examples != len(arrays) or (state.plan.stats_noise_multiplier > 0) != bool(stats_columns):
-            state.plan = plan_site(cfg, len(arrays), site_stats=bool(stats_columns))
+            try:
+                state.plan = plan_site(cfg, len(arrays), site_stats=bool(stats_columns))
+            except PrivacyError as err:  # no noise meets target-epsilon at this site's sample rate: a refusal, in the same words
+                raise BudgetExceededError(f"site {site} refuses round {server_round}{with_stats}: {err}", public=limits) from None
             if cfg.sensor_encoder == "gru" and any(m.kind is ModalityKind.SENSOR for m in arrays.schema.modalities):
                 logger.warning(
                     "site %s: sensor-encoder=gru under DP-SGD: Opacus' DPGRU forms per-sample gradients at every time step, so a "
@@ -208,20 +220,11 @@ def train_round(
         plan = state.plan
         if plan.noise_multiplier <= 0:
             raise BudgetExceededError(f"site {site}: noise-multiplier 0 gives no differential privacy; set dp=false to train without it")
-        # The noisy statistics are released once a run, before its first training, and checked with this round.
-        release = [stats_event(cfg)] if stats_columns and state.site_stats is None else []
-        with_stats = " with the release of its sensor statistics" if release else ""
         if release and policy is not None and cfg.site_stats_noise < policy.min_noise_multiplier:
             raise BudgetExceededError(
                 f"site {site} refuses round {server_round}: site-stats-noise={cfg.site_stats_noise:g} is below this site's floor "
                 f"min-noise-multiplier={policy.min_noise_multiplier:g}. Fix: raise site-stats-noise"
             )
-        # The three checks below depend on the plan's sample rate and noise, functions of the site's record count: which of
-        # them refuses would tell a server probing with its settings that count. The server reads one text for all three.
-        limits = (f"site {site} refuses round {server_round}{with_stats}: this round would break one of its limits (this run's "
-                  f"target-epsilon={cfg.target_epsilon:g}" + (f", its lifetime epsilon-budget={policy.epsilon_budget:g}, or its noise floor "
-                  f"min-noise-multiplier={policy.min_noise_multiplier:g}" if policy is not None else "") + "); which one, with the figures, "
-                  "is in the site's own log. Fix: plan for more noise, fewer rounds or local-epochs, or a larger target-epsilon")
         if policy is not None and plan.noise_multiplier < policy.min_noise_multiplier:
             raise BudgetExceededError(
                 f"site {site} refuses round {server_round}: noise multiplier {plan.noise_multiplier:.4g} is below this site's floor "
