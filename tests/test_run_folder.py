@@ -129,3 +129,16 @@ def test_a_resume_refused_before_the_engine_starts_leaves_the_run_folder_as_it_w
         check_run_folder(tmp_path, "cut", resume=False)
     with pytest.raises(ConfigError, match=r"run cut has no checkpoint .* nothing to resume.*Fix: start it again under another run-name"):
         check_run_folder(tmp_path, "cut", resume=True, rounds=2)
+
+
+def test_status_says_a_run_whose_server_is_gone_is_not_running(tmp_path: Path) -> None:
+    """New-user finding of 3 Dec: after `fedmm simulate | head` (the pipe closed), a SIGHUP or kill -9, `fedmm status`
+    said RUNNING for ever, though no process held the run folder."""
+    from fedmm.cli.status import run_status
+
+    artifacts = RunArtifacts(RunConfig(runs_dir=str(tmp_path), run_name="gone", sites=2), "gone")
+    assert run_status(tmp_path / "gone").state == "running"  # held: the run goes on
+    artifacts.save_checkpoint(2, {"w": np.zeros(2, np.float32)}, {})
+    artifacts.close()  # as the operating system drops the lock of a killed process
+    status = run_status(tmp_path / "gone")
+    assert status.state == "failed" and "stopped without a word" in status.reason and "continues after round 2" in status.reason

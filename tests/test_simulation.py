@@ -243,7 +243,7 @@ def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_says_what_it_left(tmp_path:
     text = out.read_text()
     assert code == 130, text[-3000:]
     run_dir = tmp_path / "cut"
-    assert "interrupted (Ctrl-C or SIGTERM): last checkpoint after round" in text
+    assert "interrupted (Ctrl-C, SIGTERM or SIGHUP): last checkpoint after round" in text
     if flags:  # the ServerApp's own process was stopped with the SuperLink: the sites' ledgers hold the spends
         assert f"each site's spends are in its ledger: fedmm audit {run_dir / 'sites'}" in text
     else:

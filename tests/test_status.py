@@ -105,4 +105,4 @@ def test_an_interrupted_run_says_how_to_resume_it(tmp_path: Path) -> None:
     run = _run(tmp_path, rounds=2, summary=None)
     (run / "failure.json").write_text(json.dumps({"status": "interrupted", "reason": "RunStopped: the run was stopped", "rounds": 2}))
     shown = " ".join(CliRunner().invoke(app, ["status", str(run)], env={"COLUMNS": "200"}).output.split())
-    assert "interrupted (Ctrl-C or SIGTERM) after round 2: resume it with resume=true" in shown, shown
+    assert "interrupted (Ctrl-C, SIGTERM or SIGHUP) after round 2: resume it with resume=true" in shown, shown

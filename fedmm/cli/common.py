@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import sys
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +28,47 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedmm: priva
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check data and inspect simulated federations.")
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
-console = Console(emoji=False)  # data (a fingerprint "0A:AB:54", a site named ":AB:") is never an emoji code
+class _Stdout(io.TextIOBase):
+    """``sys.stdout`` as it is at each write (a test's capture too), that survives its reader going away: with
+    ``fedmm simulate | head`` the first write after ``head`` exits raised BrokenPipeError and killed the run before
+    it had a folder. The rest of the output then goes nowhere (the run's folder and log keep it all)."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            _output_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _output_gone()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+def _output_gone() -> None:
+    """Standard output's reader went away (a pipe closed): send what follows nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's capture): nothing to redirect
+        pass
+
+
+# emoji=False: data (a fingerprint "0A:AB:54", a site named ":AB:") is never an emoji code
+console = Console(file=_Stdout(), emoji=False)  # type: ignore[arg-type]  # a TextIOBase is a text file
 
 
 @app.callback()

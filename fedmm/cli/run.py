@@ -124,7 +124,7 @@ def simulate(
 
     shown: set[str] = set()
 
-    def on_line(line: str) -> None:
+    def on_line(line: str) -> None:  # the console survives its reader going away (`fedmm simulate | head`): fedmm.cli.common
         if verbose:
             console.print(line, markup=False, highlight=False)
         elif _MARK in line:
@@ -200,7 +200,7 @@ def _report_interrupted(run_dir: Path, log_file: Path, state_dir: str = "") -> i
     """Say what an interrupted run left (its last checkpoint, what the sites spent); return 130, the shell's code for Ctrl-C."""
     checkpoint = run_dir / "checkpoint.json"
     done = json.loads(checkpoint.read_text()).get("round") if checkpoint.is_file() else None
-    console.print(f"[yellow]interrupted[/yellow] (Ctrl-C or SIGTERM): {'no round was checkpointed' if done is None else f'last checkpoint after round {done}'}; run folder {run_dir}", highlight=False)
+    console.print(f"[yellow]interrupted[/yellow] (Ctrl-C, SIGTERM or SIGHUP): {'no round was checkpointed' if done is None else f'last checkpoint after round {done}'}; run folder {run_dir}", highlight=False)
     _print_spends(run_dir, "privacy spent so far", state_dir)
     if not (run_dir / "privacy.json").is_file() and (run_dir / "sites").is_dir():  # --superlink: the ServerApp process was stopped before writing it
         console.print(f"each site's spends are in its ledger: fedmm audit {run_dir / 'sites'}", markup=False, highlight=False)

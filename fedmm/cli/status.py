@@ -116,6 +116,13 @@ def run_status(run_dir: Path) -> RunStatus:
     changed = max((p.stat().st_mtime for p in run_dir.iterdir()), default=None)
     activity = None if changed is None else max(0.0, time.time() - changed)
     state, reason = _state(summary, privacy, rounds_done, _json(run_dir / "failure.json"), (run_dir / "flower.log").is_file())
+    if state == "running" and _server_gone(run_dir):
+        done = (checkpoint or {}).get("round")
+        state, reason = "failed", (
+            "its server stopped without a word (killed, or its terminal closed): no process holds the run folder. "
+            f"`fedmm audit {run_dir / 'sites'}` shows what a simulation's sites spent; "
+            + (f"resume=true with the same run-name continues after round {done}" if done else "nothing to resume (no round ended): start it again under another run-name")
+        )
     return RunStatus(run_dir, state, reason, rounds_done, planned, activity, sorted(sites.values(), key=lambda s: s.name))
 
 
@@ -132,15 +139,22 @@ def _state(summary: dict[str, Any] | None, privacy: Any, rounds_done: int, failu
     if isinstance(failure, dict) and failure.get("status") == "interrupted":
         after = failure.get("rounds", rounds_done)
         if not after:
-            return "failed", ("interrupted (Ctrl-C or SIGTERM) before its first round ended: nothing to resume; start it again under "
+            return "failed", ("interrupted (Ctrl-C, SIGTERM or SIGHUP) before its first round ended: nothing to resume; start it again under "
                               "another run-name (its sites' ledgers keep what they spent)")
-        return "failed", (f"interrupted (Ctrl-C or SIGTERM) after round {after}: resume it with resume=true and the "
+        return "failed", (f"interrupted (Ctrl-C, SIGTERM or SIGHUP) after round {after}: resume it with resume=true and the "
                           "same run-name; privacy.json records what the sites spent")
     if isinstance(failure, dict) and failure.get("reason"):  # the ServerApp's own account (fedmm.federation.artifacts.FAILURE)
         return "failed", f"{failure['reason']} (details in {log}; privacy.json records what the sites spent)"
     if privacy is not None:  # written alone only by a run that failed
         return "failed", f"the server failed (see {log}); privacy.json records what the sites spent"
     return "running", "no summary yet: the run is going on, or its server died (see the last activity)"
+
+
+def _server_gone(run_dir: Path) -> bool:
+    """Whether the run folder's lock file is there and no process holds it: the ServerApp that wrote it is gone."""
+    from fedmm.federation.artifacts import LOCK, run_in_use
+
+    return (run_dir / LOCK).is_file() and run_in_use(run_dir) is None
 
 
 def _ago(when: float | None, now: float) -> str:

@@ -228,7 +228,7 @@ def run_embedded(cfg: RunConfig, *, on_line: Callable[[str], None], verbose: boo
                         exit_event=_exit_event(), verbose_logging=False,
                     )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Flower's engine has stopped; stop the ServerApp's wait too
-                status, details = "finished:interrupted", "interrupted (Ctrl-C or SIGTERM)"
+                status, details = "finished:interrupted", "interrupted (Ctrl-C, SIGTERM or SIGHUP)"
                 log_out.write(f"run {details}\n")
                 _stop_server_app()
             except SystemExit as stop:  # Flower's flwr_exit on an app that cannot be loaded

@@ -171,7 +171,8 @@ def _flwr(env: dict[str, str], *args: str) -> dict[str, object]:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops a run as Ctrl-C does (a ``KeyboardInterrupt`` in the main thread), not the process at once."""
+    """SIGTERM and SIGHUP (the terminal or ssh session closed) stop a run as Ctrl-C does (a ``KeyboardInterrupt`` in the
+    main thread, then the run's record of what it left), not the process at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -179,11 +180,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None], ray: RaySettings | None = None) -> SimulationOutcome:
@@ -251,7 +253,7 @@ def run_simulation(cfg: RunConfig, *, on_line: Callable[[str], None], ray: RaySe
         info = dict(runs[0])  # type: ignore[index]
         status, details = str(info.get("status", "unknown")), str(info.get("status-details", ""))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the SuperLink and its apps are stopped below; each spend was committed before its update left
-        status, details = "finished:interrupted", "interrupted (Ctrl-C or SIGTERM)"
+        status, details = "finished:interrupted", "interrupted (Ctrl-C, SIGTERM or SIGHUP)"
         with open(log_file, "a", encoding="utf-8") as log_out:
             log_out.write(f"run {details}\n")
     finally:
