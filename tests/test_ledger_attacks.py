@@ -490,3 +490,9 @@ def test_a_stopped_run_states_the_spends_its_sites_ledgers_hold_that_the_server_
     _print_spends(run_dir, "privacy spent so far")
     said = " ".join(capsys.readouterr().out.split())
     assert f"privacy spent so far: george epsilon {entries[-1].epsilon:.3f}" in said and "the server heard of 0 of them" in said
+
+
+def test_a_target_delta_not_below_one_over_a_sites_records_is_refused() -> None:
+    """New-user finding of 3 Dec: target-delta=0.3 with 20 records a site planned and ran without a word."""
+    code, output = run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=2", "--set", "rounds=2", "--set", "target-delta=0.3")
+    assert code == 2 and "config key 'target-delta': is not below 1/n for a site of" in output and "Fix: use a delta well below" in output

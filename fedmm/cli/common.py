@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import sys
 import tomllib
@@ -150,6 +151,13 @@ def load_federation(run_plan: RunPlan) -> Any:
     source = load_source(cfg.data, run_plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, run_plan.federation)
     _check_budget_names(run_plan.site_budgets, federation.names, cfg.site_budgets)
+    if cfg.dp and federation.sites:
+        largest = max(len(ds) for ds in federation.sites)
+        if cfg.target_delta * largest >= 1:  # (epsilon, delta) with delta >= 1/n allows releasing a record outright
+            suggested = 10.0 ** math.floor(math.log10(0.1 / largest))
+            raise ConfigError("target-delta", f"is not below 1/n for a site of {largest} records (1/n = {1 / largest:.3g}): a guarantee "
+                              "with a delta that large allows publishing a whole record", value=cfg.target_delta,
+                              fix=f"use a delta well below 1/number-of-records, e.g. target-delta={suggested:g}")
     test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test()))
     Augmenter(test.schema, run_plan.augment, seed=0)
     class_weights(cfg, test)
