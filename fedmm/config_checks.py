@@ -39,11 +39,11 @@ def coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
         raise ConfigError(key, "must be true or false", value=raw, fix=f"e.g. {key}=true")
     if kind == "int":
         if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ConfigError(key, "must be an integer", value=raw, fix=f"e.g. {key}={field.default}")
+            raise ConfigError(key, "must be an integer", value=raw, fix=f"e.g. {key}={_example(field.default)}")
         return raw
     if kind == "float":
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise ConfigError(key, "must be a number", value=raw, fix=f"e.g. {key}={field.default}")
+            raise ConfigError(key, "must be a number", value=raw, fix=f"e.g. {key}={_example(field.default)}")
         return float(raw)
     if kind == "str":
         if not isinstance(raw, str):
@@ -79,7 +79,7 @@ def check_sizes(cfg: Any) -> None:
             low, high = field.metadata["bounds"]
             value, name = getattr(cfg, field.name), field.name.replace("_", "-")
             if value is not None and not low <= value <= high:
-                raise ConfigError(name, f"must be in [{low}, {high}]", value=value, fix=f"e.g. {name}={field.default}")
+                raise ConfigError(name, f"must be in [{low}, {high}]", value=value, fix=f"e.g. {name}={_example(field.default)}")
     if cfg.learning_rate is not None and not (math.isfinite(cfg.learning_rate) and 0 < cfg.learning_rate <= 100):
         raise ConfigError("learning-rate", "must be in (0, 100] or 'auto'", value=cfg.learning_rate, fix="e.g. learning-rate=0.5, or 'auto'")
     if not (math.isfinite(cfg.audio_seconds) and 0 < cfg.audio_seconds <= 60):
@@ -95,3 +95,8 @@ def check_sizes(cfg: Any) -> None:
             "grad-sample-mode=ghost never forms them (it clips each copy alone)", value=cfg.augment_multiplicity,
             fix="add grad-sample-mode='hooks' (or 'functorch'), or use augment-multiplicity=1",
         )
+
+
+def _example(default: object) -> object:
+    """A key's default as a value to write back (None, a key's "auto", is written ``auto``)."""
+    return "auto" if default is None else default
