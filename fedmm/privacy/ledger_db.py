@@ -41,7 +41,9 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before append() returns
     except sqlite3.DatabaseError as err:
-        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: restore it from a backup; never delete a ledger") from err
+        fix = ("restore it from a backup; never delete a ledger" if path.name == "ledger.sqlite" else
+               "give the ledger.sqlite of a site's state directory (or the directory); a site's own ledger that reads so is restored from a backup")
+        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: {fix}") from err
     return db
 
 
@@ -54,7 +56,9 @@ def checked(path: Path, *, readonly: bool) -> sqlite3.Connection:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
     except sqlite3.DatabaseError as err:
         db.close()
-        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: restore it from a backup; never delete a ledger") from err
+        fix = ("restore it from a backup; never delete a ledger" if path.name == "ledger.sqlite" else
+               "give the ledger.sqlite of a site's state directory (or the directory); a site's own ledger that reads so is restored from a backup")
+        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: {fix}") from err
     why = None
     if tables != {"meta", "entries"}:
         why = f"its tables are {sorted(tables) or 'none (an empty file)'}, a ledger has exactly meta and entries"
