@@ -71,6 +71,9 @@ def load_run(path: Path | str) -> RunFiles:
     if not path.is_dir():
         raise DataError(path, "no such run folder", fix=fix)
     if not (path / "metrics.jsonl").is_file() and not (path / "summary.json").is_file():
+        if (path / "config.toml").is_file():  # a run that stopped (or failed) before its first round ended
+            raise DataError(path, "is a run that ended before its first round (no metrics.jsonl, no summary.json): there is "
+                            "nothing to report", fix=f"`fedmm status {path}` says how it ended")
         raise DataError(path, "is not a fedmm run folder: it has neither metrics.jsonl nor summary.json", fix=fix)
     run = RunFiles(path)
     for name in ("config.toml", "summary.json", "privacy.json", "federation.json"):
