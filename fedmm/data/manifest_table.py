@@ -105,6 +105,10 @@ class ManifestTable:
 def read_manifest_table(path: Path) -> ManifestTable:
     """Read a CSV (.csv, .txt), TSV or Parquet manifest: the header checked first, then the rows."""
     local = f"manifest {path}"
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _FORMATS)[:3]
+        raise DataError(WHERE, "is a folder, not a manifest file", detail=local,
+                        fix="pass the manifest file itself" + (f", e.g. {path.name}/{inside[0]} (the folder holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise DataError(WHERE, "not found", fix="pass the path of a .csv or .parquet manifest", detail=local)
     suffix = path.suffix.lower()
