@@ -151,6 +151,11 @@ def load_federation(run_plan: RunPlan) -> Any:
     source = load_source(cfg.data, run_plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, run_plan.federation)
     _check_budget_names(run_plan.site_budgets, federation.names, cfg.site_budgets)
+    test_sites = source.test.groups.get("site") if source.test is not None else None
+    if test_sites is not None and federation.partitioner == "natural":
+        for name in sorted(set(test_sites.tolist()) - set(federation.names) - {""}):
+            console.print(f"[yellow]note:[/yellow] site {escape(repr(name))} has only split=test rows ({int((test_sites == name).sum())}): "
+                          "it takes no part in training (its rows are in the held-out set)", soft_wrap=True)
     if cfg.dp and federation.sites:
         largest = max(len(ds) for ds in federation.sites)
         if cfg.target_delta * largest >= 1:  # (epsilon, delta) with delta >= 1/n allows releasing a record outright
