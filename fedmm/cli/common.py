@@ -116,9 +116,17 @@ def load_preset(path: Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("PRESET", f"preset file {path} not found", fix="give a TOML file such as simulations/avmnist-dp.toml")
     try:
-        return dict(tomllib.loads(path.read_text()))
+        values = dict(tomllib.loads(path.read_text()))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError("PRESET", f"{path} is not valid TOML ({err})", fix="correct the file") from err
+    data = values.get("data")
+    if isinstance(data, str):  # a relative data path: beside the preset when it is there (as a site file's), else from here
+        name, sep, location = data.partition(":")
+        if sep and name != "synthetic" and location and not Path(location).expanduser().is_absolute():
+            beside = path.parent / Path(location)
+            if beside.exists() or not Path(location).exists():
+                values["data"] = f"{name}:{beside}"
+    return values
 
 
 def build_plan(cfg: RunConfig) -> RunPlan:
