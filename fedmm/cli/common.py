@@ -171,12 +171,31 @@ def load_federation(run_plan: RunPlan) -> Any:
             raise ConfigError("target-delta", f"is not below 1/n for a site of {largest} records (1/n = {1 / largest:.3g}): a guarantee "
                               "with a delta that large allows publishing a whole record", value=cfg.target_delta,
                               fix=f"use a delta well below 1/number-of-records, e.g. target-delta={suggested:g}")
+    _note_unused_classes(cfg.class_list, source)
     test = recipe.prepare(source.require_test(), tasks_from=recipe.task_classes(source.require_test()))
     Augmenter(test.schema, run_plan.augment, seed=0)
     class_weights(cfg, test)
     if cfg.dp:
         recipe.check_grad_sample_mode(cfg.grad_sample_mode.value, test.schema)
     return federation
+
+
+def _note_unused_classes(classes: Sequence[str], source: Any) -> None:
+    """A note for each class the run config names that no record has (``Swiming``): a model output nothing trains."""
+    import difflib
+
+    import numpy as np
+
+    if not classes:
+        return
+    held = [ds for ds in (source.pool, source.test) if ds is not None and len(ds)]
+    seen = {int(i) for ds in held for i in np.unique(ds.label) if i >= 0}
+    names = [str(c) for c in held[0].schema.classes] if held else list(classes)
+    for index, name in enumerate(names):
+        if index not in seen:
+            close = difflib.get_close_matches(name, [n for i, n in enumerate(names) if i in seen], n=1)
+            console.print(f"[yellow]note:[/yellow] class {escape(repr(name))} of 'classes' has no record in the data" +
+                          (f" (a typo of {escape(repr(close[0]))}?)" if close else "") + ": the model's output for it is never trained", soft_wrap=True)
 
 
 def _check_budget_names(budgets: Mapping[str, float], names: Sequence[str], spec: str) -> None:
