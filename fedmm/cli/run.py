@@ -120,6 +120,11 @@ def simulate(
         with exit_on_error():
             from fedmm.cli.privacy import plan_table  # a sibling module: commands register in help order
 
+            if cfg.resume:
+                checkpoint = Path(cfg.runs_dir).expanduser().resolve() / cfg.run_name / "checkpoint.json"
+                done = json.loads(checkpoint.read_text()).get("round") if checkpoint.is_file() else None
+                console.print(f"resuming after round {done}: the plan below is this configuration's from round 1; the rounds run so "
+                              "far spent as they ran (each site's ledger), and each site's budget check counts them", highlight=False)
             console.print(plan_table(run_plan, federation, warn_studies=bool(cfg.site_state_dir)))
 
     shown: set[str] = set()
