@@ -292,7 +292,7 @@ def test_sigkill_at_random_points_while_two_processes_contend_for_one_ledger(tmp
     """20 SIGKILLs: the chain always verifies, no released update lacks its spend, the budget is never exceeded."""
     released = tmp_path / "released.txt"
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    run_config = {"data": "synthetic", "modalities": "tabular", "batch-size": 16, "noise-multiplier": 1.0, "target-epsilon": 1e6, "rounds": 100_000}
+    run_config = {"data": "synthetic", "modalities": "tabular", "batch-size": 16, "noise-multiplier": 1.0, "target-epsilon": 1e4, "rounds": 100_000}
     lifetime = SiteAccountant(CFG.accountant)
     for _ in range(30):  # a budget of 30 rounds: reached part way through, so the edge is contended
         lifetime.record(noise_multiplier=1.0, sample_rate=0.25, steps=4)

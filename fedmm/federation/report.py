@@ -1,15 +1,13 @@
 """A run's report: one self-contained HTML page of ``runs/<run-id>/`` (``fedmm report RUN``).
 
-It reads the run's artifacts (``config.toml``, ``metrics.jsonl``, ``summary.json``,
-``privacy.json``, ``federation.json``) and shows: the run in a header (data, DP, epsilon
-against its target, rounds, why it stopped); accuracy, macro-F1, loss and epsilon per round;
-which site was aggregated, refused or rejected in which round; the final model's confusion
-matrix and per-class scores; each site's privacy; the best round against the last. Plots are
-drawn with matplotlib (Agg) and inlined as PNG: the page needs no script and no network.
+It reads the run's artifacts (``config.toml``, ``metrics.jsonl``, ``summary.json``, ``privacy.json``,
+``federation.json``) and shows: the run in a header (data, DP, epsilon against its target, rounds, why it
+stopped); accuracy, macro-F1, loss and epsilon per round; which site was aggregated, refused or rejected in
+which round; the final model's confusion matrix and per-class scores; each site's privacy; the best round
+against the last. Plots are drawn with matplotlib (Agg) and inlined as PNG: no script, no network.
 
-A field an older fedmm did not record is said to be missing, never guessed; a failed run (no
-``summary.json``) gets a page that says so. Every string from the artifacts is escaped with
-:func:`html.escape` (class and site names are data), and in plots with :func:`_plain`.
+A field an older fedmm did not record is said to be missing, never guessed; a failed run (no ``summary.json``) gets
+a page that says so. Every string from the artifacts is escaped (:func:`html.escape`; in plots :func:`_plain`).
 """
 
 from __future__ import annotations
@@ -64,16 +62,15 @@ def load_run(path: Path | str) -> RunFiles:
     Raises
     ------
     DataError
-        When ``path`` is not a folder, or holds neither ``metrics.jsonl`` nor ``summary.json``.
+        When ``path`` is not a folder, or holds neither ``metrics.jsonl`` nor ``summary.json`` (a run that ended before its first round).
     """
     path = Path(path).expanduser()
     fix = "give the folder a run wrote, <runs-dir>/<run-id>/ (by default runs/<run-id>/; `ls runs/` lists them)"
     if not path.is_dir():
         raise DataError(path, "no such run folder", fix=fix)
     if not (path / "metrics.jsonl").is_file() and not (path / "summary.json").is_file():
-        if (path / "config.toml").is_file():  # a run that stopped (or failed) before its first round ended
-            raise DataError(path, "is a run that ended before its first round (no metrics.jsonl, no summary.json): there is "
-                            "nothing to report", fix=f"`fedmm status {path}` says how it ended")
+        if (path / "config.toml").is_file():
+            raise DataError(path, "is a run that ended before its first round: nothing to report", fix=f"`fedmm status {path}` says how it ended")
         raise DataError(path, "is not a fedmm run folder: it has neither metrics.jsonl nor summary.json", fix=fix)
     run = RunFiles(path)
     for name in ("config.toml", "summary.json", "privacy.json", "federation.json"):

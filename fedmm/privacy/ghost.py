@@ -58,9 +58,7 @@ loop logs; the count is data-derived and never leaves the site. Opacus' two-pass
 cannot leave such a record out (its NaN reaches the whole batch through the second
 backward pass); fedmm bounds every model input instead
 (:data:`fedmm.models.evaluation.INPUT_BOUND`), so that no forward pass overflows.
-A norm that is a product of factors (``|g_i| |a_i|``, a ghost sum) is taken as an upper
-bound allowing for float underflow in each factor (see :mod:`fedmm.privacy.ghost_norms`),
-so a record cannot slip past the clip through a factor that reads 0.
+A norm that is a product of factors is an upper bound allowing for underflow (:mod:`fedmm.privacy.norm_bounds`).
 
 ``tests/test_model_dp.py`` checks the result against per-sample clipped gradients
 computed without Opacus, and the noise's standard deviation; ``tests/test_one_pass_clipping.py``
@@ -89,7 +87,8 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from fedmm.privacy.dp_optimizers import WIDE, GhostClippingOptimizer, GradSampleClippingOptimizer
-from fedmm.privacy.ghost_norms import all_norms, clip_into, ghost_bound, row_norms, supports
+from fedmm.privacy.ghost_norms import all_norms, clip_into, row_norms, supports
+from fedmm.privacy.norm_bounds import ghost_bound
 
 __all__ = ["GhostClippingOptimizer", "GradSampleClippingOptimizer", "OnePassGradSampleModule", "PrivacyEngine", "WIDE", "linear_norm_sample"]
 
@@ -106,10 +105,8 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
         if not all(bool(torch.isfinite(n).all()) for n in norms.values()):
             a, g = a.double(), g.double()  # float32 overflowed
             norms = compute_linear_norm_sample(layer, [a], g)
-        if layer.weight in norms:  # the ghost sum's factors may have underflowed: its upper bound (fedmm.privacy.ghost_norms)
-            n = g.shape[0]
-            ghost = norms[layer.weight].double().square()
-            norms[layer.weight] = ghost_bound(a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1]), ghost).sqrt()
+        if layer.weight in norms:  # the ghost sum's factors may have underflowed: its upper bound (fedmm.privacy.norm_bounds)
+            norms[layer.weight] = ghost_bound(a.flatten(1, -2), g.flatten(1, -2), norms[layer.weight].double().square()).sqrt()
         return {p: v.to(backprops.dtype) for p, v in norms.items()}
     grad = row_norms(backprops)
     norms = {}

@@ -27,18 +27,8 @@ Everything here is computed in the dtype of ``a`` and ``g``: an overflow there m
 NaN (never a wrong finite number), and the caller then takes the whole step again from float64
 copies of ``a`` and ``g``; a record whose norm is still not finite is left out.
 
-Underflow goes the other way: a square or product below the dtype's smallest normal (2^-126 in
-float32) rounds to a subnormal or to 0, so a row whose entries are all below about 1e-23 reads as
-norm 0. Where a norm is one factor of a record's norm (``|g| |a|``, or the ghost sum of
-``(a_t . a_s)(g_t . g_s)``), the other factor can make what was lost exceed ``max_grad_norm`` (an
-input of 1e19 times an output gradient of 1e-23: a curious server's weights can arrange both), and
-the record would pass unclipped. So every factor is taken as an upper bound: a row of ``d`` entries
-gets ``d * tiny`` (the most its squares can have lost) added to its squared norm, and a ghost sum
-gets the most its products can have lost (:func:`_gram_lost`). Clipping to an upper bound of a
-record's norm keeps it within ``max_grad_norm``; the bound exceeds the norm by about
-``1e-19 sqrt(d)``, nothing next to Opacus' ``1e-6`` in the clipping factor. Norms of explicit
-per-record gradients need no such care: what they lose is below ``sqrt(d) * 1e-19``, which that
-``1e-6`` already covers.
+Underflow goes the other way: every norm that is a factor of a record's norm is taken as an upper
+bound allowing for it (:mod:`fedmm.privacy.norm_bounds`).
 """
 
 from __future__ import annotations
@@ -52,7 +42,9 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from torch import Tensor, nn
 
-__all__ = ["LayerNorms", "all_norms", "clip_into", "ghost_bound", "layer_norms", "row_norms", "supports", "zero_rows"]
+from fedmm.privacy.norm_bounds import gram_lost, lost, lost_tensor, row_bounds
+
+__all__ = ["LayerNorms", "all_norms", "clip_into", "layer_norms", "row_norms", "supports", "zero_rows"]
 
 EMBEDDING_GRAM_MAX = 256  # longer token sequences take Opacus' sort-based embedding norm (no L x L matrix)
 EXPLICIT_MAX = 1 << 22  # a convolution's per-record weight gradients up to this many floats (16 MiB) are formed explicitly
@@ -61,51 +53,6 @@ EXPLICIT_MAX = 1 << 22  # a convolution's per-record weight gradients up to this
 def row_norms(x: Tensor) -> Tensor:
     """Each record's (row's) Euclidean norm over all its other dimensions, in float64 (no overflow)."""
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64)
-
-
-def _rows(x: Tensor) -> Tensor:
-    """Each record's norm taken in ``x``'s own dtype (may overflow: the caller checks), as float64,
-    raised by what underflow can have taken from it (see the module): an upper bound."""
-    rows = x.reshape(x.shape[0], -1)
-    return torch.linalg.vector_norm(rows, dim=1).double().hypot_(_lost_tensor(rows, rows.shape[1], root=True))
-
-
-def _lost(x: Tensor, entries: int) -> float:
-    """The most underflow can take from a sum of ``entries`` squares or products in ``x``'s dtype
-    (each below the smallest normal, ``tiny``, rounds to a subnormal or, flushed, to 0)."""
-    return entries * torch.finfo(x.dtype).tiny
-
-
-_lost_tensors: dict[tuple[int, torch.dtype, torch.device, bool], Tensor] = {}
-
-
-def _lost_tensor(x: Tensor, entries: int, *, root: bool = False) -> Tensor:
-    """:func:`_lost` (or its square root) as a float64 scalar tensor on ``x``'s device, made once
-    (a new tensor costs microseconds, and a step asks for the same few each time)."""
-    key = (entries, x.dtype, x.device, root)
-    lost = _lost_tensors.get(key)
-    if lost is None:
-        value = _lost(x, entries)
-        lost = _lost_tensors[key] = torch.tensor(math.sqrt(value) if root else value, dtype=torch.float64, device=x.device)
-    return lost
-
-
-def ghost_bound(a: Tensor, g: Tensor, ghost: Tensor) -> Tensor:
-    """``ghost``, each record's float64 ghost sum over the positions of ``a`` (``[n, T, in]``) and
-    ``g`` (``[n, T, out]``) taken in their dtype, raised by what underflow can have taken from it."""
-    return ghost + _gram_lost(a, g, _rows(a).square(), _rows(g).square())
-
-
-def _gram_lost(a: Tensor, g: Tensor, a_squared: Tensor, g_squared: Tensor) -> Tensor:
-    """An upper bound on what underflow can take from a ghost sum ``sum_{t,s} (a_t . a_s)(g_t . g_s)``
-    over ``a`` of ``[n, T, in]`` and ``g`` of ``[n, T, out]``, given upper bounds on each record's
-    ``sum_t |a_t|^2`` and ``sum_t |g_t|^2``: each dot product loses at most ``e_a = in * tiny``
-    (``e_g``), each of the ``T^2`` products and sums at most ``2 tiny`` more, and
-    ``sum_{t,s} |a_t . a_s| <= T sum_t |a_t|^2`` (Cauchy-Schwarz)."""
-    positions = a.shape[1]
-    e_a, e_g = _lost(a, a.shape[2]), _lost(g, g.shape[2])
-    tiny = torch.finfo(g.dtype).tiny
-    return (a_squared * e_g + g_squared * e_a).mul_(positions).add_(positions * positions * (e_a * e_g + 2 * tiny))
 
 
 def zero_rows(x: Tensor, keep: Tensor) -> Tensor:
@@ -224,14 +171,14 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Ten
     """Each record's squared gradient norm over ``layer``'s trainable parameters (see the module).
     ``stats``: a GroupNorm's per-record, per-group mean and inverse deviation from its forward pass (else recomputed)."""
     if isinstance(layer, nn.Embedding):
-        return _embedding_norms(layer, a, g, _rows(g))
+        return _embedding_norms(layer, a, g, row_bounds(g))
     if isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
         return _explicit(layer, a, g, stats)
     if not isinstance(layer, nn.Linear):  # a convolution: T windows of in_channels x kernel inputs
         weight = cast(nn.Parameter, layer.weight)
         if not (weight.requires_grad and _conv_ghost(g.shape[0], g[0, 0].numel(), weight[0].numel(), int(weight.shape[0]))):
             return _explicit(layer, a, g)
-    g_norm, a_norm = _rows(g), _rows(a)
+    g_norm, a_norm = row_bounds(g), row_bounds(a)
     ga = g_norm * a_norm
     largest = torch.maximum(ga, g_norm)  # bounds every entry of g and of a per-record gradient
     if a.dim() == 2 and isinstance(layer, nn.Linear):
@@ -250,9 +197,9 @@ def layer_norms(layer: nn.Module, a: Tensor, g: Tensor, stats: tuple[Tensor, Ten
         gram = torch.bmm(big_a, big_a.transpose(1, 2)) * torch.bmm(big_g, big_g.transpose(1, 2))
         # a convolution's windows hold each input entry at most once per kernel position: sum_t |a_t|^2 <= k |a|^2
         repeats = 1 if isinstance(layer, nn.Linear) else math.prod(cast(nn.Conv1d | nn.Conv2d, layer).kernel_size)
-        squared += gram.sum(dim=(1, 2)).double() + _gram_lost(big_a, big_g, a_norm.square() * repeats, g_norm.square())
+        squared += gram.sum(dim=(1, 2)).double() + gram_lost(big_a, big_g, a_norm.square() * repeats, g_norm.square())
     if layer.bias is not None and layer.bias.requires_grad:  # type: ignore[union-attr]
-        squared += _rows(big_g.sum(dim=1)).square()
+        squared += row_bounds(big_g.sum(dim=1)).square()
     return LayerNorms(squared, largest, None, None if isinstance(layer, nn.Linear) else big_a)
 
 
@@ -285,10 +232,10 @@ def all_norms(captured: list[tuple[nn.Module, Tensor, Tensor]], n: int, device: 
             widest = t if t.shape[1] > widest.shape[1] else widest
             mixed |= t.dtype is not dtype
         if mixed:  # layers of more than one dtype: the largest loss of any row
-            widest = max(tensors, key=lambda u: _lost(u, u.shape[1]))
+            widest = max(tensors, key=lambda u: lost(u, u.shape[1]))
         rows = torch.stack(lengths).double()
         # each squared norm raised by what underflow can have taken from the widest row (see the module): upper bounds
-        rows = torch.addcmul(_lost_tensor(widest, widest.shape[1]), rows, rows)
+        rows = torch.addcmul(lost_tensor(widest, widest.shape[1]), rows, rows)
         g_sq, a_sq = rows[:count], rows[count:]
         weight = [_trains(layer, "weight") for layer in layers]
         bias = [_trains(layer, "bias") for layer in layers]
@@ -364,7 +311,7 @@ def _embedding_norms(layer: nn.Embedding, ids: Tensor, g: Tensor, g_norm: Tensor
     squared = torch.zeros_like(g_norm)
     if layer.weight.requires_grad:
         if ids.shape[1] == 1:
-            squared = _rows(g).square()
+            squared = row_bounds(g).square()
         elif ids.shape[1] <= EMBEDDING_GRAM_MAX:
             same = ids.unsqueeze(2) == ids.unsqueeze(1)
             squared = (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2)).double()

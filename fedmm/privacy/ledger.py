@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,12 +53,13 @@ from fedmm.privacy.events import PrivacyEvent
 from fedmm.privacy.ledger_db import CREATE, SCHEMA_VERSION, checked, connect
 from fedmm.privacy.ledger_entry import COLUMNS as _COLUMNS
 from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry, chain_problems, held_label
+from fedmm.privacy.ledger_evidence import anchor_path, evidence, find_ledgers, lineage_problems, log_path, lost_message, missing_ledger
 from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, read_log, write_anchor
 from fedmm.privacy.ledger_spends import (
     RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, logged_spends, other_ledgers, replace_fix, spends_path,
 )
 
-__all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers", "missing_ledger"]
+__all__ = ["LedgerEntry", "ChainVerdict", "CarriedSpend", "PrivacyLedger", "MECHANISM", "SITE_STATS_MECHANISM", "find_ledgers", "missing_ledger"]  # the last two: fedmm.privacy.ledger_evidence's
 
 _log = logging.getLogger(__name__)
 
@@ -115,27 +115,22 @@ class PrivacyLedger:
         try:
             if path.exists():
                 raise PrivacyError(f"a privacy ledger already exists at {path}; it is never replaced while it is there. Fix: keep using it")
-            evidence = _evidence(path)
-            if evidence and carried is None:
-                raise PrivacyError(_lost_message(path, site, evidence))
-            spent = sum(other_ledgers(spends_path(path), "").values())  # every ledger that spent from this folder
-            if spent > (carried.epsilon if carried else 0.0) * (1 + 1e-9):
-                raise PrivacyError(
-                    f"the spend log {spends_path(path)} records spends from this folder up to epsilon {spent:.6g} in all; a new ledger "
-                    f"here must carry at least that much (it would carry {carried.epsilon if carried else 0:g}). Fix: run `fedmm ledger "
-                    f"init {path.parent} --site {site} --replace-lost --carried-epsilon {spent!r} --carried-delta D --reason '...'`, "
-                    "with D the delta they were stated at (or more, with spends of runs this log does not show)"
-                )
+            found = evidence(path)
+            if found and carried is None:
+                raise PrivacyError(lost_message(path, site, found))
+            short = lineage_problems(path, site, "", carried, other_ledgers(spends_path(path), ""), made=False)
+            if short:  # the spend log holds spends of ledgers before this one: it must carry them
+                raise PrivacyError(short[0])
             created = _now()
-            append_log(_log_path(path), "replaced-lost" if carried else "created", site=site, reason=reason, ledger=created,
-                       **({"carried_epsilon": carried.epsilon, "carried_delta": carried.delta, "evidence": evidence} if carried else {}))
+            append_log(log_path(path), "replaced-lost" if carried else "created", site=site, reason=reason, ledger=created,
+                       **({"carried_epsilon": carried.epsilon, "carried_delta": carried.delta, "evidence": found} if carried else {}))
             db = connect(path, readonly=False)
             db.executescript(CREATE)
             meta = {"site": site, "schema": str(SCHEMA_VERSION), "data_key": secrets.token_hex(32), "created": created, "spends_from": "1"}
             if carried is not None:
                 meta.update(carried_epsilon=repr(carried.epsilon), carried_delta=repr(carried.delta), carried_reason=carried.reason)
             db.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
-            write_anchor(_anchor_path(path), 0, GENESIS)
+            write_anchor(anchor_path(path), 0, GENESIS)
         except BaseException:
             lock.release()
             raise
@@ -150,9 +145,9 @@ class PrivacyLedger:
         """
         path = Path(path)
         if not path.is_file():
-            evidence = _evidence(path)
-            if evidence:
-                raise PrivacyError(_lost_message(path, site or "NAME", evidence))
+            found = evidence(path)
+            if found:
+                raise PrivacyError(lost_message(path, site or "NAME", found))
             if create_if_new and site:
                 return cls.create(path, site=site, reason="a simulation's fresh per-run folder")
             raise PrivacyError(
@@ -233,7 +228,7 @@ class PrivacyLedger:
         if anchor is not None and anchor[0] == seq - 1 and self.verify(check_anchor=False).ok:
             # A crash between a commit and its anchor: the chain is intact, so bring the anchor up and say so.
             write_anchor(self.head_path, seq, digest)
-            append_log(_log_path(self.path), "anchor-repaired", site=self.site, reason=f"the anchor was at entry {anchor[0]}, the ledger at {seq}")
+            append_log(log_path(self.path), "anchor-repaired", site=self.site, reason=f"the anchor was at entry {anchor[0]}, the ledger at {seq}")
 
     def logged_ahead(self) -> tuple[LedgerEntry, ...]:
         """Spends the spend log records past this ledger's end that continue its chain (a crash's one, or a backup's lag)."""
@@ -290,7 +285,7 @@ class PrivacyLedger:
         self.recovered = comparison.missing
         what = (f"the ledger ended at entry {before_seq} (epsilon {before_epsilon:.6g}); its spend log recorded entries "
                 f"{comparison.missing[0].seq}-{last.seq} (up to epsilon {last.epsilon:.6g}), added back from it")
-        append_log(_log_path(self.path), RECOVERED, site=self.site, seqs=[e.seq for e in comparison.missing], epsilon=last.epsilon, reason=what)
+        append_log(log_path(self.path), RECOVERED, site=self.site, seqs=[e.seq for e in comparison.missing], epsilon=last.epsilon, reason=what)
         _log.warning("[fedmm] privacy ledger %s: %s (a ledger restored from an older backup lacks the spends made after it)", self.path, what)
 
     # ------------------------------------------------------------------ reading
@@ -301,7 +296,7 @@ class PrivacyLedger:
 
     @property
     def head_path(self) -> Path:
-        return _anchor_path(self.path)
+        return anchor_path(self.path)
 
     @property
     def data_key(self) -> bytes:
@@ -418,7 +413,7 @@ class PrivacyLedger:
             return ChainVerdict(False, 0, (str(err),))
         problems = chain_problems(entries)
         notes: list[str] = []
-        replaced = [e for e in read_log(_log_path(self.path)) if e.get("event") == "replaced-lost"]
+        replaced = [e for e in read_log(log_path(self.path)) if e.get("event") == "replaced-lost"]
         if replaced:  # the carried spend sits outside the chain: the log that recorded it must agree
             logged, carried = replaced[-1], self.carried
             if carried is None or carried.epsilon != logged.get("carried_epsilon") or carried.delta != logged.get("carried_delta"):
@@ -443,25 +438,8 @@ class PrivacyLedger:
                     "commit and the anchor leaves it; the same picture results if the newest entry was removed together with the "
                     "anchor, which only a witness (--witness privacy.json) can rule out"
                 )
-        made_here = [str(e["ledger"]) for e in read_log(_log_path(self.path)) if e.get("event") in ("created", "replaced-lost") and e.get("ledger")]
-        if made_here and self.ledger_id not in made_here:
-            problems.append(
-                f"this ledger (made {self.ledger_id or 'at an unknown time'}) is not the ledger this folder's log records as made here "
-                f"(the last: {made_here[-1]}): one made elsewhere was copied in, and the site's budget would start again. Fix: put "
-                "back this folder's own ledger and its .head anchor from a backup; if it is lost for good, `fedmm ledger init "
-                f"{self.path.parent} --site {self.site} --replace-lost ...` with the spend it had made"
-            )
         comparison = self._compare(entries)
-        carried_epsilon = self.carried.epsilon if self.carried else 0.0
-        others = sum(comparison.others.values())
-        if others > carried_epsilon * (1 + 1e-9):
-            problems.append(
-                f"the spend log {spends_path(self.path).name} records the spends of another ledger of this folder "
-                f"({', '.join(f'made {k}: up to epsilon {v:.6g}' for k, v in comparison.others.items())}) that this ledger neither "
-                f"holds nor carries (this ledger carries {f'epsilon {carried_epsilon:g}' if self.carried else 'none'}): opened, it would start "
-                "the site's budget again. Fix: put back the ledger that made them; if it is lost for good, move this one aside and "
-                f"run `fedmm ledger init {self.path.parent} --site {self.site} --replace-lost --carried-epsilon {others!r} ...`"
-            )
+        problems += lineage_problems(self.path, self.site, self.ledger_id, self.carried, comparison.others)
         log_problems, log_notes = log_verdict(comparison, entries, self.path, self.site)
         problems, notes = problems + log_problems, notes + log_notes
         return ChainVerdict(not problems, len(entries), tuple(problems), tuple(notes))
@@ -469,53 +447,3 @@ class PrivacyLedger:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _anchor_path(path: Path) -> Path:
-    return path.with_name(path.name + ".head")
-
-
-def _log_path(path: Path) -> Path:
-    return path.with_name(path.name + ".log")
-
-
-def _evidence(path: Path) -> list[str]:
-    """What shows that a ledger existed at ``path``: its spend log, anchor and log, SQLite's side files."""
-    companions = [_anchor_path(path), _log_path(path), path.with_name(path.name + "-wal")]
-    found = [p.name for p in companions if p.exists()]
-    return found or [p.name for p in [spends_path(path)] if p.exists()]  # the spend log too, if it alone is left
-
-
-def _lost_message(path: Path, site: str, evidence: list[str]) -> str:
-    return (
-        f"the privacy ledger {path} is missing, but {', '.join(evidence)} beside it show that site {site}'s ledger existed. "
-        "The site refuses to start a new one: that would forget every epsilon it has spent. Fix: restore ledger.sqlite "
-        "from a backup; if it is lost for good, run `fedmm ledger init "
-        f"{path.parent} --site {site} --replace-lost --carried-epsilon E --carried-delta D --reason '...'` with the spend "
-        "the site had made (the last privacy.json of the server, or the last audit of this ledger)"
-    )
-
-
-def find_ledgers(paths: Iterable[str | Path]) -> list[Path]:
-    """Ledger files named directly, or found under directories (``**/ledger.sqlite``, and where one is missing but
-    its anchor, log or spend log remains, its path: the audit then reports it missing, never leaves the site out)."""
-    found: list[Path] = []
-    for item in map(Path, paths):
-        if item.is_dir():
-            beside = {p.with_name("ledger.sqlite") for pattern in ("ledger.sqlite.head", "ledger.sqlite.log", "ledger.sqlite.spends", "ledger.sqlite-wal")
-                      for p in item.rglob(pattern)}
-            found += sorted({*item.rglob("ledger.sqlite"), *beside})
-        else:
-            found.append(item)
-    return found
-
-
-def missing_ledger(path: Path) -> tuple[str, str] | None:
-    """``(site, problem)`` when ``path`` has no ledger but files beside it show that one existed; else None."""
-    evidence = _evidence(path)
-    if path.exists() or not evidence:
-        return None
-    sites = [str(e["site"]) for e in read_log(_log_path(path)) if e.get("event") in ("created", "replaced-lost") and e.get("site")]
-    site = sites[-1] if sites else path.parent.name
-    return site, _lost_message(path, site, evidence)
-
