@@ -53,9 +53,12 @@ def _manifest(folder: Path, name: str, rows: list[tuple[str, int]], split: str =
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], str, dict[str, np.ndarray]]:
     """The run config, the schema the server sends (as server/app.py makes it) and the global weights."""
-    folder = tmp_path_factory.mktemp("server")
+    return _server_side(tmp_path_factory.mktemp("server"))
+
+
+def _server_side(folder: Path, **extra: object) -> tuple[dict[str, object], str, dict[str, np.ndarray]]:
     spec = _manifest(folder, "server", [(c, LENGTH) for c in CLASSES * 4], split="test")
-    run = {"data": spec, "rounds": 2, "sites": 1, "batch-size": 4, "target-epsilon": 8.0}
+    run = {"data": spec, "rounds": 2, "sites": 1, "batch-size": 4, "target-epsilon": 8.0, **extra}
     plan = RunPlan.from_run_config(run)
     cfg, recipe = plan.config, plan.model
     source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
@@ -340,17 +343,9 @@ def test_a_noise_share_the_rounds_range_would_truncate_is_refused_before_any_spe
     from fedmm.models import layout_fingerprint
     from fedmm.secure.params import SecAggParams
 
-    folder = tmp_path / "server"
-    server_spec = _manifest(folder, "server", [(c, LENGTH) for c in CLASSES * 4], split="test")
-    run = {"data": server_spec, "rounds": 2, "sites": 3, "batch-size": 4, "target-epsilon": 8.0,
-           "secure-aggregation": True, "client-dp": True, "client-noise": "distributed"}
-    plan = RunPlan.from_run_config(run)
-    cfg, recipe = plan.config, plan.model
-    source = load_source(cfg.data, plan.preprocessing, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
-    test = normalise(source.require_test(), sensor_norm=cfg.sensor_norm, site_statistics=not cfg.dp, held_out=True)
-    schema = recipe.prepare(test, tasks_from=recipe.task_classes(test)).schema
-    weights = {k: v.numpy() for k, v in recipe.build(schema, seed=cfg.seed).state_dict().items()}
-    request = _request(tmp_path, _manifest(tmp_path, "site", [(c, LENGTH) for c in CLASSES * 8]), (run, schema.to_json(), weights))
+    server = _server_side(tmp_path / "server", **{"sites": 3, "secure-aggregation": True, "client-dp": True, "client-noise": "distributed"})
+    weights = server[2]
+    request = _request(tmp_path, _manifest(tmp_path, "site", [(c, LENGTH) for c in CLASSES * 8]), server)
     request.config[protocol.LAYOUT] = layout_fingerprint({k: torch.from_numpy(v) for k, v in weights.items()})
     request.secagg = SecAggParams(clip_range=2.0, max_weight=1.0, target_range=1 << 22, threshold=2)
     with pytest.raises(PrivacyError, match="would truncate the site's noise share"):
