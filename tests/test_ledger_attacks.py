@@ -423,9 +423,11 @@ def test_a_ledger_older_than_the_mark_is_held_to_its_spend_log_from_its_first_lo
     lines = path.with_name("ledger.sqlite.spends").read_text().splitlines()
     path.with_name("ledger.sqlite.spends").write_text("\n".join(lines[1:]) + "\n")  # entry 1 predates the spend log
     db = sqlite3.connect(path)
-    db.execute("DELETE FROM meta WHERE key = 'spends_from'")  # a ledger made before the mark
-    db.commit()
+    db.execute("DELETE FROM meta WHERE key = 'spends_from'")  # a ledger made before the mark: no mark, and a log that
+    db.commit()  # does not name it (the lines of that time had no ledger id)
     db.close()
+    log = path.with_name("ledger.sqlite.log")
+    log.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "ledger"}) + "\n" for line in log.read_text().splitlines()))
     with PrivacyLedger.open(path, site="george") as ledger:  # its unlogged first entry is tolerated, once, and marked
         _next_spend(ledger)
     path.with_name("ledger.sqlite.spends").unlink()
@@ -496,3 +498,48 @@ def test_a_target_delta_not_below_one_over_a_sites_records_is_refused() -> None:
     """New-user finding of 3 Dec: target-delta=0.3 with 20 records a site planned and ran without a word."""
     code, output = run_cli("plan", "--set", "data=synthetic:60", "--set", "sites=2", "--set", "rounds=2", "--set", "target-delta=0.3")
     assert code == 2 and "config key 'target-delta': is not below 1/n for a site of" in output and "Fix: use a delta well below" in output
+
+
+def test_a_stray_rolled_back_line_in_the_spend_log_is_not_a_crash(tmp_path: Path) -> None:
+    """Review of 3 Dec: a 'spend-rolled-back' line without a hash, for a spend never logged, crashed open and audit (KeyError)."""
+    path = tmp_path / "ledger.sqlite"
+    PrivacyLedger.create(path, site="george").close()
+    with open(path.with_name("ledger.sqlite.spends"), "a") as log:
+        log.write(json.dumps({"event": "spend-rolled-back", "ledger": "other", "seq": 3}) + "\n")
+    PrivacyLedger.open(path, site="george").close()
+    from fedmm.privacy.audit import audit_ledger
+
+    assert audit_ledger(path).ok
+
+
+def test_the_spends_printed_after_a_stop_count_a_replaced_ledgers_carried_spend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmm.cli.run import _print_spends
+    from fedmm.privacy.ledger import CarriedSpend
+
+    run_dir = tmp_path / "runs" / "r1"
+    path = run_dir / "sites" / "george" / "ledger.sqlite"
+    with PrivacyLedger.create(path, site="george", reason="disk failure", carried=CarriedSpend(5.0, 1e-6, "disk failure")) as ledger:
+        ledger.append(run_id="r1", round=1, noise_multiplier=1.0, sample_rate=0.25, steps=4, delta=1e-5, accountant="rdp",
+                      epsilon=1.0, epsilon_budget=20.0, data="d")
+    _print_spends(run_dir, "privacy spent so far")
+    assert "george epsilon 6.000 (lifetime" in " ".join(capsys.readouterr().out.split())
+
+
+def test_removing_the_spend_log_mark_does_not_let_a_restored_backup_open(tmp_path: Path) -> None:
+    """Review of 3 Dec: deleting meta's spends_from (outside the hash chain) made a ledger pass for one older than the
+    spend log, so a restored backup with its spend log removed opened behind, its budget rolled back."""
+    state = tmp_path / "george"
+    _spent_ledger(state / "ledger.sqlite", rounds=1)
+    backup = {name: (state / name).read_bytes() for name in ("ledger.sqlite", "ledger.sqlite.head")}
+    with PrivacyLedger.open(state / "ledger.sqlite", site="george") as ledger:
+        _next_spend(ledger)
+        _next_spend(ledger)
+    (state / "ledger.sqlite.spends").unlink()
+    for name, data in backup.items():
+        (state / name).write_bytes(data)
+    db = sqlite3.connect(state / "ledger.sqlite")
+    db.execute("DELETE FROM meta WHERE key = 'spends_from'")
+    db.commit()
+    db.close()
+    with pytest.raises(PrivacyError, match=r"spend log .* lacks entry 1 of the ledger"):
+        PrivacyLedger.open(state / "ledger.sqlite", site="george").close()

@@ -142,3 +142,23 @@ def test_status_says_a_run_whose_server_is_gone_is_not_running(tmp_path: Path) -
     artifacts.close()  # as the operating system drops the lock of a killed process
     status = run_status(tmp_path / "gone")
     assert status.state == "failed" and "stopped without a word" in status.reason and "continues after round 2" in status.reason
+
+
+def test_sighup_under_nohup_does_not_stop_a_run() -> None:
+    """Review of 3 Dec: catching SIGHUP (a closed terminal stops a run as Ctrl-C does) overrode nohup's ignore."""
+    code = textwrap.dedent(
+        """
+        import signal
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+        from fedmm.runtime.simulation import sigterm_as_interrupt
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a terminal's run
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_IGN, signal.SIG_DFL)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr

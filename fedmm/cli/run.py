@@ -186,8 +186,8 @@ def _print_spends(run_dir: Path, heading: str, state_dir: str = "") -> None:
         try:
             with PrivacyLedger.read(path) as ledger:
                 mine = [e for e in ledger.entries() if e.run_id == run_dir.name]
-                if mine:
-                    ledgers.append((ledger.site, mine[-1].epsilon))
+                if mine:  # lifetime: a replaced ledger's carried spend adds (as its budget check adds it)
+                    ledgers.append((ledger.site, mine[-1].epsilon + (ledger.carried.epsilon if ledger.carried else 0.0)))
         except PrivacyError:
             continue  # `fedmm audit` says what is wrong with it
     record = run_dir / "privacy.json"

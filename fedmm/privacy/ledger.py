@@ -53,7 +53,7 @@ from fedmm.privacy.events import PrivacyEvent
 from fedmm.privacy.ledger_db import CREATE, SCHEMA_VERSION, checked, connect
 from fedmm.privacy.ledger_entry import COLUMNS as _COLUMNS
 from fedmm.privacy.ledger_entry import GENESIS, CarriedSpend, LedgerEntry, chain_problems, held_label
-from fedmm.privacy.ledger_evidence import anchor_path, evidence, find_ledgers, lineage_problems, log_path, lost_message, missing_ledger
+from fedmm.privacy.ledger_evidence import anchor_path, evidence, find_ledgers, lineage_problems, log_path, lost_message, made_here, missing_ledger
 from fedmm.privacy.ledger_files import LedgerLock, append_log, read_anchor, read_log, write_anchor
 from fedmm.privacy.ledger_spends import (
     RECOVERED, LogComparison, compare, log_rolled_back, log_spend, log_verdict, logged_spends, other_ledgers, replace_fix, spends_path,
@@ -217,13 +217,12 @@ class PrivacyLedger:
             self._meta["data_key"] = secrets.token_hex(32)
             self._db.execute("INSERT INTO meta VALUES ('data_key', ?)", (self._meta["data_key"],))
         seq, digest = self.head()
-        if "spends_from" not in self._meta:  # a ledger made before the mark: its entries logged so far, and every later one
-            logged = set(logged_spends(spends_path(self.path), self.ledger_id)[0])
-            first = seq + 1
+        if not self._spends_from():  # a ledger made before the mark: its entries logged so far, and every later one
+            logged, first = set(logged_spends(spends_path(self.path), self.ledger_id)[0]), seq + 1
             while first > 1 and first - 1 in logged:  # the newest entries the log holds, without a gap
                 first -= 1
             self._meta["spends_from"] = str(first)
-            self._db.execute("INSERT INTO meta VALUES ('spends_from', ?)", (self._meta["spends_from"],))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('spends_from', ?)", (self._meta["spends_from"],))
         anchor = read_anchor(self.head_path)
         if anchor is not None and anchor[0] == seq - 1 and self.verify(check_anchor=False).ok:
             # A crash between a commit and its anchor: the chain is intact, so bring the anchor up and say so.
@@ -255,11 +254,13 @@ class PrivacyLedger:
         return self._log_seen[1]
 
     def _spends_from(self) -> int:
-        """The first entry the spend log must hold (1: every one); 0 for a ledger older than the log, until it is opened."""
+        """The first entry the spend log must hold: 1 for a ledger its folder's log records as made there (the mark in meta,
+        outside the chain, is not taken then), else the mark (0: a ledger older than the log, until opened)."""
         try:
-            return max(0, int(self._meta.get("spends_from", 0)))
+            mark = int(self._meta.get("spends_from", 0))
         except (TypeError, ValueError):
             return 1  # a damaged mark: every entry
+        return 1 if mark < 0 or (mark != 1 and self.ledger_id in made_here(self.path)) else mark
 
     def _recover_from_log(self, *, at_most: int | None) -> None:
         """Add back the spends the log records past the ledger's end (a ledger restored from an older backup).

@@ -20,7 +20,7 @@ from fedmm.privacy.ledger_entry import CarriedSpend
 from fedmm.privacy.ledger_files import read_log
 from fedmm.privacy.ledger_spends import spends_path
 
-__all__ = ["anchor_path", "evidence", "find_ledgers", "lineage_problems", "log_path", "lost_message", "missing_ledger"]
+__all__ = ["anchor_path", "evidence", "find_ledgers", "lineage_problems", "log_path", "lost_message", "made_here", "missing_ledger"]
 
 _MADE = ("created", "replaced-lost")  # the log's events that make a ledger in its folder
 
@@ -74,6 +74,11 @@ def missing_ledger(path: Path) -> tuple[str, str] | None:
     return site, lost_message(path, site, found)
 
 
+def made_here(path: Path) -> list[str]:
+    """The ledgers (their ids) that the log beside ``path`` records as made in its folder (since 3 Dec)."""
+    return [str(e["ledger"]) for e in read_log(log_path(path)) if e.get("event") in _MADE and e.get("ledger")]
+
+
 def lineage_problems(path: Path, site: str, ledger_id: str, carried: CarriedSpend | None, others: Mapping[str, float], *,
                      made: bool = True) -> list[str]:
     """What is wrong with the ledger ``ledger_id`` at ``path`` as its folder's files tell it: not made here (the log
@@ -81,11 +86,11 @@ def lineage_problems(path: Path, site: str, ledger_id: str, carried: CarriedSpen
     carrying ``others``, the largest epsilon the spend log records for each other ledger that spent from this folder
     (their sum, by basic composition)."""
     problems = []
-    made_here = [str(e["ledger"]) for e in read_log(log_path(path)) if e.get("event") in _MADE and e.get("ledger")]
-    if made and made_here and ledger_id not in made_here:
+    ids = made_here(path) if made else []
+    if ids and ledger_id not in ids:
         problems.append(
             f"this ledger (made {ledger_id or 'at an unknown time'}) is not the ledger this folder's log records as made here "
-            f"(the last: {made_here[-1]}): one made elsewhere was copied in, and the site's budget would start again. Fix: put "
+            f"(the last: {ids[-1]}): one made elsewhere was copied in, and the site's budget would start again. Fix: put "
             "back this folder's own ledger and its .head anchor from a backup; if it is lost for good, `fedmm ledger init "
             f"{path.parent} --site {site} --replace-lost ...` with the spend it had made"
         )

@@ -97,7 +97,7 @@ def other_ledgers(log: Path, ledger_id: str, lines: list[dict[str, Any]] | None 
         own = spends.setdefault(str(other), {})
         if line.get("event") == SPEND and isinstance(record, dict) and isinstance(record.get("epsilon"), (int, float)):
             own[line.get("seq")] = (record.get("hash"), float(record["epsilon"]))
-        elif line.get("event") == ROLLED_BACK and own.get(line.get("seq"), (None,))[0] == line.get("hash"):
+        elif line.get("event") == ROLLED_BACK and line.get("seq") in own and own[line.get("seq")][0] == line.get("hash"):
             del own[line.get("seq")]
     return {other: max(e for _, e in own.values()) for other, own in sorted(spends.items()) if own}
 

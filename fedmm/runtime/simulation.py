@@ -171,8 +171,8 @@ def _flwr(env: dict[str, str], *args: str) -> dict[str, object]:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP (the terminal or ssh session closed) stop a run as Ctrl-C does (a ``KeyboardInterrupt`` in the
-    main thread, then the run's record of what it left), not the process at once."""
+    """SIGTERM and SIGHUP (the terminal or ssh session closed; not under ``nohup``) stop a run as Ctrl-C does (a
+    ``KeyboardInterrupt`` in the main thread, then the run's record of what it left), not the process at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -180,7 +180,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGHUP only where it is not ignored already: under nohup the run must outlive its terminal, as it asked
+    caught = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, interrupt) for sig in caught}
     try:
         yield
     finally:
