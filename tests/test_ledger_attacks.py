@@ -439,11 +439,15 @@ def test_the_audit_of_a_folder_counts_a_site_whose_ledger_was_removed(tmp_path: 
     """New-user finding of 3 Dec: with one site's ledger.sqlite removed, `fedmm audit runs/X/sites` left the site out and
     said "every ledger intact and within budget" (exit 0)."""
     _spent_ledger(tmp_path / "sites" / "george" / "ledger.sqlite")
-    _spent_ledger(tmp_path / "sites" / "jackson" / "ledger.sqlite")
+    PrivacyLedger.create(tmp_path / "sites" / "jackson" / "ledger.sqlite", site="jackson").close()
     (tmp_path / "sites" / "jackson" / "ledger.sqlite").unlink()
     code, output = run_cli("audit", str(tmp_path / "sites"))
     assert code == 1 and "audit failed" in output
-    assert "jackson" in output and "the privacy ledger" in output and "is missing" in output
+    assert "show that site jackson's ledger existed" in " ".join(output.split())
+    witness = tmp_path / "privacy.json"  # a witness that names it: its row says it has no ledger, not "not named"
+    witness.write_text(json.dumps({"sites": [{"site": "jackson", "epsilon": 1.0, "ledger_seq": 1, "ledger_hash": "0" * 64}]}))
+    code, output = run_cli("audit", str(tmp_path / "sites"), "--witness", str(witness), "--given-only")
+    assert code == 1 and "no ledger" in output and "not named" in output  # george is not named by it
 
 
 def test_the_audit_says_what_the_witness_showed(tmp_path: Path) -> None:

@@ -162,3 +162,18 @@ def test_sighup_under_nohup_does_not_stop_a_run() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_a_run_in_its_first_round_is_not_called_stopped(tmp_path: Path) -> None:
+    """Review of 3 Dec: a resume (or a new run) of a folder whose run was still in its first round was told the run had
+    stopped, with the advice to start it again under another name: a second run, spending too."""
+    running = RunArtifacts(RunConfig(runs_dir=str(tmp_path), run_name="first", sites=2), "first")  # no checkpoint yet
+    try:
+        for resume in (True, False):
+            with pytest.raises(ConfigError, match="is being written by another run") as refused:
+                check_run_folder(tmp_path, "first", resume=resume, rounds=2)
+            assert "stopped" not in str(refused.value)
+        with pytest.raises(ConfigError, match="is being written by another run"):
+            RunArtifacts(RunConfig(runs_dir=str(tmp_path), run_name="first", sites=2), "first", resume=True)
+    finally:
+        running.close()

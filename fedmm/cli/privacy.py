@@ -188,12 +188,14 @@ def audit(
              *(("witness",) if witnesses else ())),
         )
         named = {None: Text("not named"), True: Text("matches", "green"), False: Text("DIFFERS", "red")}
+        named_sites = {site for heads in witnesses.values() for site in heads}
         for a in audits:
             table.add_row(
                 a.site, f"{a.epsilon:.4f}", "" if a.epsilon_budget is None else f"{a.epsilon_budget:g}",
                 "" if a.remaining is None else f"{a.remaining:.4f}", "" if a.delta is None else f"{a.delta:g}", a.accountant or "",
                 str(a.runs), str(len(a.entries)), (a.last_spend or "")[:19], Text("intact", "green") if a.chain_ok else Text("BROKEN", "red"),
-                *((named[a.witness_ok] if a.path else Text("no ledger", "red"),) if witnesses else ()),
+                *((named[a.witness_ok] if a.path and (a.witness_ok is not None or a.site not in named_sites) else Text("no ledger", "red"),)
+                  if witnesses else ()),
             )
         console.print(table)
         for a in audits:

@@ -63,15 +63,15 @@ def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool, rounds:
     no checkpoint, of one another run is writing, or of a run that completed its ``rounds`` already (the
     engine, once started, would have written its log and site presence into the completed run's folder)."""
     run_dir = Path(runs_dir).expanduser().resolve() / run_id
+    holder = run_in_use(run_dir)  # first: a run in its first round has no checkpoint yet, and has not stopped
+    if holder is not None:
+        raise _in_use_error(run_dir, holder)
     if not resume:
         if run_dir.exists():
             raise _exists_error(run_dir, run_id)
         return
     if not (run_dir / CHECKPOINT).is_file():
         raise _no_checkpoint_error(run_dir)
-    holder = run_in_use(run_dir)
-    if holder is not None:
-        raise _in_use_error(run_dir, holder)
     try:
         done = int(json.loads((run_dir / CHECKPOINT).read_text()).get("round", 0))
     except (OSError, ValueError, TypeError, AttributeError):
@@ -93,6 +93,9 @@ def _no_checkpoint_error(run_dir: Path) -> ConfigError:
 
 
 def _exists_error(run_dir: Path, run_id: str) -> ConfigError:
+    holder = run_in_use(run_dir)
+    if holder is not None:
+        return _in_use_error(run_dir, holder)
     if not (run_dir / CHECKPOINT).is_file():
         return ConfigError("run-name", f"a run folder {run_dir} exists already", value=run_id,
                            fix="give this run another run-name (that run stopped before its first checkpoint: nothing to resume)")
@@ -134,6 +137,9 @@ class RunArtifacts:
         self.dir = Path(cfg.runs_dir).expanduser().resolve() / run_id
         self.started = time.monotonic()
         if resume:
+            holder = run_in_use(self.dir)
+            if holder is not None:
+                raise _in_use_error(self.dir, holder)
             if not (self.dir / CHECKPOINT).is_file():
                 raise _no_checkpoint_error(self.dir)
         else:

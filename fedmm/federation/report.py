@@ -69,8 +69,8 @@ def load_run(path: Path | str) -> RunFiles:
     if not path.is_dir():
         raise DataError(path, "no such run folder", fix=fix)
     if not (path / "metrics.jsonl").is_file() and not (path / "summary.json").is_file():
-        if (path / "config.toml").is_file():
-            raise DataError(path, "is a run that ended before its first round: nothing to report", fix=f"`fedmm status {path}` says how it ended")
+        if (path / "config.toml").is_file():  # in (or ended in) its first round: `fedmm status` says which
+            raise DataError(path, "is a run without a finished round: nothing to report yet", fix=f"`fedmm status {path}` says how it stands")
         raise DataError(path, "is not a fedmm run folder: it has neither metrics.jsonl nor summary.json", fix=fix)
     run = RunFiles(path)
     for name in ("config.toml", "summary.json", "privacy.json", "federation.json"):
