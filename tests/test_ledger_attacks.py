@@ -390,7 +390,10 @@ def test_another_ledger_copied_over_the_sites_is_refused_without_its_spend_log_t
         PrivacyLedger.open(state / "ledger.sqlite", site="george").close()
 
 
-def test_an_older_backup_restored_with_the_spend_log_removed_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mark_removed", [False, True], ids=["as-restored", "spends-from-mark-removed"])
+def test_an_older_backup_restored_with_the_spend_log_removed_is_refused(tmp_path: Path, mark_removed: bool) -> None:
+    """Review of 3 Dec (the second case): deleting meta's spends_from (outside the hash chain) made a ledger pass for one
+    older than the spend log, so a restored backup with its spend log removed opened behind, its budget rolled back."""
     state = tmp_path / "george"
     _spent_ledger(state / "ledger.sqlite", rounds=1)
     backup = {name: (state / name).read_bytes() for name in ("ledger.sqlite", "ledger.sqlite.head")}
@@ -400,6 +403,11 @@ def test_an_older_backup_restored_with_the_spend_log_removed_is_refused(tmp_path
     (state / "ledger.sqlite.spends").unlink()
     for name, data in backup.items():
         (state / name).write_bytes(data)
+    if mark_removed:
+        db = sqlite3.connect(state / "ledger.sqlite")
+        db.execute("DELETE FROM meta WHERE key = 'spends_from'")
+        db.commit()
+        db.close()
     with pytest.raises(PrivacyError, match=r"spend log .* lacks entry 1 of the ledger"):
         PrivacyLedger.open(state / "ledger.sqlite", site="george").close()
 
@@ -527,23 +535,3 @@ def test_the_spends_printed_after_a_stop_count_a_replaced_ledgers_carried_spend(
                       epsilon=1.0, epsilon_budget=20.0, data="d")
     _print_spends(run_dir, "privacy spent so far")
     assert "george epsilon 6.000 (lifetime" in " ".join(capsys.readouterr().out.split())
-
-
-def test_removing_the_spend_log_mark_does_not_let_a_restored_backup_open(tmp_path: Path) -> None:
-    """Review of 3 Dec: deleting meta's spends_from (outside the hash chain) made a ledger pass for one older than the
-    spend log, so a restored backup with its spend log removed opened behind, its budget rolled back."""
-    state = tmp_path / "george"
-    _spent_ledger(state / "ledger.sqlite", rounds=1)
-    backup = {name: (state / name).read_bytes() for name in ("ledger.sqlite", "ledger.sqlite.head")}
-    with PrivacyLedger.open(state / "ledger.sqlite", site="george") as ledger:
-        _next_spend(ledger)
-        _next_spend(ledger)
-    (state / "ledger.sqlite.spends").unlink()
-    for name, data in backup.items():
-        (state / name).write_bytes(data)
-    db = sqlite3.connect(state / "ledger.sqlite")
-    db.execute("DELETE FROM meta WHERE key = 'spends_from'")
-    db.commit()
-    db.close()
-    with pytest.raises(PrivacyError, match=r"spend log .* lacks entry 1 of the ledger"):
-        PrivacyLedger.open(state / "ledger.sqlite", site="george").close()
