@@ -177,3 +177,15 @@ def test_a_run_in_its_first_round_is_not_called_stopped(tmp_path: Path) -> None:
             RunArtifacts(RunConfig(runs_dir=str(tmp_path), run_name="first", sites=2), "first", resume=True)
     finally:
         running.close()
+
+
+def test_a_run_whose_lock_file_was_removed_stops_checkpointing(tmp_path: Path) -> None:
+    """As for a site's ledger: a removed run.lock lets a second run lock a new one and write the same folder."""
+    from fedmm.errors import FederationError
+
+    artifacts = RunArtifacts(RunConfig(runs_dir=str(tmp_path), run_name="run", sites=2), "run")
+    artifacts.save_checkpoint(1, {"w": np.zeros(2, np.float32)}, {})
+    (tmp_path / "run" / LOCK).unlink()
+    with pytest.raises(FederationError, match=r"lock file run.lock was removed or replaced .* round 2 is not checkpointed"):
+        artifacts.save_checkpoint(2, {"w": np.zeros(2, np.float32)}, {})
+    artifacts.close()

@@ -36,7 +36,7 @@ import tomli_w
 
 from fedmm import __version__
 from fedmm.config import RunConfig
-from fedmm.errors import ConfigError, DataError
+from fedmm.errors import ConfigError, DataError, FederationError
 from fedmm.holder_lock import Held, HolderLock, holder_of
 
 if TYPE_CHECKING:
@@ -184,6 +184,12 @@ class RunArtifacts:
         ["arrays"]``: its moments and EMA, :mod:`fedmm.federation.server_opt`) go into the same npz,
         under ``server-optimizer/<key>``, covered by the same SHA-256; the rest of ``state`` is JSON.
         """
+        if not self._lock.still_held():  # run.lock removed by hand: a second run may have locked a new one and write here too
+            raise FederationError(
+                f"run folder {self.dir}: its lock file {LOCK} was removed or replaced while this run held it, so another run may "
+                f"be writing the folder too; round {server_round} is not checkpointed. Fix: stop every run of this folder, then "
+                "resume one (resume=true); never remove run.lock by hand (the lock goes with its process)"
+            )
         model = self.dir / f"checkpoint-{server_round}.npz"
         tmp = model.with_name(model.name + ".tmp")
         state = dict(state)
