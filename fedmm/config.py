@@ -34,8 +34,8 @@ from fedmm.errors import ConfigError
 
 __all__ = ["AccountantKind", "GradSampleMode", "RunConfig", "AUTO", "SECTIONS", "STRATEGIES", "key"]
 
-# The server optimizers (``strategy``): FedAvg and the FedOpt family of Reddi et al. (ICLR 2021).
 MAX_TARGET_EPSILON = 1e4  # far past any privacy claim; Opacus' noise search never ends above about 1e15 (a bracket that stops shrinking)
+# The server optimizers (``strategy``): FedAvg and the FedOpt family of Reddi et al. (ICLR 2021).
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
 # The groups of keys in docs/configuration.md, each named by the field it starts with.
 SECTIONS = {

@@ -14,7 +14,7 @@ from rich.table import Table
 from fedmm.cli.common import absolute_data, app, console, exit_on_error, build_plan, federation_usage, load_federation, load_preset, parse_overrides
 from fedmm.config import RunConfig
 from fedmm.errors import FedMMError
-from fedmm.federation.artifacts import check_run_folder, new_run_id
+from fedmm.federation.artifacts import check_run_folder, new_run_id, resume_advice
 
 __all__ = ["simulate", "server", "site"]
 
@@ -96,7 +96,7 @@ def simulate(
             run_name=cfg.run_name or new_run_id(), data=absolute_data(cfg.data),
             image_weights=str(Path(cfg.image_weights).expanduser().resolve()) if cfg.image_weights else "",
         )
-        check_run_folder(cfg.runs_dir, cfg.run_name, resume=cfg.resume, rounds=cfg.rounds)  # before anything is loaded or started
+        resumed_after = check_run_folder(cfg.runs_dir, cfg.run_name, resume=cfg.resume, rounds=cfg.rounds)  # before anything is loaded or started
         run_plan = build_plan(cfg)
         federation = load_federation(run_plan)  # bad data or a bad split fails here, before Flower starts
     if cfg.sites is None:  # auto: every group of a natural partition (else the default count)
@@ -121,9 +121,7 @@ def simulate(
             from fedmm.cli.privacy import plan_table  # a sibling module: commands register in help order
 
             if cfg.resume:
-                checkpoint = Path(cfg.runs_dir).expanduser().resolve() / cfg.run_name / "checkpoint.json"
-                done = json.loads(checkpoint.read_text()).get("round") if checkpoint.is_file() else None
-                console.print(f"resuming after round {done}: the plan below is this configuration's from round 1; the rounds run so "
+                console.print(f"resuming after round {resumed_after}: the plan below is this configuration's from round 1; the rounds run so "
                               "far spent as they ran (each site's ledger), and each site's budget check counts them", highlight=False)
             console.print(plan_table(run_plan, federation, warn_studies=bool(cfg.site_state_dir)))
 
@@ -209,10 +207,7 @@ def _report_interrupted(run_dir: Path, log_file: Path, state_dir: str = "") -> i
     _print_spends(run_dir, "privacy spent so far", state_dir)
     if not (run_dir / "privacy.json").is_file() and (run_dir / "sites").is_dir():  # --superlink: the ServerApp process was stopped before writing it
         console.print(f"each site's spends are in its ledger: fedmm audit {run_dir / 'sites'}", markup=False, highlight=False)
-    if done is None:
-        console.print(f"nothing to resume (no round ended): start it again under another run-name; full log: {log_file}", highlight=False)
-    else:
-        console.print(f"resume=true with the same run-name continues from the checkpoint (docs/runs.md); full log: {log_file}", highlight=False)
+    console.print(f"{resume_advice(done)} (docs/runs.md); full log: {log_file}", highlight=False)
     return 130
 
 

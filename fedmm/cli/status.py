@@ -117,11 +117,13 @@ def run_status(run_dir: Path) -> RunStatus:
     activity = None if changed is None else max(0.0, time.time() - changed)
     state, reason = _state(summary, privacy, rounds_done, _json(run_dir / "failure.json"), (run_dir / "flower.log").is_file())
     if state == "running" and _server_gone(run_dir):
+        from fedmm.federation.artifacts import resume_advice
+
         done = (checkpoint or {}).get("round")
         state, reason = "failed", (
             "its server stopped without a word (killed, or its terminal closed): no process holds the run folder. "
             f"`fedmm audit {run_dir / 'sites'}` shows what a simulation's sites spent; "
-            + (f"resume=true with the same run-name continues after round {done}" if done else "nothing to resume (no round ended): start it again under another run-name")
+            + resume_advice(done)
         )
     return RunStatus(run_dir, state, reason, rounds_done, planned, activity, sorted(sites.values(), key=lambda s: s.name))
 

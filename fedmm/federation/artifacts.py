@@ -42,7 +42,7 @@ from fedmm.holder_lock import Held, HolderLock, holder_of
 if TYPE_CHECKING:
     import torch  # loaded on use: `fedmm status` and the ledger commands never need it
 
-__all__ = ["RunArtifacts", "new_run_id", "check_run_folder", "run_in_use", "CHECKPOINT", "FAILURE", "LOCK", "MODEL", "BEST_MODEL"]
+__all__ = ["RunArtifacts", "new_run_id", "check_run_folder", "resume_advice", "run_in_use", "CHECKPOINT", "FAILURE", "LOCK", "MODEL", "BEST_MODEL"]
 
 CHECKPOINT = "checkpoint.json"
 FAILURE = "failure.json"  # why a run failed, from the ServerApp: a deployment's run folder has no flower.log to look in
@@ -52,16 +52,24 @@ BEST_MODEL = "model-best.pt"
 LOCK = "run.lock"  # held by the process writing the run folder (its ServerApp), for the whole run
 
 
+def resume_advice(done: int | None) -> str:
+    """What to do with a stopped run whose last checkpoint is after round ``done`` (None: it has none)."""
+    if done:
+        return f"resume=true with the same run-name continues after round {done}"
+    return "nothing to resume (no round ended): start it again under another run-name"
+
+
 def run_in_use(run_dir: Path) -> str | None:
     """Who holds ``run_dir``'s lock (a run writing it now), or None when no process does (nothing is written)."""
     return holder_of(run_dir / LOCK)
 
 
-def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool, rounds: int | None = None) -> None:
+def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool, rounds: int | None = None) -> int | None:
     """Refuse now what :class:`RunArtifacts` and the ServerApp would refuse for this folder when the run
     starts (nothing is held or written here): a new run on a folder that exists; a resume of a folder with
     no checkpoint, of one another run is writing, or of a run that completed its ``rounds`` already (the
-    engine, once started, would have written its log and site presence into the completed run's folder)."""
+    engine, once started, would have written its log and site presence into the completed run's folder).
+    Returns the round a resume continues after (None for a new run)."""
     run_dir = Path(runs_dir).expanduser().resolve() / run_id
     holder = run_in_use(run_dir)  # first: a run in its first round has no checkpoint yet, and has not stopped
     if holder is not None:
@@ -69,16 +77,17 @@ def check_run_folder(runs_dir: str | Path, run_id: str, *, resume: bool, rounds:
     if not resume:
         if run_dir.exists():
             raise _exists_error(run_dir, run_id)
-        return
+        return None
     if not (run_dir / CHECKPOINT).is_file():
         raise _no_checkpoint_error(run_dir)
     try:
         done = int(json.loads((run_dir / CHECKPOINT).read_text()).get("round", 0))
     except (OSError, ValueError, TypeError, AttributeError):
-        return  # the ServerApp's load_checkpoint says what is wrong with it
+        return None  # the ServerApp's load_checkpoint says what is wrong with it
     if rounds is not None and done >= rounds:
         raise ConfigError("resume", f"run {run_id} already completed its {done} rounds (rounds={rounds})", value=True,
                           fix=f"raise rounds to train on (e.g. rounds={done + 10}), or start a new run")
+    return done
 
 
 def _no_checkpoint_error(run_dir: Path) -> ConfigError:

@@ -41,10 +41,15 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before append() returns
     except sqlite3.DatabaseError as err:
-        fix = ("restore it from a backup; never delete a ledger" if path.name == "ledger.sqlite" else
-               "give the ledger.sqlite of a site's state directory (or the directory); a site's own ledger that reads so is restored from a backup")
-        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: {fix}") from err
+        raise _unreadable(path, err) from err
     return db
+
+
+def _unreadable(path: Path, err: sqlite3.DatabaseError) -> PrivacyError:
+    """A file SQLite cannot read: a site's own ledger is restored from a backup; any other file was the wrong one to give."""
+    fix = ("restore it from a backup; never delete a ledger" if path.name == "ledger.sqlite" else
+           "give the ledger.sqlite of a site's state directory (or the directory)")
+    return PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: {fix}")
 
 
 def checked(path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -56,9 +61,7 @@ def checked(path: Path, *, readonly: bool) -> sqlite3.Connection:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
     except sqlite3.DatabaseError as err:
         db.close()
-        fix = ("restore it from a backup; never delete a ledger" if path.name == "ledger.sqlite" else
-               "give the ledger.sqlite of a site's state directory (or the directory); a site's own ledger that reads so is restored from a backup")
-        raise PrivacyError(f"{path} is not a readable privacy ledger ({err}). Fix: {fix}") from err
+        raise _unreadable(path, err) from err
     why = None
     if tables != {"meta", "entries"}:
         why = f"its tables are {sorted(tables) or 'none (an empty file)'}, a ledger has exactly meta and entries"

@@ -127,10 +127,9 @@ def prepare_update(
         update, norm = clip_update(update, plan.clip_norm)
         weight = 1.0  # DP-FedAvg weights every site alike: a site's size is not protected otherwise
         if plan.distributed:
-            if secagg is None:
-                raise FederationError(f"site {site}: client-noise=distributed needs secure aggregation, and this round has none")
+            check_noise_share(cfg, secagg, site)  # run before training too; here again for an update prepared otherwise
+            assert secagg is not None
             noise_std = noise_share_std(plan, secagg.threshold)
-            _check_share_range(plan, secagg, site)
             noise = gaussian_noise({k: v.shape for k, v in update.items()}, noise_std)
             update = {k: v + noise[k] for k, v in update.items()}
     clipped = 0

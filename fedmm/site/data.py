@@ -217,7 +217,6 @@ def site_data(node_config: Mapping[str, object], cfg: RunConfig, *, server: Sche
         if len(source.pool) == 0:
             raise ConfigError("node-config data", "holds no training row (all are split=test)", value=spec, fix="mark this site's rows split=train")
         return name, _site_data_cache(own_rows(source, name, spec), cfg.dp, cfg.sensor_norm, server, lenient)
-    check_own_data(node_config, cfg)
     source = load_source(cfg.data, prep, classes=cfg.class_list, lenient=cfg.lenient, test_fraction=cfg.test_fraction)
     federation = build_federation(source, FederationPlan.from_config(cfg))
     if protocol.NODE_SITE in node_config:
